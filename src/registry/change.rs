@@ -1,0 +1,33 @@
+//! `Change`: facts about what an applied command changed, which map sessions turn into
+//! netmap deltas, and `Record`: which stored records the state machine must rewrite.
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{ApiKeyId, NodeId, PreAuthKeyId, UserId};
+
+/// What a netmap may now need to include. Every member derives the same changes from the
+/// same log, so members never notify each other about registry changes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Change {
+    /// A node was created or any of its replicated fields changed.
+    NodeUpserted(NodeId),
+    NodeRemoved(NodeId),
+    /// A user was created, renamed or deleted (user profiles in netmaps).
+    UserChanged(UserId),
+    DnsChanged,
+    PolicyChanged,
+    /// An interactive registration changed (a waiting client may proceed).
+    PendingChanged(String),
+}
+
+/// A stored record touched by a command; the state machine re-reads its current value from
+/// the registry (present → put, absent → delete) and writes it with the last-applied id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Record {
+    Meta,
+    User(UserId),
+    Node(NodeId),
+    PreAuthKey(PreAuthKeyId),
+    ApiKey(ApiKeyId),
+    Pending(String),
+}

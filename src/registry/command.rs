@@ -1,0 +1,239 @@
+//! `Command`, the Raft log payload, and `Outcome`, its reply.
+
+use serde::{Deserialize, Serialize};
+
+use super::types::*;
+
+/// One log entry's payload: a command stamped with the proposer's clock, so every member
+/// applies it identically.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub at: Timestamp,
+    pub command: Command,
+}
+
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.command.name())
+    }
+}
+
+/// How a node proves it may join.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeAuth {
+    /// A pre-auth key: looked up by prefix, checked against its hash.
+    PreAuthKey { prefix: String, hash: SecretHash },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// A no-op, used to check that this member can still commit.
+    Noop,
+    CreateUser {
+        name: String,
+    },
+    RenameUser {
+        old: String,
+        new: String,
+    },
+    DeleteUser {
+        name: String,
+    },
+    CreatePreAuthKey {
+        user: String,
+        prefix: String,
+        hash: SecretHash,
+        reusable: bool,
+        ephemeral: bool,
+        expiration: Option<Timestamp>,
+        tags: Vec<String>,
+    },
+    ExpirePreAuthKey {
+        user: String,
+        prefix: String,
+    },
+    CreateApiKey {
+        prefix: String,
+        hash: SecretHash,
+        expiration: Option<Timestamp>,
+    },
+    ExpireApiKey {
+        prefix: String,
+    },
+    DeleteApiKey {
+        prefix: String,
+    },
+    /// Register a node with a pre-auth key (or re-authenticate an existing machine).
+    RegisterNode {
+        request: NodeRequest,
+        auth: NodeAuth,
+        /// Whether new nodes start approved (config `node_approval`).
+        auto_approve: bool,
+        /// Key expiry for a new node; `None` = never.
+        expiry: Option<Timestamp>,
+    },
+    /// Start an interactive registration; the client waits on `auth_id`.
+    BeginInteractive {
+        auth_id: String,
+        request: NodeRequest,
+        expires_at: Timestamp,
+    },
+    /// Complete an interactive registration for `user` (`hsctl nodes register`).
+    CompleteInteractive {
+        auth_id: String,
+        user: String,
+        auto_approve: bool,
+        expiry: Option<Timestamp>,
+    },
+    /// Replace a node's key (`RegisterRequest.OldNodeKey`).
+    RotateNodeKey {
+        machine_key: MachineKey,
+        old: NodeKey,
+        new: NodeKey,
+    },
+    /// Client logout: expire the node, or delete it if ephemeral.
+    LogoutNode {
+        machine_key: MachineKey,
+        node_key: NodeKey,
+    },
+    /// Hostinfo / disco key changed (rare; written only when different).
+    UpdateNodeInfo {
+        id: NodeId,
+        hostname: String,
+        hostinfo: String,
+        disco_key: DiscoKey,
+    },
+    /// A map session ended; one write per disconnect, not per keep-alive.
+    SetLastSeen {
+        id: NodeId,
+    },
+    ApproveNode {
+        id: NodeId,
+    },
+    ExpireNode {
+        id: NodeId,
+    },
+    DeleteNode {
+        id: NodeId,
+    },
+    /// Remove ephemeral nodes that went away, if they are still offline-since `last_seen`.
+    DeleteNodes {
+        ids: Vec<NodeId>,
+    },
+    RenameNode {
+        id: NodeId,
+        name: String,
+    },
+    MoveNode {
+        id: NodeId,
+        user: String,
+    },
+    TagNode {
+        id: NodeId,
+        tags: Vec<String>,
+    },
+    SetDns {
+        dns: DnsSettings,
+    },
+    SetPolicy {
+        policy: String,
+    },
+}
+
+impl Command {
+    /// A stable, secret-free name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Noop => "noop",
+            Command::CreateUser { .. } => "create_user",
+            Command::RenameUser { .. } => "rename_user",
+            Command::DeleteUser { .. } => "delete_user",
+            Command::CreatePreAuthKey { .. } => "create_preauthkey",
+            Command::ExpirePreAuthKey { .. } => "expire_preauthkey",
+            Command::CreateApiKey { .. } => "create_apikey",
+            Command::ExpireApiKey { .. } => "expire_apikey",
+            Command::DeleteApiKey { .. } => "delete_apikey",
+            Command::RegisterNode { .. } => "register_node",
+            Command::BeginInteractive { .. } => "begin_interactive",
+            Command::CompleteInteractive { .. } => "complete_interactive",
+            Command::RotateNodeKey { .. } => "rotate_node_key",
+            Command::LogoutNode { .. } => "logout_node",
+            Command::UpdateNodeInfo { .. } => "update_node_info",
+            Command::SetLastSeen { .. } => "set_last_seen",
+            Command::ApproveNode { .. } => "approve_node",
+            Command::ExpireNode { .. } => "expire_node",
+            Command::DeleteNode { .. } => "delete_node",
+            Command::DeleteNodes { .. } => "delete_nodes",
+            Command::RenameNode { .. } => "rename_node",
+            Command::MoveNode { .. } => "move_node",
+            Command::TagNode { .. } => "tag_node",
+            Command::SetDns { .. } => "set_dns",
+            Command::SetPolicy { .. } => "set_policy",
+        }
+    }
+}
+
+/// A state-dependent refusal: data, not a storage error. Nothing was changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("user {0:?} already exists")]
+    UserExists(String),
+    #[error("user {0:?} not found")]
+    UserNotFound(String),
+    #[error("user {0:?} still owns {1} node(s); delete or move them first")]
+    UserHasNodes(String, usize),
+    #[error("invalid name {0:?}: {1}")]
+    InvalidName(String, String),
+    #[error("invalid tag {0:?}: tags look like \"tag:name\"")]
+    InvalidTag(String),
+    #[error("pre-auth key not found")]
+    PreAuthKeyNotFound,
+    #[error("pre-auth key {prefix} expired at {expired_at}")]
+    PreAuthKeyExpired {
+        prefix: String,
+        expired_at: Timestamp,
+    },
+    #[error("pre-auth key {0} was already used")]
+    PreAuthKeyUsed(String),
+    #[error("API key {0} not found")]
+    ApiKeyNotFound(String),
+    #[error("API key prefix {0} already exists")]
+    ApiKeyExists(String),
+    #[error("node {0} not found")]
+    NodeNotFound(NodeId),
+    #[error("node key {0} is not registered")]
+    NodeKeyNotFound(String),
+    #[error("node key {0} is already bound to another machine")]
+    NodeKeyInUse(String),
+    #[error("node key {0} belongs to a different machine key")]
+    MachineKeyMismatch(String),
+    #[error("registration {0:?} not found or expired")]
+    RegistrationNotFound(String),
+    #[error("registration {0:?} was already completed")]
+    RegistrationCompleted(String),
+    #[error("address pool {0} is exhausted")]
+    AddressesExhausted(String),
+}
+
+/// The reply to an applied command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Done,
+    User(User),
+    PreAuthKey(PreAuthKey),
+    ApiKey(ApiKey),
+    Node(Box<Node>),
+    Pending(Box<PendingRegistration>),
+    Removed(Vec<NodeId>),
+    Rejected(Rejection),
+}
+
+impl Outcome {
+    /// Turns a refusal into an `Err`, for callers that only care about success.
+    pub fn into_result(self) -> Result<Outcome, Rejection> {
+        match self {
+            Outcome::Rejected(r) => Err(r),
+            other => Ok(other),
+        }
+    }
+}

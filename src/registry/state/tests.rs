@@ -1,0 +1,293 @@
+use super::*;
+use crate::registry::secrets::{self, SecretKind};
+
+fn at(ms: i64) -> Timestamp {
+    Timestamp(1_700_000_000_000 + ms)
+}
+
+fn run(reg: &mut Registry, t: i64, command: Command) -> Outcome {
+    reg.apply(&Request { at: at(t), command }).outcome
+}
+
+fn key(b: u8) -> [u8; 32] {
+    [b; 32]
+}
+
+fn node_request(machine: u8, node: u8, host: &str) -> NodeRequest {
+    NodeRequest {
+        machine_key: MachineKey(key(machine)),
+        node_key: NodeKey(key(node)),
+        hostname: host.into(),
+        hostinfo: format!("{{\"Hostname\":\"{host}\"}}"),
+        request_tags: vec![],
+        ephemeral: false,
+    }
+}
+
+struct Fixture {
+    reg: Registry,
+    key_full: String,
+}
+
+/// A registry with user "alice" and one pre-auth key with the given flags.
+fn fixture(reusable: bool, expiration: Option<Timestamp>) -> Fixture {
+    let mut reg = Registry::new(RegistrySettings::default());
+    assert!(matches!(run(&mut reg, 0, Command::CreateUser { name: "alice".into() }), Outcome::User(_)));
+    let secret = secrets::generate(SecretKind::PreAuth);
+    let out = run(
+        &mut reg,
+        1,
+        Command::CreatePreAuthKey {
+            user: "alice".into(),
+            prefix: secret.prefix.clone(),
+            hash: secret.hash,
+            reusable,
+            ephemeral: false,
+            expiration,
+            tags: vec![],
+        },
+    );
+    assert!(matches!(out, Outcome::PreAuthKey(_)));
+    Fixture { reg, key_full: secret.full }
+}
+
+fn register(f: &mut Fixture, t: i64, req: NodeRequest) -> Outcome {
+    let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &f.key_full).unwrap();
+    run(
+        &mut f.reg,
+        t,
+        Command::RegisterNode { request: req, auth: NodeAuth::PreAuthKey { prefix, hash }, auto_approve: true, expiry: None },
+    )
+}
+
+#[test]
+fn duplicate_user_is_rejected_and_changes_nothing() {
+    let mut f = fixture(false, None);
+    let before = f.reg.clone();
+    let out = run(&mut f.reg, 5, Command::CreateUser { name: "alice".into() });
+    assert_eq!(out, Outcome::Rejected(Rejection::UserExists("alice".into())));
+    assert!(f.reg.same_data(&before));
+}
+
+#[test]
+fn single_use_key_registers_one_machine_only() {
+    let mut f = fixture(false, None);
+    let out = register(&mut f, 10, node_request(1, 11, "a"));
+    let Outcome::Node(node) = out else { panic!("{out:?}") };
+    assert_eq!(node.ipv4.unwrap().to_string(), "100.64.0.1");
+    assert_eq!(node.ipv6.unwrap().to_string(), "fd7a:115c:a1e0::1");
+    let before = f.reg.clone();
+    let out = register(&mut f, 11, node_request(2, 12, "b"));
+    assert!(matches!(out, Outcome::Rejected(Rejection::PreAuthKeyUsed(_))), "{out:?}");
+    assert!(f.reg.same_data(&before));
+    // The same machine may log in again with its key (e.g. after a node-key rotation).
+    let out = register(&mut f, 12, node_request(1, 13, "a"));
+    let Outcome::Node(again) = out else { panic!("{out:?}") };
+    assert_eq!(again.id, node.id);
+    assert_eq!(again.ipv4, node.ipv4);
+    assert_eq!(f.reg.node_count(), 1);
+}
+
+#[test]
+fn expired_key_is_rejected_and_changes_nothing() {
+    let mut f = fixture(true, Some(at(100)));
+    let before = f.reg.clone();
+    let out = register(&mut f, 100, node_request(1, 11, "a"));
+    assert!(matches!(out, Outcome::Rejected(Rejection::PreAuthKeyExpired { .. })), "{out:?}");
+    assert!(f.reg.same_data(&before));
+}
+
+#[test]
+fn wrong_secret_with_right_prefix_is_unknown() {
+    let mut f = fixture(true, None);
+    let (prefix, _) = secrets::parse(SecretKind::PreAuth, &f.key_full).unwrap();
+    let out = run(
+        &mut f.reg,
+        5,
+        Command::RegisterNode {
+            request: node_request(1, 11, "a"),
+            auth: NodeAuth::PreAuthKey { prefix, hash: SecretHash::of("guess") },
+            auto_approve: true,
+            expiry: None,
+        },
+    );
+    assert_eq!(out, Outcome::Rejected(Rejection::PreAuthKeyNotFound));
+    assert_eq!(f.reg.node_count(), 0);
+}
+
+#[test]
+fn addresses_and_names_are_unique_and_deterministic() {
+    let mut f = fixture(true, None);
+    let mut log = Vec::new();
+    for i in 0..50u8 {
+        let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &f.key_full).unwrap();
+        log.push(Request {
+            at: at(10 + i as i64),
+            command: Command::RegisterNode {
+                request: node_request(100 + i, 200u8.wrapping_add(i), "web"),
+                auth: NodeAuth::PreAuthKey { prefix, hash },
+                auto_approve: true,
+                expiry: None,
+            },
+        });
+    }
+    let mut replica = f.reg.clone();
+    for req in &log {
+        f.reg.apply(req);
+        replica.apply(req);
+    }
+    assert!(f.reg.same_data(&replica));
+    let v4: BTreeSet<_> = f.reg.nodes().map(|n| n.ipv4.unwrap()).collect();
+    let names: BTreeSet<_> = f.reg.nodes().map(|n| n.given_name.clone()).collect();
+    assert_eq!(v4.len(), 50);
+    assert_eq!(names.len(), 50);
+    assert!(names.contains("web") && names.contains("web-2"));
+}
+
+#[test]
+fn node_key_of_another_machine_is_refused() {
+    let mut f = fixture(true, None);
+    register(&mut f, 10, node_request(1, 11, "a"));
+    let out = register(&mut f, 11, node_request(2, 11, "b"));
+    assert!(matches!(out, Outcome::Rejected(Rejection::NodeKeyInUse(_))), "{out:?}");
+}
+
+#[test]
+fn rotation_logout_and_ephemeral_removal() {
+    let mut f = fixture(true, None);
+    let Outcome::Node(node) = register(&mut f, 10, node_request(1, 11, "a")) else { panic!() };
+    let out = run(
+        &mut f.reg,
+        20,
+        Command::RotateNodeKey { machine_key: MachineKey(key(1)), old: NodeKey(key(11)), new: NodeKey(key(12)) },
+    );
+    assert!(matches!(out, Outcome::Node(_)));
+    assert!(f.reg.node_by_key(&NodeKey(key(11))).is_none());
+    assert_eq!(f.reg.node_by_key(&NodeKey(key(12))).unwrap().id, node.id);
+    // Logout from another machine is refused.
+    let out = run(&mut f.reg, 21, Command::LogoutNode { machine_key: MachineKey(key(9)), node_key: NodeKey(key(12)) });
+    assert!(matches!(out, Outcome::Rejected(Rejection::MachineKeyMismatch(_))));
+    run(&mut f.reg, 22, Command::LogoutNode { machine_key: MachineKey(key(1)), node_key: NodeKey(key(12)) });
+    assert!(f.reg.node(node.id).unwrap().is_expired(at(22)));
+
+    let mut eph = node_request(3, 31, "tmp");
+    eph.ephemeral = true;
+    let Outcome::Node(tmp) = register(&mut f, 30, eph) else { panic!() };
+    let out = run(&mut f.reg, 31, Command::LogoutNode { machine_key: MachineKey(key(3)), node_key: NodeKey(key(31)) });
+    assert_eq!(out, Outcome::Removed(vec![tmp.id]));
+    assert!(f.reg.node(tmp.id).is_none());
+    // Its address is free again, but ids are never reused.
+    let Outcome::Node(next) = register(&mut f, 32, node_request(4, 41, "n")) else { panic!() };
+    assert_eq!(next.ipv4, tmp.ipv4);
+    assert!(next.id > tmp.id);
+}
+
+#[test]
+fn interactive_registration_completes_once_and_expires() {
+    let mut reg = Registry::new(RegistrySettings::default());
+    run(&mut reg, 0, Command::CreateUser { name: "bob".into() });
+    run(
+        &mut reg,
+        1,
+        Command::BeginInteractive { auth_id: "abc".into(), request: node_request(5, 51, "laptop"), expires_at: at(1000) },
+    );
+    let out = run(
+        &mut reg,
+        2,
+        Command::CompleteInteractive { auth_id: "abc".into(), user: "bob".into(), auto_approve: false, expiry: None },
+    );
+    let Outcome::Node(node) = out else { panic!("{out:?}") };
+    assert!(!node.approved);
+    assert_eq!(reg.pending("abc").unwrap().node, Some(node.id));
+    let again = run(
+        &mut reg,
+        3,
+        Command::CompleteInteractive { auth_id: "abc".into(), user: "bob".into(), auto_approve: true, expiry: None },
+    );
+    assert!(matches!(again, Outcome::Rejected(Rejection::RegistrationCompleted(_))));
+    run(&mut reg, 1000, Command::Noop);
+    assert!(reg.pending("abc").is_none());
+    let out = run(
+        &mut reg,
+        1001,
+        Command::CompleteInteractive { auth_id: "zzz".into(), user: "bob".into(), auto_approve: true, expiry: None },
+    );
+    assert!(matches!(out, Outcome::Rejected(Rejection::RegistrationNotFound(_))));
+}
+
+#[test]
+fn user_with_nodes_cannot_be_deleted() {
+    let mut f = fixture(true, None);
+    register(&mut f, 10, node_request(1, 11, "a"));
+    let out = run(&mut f.reg, 11, Command::DeleteUser { name: "alice".into() });
+    assert!(matches!(out, Outcome::Rejected(Rejection::UserHasNodes(_, 1))));
+}
+
+#[test]
+fn records_round_trip_through_storage_encoding() {
+    let mut f = fixture(true, None);
+    register(&mut f, 10, node_request(1, 11, "a"));
+    register(&mut f, 11, node_request(2, 12, "b"));
+    run(&mut f.reg, 12, Command::CreateApiKey { prefix: "p".into(), hash: SecretHash::of("s"), expiration: None });
+    let loaded = Registry::from_records(RegistrySettings::default(), f.reg.all_records()).unwrap();
+    assert!(loaded.same_data(&f.reg));
+    assert_eq!(loaded.node_by_key(&NodeKey(key(12))).unwrap().hostname, "b");
+    // Continuing on the loaded copy allocates exactly as the original would.
+    let mut original = f.reg.clone();
+    let mut reloaded = loaded;
+    let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &f.key_full).unwrap();
+    let req = Request {
+        at: at(20),
+        command: Command::RegisterNode {
+            request: node_request(3, 13, "c"),
+            auth: NodeAuth::PreAuthKey { prefix, hash },
+            auto_approve: true,
+            expiry: None,
+        },
+    };
+    original.apply(&req);
+    reloaded.apply(&req);
+    assert!(original.same_data(&reloaded));
+}
+
+#[test]
+fn applied_effects_name_every_touched_record() {
+    let mut f = fixture(false, None);
+    let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &f.key_full).unwrap();
+    let applied = f.reg.apply(&Request {
+        at: at(10),
+        command: Command::RegisterNode {
+            request: node_request(1, 11, "a"),
+            auth: NodeAuth::PreAuthKey { prefix, hash },
+            auto_approve: true,
+            expiry: None,
+        },
+    });
+    let Outcome::Node(node) = applied.outcome else { panic!() };
+    assert!(applied.records.contains(&Record::Node(node.id)));
+    assert!(applied.records.contains(&Record::Meta));
+    assert!(applied.records.iter().any(|r| matches!(r, Record::PreAuthKey(_))));
+    assert_eq!(applied.changes, vec![Change::NodeUpserted(node.id)]);
+}
+
+#[test]
+fn invalid_tags_and_names_are_rejected() {
+    let mut f = fixture(true, None);
+    let secret = secrets::generate(SecretKind::PreAuth);
+    let out = run(
+        &mut f.reg,
+        5,
+        Command::CreatePreAuthKey {
+            user: "alice".into(),
+            prefix: secret.prefix,
+            hash: secret.hash,
+            reusable: false,
+            ephemeral: false,
+            expiration: None,
+            tags: vec!["server".into()],
+        },
+    );
+    assert!(matches!(out, Outcome::Rejected(Rejection::InvalidTag(_))));
+    let out = run(&mut f.reg, 6, Command::CreateUser { name: "has space".into() });
+    assert!(matches!(out, Outcome::Rejected(Rejection::InvalidName(..))));
+}

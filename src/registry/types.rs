@@ -1,0 +1,317 @@
+//! The registry's entities and key newtypes.
+//!
+//! Keys are 32-byte x25519 public keys whose text form is `prefix:` + lowercase hex, exactly
+//! as the Tailscale client writes them in JSON (`mkey:…`, `nodekey:…`, `discokey:…`).
+
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch. Stamped into commands by the proposer so that
+/// `Registry::apply` never reads a clock and every member derives the same state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Timestamp(chrono::Utc::now().timestamp_millis())
+    }
+
+    pub fn to_datetime(self) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp_millis(self.0).unwrap_or_default()
+    }
+
+    /// RFC 3339 with second precision, the form Go's `time.Time` marshals.
+    pub fn to_rfc3339(self) -> String {
+        self.to_datetime()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    }
+
+    pub fn plus_millis(self, millis: i64) -> Self {
+        Timestamp(self.0.saturating_add(millis))
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_rfc3339())
+    }
+}
+
+/// Error parsing a key's text form.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid {kind}: expected \"{prefix}\" followed by 64 hex characters")]
+pub struct KeyParseError {
+    pub kind: &'static str,
+    pub prefix: &'static str,
+}
+
+macro_rules! key_type {
+    ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+        pub struct $name(pub [u8; 32]);
+
+        impl $name {
+            pub const PREFIX: &'static str = $prefix;
+
+            pub fn is_zero(&self) -> bool {
+                self.0 == [0u8; 32]
+            }
+
+            pub fn to_text(&self) -> String {
+                format!("{}{}", $prefix, hex::encode(self.0))
+            }
+
+            pub fn parse(text: &str) -> Result<Self, KeyParseError> {
+                let err = KeyParseError { kind: stringify!($name), prefix: $prefix };
+                let hex_part = text.strip_prefix($prefix).ok_or(err.clone())?;
+                let mut out = [0u8; 32];
+                hex::decode_to_slice(hex_part, &mut out).map_err(|_| err)?;
+                Ok($name(out))
+            }
+
+            /// A short, non-secret prefix for logs.
+            pub fn short(&self) -> String {
+                format!("{}{}", $prefix, hex::encode(&self.0[..4]))
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}…", self.short())
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.to_text())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.to_text())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                if text.is_empty() {
+                    return Ok($name::default());
+                }
+                $name::parse(&text).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+impl Clone for KeyParseError {
+    fn clone(&self) -> Self {
+        KeyParseError { kind: self.kind, prefix: self.prefix }
+    }
+}
+
+key_type!(
+    /// A client's machine key: its Noise static key, authenticated by the handshake.
+    MachineKey,
+    "mkey:"
+);
+key_type!(
+    /// A node's WireGuard key, its identity in netmaps and on DERP. Rotates.
+    NodeKey,
+    "nodekey:"
+);
+key_type!(
+    /// A node's disco key; changes on every client restart.
+    DiscoKey,
+    "discokey:"
+);
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+        #[serde(transparent)]
+        pub struct $name(pub u64);
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}", self.0)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A user (namespace) id; never reused.
+    UserId
+);
+id_type!(
+    /// A Tailscale node (device) id; never reused, so clients can sort and diff by it.
+    NodeId
+);
+id_type!(
+    /// A pre-auth key id.
+    PreAuthKeyId
+);
+id_type!(
+    /// An API key id.
+    ApiKeyId
+);
+
+/// SHA-256 of a secret. Secrets (pre-auth keys, API keys) are stored only as hashes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub struct SecretHash(#[serde(with = "hex_bytes")] pub [u8; 32]);
+
+impl SecretHash {
+    pub fn of(secret: &str) -> Self {
+        use sha2::Digest;
+        SecretHash(sha2::Sha256::digest(secret.as_bytes()).into())
+    }
+
+    /// Constant-time comparison, so a timing side channel cannot reveal a stored hash.
+    pub fn matches(&self, other: &SecretHash) -> bool {
+        self.0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl fmt::Debug for SecretHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretHash(…)")
+    }
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = String::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text, &mut out).map_err(serde::de::Error::custom)?;
+        Ok(out)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub id: UserId,
+    pub name: String,
+    pub created_at: Timestamp,
+}
+
+/// A Tailscale device. Replicated through Raft. High-rate soft state (online, endpoints,
+/// home DERP) is *not* here: it lives per member in `presence`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: NodeId,
+    pub machine_key: MachineKey,
+    pub node_key: NodeKey,
+    pub disco_key: DiscoKey,
+    pub user: UserId,
+    /// The hostname the client reported.
+    pub hostname: String,
+    /// The unique DNS label used in `Node.Name`; admins may rename it.
+    pub given_name: String,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    /// The client's last reported `Hostinfo`, as JSON text (opaque to the registry).
+    pub hostinfo: String,
+    pub created_at: Timestamp,
+    /// Key expiry; `None` means the key never expires.
+    pub expiry: Option<Timestamp>,
+    /// Last time a map session of this node ended (written once per disconnect).
+    pub last_seen: Option<Timestamp>,
+    pub tags: Vec<String>,
+    /// False while the node waits for `hsctl nodes approve` (node_approval: manual).
+    pub approved: bool,
+    pub ephemeral: bool,
+    pub auth_key: Option<PreAuthKeyId>,
+}
+
+impl Node {
+    pub fn is_expired(&self, now: Timestamp) -> bool {
+        matches!(self.expiry, Some(at) if at <= now)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreAuthKey {
+    pub id: PreAuthKeyId,
+    /// The public part of the key, shown in listings and used for lookup.
+    pub prefix: String,
+    pub hash: SecretHash,
+    pub user: UserId,
+    pub reusable: bool,
+    pub ephemeral: bool,
+    pub used: bool,
+    pub expiration: Option<Timestamp>,
+    pub tags: Vec<String>,
+    pub created_at: Timestamp,
+}
+
+impl PreAuthKey {
+    pub fn is_expired(&self, now: Timestamp) -> bool {
+        matches!(self.expiration, Some(at) if at <= now)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub id: ApiKeyId,
+    pub prefix: String,
+    pub hash: SecretHash,
+    pub expiration: Option<Timestamp>,
+    pub created_at: Timestamp,
+    pub last_used: Option<Timestamp>,
+}
+
+impl ApiKey {
+    pub fn is_expired(&self, now: Timestamp) -> bool {
+        matches!(self.expiration, Some(at) if at <= now)
+    }
+}
+
+/// What a client asked to register with; carried by commands that create a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRequest {
+    pub machine_key: MachineKey,
+    pub node_key: NodeKey,
+    pub hostname: String,
+    pub hostinfo: String,
+    /// Tags the client asked for (`Hostinfo.RequestTags`).
+    pub request_tags: Vec<String>,
+    pub ephemeral: bool,
+}
+
+/// An interactive registration waiting for `hsctl nodes register`. Replicated, so an admin
+/// may complete it on any member while the client waits on another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRegistration {
+    pub auth_id: String,
+    pub request: NodeRequest,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    /// Set once completed, so the waiting client learns the outcome.
+    pub node: Option<NodeId>,
+}
+
+/// DNS settings sent in every netmap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DnsSettings {
+    pub magic_dns: bool,
+    pub base_domain: String,
+    pub nameservers: Vec<String>,
+    pub search_domains: Vec<String>,
+}
