@@ -1,0 +1,586 @@
+//! Configuration: YAML with headscale's key names, defaults beside their fields, validation
+//! that names the offending key. `Config::default()` is the embedded one-member cluster, so
+//! `hsd` runs with no file at all.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Deserializer};
+
+/// A bad configuration value. `key` is the dotted YAML path, e.g. `derp.server.stun_listen_addr`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {key}: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("reading config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_string(), reason: reason.into() }
+}
+
+/// A duration written like "30s", "10m", "1h", "90d" or "0" (zero).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConfigDuration(pub Duration);
+
+/// Parses "90d", "1h30m", "0": humantime, plus a bare "0".
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration like 30s, 10m, 1h or 90d ({e})"))
+}
+
+impl<'de> Deserialize<'de> for ConfigDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(secs) => Ok(ConfigDuration(Duration::from_secs(secs))),
+            Raw::Text(t) => parse_duration(&t).map(ConfigDuration).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeApproval {
+    /// New nodes may use the tailnet at once.
+    #[default]
+    Auto,
+    /// New nodes wait for `hsctl nodes approve ID`.
+    Manual,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Public URL clients use to reach this member (`http://host:port`). Default: derived
+    /// from the bound `listen_addr`.
+    pub server_url: Option<String>,
+    /// Control HTTP: `/key`, `/ts2021`, `/derp`, `/health`, …
+    pub listen_addr: String,
+    pub metrics_listen_addr: String,
+    /// Admin gRPC over TCP, API-key authenticated. Empty disables it.
+    pub grpc_listen_addr: String,
+    /// Accepted for headscale compatibility; TCP admin gRPC here is plaintext with API keys.
+    pub grpc_allow_insecure: bool,
+    /// Admin gRPC over a unix socket (file-permission auth). Default `<data_dir>/hsd.sock`.
+    pub unix_socket: Option<PathBuf>,
+    /// Octal mode of the unix socket.
+    pub unix_socket_permission: String,
+    /// Where rocksdb and generated keys live.
+    pub data_dir: PathBuf,
+    pub noise: NoiseConfig,
+    pub prefixes: PrefixesConfig,
+    pub derp: DerpConfig,
+    pub dns: DnsConfig,
+    pub log: LogConfig,
+    /// `auto` or `manual`.
+    pub node_approval: NodeApproval,
+    /// Ephemeral nodes are removed after being offline this long.
+    pub ephemeral_node_inactivity_timeout: ConfigDuration,
+    pub node: NodeConfig,
+    pub policy: PolicyConfig,
+    pub cluster: ClusterConfig,
+    /// How long SIGTERM may take: drain clients, hand off leadership, flush.
+    pub shutdown_grace: ConfigDuration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct NoiseConfig {
+    /// The cluster's Noise private key (`privkey:<hex>`); generated on first start. Every
+    /// member must share it. Default `<data_dir>/noise_private.key`.
+    pub private_key_path: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrefixesConfig {
+    pub v4: Option<String>,
+    pub v6: Option<String>,
+    /// Only `sequential` (deterministic, required by replication).
+    pub allocation: String,
+}
+
+impl Default for PrefixesConfig {
+    fn default() -> Self {
+        PrefixesConfig {
+            v4: Some("100.64.0.0/10".into()),
+            v6: Some("fd7a:115c:a1e0::/48".into()),
+            allocation: "sequential".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct DerpConfig {
+    pub server: DerpServerConfig,
+    /// External DERP maps; not supported yet (the embedded relay is always used).
+    pub urls: Vec<String>,
+    pub paths: Vec<String>,
+    pub auto_update_enabled: bool,
+    pub update_frequency: Option<ConfigDuration>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DerpServerConfig {
+    pub enabled: bool,
+    pub region_id: i32,
+    pub region_code: String,
+    pub region_name: String,
+    pub stun_listen_addr: String,
+    /// This member's DERP server key. Default `<data_dir>/derp_server_private.key`.
+    pub private_key_path: Option<PathBuf>,
+    /// The DERP mesh key shared by all members (64 hex chars in the file). Default
+    /// `<data_dir>/derp_mesh.key`.
+    pub mesh_key_path: Option<PathBuf>,
+    /// Accepted for headscale compatibility.
+    pub automatically_add_embedded_derp_region: bool,
+    /// Address clients dial for DERP and STUN; default: the host of `server_url`.
+    pub ipv4: Option<String>,
+    pub ipv6: Option<String>,
+    /// Only clients whose node key is registered may use the relay.
+    pub verify_clients: bool,
+}
+
+impl Default for DerpServerConfig {
+    fn default() -> Self {
+        DerpServerConfig {
+            enabled: true,
+            region_id: 999,
+            region_code: "hsd".into(),
+            region_name: "hsd embedded DERP".into(),
+            stun_listen_addr: "127.0.0.1:3478".into(),
+            private_key_path: None,
+            mesh_key_path: None,
+            automatically_add_embedded_derp_region: true,
+            ipv4: None,
+            ipv6: None,
+            verify_clients: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsConfig {
+    pub magic_dns: bool,
+    /// The tailnet's domain; nodes are `<given_name>.<base_domain>`.
+    pub base_domain: String,
+    pub override_local_dns: bool,
+    pub nameservers: NameserversConfig,
+    pub search_domains: Vec<String>,
+    pub extra_records: Vec<serde_yaml::Value>,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            magic_dns: true,
+            base_domain: "hsd.internal".into(),
+            override_local_dns: false,
+            nameservers: NameserversConfig::default(),
+            search_domains: Vec::new(),
+            extra_records: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct NameserversConfig {
+    pub global: Vec<String>,
+    pub split: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// trace, debug, info, warn or error (or a tracing filter such as `hsd=debug`).
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into(), format: "text".into() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Key expiry for newly registered nodes; 0 = never.
+    pub expiry: ConfigDuration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// `database` (policy set with `hsctl policy set`) or `file`.
+    pub mode: String,
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterMemberConfig {
+    pub id: u64,
+    /// Member-to-member address (host:port).
+    pub address: String,
+    /// Control URL clients may use for this member.
+    pub control_url: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub member_id: u64,
+    /// A human name for this member; default `m<id>`.
+    pub name: Option<String>,
+    /// Member-to-member gRPC (Raft, forwarding). Default 127.0.0.1:50444.
+    pub listen_addr: String,
+    /// How other members reach this one; default `listen_addr`.
+    pub advertise_addr: Option<String>,
+    /// The initial voters; empty = a one-member cluster of this member.
+    pub members: Vec<ClusterMemberConfig>,
+    pub election_timeout: ConfigDuration,
+    pub heartbeat_interval: ConfigDuration,
+    /// Build a snapshot (and compact the log) every this many applied entries.
+    pub snapshot_every: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            member_id: 1,
+            name: None,
+            listen_addr: "127.0.0.1:50444".into(),
+            advertise_addr: None,
+            members: Vec::new(),
+            election_timeout: ConfigDuration(Duration::from_millis(1500)),
+            heartbeat_interval: ConfigDuration(Duration::from_millis(300)),
+            snapshot_every: 5000,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server_url: None,
+            listen_addr: "127.0.0.1:8080".into(),
+            metrics_listen_addr: "127.0.0.1:9090".into(),
+            grpc_listen_addr: "127.0.0.1:50443".into(),
+            grpc_allow_insecure: false,
+            unix_socket: None,
+            unix_socket_permission: "0770".into(),
+            data_dir: PathBuf::from("hsd-data"),
+            noise: NoiseConfig::default(),
+            prefixes: PrefixesConfig::default(),
+            derp: DerpConfig::default(),
+            dns: DnsConfig::default(),
+            log: LogConfig::default(),
+            node_approval: NodeApproval::Auto,
+            ephemeral_node_inactivity_timeout: ConfigDuration(Duration::from_secs(30 * 60)),
+            node: NodeConfig::default(),
+            policy: PolicyConfig::default(),
+            cluster: ClusterConfig::default(),
+            shutdown_grace: ConfigDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// Checked, typed values derived from `Config`; produced only by `Config::validate`.
+#[derive(Clone, Debug)]
+pub struct Validated {
+    pub listen_addr: SocketAddr,
+    pub metrics_listen_addr: Option<SocketAddr>,
+    pub grpc_listen_addr: Option<SocketAddr>,
+    pub stun_listen_addr: Option<SocketAddr>,
+    pub cluster_listen_addr: SocketAddr,
+    pub prefix_v4: Option<Ipv4Net>,
+    pub prefix_v6: Option<Ipv6Net>,
+    pub unix_socket: PathBuf,
+    pub unix_socket_mode: u32,
+    pub noise_key_path: PathBuf,
+    pub derp_key_path: PathBuf,
+    pub mesh_key_path: PathBuf,
+}
+
+fn parse_addr(key: &str, value: &str, allow_empty: bool) -> Result<Option<SocketAddr>, ConfigError> {
+    if value.trim().is_empty() {
+        return if allow_empty { Ok(None) } else { Err(invalid(key, "must not be empty")) };
+    }
+    value
+        .parse::<SocketAddr>()
+        .map(Some)
+        .map_err(|_| invalid(key, format!("{value:?} is not an address like 127.0.0.1:8080")))
+}
+
+impl Config {
+    /// Reads and parses a YAML file; unknown keys are errors.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Config::from_yaml(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Config, String> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    fn in_data_dir(&self, configured: &Option<PathBuf>, default_name: &str) -> PathBuf {
+        match configured {
+            Some(p) if p.is_absolute() => p.clone(),
+            Some(p) => self.data_dir.join(p),
+            None => self.data_dir.join(default_name),
+        }
+    }
+
+    /// Checks every value; the first bad one is returned naming its key.
+    pub fn validate(&self) -> Result<Validated, ConfigError> {
+        let listen_addr = parse_addr("listen_addr", &self.listen_addr, false)?.expect("not empty");
+        let metrics_listen_addr = parse_addr("metrics_listen_addr", &self.metrics_listen_addr, true)?;
+        let grpc_listen_addr = parse_addr("grpc_listen_addr", &self.grpc_listen_addr, true)?;
+        let stun_listen_addr = if self.derp.server.enabled {
+            parse_addr("derp.server.stun_listen_addr", &self.derp.server.stun_listen_addr, true)?
+        } else {
+            None
+        };
+        let cluster_listen_addr =
+            parse_addr("cluster.listen_addr", &self.cluster.listen_addr, false)?.expect("not empty");
+        if let Some(url) = &self.server_url {
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"))
+                .ok_or_else(|| invalid("server_url", format!("{url:?} must start with http:// or https://")))?;
+            if rest.trim_end_matches('/').is_empty() || rest.trim_end_matches('/').contains('/') {
+                return Err(invalid("server_url", format!("{url:?} must be scheme://host[:port] with no path")));
+            }
+        }
+        let prefix_v4 = match self.prefixes.v4.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(p) => Some(
+                p.parse::<Ipv4Net>()
+                    .map_err(|_| invalid("prefixes.v4", format!("{p:?} is not an IPv4 prefix like 100.64.0.0/10")))?,
+            ),
+        };
+        let prefix_v6 = match self.prefixes.v6.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(p) => Some(
+                p.parse::<Ipv6Net>()
+                    .map_err(|_| invalid("prefixes.v6", format!("{p:?} is not an IPv6 prefix like fd7a:115c:a1e0::/48")))?,
+            ),
+        };
+        if prefix_v4.is_none() && prefix_v6.is_none() {
+            return Err(invalid("prefixes", "at least one of v4 and v6 must be set"));
+        }
+        if let Some(net) = prefix_v4
+            && net.prefix_len() > 30
+        {
+            return Err(invalid("prefixes.v4", format!("{net} is too small to hold any node")));
+        }
+        if let Some(net) = prefix_v6
+            && net.prefix_len() > 126
+        {
+            return Err(invalid("prefixes.v6", format!("{net} is too small to hold any node")));
+        }
+        if self.prefixes.allocation != "sequential" {
+            return Err(invalid(
+                "prefixes.allocation",
+                format!("{:?} is not supported: only \"sequential\" (replicas must allocate identically)", self.prefixes.allocation),
+            ));
+        }
+        let unix_socket_mode = u32::from_str_radix(self.unix_socket_permission.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                invalid("unix_socket_permission", format!("{:?} is not an octal mode like 0770", self.unix_socket_permission))
+            })?;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        if self.derp.server.enabled {
+            if !(1..=65535).contains(&self.derp.server.region_id) {
+                return Err(invalid("derp.server.region_id", "must be between 1 and 65535"));
+            }
+            if self.derp.server.region_code.trim().is_empty() {
+                return Err(invalid("derp.server.region_code", "must not be empty"));
+            }
+            for (key, value) in [("derp.server.ipv4", &self.derp.server.ipv4), ("derp.server.ipv6", &self.derp.server.ipv6)] {
+                if let Some(v) = value
+                    && v.parse::<IpAddr>().is_err()
+                {
+                    return Err(invalid(key, format!("{v:?} is not an IP address")));
+                }
+            }
+        }
+        if !self.derp.urls.is_empty() || !self.derp.paths.is_empty() {
+            return Err(invalid("derp.urls", "external DERP maps are not supported; every member runs its own relay"));
+        }
+        if self.dns.magic_dns && self.dns.base_domain.trim().is_empty() {
+            return Err(invalid("dns.base_domain", "must be set when dns.magic_dns is true"));
+        }
+        if !self.dns.base_domain.is_empty()
+            && !self
+                .dns
+                .base_domain
+                .split('.')
+                .all(|l| !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        {
+            return Err(invalid("dns.base_domain", format!("{:?} is not a domain name", self.dns.base_domain)));
+        }
+        for ns in &self.dns.nameservers.global {
+            if ns.parse::<IpAddr>().is_err() && !ns.starts_with("https://") {
+                return Err(invalid("dns.nameservers.global", format!("{ns:?} is not an IP address or DoH URL")));
+            }
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(invalid("log.format", format!("{:?}: use text or json", self.log.format)));
+        }
+        let level_ok = if self.log.level.contains('=') {
+            tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok()
+        } else {
+            matches!(self.log.level.to_ascii_lowercase().as_str(), "trace" | "debug" | "info" | "warn" | "error" | "off")
+        };
+        if !level_ok {
+            return Err(invalid("log.level", format!("{:?}: use trace, debug, info, warn or error", self.log.level)));
+        }
+        if !matches!(self.policy.mode.as_str(), "" | "database" | "file") {
+            return Err(invalid("policy.mode", format!("{:?}: use database or file", self.policy.mode)));
+        }
+        if self.cluster.member_id == 0 {
+            return Err(invalid("cluster.member_id", "must be 1 or more"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, m) in self.cluster.members.iter().enumerate() {
+            if m.id == 0 || !seen.insert(m.id) {
+                return Err(invalid(&format!("cluster.members[{i}].id"), "must be unique and 1 or more"));
+            }
+            if m.address.parse::<SocketAddr>().is_err() && !m.address.contains(':') {
+                return Err(invalid(&format!("cluster.members[{i}].address"), format!("{:?} is not host:port", m.address)));
+            }
+        }
+        if !self.cluster.members.is_empty() && !seen.contains(&self.cluster.member_id) {
+            return Err(invalid("cluster.members", format!("does not list this member (cluster.member_id {})", self.cluster.member_id)));
+        }
+        if self.cluster.election_timeout.0 < Duration::from_millis(100) {
+            return Err(invalid("cluster.election_timeout", "must be at least 100ms"));
+        }
+        if self.cluster.heartbeat_interval.0.is_zero() || self.cluster.heartbeat_interval.0 * 2 > self.cluster.election_timeout.0 {
+            return Err(invalid("cluster.heartbeat_interval", "must be above zero and at most half of cluster.election_timeout"));
+        }
+        if self.cluster.snapshot_every == 0 {
+            return Err(invalid("cluster.snapshot_every", "must be 1 or more"));
+        }
+        Ok(Validated {
+            listen_addr,
+            metrics_listen_addr,
+            grpc_listen_addr,
+            stun_listen_addr,
+            cluster_listen_addr,
+            prefix_v4,
+            prefix_v6,
+            unix_socket: self.in_data_dir(&self.unix_socket, "hsd.sock"),
+            unix_socket_mode,
+            noise_key_path: self.in_data_dir(&self.noise.private_key_path, "noise_private.key"),
+            derp_key_path: self.in_data_dir(&self.derp.server.private_key_path, "derp_server_private.key"),
+            mesh_key_path: self.in_data_dir(&self.derp.server.mesh_key_path, "derp_mesh.key"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(yaml: &str) -> Result<Validated, String> {
+        let cfg = Config::from_yaml(yaml)?;
+        cfg.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn empty_file_is_the_embedded_default() {
+        let v = check("").unwrap();
+        assert_eq!(v.listen_addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(v.unix_socket, PathBuf::from("hsd-data/hsd.sock"));
+        assert_eq!(v.prefix_v4.unwrap().to_string(), "100.64.0.0/10");
+    }
+
+    #[test]
+    fn headscale_style_file_parses() {
+        let yaml = r#"
+server_url: http://127.0.0.1:8080
+listen_addr: 0.0.0.0:8080
+metrics_listen_addr: 127.0.0.1:9090
+grpc_listen_addr: 127.0.0.1:50443
+noise:
+  private_key_path: /var/lib/hsd/noise_private.key
+prefixes:
+  v4: 100.64.0.0/10
+  v6: fd7a:115c:a1e0::/48
+  allocation: sequential
+derp:
+  server:
+    enabled: true
+    region_id: 999
+    stun_listen_addr: 0.0.0.0:3478
+dns:
+  magic_dns: true
+  base_domain: example.com
+  nameservers:
+    global: [1.1.1.1]
+log:
+  level: debug
+node_approval: manual
+ephemeral_node_inactivity_timeout: 30m
+"#;
+        let v = check(yaml).unwrap();
+        assert_eq!(v.noise_key_path, PathBuf::from("/var/lib/hsd/noise_private.key"));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (yaml, key) in [
+            ("listen_addr: nope", "listen_addr"),
+            ("prefixes: {v4: 300.0.0.0/8}", "prefixes.v4"),
+            ("derp: {server: {stun_listen_addr: x}}", "derp.server.stun_listen_addr"),
+            ("log: {level: loud}", "log.level"),
+            ("server_url: ftp://x", "server_url"),
+            ("unix_socket_permission: '999'", "unix_socket_permission"),
+            ("dns: {base_domain: 'a..b'}", "dns.base_domain"),
+        ] {
+            let err = check(yaml).unwrap_err();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_durations_are_rejected() {
+        assert!(check("listen_adr: 127.0.0.1:1").unwrap_err().contains("listen_adr"));
+        assert!(check("ephemeral_node_inactivity_timeout: soon").unwrap_err().contains("duration"));
+        assert_eq!(parse_duration("90d").unwrap(), Duration::from_secs(90 * 86400));
+    }
+}

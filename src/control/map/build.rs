@@ -1,0 +1,188 @@
+//! Builds `MapResponse`s: the full netmap, one node's JSON, and the framing
+//! (`u32 LE length` + one zstd frame) every message on the stream uses.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use crate::control::tailcfg::{GO_ZERO_TIME, MapResponse, NodeJson, PeerChange, UserProfile};
+use crate::control::{ControlSettings, policy};
+use crate::presence::Presence;
+use crate::registry::{Node, NodeId, Registry, Timestamp, UserId};
+
+/// The `Node` capability that stops the client probing public hosts for captive portals.
+const CAP_DISABLE_CAPTIVE_PORTAL: &str = "disable-captive-portal-detection";
+
+/// Everything a netmap is built from: a registry view and this member's presence.
+pub struct MapContext<'a> {
+    pub view: &'a Registry,
+    pub presence: &'a Presence,
+    pub settings: &'a ControlSettings,
+}
+
+impl MapContext<'_> {
+    pub fn fqdn(&self, node: &Node) -> String {
+        if self.settings.base_domain.is_empty() {
+            format!("{}.", node.given_name)
+        } else {
+            format!("{}.{}.", node.given_name, self.settings.base_domain)
+        }
+    }
+
+    /// One node as the client sees it. `is_self` adds the self-only capabilities and omits
+    /// presence fields (the client knows whether it is online).
+    pub fn node_json(&self, node: &Node, is_self: bool) -> NodeJson {
+        let now = Timestamp::now();
+        let live = self.presence.get(node.id);
+        let online = self.presence.is_online(node.id);
+        let home_derp = live.as_ref().map(|p| p.home_derp).unwrap_or(0);
+        let addresses: Vec<String> = node
+            .ipv4
+            .map(|ip| format!("{ip}/32"))
+            .into_iter()
+            .chain(node.ipv6.map(|ip| format!("{ip}/128")))
+            .collect();
+        let hostinfo = serde_json::from_str::<Value>(&node.hostinfo)
+            .ok()
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({}));
+        let mut cap_map = BTreeMap::new();
+        if is_self {
+            cap_map.insert(CAP_DISABLE_CAPTIVE_PORTAL.to_string(), Value::Null);
+        }
+        NodeJson {
+            id: node.id.0,
+            stable_id: node.id.0.to_string(),
+            name: self.fqdn(node),
+            user: node.user.0,
+            key: node.node_key.to_text(),
+            key_expiry: node.expiry.map(|t| t.to_rfc3339()).unwrap_or_else(|| GO_ZERO_TIME.into()),
+            machine: node.machine_key.to_text(),
+            disco_key: node.disco_key.to_text(),
+            allowed_ips: addresses.clone(),
+            addresses,
+            endpoints: live.map(|p| p.endpoints).unwrap_or_default(),
+            home_derp,
+            legacy_derp: if home_derp > 0 { format!("127.3.3.40:{home_derp}") } else { String::new() },
+            hostinfo,
+            created: node.created_at.to_rfc3339(),
+            tags: node.tags.clone(),
+            online: (!is_self).then_some(online),
+            // Only offline peers carry LastSeen; on an online peer it confuses clients.
+            last_seen: if is_self || online { None } else { node.last_seen.map(Timestamp::to_rfc3339) },
+            machine_authorized: node.approved,
+            expired: node.is_expired(now),
+            cap_map,
+        }
+    }
+
+    /// The peers `viewer` may see, sorted by id.
+    pub fn visible_peers<'b>(&'b self, viewer: &'b Node) -> impl Iterator<Item = &'b Node> + 'b {
+        self.view
+            .nodes()
+            .map(|n| n.as_ref())
+            .filter(move |peer| policy::can_see(self.view, viewer, peer))
+    }
+
+    pub fn user_profiles(&self, users: impl IntoIterator<Item = UserId>) -> Vec<UserProfile> {
+        let ids: BTreeSet<UserId> = users.into_iter().collect();
+        ids.into_iter()
+            .filter_map(|id| self.view.user(id))
+            .map(|u| UserProfile { id: u.id.0, login_name: u.name.clone(), display_name: u.name.clone(), ..Default::default() })
+            .collect()
+    }
+
+    pub fn dns_config(&self) -> Value {
+        let s = self.settings;
+        let mut domains: Vec<String> = Vec::new();
+        if s.magic_dns && !s.base_domain.is_empty() {
+            domains.push(s.base_domain.clone());
+        }
+        domains.extend(s.search_domains.iter().cloned());
+        let resolvers: Vec<Value> = s.nameservers.iter().map(|ns| json!({ "Addr": ns })).collect();
+        let mut dns = json!({ "Domains": domains, "Proxied": s.magic_dns });
+        if !resolvers.is_empty() {
+            dns["Resolvers"] = Value::Array(resolvers);
+        }
+        dns
+    }
+
+    pub fn derp_map(&self) -> Value {
+        let mut regions = serde_json::Map::new();
+        if let Some(region) = &self.settings.derp {
+            let nodes: Vec<Value> = region
+                .nodes
+                .iter()
+                .map(|n| {
+                    json!({
+                        "Name": n.name,
+                        "RegionID": region.region_id,
+                        "HostName": n.host,
+                        "IPv4": n.ipv4,
+                        "IPv6": "none",
+                        "STUNPort": n.stun_port,
+                        "DERPPort": n.derp_port,
+                    })
+                })
+                .collect();
+            regions.insert(
+                region.region_id.to_string(),
+                json!({
+                    "RegionID": region.region_id,
+                    "RegionCode": region.region_code,
+                    "RegionName": region.region_name,
+                    "Nodes": nodes,
+                }),
+            );
+        }
+        json!({ "Regions": regions, "OmitDefaultRegions": true })
+    }
+
+    /// The complete netmap for `node`, and the set of peer ids it contains.
+    pub fn full_map(&self, node: &Node) -> (MapResponse, BTreeSet<NodeId>) {
+        let peers: Vec<NodeJson> = self.visible_peers(node).map(|p| self.node_json(p, false)).collect();
+        let peer_ids = peers.iter().map(|p| NodeId(p.id)).collect();
+        let users = std::iter::once(node.user).chain(peers.iter().map(|p| UserId(p.user)));
+        let response = MapResponse {
+            node: Some(self.node_json(node, true)),
+            derp_map: Some(self.derp_map()),
+            user_profiles: self.user_profiles(users),
+            peers: Some(peers),
+            dns_config: Some(self.dns_config()),
+            domain: if self.settings.base_domain.is_empty() { "hsd".into() } else { self.settings.base_domain.clone() },
+            packet_filters: Some(policy::packet_filters(self.view, node)),
+            control_time: Some(Timestamp::now().to_rfc3339()),
+            // Stops the client uploading logs to Tailscale's log service.
+            debug: Some(json!({ "DisableLogTail": true })),
+            ..Default::default()
+        };
+        (response, peer_ids)
+    }
+
+    /// A patch for a peer whose endpoints or home DERP changed.
+    pub fn peer_patch(&self, id: NodeId) -> PeerChange {
+        let live = self.presence.get(id).unwrap_or_default();
+        PeerChange {
+            node_id: id.0,
+            derp_region: Some(live.home_derp),
+            endpoints: Some(live.endpoints),
+            ..Default::default()
+        }
+    }
+}
+
+/// Frames one message: u32 little-endian length, then one complete zstd frame of JSON.
+/// `compress` is false only for clients that did not ask for zstd.
+pub fn encode_frame(response: &MapResponse, compress: bool) -> Bytes {
+    let json = serde_json::to_vec(response).expect("map responses always serialize");
+    let body = if compress {
+        zstd::bulk::compress(&json, 1).expect("zstd compression into a Vec cannot fail")
+    } else {
+        json
+    };
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Bytes::from(out)
+}

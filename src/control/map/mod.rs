@@ -1,0 +1,122 @@
+//! `POST /machine/map`: lite updates, one-shot netmaps, and streaming sessions.
+
+pub mod build;
+pub mod session;
+
+
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::tailcfg::{self, MapRequest};
+use super::{ControlDeps, NoisePeer};
+use crate::registry::{Command, Node};
+use build::MapContext;
+
+/// Largest map request accepted; real ones carry a Hostinfo of a few KiB.
+const MAX_MAP_REQUEST_BYTES: usize = 1 << 20;
+
+fn refuse(deps: &ControlDeps, status: StatusCode, message: String) -> Response {
+    deps.metrics.bad_requests.with_label_values(&["map"]).inc();
+    tracing::debug!(%status, message, "map request refused");
+    (status, format!("{message}\n")).into_response()
+}
+
+pub async fn handle(State(deps): State<ControlDeps>, Extension(peer): Extension<NoisePeer>, body: Bytes) -> Response {
+    if body.len() > MAX_MAP_REQUEST_BYTES {
+        return refuse(&deps, StatusCode::PAYLOAD_TOO_LARGE, "map request too large".into());
+    }
+    let req: MapRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return refuse(&deps, StatusCode::BAD_REQUEST, format!("invalid MapRequest JSON: {e}")),
+    };
+    if req.version < tailcfg::MIN_CAPABILITY_VERSION {
+        return refuse(&deps, StatusCode::BAD_REQUEST, format!("client capability version {} is too old", req.version));
+    }
+    let view = deps.cluster.view();
+    let Some(node) = view.node_by_key(&req.node_key).cloned() else {
+        return refuse(&deps, StatusCode::NOT_FOUND, format!("node key {} is not registered", req.node_key.short()));
+    };
+    // The handshake authenticates only the machine key; the node key must belong to it.
+    if node.machine_key != peer.machine_key {
+        return refuse(&deps, StatusCode::UNAUTHORIZED, format!("node key {} belongs to another machine", req.node_key.short()));
+    }
+
+    record_node_info(&deps, &node, &req).await;
+    let home_derp = req
+        .hostinfo
+        .as_ref()
+        .and_then(|h| h.pointer("/NetInfo/PreferredDERP"))
+        .and_then(|v| v.as_i64())
+        .map(|v| v as i32);
+    if !req.endpoints.is_empty() || home_derp.is_some() {
+        deps.presence
+            .update(node.id, (!req.endpoints.is_empty()).then(|| req.endpoints.clone()), home_derp);
+    }
+
+    let compress = req.compress == "zstd";
+    if !req.stream && req.omit_peers {
+        // A "lite" update: the client checks only the status.
+        return StatusCode::OK.into_response();
+    }
+    if !req.stream {
+        let view = deps.cluster.view();
+        let Some(node) = view.node(node.id).cloned() else {
+            return refuse(&deps, StatusCode::NOT_FOUND, "node was removed".into());
+        };
+        let ctx = MapContext { view: &view, presence: &deps.presence, settings: &deps.settings };
+        let (response, _) = ctx.full_map(&node);
+        let frame = build::encode_frame(&response, compress);
+        deps.metrics.map_responses.with_label_values(&["full"]).inc();
+        deps.metrics.map_bytes.inc_by(frame.len() as u64);
+        return ([(header::CONTENT_TYPE, "application/octet-stream")], frame).into_response();
+    }
+    let rx = session::start(deps.clone(), node.id, compress);
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|frame| (Ok::<Bytes, std::convert::Infallible>(frame), rx))
+    });
+    ([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response()
+}
+
+/// Hostinfo without `NetInfo`: NetInfo carries DERP latencies that change on every
+/// netcheck (about every 20 s), so replicating it would flood the log; the home region
+/// from it is kept in `presence` instead.
+pub fn stable_hostinfo(hostinfo: &serde_json::Value) -> String {
+    let mut h = hostinfo.clone();
+    if let Some(obj) = h.as_object_mut() {
+        obj.remove("NetInfo");
+    }
+    h.to_string()
+}
+
+/// Writes Hostinfo and disco key through Raft, but only when they changed: a client sends
+/// them on every poll, and an unchanged value must not grow the log.
+async fn record_node_info(deps: &ControlDeps, node: &Arc<Node>, req: &MapRequest) {
+    let hostinfo = req.hostinfo.as_ref().map(stable_hostinfo);
+    let hostinfo_changed = hostinfo.as_ref().is_some_and(|h| *h != node.hostinfo);
+    let disco_changed = !req.disco_key.is_zero() && req.disco_key != node.disco_key;
+    if !hostinfo_changed && !disco_changed {
+        return;
+    }
+    let hostinfo = hostinfo.unwrap_or_else(|| node.hostinfo.clone());
+    let hostname = req
+        .hostinfo
+        .as_ref()
+        .and_then(|h| h.get("Hostname"))
+        .and_then(|v| v.as_str())
+        .map(String::from)
+        .unwrap_or_else(|| node.hostname.clone());
+    let disco_key = if req.disco_key.is_zero() { node.disco_key } else { req.disco_key };
+    if let Err(error) = deps
+        .cluster
+        .propose(Command::UpdateNodeInfo { id: node.id, hostname, hostinfo, disco_key })
+        .await
+    {
+        // The map still works with the old values; the next poll retries.
+        tracing::warn!(node.id = %node.id, %error, "could not record node info");
+    }
+}

@@ -1,0 +1,82 @@
+//! What Tailscale clients talk to: `GET /key`, the `/ts2021` upgrade to Noise + HTTP/2, and
+//! inside it `/machine/register` and `/machine/map`.
+//!
+//! Reads the registry through `raft::Cluster::view`, writes through `Cluster::propose`,
+//! keeps live-session state in `presence`. Never uses `admin` or `cli`.
+
+pub mod keys;
+pub mod map;
+pub mod noise;
+pub mod policy;
+pub mod register;
+pub mod tailcfg;
+pub mod upgrade;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::presence::Presence;
+use crate::raft::Cluster;
+use crate::telemetry::Metrics;
+
+pub use keys::ServerKeys;
+
+/// One DERP node as the DERPMap advertises it.
+#[derive(Clone, Debug)]
+pub struct DerpNodeInfo {
+    pub name: String,
+    pub host: String,
+    pub ipv4: String,
+    pub derp_port: u16,
+    /// -1 disables STUN for this node.
+    pub stun_port: i32,
+}
+
+/// The DERP region this cluster advertises.
+#[derive(Clone, Debug)]
+pub struct DerpRegionInfo {
+    pub region_id: i32,
+    pub region_code: String,
+    pub region_name: String,
+    pub nodes: Vec<DerpNodeInfo>,
+}
+
+/// Control-protocol settings fixed at start.
+#[derive(Clone, Debug)]
+pub struct ControlSettings {
+    pub member_id: u64,
+    pub server_url: String,
+    pub base_domain: String,
+    pub magic_dns: bool,
+    pub nameservers: Vec<String>,
+    pub search_domains: Vec<String>,
+    pub derp: Option<DerpRegionInfo>,
+    /// New nodes are usable at once (`node_approval: auto`).
+    pub auto_approve: bool,
+    /// Key expiry for new nodes; `None` = never.
+    pub node_key_expiry: Option<Duration>,
+    /// How long an interactive registration stays open.
+    pub registration_timeout: Duration,
+    pub ephemeral_inactivity_timeout: Duration,
+}
+
+/// What the control handlers need, and nothing more.
+#[derive(Clone)]
+pub struct ControlDeps {
+    pub cluster: Cluster,
+    pub presence: Presence,
+    pub keys: Arc<ServerKeys>,
+    pub settings: Arc<ControlSettings>,
+    pub metrics: Arc<Metrics>,
+    pub stop: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+/// The peer of one Noise connection, attached to every request inside it.
+#[derive(Clone, Copy, Debug)]
+pub struct NoisePeer {
+    pub machine_key: crate::registry::MachineKey,
+}

@@ -1,0 +1,116 @@
+//! `GET /key` and the `POST /ts2021` upgrade: HTTP/1.1 Upgrade → Noise IK → HTTP/2 over the
+//! decrypted stream, with `/machine/*` routes bound to the Noise peer's machine key.
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tracing::Instrument;
+
+use super::noise::{self, Initiation};
+use super::{ControlDeps, NoisePeer, map, register};
+use crate::util::TrackedExecutor;
+
+const UPGRADE_PROTOCOL: &str = "tailscale-control-protocol";
+const HANDSHAKE_HEADER: &str = "x-tailscale-handshake";
+/// Buffer between the Noise pump and HTTP/2; bounds per-connection memory.
+const PLAINTEXT_PIPE_BYTES: usize = 64 * 1024;
+
+/// `GET /key?v=N`: the server's Noise public key.
+pub async fn key_handler(State(deps): State<ControlDeps>) -> Response {
+    axum::Json(serde_json::json!({
+        "legacyPublicKey": deps.keys.legacy_public.to_text(),
+        "publicKey": deps.keys.noise_public.to_text(),
+    }))
+    .into_response()
+}
+
+fn refuse(deps: &ControlDeps, status: StatusCode, message: &str) -> Response {
+    deps.metrics.bad_requests.with_label_values(&["ts2021"]).inc();
+    tracing::debug!(%status, message, "refused ts2021 upgrade");
+    (status, format!("{message}\n")).into_response()
+}
+
+/// `POST /ts2021` (GET accepted too): validate the upgrade and the Noise initiation before
+/// answering 101, so a malformed request gets a plain 400 and costs no task.
+pub async fn ts2021_handler(State(deps): State<ControlDeps>, mut req: Request) -> Response {
+    let headers = req.headers();
+    let upgrade = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !upgrade.eq_ignore_ascii_case(UPGRADE_PROTOCOL) {
+        return refuse(&deps, StatusCode::BAD_REQUEST, "missing or unsupported Upgrade header (want tailscale-control-protocol; a proxy in front must pass Upgrade and Connection)");
+    }
+    let Some(init_b64) = headers.get(HANDSHAKE_HEADER).and_then(|v| v.to_str().ok()) else {
+        return refuse(&deps, StatusCode::BAD_REQUEST, "missing X-Tailscale-Handshake header");
+    };
+    let Ok(init_bytes) = base64::engine::general_purpose::STANDARD.decode(init_b64.trim()) else {
+        return refuse(&deps, StatusCode::BAD_REQUEST, "X-Tailscale-Handshake is not base64");
+    };
+    let init = match Initiation::parse(&init_bytes) {
+        Ok(init) => init,
+        Err(e) => return refuse(&deps, StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let accepted = match noise::accept(deps.keys.noise_private(), &init) {
+        Ok(a) => a,
+        Err(e) => return refuse(&deps, StatusCode::BAD_REQUEST, &format!("noise handshake failed: {e} (is the client pinning another server key?)")),
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let span = tracing::debug_span!("noise", machine.key = %accepted.peer.short(), client.version = init.version);
+    deps.metrics.noise_connections.inc();
+    let conn_deps = deps.clone();
+    deps.tasks.spawn(
+        async move {
+            match on_upgrade.await {
+                Ok(upgraded) => serve_noise_connection(conn_deps, TokioIo::new(upgraded), accepted).await,
+                Err(error) => tracing::debug!(%error, "upgrade did not complete"),
+            }
+        }
+        .instrument(span),
+    );
+    let mut headers = HeaderMap::new();
+    headers.insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    (StatusCode::SWITCHING_PROTOCOLS, headers).into_response()
+}
+
+/// Routes served inside one Noise connection.
+fn noise_router(deps: ControlDeps, peer: NoisePeer) -> Router {
+    Router::new()
+        .route("/machine/register", post(register::handle))
+        .route("/machine/map", post(map::handle))
+        // Optional endpoints (set-dns, update-health, id-token, …): clients cope with 501.
+        .fallback(|| async { (StatusCode::NOT_IMPLEMENTED, "not implemented\n") })
+        .layer(axum::Extension(peer))
+        .with_state(deps)
+}
+
+async fn serve_noise_connection<S>(deps: ControlDeps, mut stream: S, accepted: noise::Accepted)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    if let Err(error) = stream.write_all(&accepted.response).await {
+        tracing::debug!(%error, "client left during the handshake");
+        return;
+    }
+    let (app_side, pump_side) = tokio::io::duplex(PLAINTEXT_PIPE_BYTES);
+    let service = hyper_util::service::TowerToHyperService::new(noise_router(
+        deps.clone(),
+        NoisePeer { machine_key: accepted.peer },
+    ));
+    let conn = hyper::server::conn::http2::Builder::new(TrackedExecutor(deps.tasks.clone()))
+        .serve_connection(TokioIo::new(app_side), service);
+    tokio::select! {
+        result = conn => if let Err(error) = result {
+            tracing::debug!(%error, "http/2 over noise ended");
+        },
+        result = noise::pump(stream, pump_side, accepted.keys) => if let Err(error) = result {
+            deps.metrics.bad_requests.with_label_values(&["noise"]).inc();
+            tracing::debug!(%error, "noise transport ended");
+        },
+        // Dropping the connection makes the client redial, possibly another member.
+        () = deps.stop.cancelled() => {}
+    }
+}

@@ -1,0 +1,193 @@
+//! Presence: which nodes hold a live map session on this member right now, with their
+//! endpoints and home DERP region.
+//!
+//! Per-member soft state, deliberately *not* replicated through Raft: it changes at the rate
+//! clients roam and reconnect, and it dies with the member that holds the session. Each
+//! member owns the entries of its own sessions; `last_seen` is written through Raft once
+//! per disconnect. Changes are published on a bounded broadcast so map sessions can send
+//! `PeersChangedPatch` / online deltas without rebuilding netmaps.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
+
+use crate::registry::NodeId;
+
+/// How many presence updates may queue for a slow map session before it lags; a lagged
+/// session resynchronises by sending the client a full netmap.
+const PRESENCE_CHANNEL_CAPACITY: usize = 4096;
+
+/// A node's live state as seen by the member holding its session.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodePresence {
+    /// The member id holding the node's map session.
+    pub member: u64,
+    /// Number of live streaming sessions (a reconnect may briefly overlap the old one).
+    pub sessions: u32,
+    pub endpoints: Vec<String>,
+    /// `Hostinfo.NetInfo.PreferredDERP`; 0 = unknown.
+    pub home_derp: i32,
+}
+
+/// A presence fact published to map sessions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PresenceChange {
+    Online(NodeId),
+    Offline(NodeId),
+    /// Endpoints or home DERP changed.
+    Patched(NodeId),
+}
+
+impl PresenceChange {
+    pub fn node(&self) -> NodeId {
+        match self {
+            PresenceChange::Online(id) | PresenceChange::Offline(id) | PresenceChange::Patched(id) => *id,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Presence {
+    member: u64,
+    inner: Arc<Mutex<HashMap<NodeId, NodePresence>>>,
+    tx: broadcast::Sender<PresenceChange>,
+}
+
+impl Presence {
+    pub fn new(member: u64) -> Self {
+        let (tx, _) = broadcast::channel(PRESENCE_CHANNEL_CAPACITY);
+        Presence { member, inner: Arc::default(), tx }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<PresenceChange> {
+        self.tx.subscribe()
+    }
+
+    fn publish(&self, change: PresenceChange) {
+        // No receivers is fine: nobody is streaming.
+        let _ = self.tx.send(change);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, NodePresence>> {
+        // A panic while holding this lock cannot leave the map inconsistent (every update is
+        // one insert or remove), so recover from poisoning.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A streaming session started. Returns true if the node just came online.
+    pub fn session_started(&self, node: NodeId) -> bool {
+        let came_online = {
+            let mut map = self.lock();
+            let entry = map.entry(node).or_insert_with(|| NodePresence { member: self.member, ..Default::default() });
+            entry.sessions += 1;
+            entry.sessions == 1
+        };
+        if came_online {
+            self.publish(PresenceChange::Online(node));
+        }
+        came_online
+    }
+
+    /// A streaming session ended. Returns true if that was the node's last session.
+    pub fn session_ended(&self, node: NodeId) -> bool {
+        let went_offline = {
+            let mut map = self.lock();
+            match map.get_mut(&node) {
+                Some(entry) if entry.sessions > 1 => {
+                    entry.sessions -= 1;
+                    false
+                }
+                Some(_) => {
+                    map.remove(&node);
+                    true
+                }
+                None => false,
+            }
+        };
+        if went_offline {
+            self.publish(PresenceChange::Offline(node));
+        }
+        went_offline
+    }
+
+    /// Records endpoints and home DERP from a lite update; publishes only real changes.
+    pub fn update(&self, node: NodeId, endpoints: Option<Vec<String>>, home_derp: Option<i32>) {
+        let changed = {
+            let mut map = self.lock();
+            let entry = map.entry(node).or_insert_with(|| NodePresence { member: self.member, ..Default::default() });
+            let mut changed = false;
+            if let Some(eps) = endpoints
+                && eps != entry.endpoints
+            {
+                entry.endpoints = eps;
+                changed = true;
+            }
+            if let Some(derp) = home_derp
+                && derp != entry.home_derp
+            {
+                entry.home_derp = derp;
+                changed = true;
+            }
+            changed
+        };
+        if changed {
+            self.publish(PresenceChange::Patched(node));
+        }
+    }
+
+    pub fn get(&self, node: NodeId) -> Option<NodePresence> {
+        self.lock().get(&node).cloned()
+    }
+
+    pub fn is_online(&self, node: NodeId) -> bool {
+        self.lock().get(&node).is_some_and(|p| p.sessions > 0)
+    }
+
+    /// The member holding the node's session, if it is online.
+    pub fn member_of(&self, node: NodeId) -> Option<u64> {
+        self.lock().get(&node).filter(|p| p.sessions > 0).map(|p| p.member)
+    }
+
+    /// Number of nodes with a live session on this member.
+    pub fn online_count(&self) -> usize {
+        self.lock().values().filter(|p| p.sessions > 0).count()
+    }
+
+    /// Forgets a node (it was deleted).
+    pub fn forget(&self, node: NodeId) {
+        self.lock().remove(&node);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlapping_sessions_count_once_online() {
+        let p = Presence::new(1);
+        let mut rx = p.subscribe();
+        assert!(p.session_started(NodeId(7)));
+        assert!(!p.session_started(NodeId(7)));
+        assert!(!p.session_ended(NodeId(7)));
+        assert!(p.is_online(NodeId(7)));
+        assert!(p.session_ended(NodeId(7)));
+        assert!(!p.is_online(NodeId(7)));
+        assert_eq!(rx.try_recv().unwrap(), PresenceChange::Online(NodeId(7)));
+        assert_eq!(rx.try_recv().unwrap(), PresenceChange::Offline(NodeId(7)));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn unchanged_endpoints_publish_nothing() {
+        let p = Presence::new(1);
+        p.session_started(NodeId(1));
+        let mut rx = p.subscribe();
+        p.update(NodeId(1), Some(vec!["127.0.0.1:41641".into()]), Some(900));
+        p.update(NodeId(1), Some(vec!["127.0.0.1:41641".into()]), Some(900));
+        assert_eq!(rx.try_recv().unwrap(), PresenceChange::Patched(NodeId(1)));
+        assert!(rx.try_recv().is_err());
+        assert_eq!(p.get(NodeId(1)).unwrap().home_derp, 900);
+    }
+}

