@@ -61,6 +61,9 @@ pub struct ControlSettings {
     /// How long an interactive registration stays open.
     pub registration_timeout: Duration,
     pub ephemeral_inactivity_timeout: Duration,
+    /// `ControlDialPlan` naming every member, so a running client whose member dies redials
+    /// a survivor (protocol.md §7). `None` for a one-member cluster.
+    pub dial_plan: Option<serde_json::Value>,
 }
 
 /// What the control handlers need, and nothing more.

@@ -115,15 +115,19 @@ impl MapContext<'_> {
                 .nodes
                 .iter()
                 .map(|n| {
-                    json!({
+                    let mut node = json!({
                         "Name": n.name,
                         "RegionID": region.region_id,
                         "HostName": n.host,
-                        "IPv4": n.ipv4,
                         "IPv6": "none",
                         "STUNPort": n.stun_port,
                         "DERPPort": n.derp_port,
-                    })
+                    });
+                    // An address saves the client a DNS lookup (none may be reachable).
+                    if !n.ipv4.is_empty() {
+                        node["IPv4"] = json!(n.ipv4);
+                    }
+                    node
                 })
                 .collect();
             regions.insert(
@@ -155,6 +159,7 @@ impl MapContext<'_> {
             control_time: Some(Timestamp::now().to_rfc3339()),
             // Stops the client uploading logs to Tailscale's log service.
             debug: Some(json!({ "DisableLogTail": true })),
+            control_dial_plan: self.settings.dial_plan.clone(),
             ..Default::default()
         };
         (response, peer_ids)

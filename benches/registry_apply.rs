@@ -1,0 +1,75 @@
+//! Measures `Registry::apply` for node registrations: the per-entry CPU cost every member
+//! pays when it applies the Raft log, and so a ceiling on cluster-wide registration rate.
+//! Registry size matters (IP allocation and name uniqueness scan existing nodes), so it is
+//! measured at several sizes.
+//!
+//! Run: `cargo bench --bench registry_apply`
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use hsd::registry::secrets::{self, SecretKind};
+use hsd::registry::*;
+
+fn registry_with(nodes: u32) -> (Registry, String) {
+    let mut reg = Registry::new(RegistrySettings::default());
+    let at = Timestamp(1_700_000_000_000);
+    reg.apply(&Request { at, command: Command::CreateUser { name: "bench".into() } });
+    let secret = secrets::generate(SecretKind::PreAuth);
+    reg.apply(&Request {
+        at,
+        command: Command::CreatePreAuthKey {
+            user: "bench".into(),
+            prefix: secret.prefix.clone(),
+            hash: secret.hash,
+            reusable: true,
+            ephemeral: false,
+            expiration: None,
+            tags: vec![],
+        },
+    });
+    for i in 0..nodes {
+        reg.apply(&register(&secret.full, i));
+    }
+    (reg, secret.full)
+}
+
+fn register(key: &str, i: u32) -> Request {
+    let (prefix, hash) = secrets::parse(SecretKind::PreAuth, key).expect("generated key parses");
+    let mut machine = [0u8; 32];
+    machine[..4].copy_from_slice(&i.to_be_bytes());
+    let mut node = machine;
+    node[31] = 1;
+    Request {
+        at: Timestamp(1_700_000_000_000 + i as i64),
+        command: Command::RegisterNode {
+            request: NodeRequest {
+                machine_key: MachineKey(machine),
+                node_key: NodeKey(node),
+                hostname: format!("host{i}"),
+                hostinfo: "{}".into(),
+                request_tags: vec![],
+                ephemeral: false,
+            },
+            auth: NodeAuth::PreAuthKey { prefix, hash },
+            auto_approve: true,
+            expiry: None,
+        },
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let mut group = c.benchmark_group("register_node");
+    for size in [0u32, 1_000, 5_000] {
+        let (base, key) = registry_with(size);
+        group.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, size| {
+            b.iter_batched(
+                || base.clone(),
+                |mut reg| reg.apply(&register(&key, size + 1)),
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

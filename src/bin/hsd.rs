@@ -1,0 +1,157 @@
+//! `hsd`: args → Config → telemetry → Server::start → wait for a signal → shutdown.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hsd::config::Config;
+use hsd::server::{Server, StartError};
+
+/// Exit code for a usage or configuration error (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "hsd", version, about = "Clustered, self-hosted Tailscale control server")]
+struct Args {
+    /// YAML config file (headscale key names). Without it, hsd runs a one-member cluster
+    /// with data in ./hsd-data.
+    #[arg(long, short = 'c', env = "HSD_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Overrides `data_dir`.
+    #[arg(long, env = "HSD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Overrides `listen_addr` (control HTTP, DERP).
+    #[arg(long)]
+    listen_addr: Option<String>,
+    /// Overrides `grpc_listen_addr` (admin gRPC over TCP).
+    #[arg(long)]
+    grpc_listen_addr: Option<String>,
+    /// Overrides `metrics_listen_addr`.
+    #[arg(long)]
+    metrics_listen_addr: Option<String>,
+    /// Overrides `derp.server.stun_listen_addr`.
+    #[arg(long)]
+    stun_listen_addr: Option<String>,
+    /// Overrides `cluster.listen_addr`.
+    #[arg(long)]
+    cluster_listen_addr: Option<String>,
+    /// Overrides `cluster.member_id`.
+    #[arg(long, env = "HSD_MEMBER_ID")]
+    member_id: Option<u64>,
+    /// Overrides `server_url`.
+    #[arg(long)]
+    server_url: Option<String>,
+    /// Once ready, write the bound addresses here as JSON (for scripts and tests).
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server (the default).
+    Serve,
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate a config file and exit: 0 if valid, 64 with the first bad key otherwise.
+    Check,
+}
+
+fn load_config(args: &Args) -> Result<Config, String> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path).map_err(|e| error_chain(&e))?,
+        None => Config::default(),
+    };
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    let overrides = [
+        (&args.listen_addr, &mut config.listen_addr),
+        (&args.grpc_listen_addr, &mut config.grpc_listen_addr),
+        (&args.metrics_listen_addr, &mut config.metrics_listen_addr),
+        (&args.stun_listen_addr, &mut config.derp.server.stun_listen_addr),
+        (&args.cluster_listen_addr, &mut config.cluster.listen_addr),
+    ];
+    for (flag, field) in overrides {
+        if let Some(value) = flag {
+            *field = value.clone();
+        }
+    }
+    if let Some(id) = args.member_id {
+        config.cluster.member_id = id;
+    }
+    if let Some(url) = &args.server_url {
+        config.server_url = Some(url.clone());
+    }
+    config.validate().map_err(|e| error_chain(&e))?;
+    Ok(config)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match load_config(&args) {
+        Ok(c) => c,
+        Err(message) => {
+            eprintln!("hsd: {message}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(Cmd::Config { command: ConfigCmd::Check }) = args.command {
+        println!("config ok");
+        return ExitCode::SUCCESS;
+    }
+    hsd::telemetry::init_logging(&config.log.level, config.log.format == "json");
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hsd: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, args.ready_file)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hsd: {e:#}");
+            let is_config = e.downcast_ref::<StartError>().is_some_and(|s| matches!(s, StartError::Config(_)));
+            ExitCode::from(if is_config { EXIT_CONFIG } else { 1 })
+        }
+    }
+}
+
+async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let server = Server::start(config).await?;
+    if let Some(path) = ready_file {
+        let json = serde_json::to_vec_pretty(server.addrs())?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json).with_context(|| format!("writing ready file {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing ready file {}", path.display()))?;
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        () = server.stopped() => tracing::error!("an essential task stopped the member"),
+    }
+    server.shutdown().await;
+    Ok(())
+}
