@@ -154,6 +154,11 @@ impl Presence {
         self.lock().values().filter(|p| p.sessions > 0).count()
     }
 
+    /// Nodes with a live session on this member.
+    pub fn online_nodes(&self) -> Vec<NodeId> {
+        self.lock().iter().filter(|(_, p)| p.sessions > 0).map(|(id, _)| *id).collect()
+    }
+
     /// Forgets a node (it was deleted).
     pub fn forget(&self, node: NodeId) {
         self.lock().remove(&node);

@@ -192,6 +192,7 @@ impl Server {
                 })
                 .collect()
         };
+        let presence = Presence::new(member_id);
         let cluster = Cluster::start(
             ClusterOptions {
                 member_id,
@@ -202,7 +203,8 @@ impl Server {
                 election_timeout_min_ms: config.cluster.election_timeout.0.as_millis() as u64,
                 heartbeat_ms: config.cluster.heartbeat_interval.0.as_millis() as u64,
                 snapshot_every_logs: config.cluster.snapshot_every,
-                client_tls: None,
+                presence: presence.clone(),
+                version: VERSION,
             },
             raft_stop.clone(),
             raft_tasks.clone(),
@@ -211,7 +213,6 @@ impl Server {
         .map_err(|e| StartError::Raft(Box::new(e)))?;
 
         let metrics = Arc::new(Metrics::new());
-        let presence = Presence::new(member_id);
         let derp_region = config.derp.server.enabled.then(|| {
             derp_region(&config, member_id, &server_url, addrs.stun_addr.map(|a| a.port() as i32).unwrap_or(-1))
         });
@@ -239,6 +240,18 @@ impl Server {
             tasks: tasks.clone(),
         };
         let derp = DerpServer::new(derp_private, Some(mesh_key), stop.clone(), tasks.clone());
+        // Every member's relay meshes with every other's, so a client homed on any member
+        // reaches clients homed on the others.
+        let mesh_peers: Vec<String> = config
+            .cluster
+            .members
+            .iter()
+            .filter(|m| m.id != member_id)
+            .filter_map(|m| m.control_url.as_ref().map(|u| format!("{}/derp", u.trim_end_matches('/'))))
+            .collect();
+        if config.derp.server.enabled && !mesh_peers.is_empty() {
+            derp.start_mesh(mesh_peers);
+        }
 
         // Control HTTP: /key, /ts2021, DERP, health.
         let app = control_router(control_deps.clone(), derp.clone());
@@ -486,9 +499,14 @@ async fn ephemeral_gc(deps: ControlDeps) {
         let timeout_ms = deps.settings.ephemeral_inactivity_timeout.as_millis() as i64;
         let now = Timestamp::now();
         let view = deps.cluster.view();
+        if !view.nodes().any(|n| n.ephemeral) {
+            continue;
+        }
+        // Sessions on every reachable member, not just this one.
+        let online = deps.cluster.sessions().await;
         let stale: Vec<_> = view
             .nodes()
-            .filter(|n| n.ephemeral && !deps.presence.is_online(n.id))
+            .filter(|n| n.ephemeral && !online.contains_key(&n.id))
             .filter(|n| n.last_seen.unwrap_or(n.created_at).plus_millis(timeout_ms) <= now)
             .map(|n| n.id)
             .collect();

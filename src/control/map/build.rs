@@ -36,7 +36,10 @@ impl MapContext<'_> {
         let now = Timestamp::now();
         let live = self.presence.get(node.id);
         let online = self.presence.is_online(node.id);
-        let home_derp = live.as_ref().map(|p| p.home_derp).unwrap_or(0);
+        // A node whose session is on another member has no local presence; the whole
+        // cluster is one DERP region and the relays mesh, so that region reaches it.
+        let cluster_region = self.settings.derp.as_ref().map(|r| r.region_id).unwrap_or(0);
+        let home_derp = live.as_ref().map(|p| p.home_derp).filter(|d| *d > 0).unwrap_or(cluster_region);
         let addresses: Vec<String> = node
             .ipv4
             .map(|ip| format!("{ip}/32"))

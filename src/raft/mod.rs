@@ -1,0 +1,156 @@
+//! openraft glue: the rocksdb log store and state machine, the gRPC network between
+//! members, and `Cluster`, the handle the rest of the server writes and reads through.
+//!
+//! Every registry write is a `Command` proposed through `Cluster::propose`; a follower
+//! forwards it to the leader. Reads come from the applied `Registry` view of this member.
+
+mod cluster;
+mod network;
+mod service;
+mod store;
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::registry::{Change, Outcome, Registry, RegistrySettings, Request};
+
+pub use cluster::Cluster;
+pub use store::StorageError;
+
+openraft::declare_raft_types!(
+    /// The Raft types of the registry: a `Request` per log entry, an `Outcome` per reply.
+    pub TypeConfig:
+        D = Request,
+        R = Outcome,
+        NodeId = u64,
+        Node = MemberInfo,
+);
+
+pub type RaftMetrics = openraft::RaftMetrics<u64, MemberInfo>;
+type Raft = openraft::Raft<TypeConfig>;
+
+/// What the cluster knows about a member; stored in the Raft membership config.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub name: String,
+    /// Member-to-member gRPC address (`host:port`).
+    pub raft_addr: String,
+    /// The URL Tailscale clients use for this member.
+    pub control_url: String,
+}
+
+impl std::fmt::Display for MemberInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.name, self.raft_addr)
+    }
+}
+
+/// Everything `Cluster::start` needs, fixed at start.
+pub struct ClusterOptions {
+    pub member_id: u64,
+    pub member: MemberInfo,
+    pub data_dir: PathBuf,
+    pub settings: RegistrySettings,
+    /// The members of a new cluster. The lowest id initialises it on first start; the
+    /// others wait to be contacted. Ignored once the data dir holds a cluster.
+    pub initial_members: BTreeMap<u64, MemberInfo>,
+    pub election_timeout_min_ms: u64,
+    pub heartbeat_ms: u64,
+    /// Build a snapshot (and purge older log) after this many applied entries.
+    pub snapshot_every_logs: u64,
+    /// This member's live sessions, reported to other members for `nodes list`.
+    pub presence: crate::presence::Presence,
+    pub version: &'static str,
+}
+
+/// What one apply call changed, published to map sessions after it is durable.
+#[derive(Debug)]
+pub struct AppliedBatch {
+    pub last_applied: u64,
+    pub changes: Vec<Change>,
+    pub view: Arc<Registry>,
+    /// The state was replaced by a snapshot: sessions must rebuild from `view`.
+    pub full_resync: bool,
+}
+
+/// A write could not be committed. Nothing was changed (or, for `Unavailable` after a
+/// leader loss, the caller cannot know and should re-read).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProposeError {
+    #[error("no leader is known; the cluster may have lost quorum")]
+    NoLeader,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The role of a member as seen by the answering member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberRole {
+    Leader,
+    Follower,
+    Learner,
+    Unreachable,
+}
+
+impl MemberRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberRole::Leader => "leader",
+            MemberRole::Follower => "follower",
+            MemberRole::Learner => "learner",
+            MemberRole::Unreachable => "unreachable",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MemberStatus {
+    pub id: u64,
+    pub name: String,
+    pub address: String,
+    pub control_url: String,
+    pub role: MemberRole,
+    pub voter: bool,
+    pub healthy: bool,
+    pub last_applied: Option<u64>,
+    /// The leader's replication progress for this member (known on the leader only).
+    pub match_index: Option<u64>,
+    pub version: Option<String>,
+    pub clients: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterStatus {
+    pub leader: Option<u64>,
+    pub term: u64,
+    /// The member that answered.
+    pub member_id: u64,
+    pub members: Vec<MemberStatus>,
+}
+
+/// A request a follower sends to the leader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum LeaderOp {
+    Propose(Request),
+    AddLearner { id: u64, info: MemberInfo },
+    Promote { id: u64 },
+    Remove { id: u64 },
+    TransferLeader { to: Option<u64> },
+}
+
+/// The leader's answer to a `LeaderOp`.
+#[derive(Debug, Serialize, Deserialize)]
+enum LeaderReply {
+    Done(Outcome),
+    /// The receiver is not the leader; try this one.
+    NotLeader(Option<u64>),
+    Failed(String),
+    Invalid(String),
+}

@@ -1,0 +1,147 @@
+//! The client side of member-to-member gRPC: openraft's `RaftNetwork` over tonic, plus the
+//! calls `Cluster` makes (forwarding writes, member status, campaign requests).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{Infallible, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{MemberInfo, TypeConfig};
+use crate::proto::raft::Json;
+use crate::proto::raft::raft_service_client::RaftServiceClient;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Lazily connected channels to other members, keyed by address, shared by Raft
+/// replication and `Cluster`'s own calls.
+#[derive(Clone)]
+pub struct Peers {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("invalid member address {0:?}")]
+    BadAddress(String),
+    #[error("member {addr} did not answer: {status}")]
+    Status { addr: String, status: tonic::Status },
+    #[error("member {addr} sent an undecodable reply")]
+    Decode {
+        addr: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Peers {
+    pub fn new() -> Self {
+        Peers { channels: Arc::default() }
+    }
+
+    pub fn client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, CallError> {
+        let mut channels = self.channels.lock().expect("peer channel lock");
+        if let Some(ch) = channels.get(addr) {
+            return Ok(RaftServiceClient::new(ch.clone()));
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|_| CallError::BadAddress(addr.to_string()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let ch = endpoint.connect_lazy();
+        channels.insert(addr.to_string(), ch.clone());
+        Ok(RaftServiceClient::new(ch))
+    }
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Json {
+    Json { data: serde_json::to_vec(v).expect("raft messages always serialize") }
+}
+
+pub fn decode<T: DeserializeOwned>(addr: &str, j: &Json) -> Result<T, CallError> {
+    serde_json::from_slice(&j.data).map_err(|source| CallError::Decode { addr: addr.to_string(), source })
+}
+
+impl RaftNetworkFactory<TypeConfig> for Peers {
+    type Network = PeerLink;
+
+    async fn new_client(&mut self, target: u64, node: &MemberInfo) -> PeerLink {
+        PeerLink { target, addr: node.raft_addr.clone(), peers: self.clone() }
+    }
+}
+
+/// Raft's connection to one member.
+pub struct PeerLink {
+    target: u64,
+    addr: String,
+    peers: Peers,
+}
+
+type RpcResult<T, E> = Result<T, RPCError<u64, MemberInfo, RaftError<u64, E>>>;
+
+impl PeerLink {
+    async fn call<Req, Resp, E>(&self, kind: Kind, req: &Req, ttl: Duration) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let mut client = self.peers.client(&self.addr).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let mut request = tonic::Request::new(encode(req));
+        request.set_timeout(ttl);
+        let reply = match kind {
+            Kind::Append => client.append_entries(request).await,
+            Kind::Vote => client.vote(request).await,
+            Kind::Snapshot => client.install_snapshot(request).await,
+        };
+        let reply = match reply {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                let e = CallError::Status { addr: self.addr.clone(), status };
+                return Err(RPCError::Unreachable(Unreachable::new(&e)));
+            }
+        };
+        let result: Result<Resp, RaftError<u64, E>> =
+            decode(&self.addr, &reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl RaftNetwork<TypeConfig> for PeerLink {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<u64>, Infallible> {
+        self.call(Kind::Append, &rpc, option.hard_ttl()).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<u64>, InstallSnapshotError> {
+        self.call(Kind::Snapshot, &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> RpcResult<VoteResponse<u64>, Infallible> {
+        self.call(Kind::Vote, &rpc, option.hard_ttl()).await
+    }
+}

@@ -1,0 +1,56 @@
+//! The server side of member-to-member gRPC.
+
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::cluster::Cluster;
+use super::network::encode;
+use super::{LeaderOp, LeaderReply};
+use crate::proto::raft::raft_service_server::RaftService;
+use crate::proto::raft::{CampaignReply, CampaignRequest, Json, MemberStatusReply, MemberStatusRequest};
+
+pub struct RaftRpc {
+    pub cluster: Cluster,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(req: &Json) -> Result<T, Status> {
+    serde_json::from_slice(&req.data).map_err(|e| Status::invalid_argument(format!("undecodable message: {e}")))
+}
+
+#[tonic::async_trait]
+impl RaftService for RaftRpc {
+    async fn append_entries(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
+        let rpc = decode(req.get_ref())?;
+        let result = self.cluster.raft().append_entries(rpc).await;
+        Ok(Response::new(encode(&result)))
+    }
+
+    async fn vote(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
+        let rpc = decode(req.get_ref())?;
+        let result = self.cluster.raft().vote(rpc).await;
+        Ok(Response::new(encode(&result)))
+    }
+
+    async fn install_snapshot(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
+        let rpc = decode(req.get_ref())?;
+        let result = self.cluster.raft().install_snapshot(rpc).await;
+        Ok(Response::new(encode(&result)))
+    }
+
+    async fn forward(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
+        let op: LeaderOp = decode(req.get_ref())?;
+        let reply: LeaderReply = self.cluster.run_as_leader(op).await;
+        Ok(Response::new(encode(&reply)))
+    }
+
+    async fn member_status(&self, _req: Request<MemberStatusRequest>) -> Result<Response<MemberStatusReply>, Status> {
+        Ok(Response::new(self.cluster.local_status()))
+    }
+
+    async fn campaign(&self, req: Request<CampaignRequest>) -> Result<Response<CampaignReply>, Status> {
+        let within = Duration::from_millis(req.get_ref().within_ms.clamp(100, 30_000));
+        let became_leader = self.cluster.campaign(within).await;
+        Ok(Response::new(CampaignReply { became_leader }))
+    }
+}

@@ -1,0 +1,152 @@
+//! Real Tailscale clients register, get netmaps, and talk to each other through one member.
+
+use std::time::Duration;
+
+use crate::harness::client::ClientOpts;
+use crate::harness::{ClusterOpts, TestCluster, TsClient, wait_for};
+
+const JOIN: Duration = Duration::from_secs(60);
+
+fn ip4(node: &serde_json::Value) -> String {
+    node["ip_addresses"]
+        .as_array()
+        .and_then(|a| a.iter().filter_map(|v| v.as_str()).find(|s| s.contains('.')))
+        .expect("an IPv4 address")
+        .to_string()
+}
+
+/// Two clients join with a pre-auth key and reach each other over the tailnet, by IP.
+fn two_clients_talk(force_derp: bool) {
+    let c = TestCluster::start(1, ClusterOpts::default());
+    let key = c.user_with_key("alice", &["--reusable"]);
+    let url = c.members[0].control_url();
+    let _b = TsClient::start(ClientOpts {
+        name: "bravo".into(),
+        control_url: url.clone(),
+        auth_key: Some(key.clone()),
+        force_derp,
+        ..Default::default()
+    });
+    let b = c.wait_online(1, "bravo", JOIN);
+    let a = TsClient::start(ClientOpts {
+        name: "alpha".into(),
+        control_url: url,
+        auth_key: Some(key),
+        upstream: Some(format!("{}:80", ip4(&b))),
+        force_derp,
+        ..Default::default()
+    });
+    let node_a = c.wait_online(1, "alpha", JOIN);
+    assert_ne!(ip4(&node_a), ip4(&b), "addresses are never shared");
+    assert_eq!(node_a["user"], "alice");
+    assert_eq!(node_a["approved"], true);
+    assert_eq!(node_a["member"], 1);
+    assert!(node_a["ip_addresses"].as_array().unwrap().iter().any(|v| v.as_str().unwrap().contains(':')), "IPv6 too");
+    a.wait_reach("hello from bravo", JOIN);
+}
+
+#[test]
+fn two_clients_reach_each_other() {
+    two_clients_talk(false);
+}
+
+#[test]
+fn two_clients_reach_each_other_through_derp() {
+    two_clients_talk(true);
+}
+
+/// A single-use key admits one node; a second node with the same key is refused, and an
+/// expired key is refused. Neither refusal changes the registry.
+#[test]
+fn used_and_expired_keys_are_refused() {
+    let c = TestCluster::start(1, ClusterOpts::default());
+    c.hsctl_json(1, &["users", "create", "bob"]);
+    let once = c.hsctl_json(1, &["preauthkeys", "create", "--user", "bob"]);
+    assert_eq!(once["reusable"], false);
+    assert_eq!(once["used"], false);
+    let once = once["key"].as_str().unwrap().to_string();
+    let expired = c.hsctl_json(1, &["preauthkeys", "create", "--user", "bob", "--expiration", "1s"]);
+    let expired = expired["key"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_secs(2));
+
+    let url = c.members[0].control_url();
+    let _first = TsClient::start(ClientOpts {
+        name: "first".into(),
+        control_url: url.clone(),
+        auth_key: Some(once.clone()),
+        ..Default::default()
+    });
+    c.wait_online(1, "first", JOIN);
+    let used = c.hsctl_json(1, &["preauthkeys", "list", "--user", "bob"]);
+    assert!(used.as_array().unwrap().iter().any(|k| k["used"] == true), "key marked used: {used}");
+
+    let second = TsClient::start(ClientOpts {
+        name: "second".into(),
+        control_url: url.clone(),
+        auth_key: Some(once),
+        ..Default::default()
+    });
+    let late = TsClient::start(ClientOpts {
+        name: "late".into(),
+        control_url: url,
+        auth_key: Some(expired),
+        ..Default::default()
+    });
+    std::thread::sleep(Duration::from_secs(10));
+    let nodes = c.hsctl_json(1, &["nodes", "list"]);
+    let names: Vec<&str> = nodes.as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["first"], "refused clients must not be registered");
+    drop((second, late));
+}
+
+/// Interactive login: the client gets an AuthURL, an admin registers it with hsctl, and
+/// the waiting client proceeds without restarting.
+#[test]
+fn interactive_registration() {
+    let c = TestCluster::start(1, ClusterOpts::default());
+    c.hsctl_json(1, &["users", "create", "carol"]);
+    let client = TsClient::start(ClientOpts {
+        name: "inter".into(),
+        control_url: c.members[0].control_url(),
+        ..Default::default()
+    });
+    let url = wait_for("an AuthURL in the client's log", JOIN, || client.auth_url());
+    assert!(url.starts_with(&c.members[0].control_url()), "AuthURL {url} points at the member");
+    let auth_id = url.rsplit('/').next().unwrap().to_string();
+    // The page tells an admin what to run.
+    let page = crate::harness::http_get(&format!("{}:8080", c.members[0].ip), &format!("/register/{auth_id}"), Duration::from_secs(5))
+        .expect("register page");
+    assert_eq!(page.0, 200);
+    assert!(page.1.contains("hsctl nodes register"));
+
+    let bad = c.hsctl(1, &["nodes", "register", "--user", "nobody", "--key", &auth_id]);
+    assert!(!bad.status.success(), "unknown user is refused");
+    let node = c.hsctl_json(1, &["nodes", "register", "--user", "carol", "--key", &auth_id]);
+    assert_eq!(node["user"], "carol");
+    let online = c.wait_online(1, "inter", JOIN);
+    assert_eq!(online["user"], "carol");
+}
+
+/// With `node_approval: manual`, a new node waits until an admin approves it.
+#[test]
+fn manual_approval() {
+    let c = TestCluster::start(1, ClusterOpts { manual_approval: true, ..Default::default() });
+    let key = c.user_with_key("dave", &["--reusable"]);
+    let url = c.members[0].control_url();
+    let _b = TsClient::start(ClientOpts { name: "mb".into(), control_url: url.clone(), auth_key: Some(key.clone()), ..Default::default() });
+    let b = wait_for("node mb registered", JOIN, || c.node(1, "mb"));
+    assert_eq!(b["approved"], false);
+    let id = b["id"].as_u64().unwrap().to_string();
+    c.hsctl_json(1, &["nodes", "approve", &id]);
+    let b = wait_for("node mb approved", JOIN, || c.node(1, "mb").filter(|n| n["approved"] == true));
+    let a = TsClient::start(ClientOpts {
+        name: "ma".into(),
+        control_url: url,
+        auth_key: Some(key),
+        upstream: Some(format!("{}:80", ip4(&b))),
+        ..Default::default()
+    });
+    let ma = wait_for("node ma registered", JOIN, || c.node(1, "ma"));
+    c.hsctl_json(1, &["nodes", "approve", &ma["id"].as_u64().unwrap().to_string()]);
+    a.wait_reach("hello from mb", JOIN);
+}

@@ -1,0 +1,77 @@
+//! Three members: one leader, writes through any member, failover, catch-up after restart,
+//! and clients on different members reaching each other.
+
+use std::time::Duration;
+
+use crate::harness::client::ClientOpts;
+use crate::harness::{ClusterOpts, TestCluster, TsClient, wait_for};
+
+#[test]
+fn three_members_elect_replicate_and_fail_over() {
+    let mut c = TestCluster::start(3, ClusterOpts::default());
+    let status = c.hsctl_json(2, &["cluster", "status"]);
+    let members = status["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    assert_eq!(members.iter().filter(|m| m["role"] == "leader").count(), 1, "{status}");
+    assert!(members.iter().all(|m| m["healthy"] == true), "{status}");
+
+    // A write on every member (followers forward it), visible everywhere.
+    for id in 1..=3u64 {
+        c.hsctl_json(id, &["users", "create", &format!("u{id}")]);
+    }
+    for id in 1..=3u64 {
+        wait_for("users replicated", Duration::from_secs(10), || {
+            (c.hsctl_json(id, &["users", "list"]).as_array()?.len() == 3).then_some(())
+        });
+    }
+
+    // Kill the leader: the others elect a new one and keep accepting writes.
+    let leader = c.wait_leader();
+    c.member(leader).kill();
+    let survivor = (1..=3).find(|i| *i != leader).unwrap();
+    let new_leader = wait_for("a new leader", Duration::from_secs(20), || {
+        let s = c.hsctl_json(survivor, &["cluster", "status"]);
+        s["leader"].as_u64().filter(|l| *l != leader)
+    });
+    assert_ne!(new_leader, leader);
+    let s = c.hsctl_json(survivor, &["cluster", "status"]);
+    let dead = s["members"].as_array().unwrap().iter().find(|m| m["id"] == leader).unwrap().clone();
+    assert_eq!(dead["role"], "unreachable");
+    assert_eq!(dead["healthy"], false);
+    c.hsctl_json(survivor, &["users", "create", "after-failover"]);
+
+    // The old leader restarts and catches up.
+    c.member(leader).start();
+    wait_for("restarted member caught up", Duration::from_secs(20), || {
+        let users = c.hsctl_json(leader, &["users", "list"]);
+        users.as_array()?.iter().any(|u| u["name"] == "after-failover").then_some(())
+    });
+}
+
+/// A client on member 1 and a client on member 2 see each other and talk, relayed by DERP
+/// across the mesh.
+#[test]
+fn clients_on_different_members_talk() {
+    let c = TestCluster::start(3, ClusterOpts::default());
+    let key = c.user_with_key("mesh", &["--reusable"]);
+    let _b = TsClient::start(ClientOpts {
+        name: "onm2".into(),
+        control_url: c.members[1].control_url(),
+        auth_key: Some(key.clone()),
+        force_derp: true,
+        ..Default::default()
+    });
+    let b = c.wait_online(1, "onm2", Duration::from_secs(60));
+    assert_eq!(b["member"], 2, "session held by member 2: {b}");
+    let ip = b["ip_addresses"].as_array().unwrap().iter().filter_map(|v| v.as_str()).find(|s| s.contains('.')).unwrap().to_string();
+    let a = TsClient::start(ClientOpts {
+        name: "onm1".into(),
+        control_url: c.members[0].control_url(),
+        auth_key: Some(key),
+        upstream: Some(format!("{ip}:80")),
+        force_derp: true,
+        ..Default::default()
+    });
+    c.wait_online(3, "onm1", Duration::from_secs(60));
+    a.wait_reach("hello from onm2", Duration::from_secs(90));
+}

@@ -1,0 +1,302 @@
+//! The one shared harness: real `hsd` members (as processes, through their config files),
+//! `hsctl` runs, and real Tailscale clients (Caddy + caddy-tailscale, i.e. tsnet).
+//!
+//! Everything here runs inside the loopback-only network namespace `tests/run.sh` makes;
+//! `guard()` refuses to start anything elsewhere. Each test gets its own loopback /24
+//! (`127.0.<net>.<member>`), so tests run in parallel with the default ports.
+
+#![allow(dead_code)]
+
+pub mod client;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub use client::TsClient;
+
+static NEXT_NET: AtomicU8 = AtomicU8::new(10);
+
+/// Panics unless this process is in a network namespace with only loopback: real clients
+/// must never reach a public Tailscale server.
+pub fn guard() {
+    let ifaces: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(
+        ifaces.iter().all(|i| i == "lo"),
+        "integration tests must run in a loopback-only network namespace (use tests/run.sh); interfaces here: {ifaces:?}"
+    );
+}
+
+pub fn hsd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_hsd")
+}
+
+pub fn hsctl_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_hsctl")
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Options for the members of a test cluster.
+#[derive(Clone, Default)]
+pub struct ClusterOpts {
+    pub manual_approval: bool,
+    /// Extra top-level YAML appended to every member's config.
+    pub extra_yaml: String,
+}
+
+/// One `hsd` process.
+pub struct Member {
+    pub id: u64,
+    pub ip: String,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    pub fn control_url(&self) -> String {
+        format!("http://{}:8080", self.ip)
+    }
+
+    pub fn grpc_addr(&self) -> String {
+        format!("{}:50443", self.ip)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("hsd.sock")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("hsd.log")).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "member {} already running", self.id);
+        let _ = std::fs::remove_file(self.dir.join("ready.json"));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("hsd.log")).unwrap();
+        let child = Command::new(hsd_bin())
+            .arg("--config")
+            .arg(self.dir.join("config.yaml"))
+            .arg("--ready-file")
+            .arg(self.dir.join("ready.json"))
+            .env("RUST_LOG", "info,hsd=debug")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn hsd");
+        self.child = Some(child);
+        let ready = self.dir.join("ready.json");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready.exists() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("member {} exited with {status} during start:\n{}", self.id, self.log());
+            }
+            assert!(Instant::now() < deadline, "member {} not ready:\n{}", self.id, self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("member {} did not stop within 30 s after SIGTERM:\n{}", self.id, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A set of members sharing one Noise key and one DERP mesh key.
+pub struct TestCluster {
+    pub net: u8,
+    pub root: tempfile::TempDir,
+    pub members: Vec<Member>,
+}
+
+impl TestCluster {
+    /// Starts `n` members and waits until one leads and every member knows it.
+    pub fn start(n: usize, opts: ClusterOpts) -> TestCluster {
+        guard();
+        let net = NEXT_NET.fetch_add(1, Ordering::SeqCst);
+        let root = tempfile::tempdir().expect("tempdir");
+        let keys = root.path().join("keys");
+        std::fs::create_dir_all(&keys).unwrap();
+        let ip = |i: usize| format!("127.0.{net}.{i}");
+        let members_yaml: String = if n > 1 {
+            (1..=n)
+                .map(|i| format!("    - {{ id: {i}, address: \"{}:50444\", control_url: \"http://{}:8080\" }}\n", ip(i), ip(i)))
+                .collect()
+        } else {
+            String::new()
+        };
+        let mut members: Vec<Member> = Vec::new();
+        for i in 1..=n {
+            let dir = root.path().join(format!("m{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let a = ip(i);
+            let mut yaml = format!(
+                "server_url: http://{a}:8080\n\
+                 listen_addr: {a}:8080\n\
+                 grpc_listen_addr: {a}:50443\n\
+                 metrics_listen_addr: {a}:9090\n\
+                 data_dir: {dir}\n\
+                 noise:\n  private_key_path: {keys}/noise.key\n\
+                 derp:\n  server:\n    stun_listen_addr: {a}:3478\n    mesh_key_path: {keys}/mesh.key\n\
+                 node_approval: {approval}\n\
+                 ephemeral_node_inactivity_timeout: 30s\n\
+                 cluster:\n  member_id: {i}\n  listen_addr: {a}:50444\n  election_timeout: 600ms\n  heartbeat_interval: 100ms\n",
+                dir = dir.display(),
+                keys = keys.display(),
+                approval = if opts.manual_approval { "manual" } else { "auto" },
+            );
+            if n > 1 {
+                yaml.push_str("  members:\n");
+                yaml.push_str(&members_yaml);
+            }
+            yaml.push_str(&opts.extra_yaml);
+            std::fs::write(dir.join("config.yaml"), yaml).unwrap();
+            members.push(Member { id: i as u64, ip: a, dir, child: None });
+        }
+        // Shared keys, written before any member starts (members must not race to create them).
+        let random_hex = || hex::encode(rand::random::<[u8; 32]>());
+        std::fs::write(keys.join("noise.key"), format!("privkey:{}\n", random_hex())).unwrap();
+        std::fs::write(keys.join("mesh.key"), format!("{}\n", random_hex())).unwrap();
+        let mut cluster = TestCluster { net, root, members };
+        for m in cluster.members.iter_mut() {
+            m.start();
+        }
+        cluster.wait_leader();
+        cluster
+    }
+
+    pub fn member(&mut self, id: u64) -> &mut Member {
+        &mut self.members[(id - 1) as usize]
+    }
+
+    /// Waits until every running member reports the same leader; returns it.
+    pub fn wait_leader(&mut self) -> u64 {
+        let running: Vec<u64> =
+            self.members.iter_mut().filter_map(|m| if m.is_running() { Some(m.id) } else { None }).collect();
+        wait_for("a leader known to every running member", Duration::from_secs(30), || {
+            let mut leaders = Vec::new();
+            for id in &running {
+                let out = self.hsctl(*id, &["cluster", "status", "-o", "json"]);
+                if !out.status.success() {
+                    return None;
+                }
+                let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+                leaders.push(v["leader"].as_u64()?);
+            }
+            leaders.windows(2).all(|w| w[0] == w[1]).then(|| leaders[0])
+        })
+    }
+
+    /// Runs hsctl against member `id` over its unix socket.
+    pub fn hsctl(&self, id: u64, args: &[&str]) -> Output {
+        let m = &self.members[(id - 1) as usize];
+        hsctl(&[&["--socket", m.socket().to_str().unwrap(), "--timeout", "5s"], args].concat())
+    }
+
+    /// Runs hsctl with `-o json`, asserts success, parses stdout.
+    pub fn hsctl_json(&self, id: u64, args: &[&str]) -> Value {
+        let out = self.hsctl(id, &[args, &["-o", "json"]].concat());
+        assert!(
+            out.status.success(),
+            "hsctl {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("hsctl {args:?} printed non-JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Creates a user and a reusable pre-auth key for it; returns the key.
+    pub fn user_with_key(&self, user: &str, extra: &[&str]) -> String {
+        self.hsctl_json(1, &["users", "create", user]);
+        let key = self.hsctl_json(1, &[&["preauthkeys", "create", "--user", user], extra].concat());
+        key["key"].as_str().expect("key field").to_string()
+    }
+
+    /// The node named `hostname`, from `nodes list` on member `id`.
+    pub fn node(&self, id: u64, hostname: &str) -> Option<Value> {
+        let nodes = self.hsctl_json(id, &["nodes", "list"]);
+        nodes.as_array()?.iter().find(|n| n["name"] == hostname).cloned()
+    }
+
+    /// Waits until `hostname` is registered and online; returns its node object.
+    pub fn wait_online(&self, id: u64, hostname: &str, timeout: Duration) -> Value {
+        wait_for(&format!("node {hostname} online"), timeout, || {
+            self.node(id, hostname).filter(|n| n["online"] == true)
+        })
+    }
+}
+
+pub fn hsctl(args: &[&str]) -> Output {
+    Command::new(hsctl_bin()).args(args).stdin(Stdio::null()).output().expect("run hsctl")
+}
+
+/// A plain HTTP/1.0 GET over loopback; returns (status, body).
+pub fn http_get(addr: &str, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let sock: std::net::SocketAddr = addr.parse().map_err(std::io::Error::other)?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Free TCP port on 127.0.0.1 for a client's local listener.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}

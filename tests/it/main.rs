@@ -1,0 +1,9 @@
+//! Integration tests: real `hsd` members, real `hsctl`, real Tailscale clients, all inside
+//! the loopback-only network namespace made by `tests/run.sh`.
+
+mod harness;
+
+mod cli;
+mod clients;
+mod cluster;
+mod durability;
