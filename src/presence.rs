@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::registry::NodeId;
 
@@ -51,13 +51,18 @@ impl PresenceChange {
 pub struct Presence {
     member: u64,
     inner: Arc<Mutex<HashMap<NodeId, NodePresence>>>,
+    /// What other members reported about their own sessions (see `raft::presence_sync`).
+    remote: Arc<Mutex<HashMap<u64, HashMap<NodeId, NodePresence>>>>,
     tx: broadcast::Sender<PresenceChange>,
+    /// Bumped on every local change, so other members can long-poll for news.
+    version: watch::Sender<u64>,
 }
 
 impl Presence {
     pub fn new(member: u64) -> Self {
         let (tx, _) = broadcast::channel(PRESENCE_CHANNEL_CAPACITY);
-        Presence { member, inner: Arc::default(), tx }
+        let (version, _) = watch::channel(0);
+        Presence { member, inner: Arc::default(), remote: Arc::default(), tx, version }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<PresenceChange> {
@@ -67,6 +72,12 @@ impl Presence {
     fn publish(&self, change: PresenceChange) {
         // No receivers is fine: nobody is streaming.
         let _ = self.tx.send(change);
+    }
+
+    /// A local session state changed: tell map sessions and long-polling members.
+    fn publish_local(&self, change: PresenceChange) {
+        self.version.send_modify(|v| *v += 1);
+        self.publish(change);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, NodePresence>> {
@@ -84,7 +95,7 @@ impl Presence {
             entry.sessions == 1
         };
         if came_online {
-            self.publish(PresenceChange::Online(node));
+            self.publish_local(PresenceChange::Online(node));
         }
         came_online
     }
@@ -106,7 +117,9 @@ impl Presence {
             }
         };
         if went_offline {
-            self.publish(PresenceChange::Offline(node));
+            // The client may already stream from another member (it moved).
+            let change = if self.is_online(node) { PresenceChange::Patched(node) } else { PresenceChange::Offline(node) };
+            self.publish_local(change);
         }
         went_offline
     }
@@ -132,21 +145,28 @@ impl Presence {
             changed
         };
         if changed {
-            self.publish(PresenceChange::Patched(node));
+            self.publish_local(PresenceChange::Patched(node));
         }
     }
 
+    /// The node's live state: this member's session if it has one, else what the member
+    /// holding its session reported.
     pub fn get(&self, node: NodeId) -> Option<NodePresence> {
-        self.lock().get(&node).cloned()
+        if let Some(p) = self.lock().get(&node).filter(|p| p.sessions > 0) {
+            return Some(p.clone());
+        }
+        let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        remote.values().find_map(|m| m.get(&node)).cloned()
     }
 
+    /// Online anywhere in the cluster (as far as this member knows).
     pub fn is_online(&self, node: NodeId) -> bool {
-        self.lock().get(&node).is_some_and(|p| p.sessions > 0)
+        self.get(node).is_some_and(|p| p.sessions > 0)
     }
 
     /// The member holding the node's session, if it is online.
     pub fn member_of(&self, node: NodeId) -> Option<u64> {
-        self.lock().get(&node).filter(|p| p.sessions > 0).map(|p| p.member)
+        self.get(node).filter(|p| p.sessions > 0).map(|p| p.member)
     }
 
     /// Number of nodes with a live session on this member.
@@ -157,6 +177,47 @@ impl Presence {
     /// Nodes with a live session on this member.
     pub fn online_nodes(&self) -> Vec<NodeId> {
         self.lock().iter().filter(|(_, p)| p.sessions > 0).map(|(id, _)| *id).collect()
+    }
+
+    /// This member's own sessions with the version they were read at.
+    pub fn local_snapshot(&self) -> (u64, Vec<(NodeId, NodePresence)>) {
+        let version = *self.version.borrow();
+        let entries = self.lock().iter().filter(|(_, p)| p.sessions > 0).map(|(id, p)| (*id, p.clone())).collect();
+        (version, entries)
+    }
+
+    /// Waits until the local version differs from `after` (or `timeout` elapses).
+    pub async fn wait_local_change(&self, after: u64, timeout: std::time::Duration) {
+        let mut rx = self.version.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|v| *v != after)).await;
+    }
+
+    /// Replaces what `member` reported about its sessions, publishing what changed.
+    pub fn apply_remote(&self, member: u64, entries: Vec<(NodeId, NodePresence)>) {
+        let new: HashMap<NodeId, NodePresence> =
+            entries.into_iter().map(|(id, p)| (id, NodePresence { member, ..p })).collect();
+        let old = {
+            let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            if new.is_empty() { remote.remove(&member) } else { remote.insert(member, new.clone()) }
+        }
+        .unwrap_or_default();
+        let local = self.lock().clone();
+        let shadowed = |id: &NodeId| local.get(id).is_some_and(|p| p.sessions > 0);
+        for (id, p) in &new {
+            if shadowed(id) {
+                continue;
+            }
+            match old.get(id) {
+                None => self.publish(PresenceChange::Online(*id)),
+                Some(o) if o != p => self.publish(PresenceChange::Patched(*id)),
+                Some(_) => {}
+            }
+        }
+        for id in old.keys() {
+            if !new.contains_key(id) && !shadowed(id) && !self.is_online(*id) {
+                self.publish(PresenceChange::Offline(*id));
+            }
+        }
     }
 
     /// Forgets a node (it was deleted).
@@ -194,5 +255,25 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap(), PresenceChange::Patched(NodeId(1)));
         assert!(rx.try_recv().is_err());
         assert_eq!(p.get(NodeId(1)).unwrap().home_derp, 900);
+    }
+
+    #[test]
+    fn remote_sessions_are_merged_and_diffed() {
+        let p = Presence::new(1);
+        let mut rx = p.subscribe();
+        let remote = NodePresence { member: 0, sessions: 1, endpoints: vec!["127.0.0.2:41641".into()], home_derp: 900 };
+        p.apply_remote(2, vec![(NodeId(5), remote.clone())]);
+        assert_eq!(rx.try_recv().unwrap(), PresenceChange::Online(NodeId(5)));
+        assert_eq!(p.member_of(NodeId(5)), Some(2));
+        assert!(p.online_nodes().is_empty(), "remote sessions are not local");
+        p.apply_remote(2, vec![(NodeId(5), remote.clone())]);
+        assert!(rx.try_recv().is_err(), "an unchanged report publishes nothing");
+        // The node moves here: the local session wins, and losing the remote one is no news.
+        p.session_started(NodeId(5));
+        assert_eq!(p.member_of(NodeId(5)), Some(1));
+        let _ = rx.try_recv();
+        p.apply_remote(2, vec![]);
+        assert!(rx.try_recv().is_err());
+        assert!(p.is_online(NodeId(5)));
     }
 }

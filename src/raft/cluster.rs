@@ -119,7 +119,8 @@ impl Cluster {
                 election_timeout_max: Duration::from_millis(election_min * 2),
             }),
         };
-        tasks.spawn(log_leadership(cluster.metrics(), opts.member_id, stop));
+        tasks.spawn(log_leadership(cluster.metrics(), opts.member_id, stop.clone()));
+        tasks.spawn(super::presence_sync::run(cluster.clone(), stop, tasks.clone()));
         Ok(cluster)
     }
 
@@ -129,6 +130,14 @@ impl Cluster {
 
     pub(super) fn raft(&self) -> &Raft {
         &self.inner.raft
+    }
+
+    pub(super) fn presence(&self) -> &Presence {
+        &self.inner.presence
+    }
+
+    pub(super) fn peers(&self) -> &Peers {
+        &self.inner.peers
     }
 
     /// The registry as applied on this member.

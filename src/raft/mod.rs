@@ -6,6 +6,7 @@
 
 mod cluster;
 mod network;
+mod presence_sync;
 mod service;
 mod store;
 

@@ -8,7 +8,10 @@ use super::cluster::Cluster;
 use super::network::encode;
 use super::{LeaderOp, LeaderReply};
 use crate::proto::raft::raft_service_server::RaftService;
-use crate::proto::raft::{CampaignReply, CampaignRequest, Json, MemberStatusReply, MemberStatusRequest};
+use crate::proto::raft::{
+    CampaignReply, CampaignRequest, Json, MemberStatusReply, MemberStatusRequest, PresenceEntry, PresenceSnapshot,
+    WatchPresenceRequest,
+};
 
 pub struct RaftRpc {
     pub cluster: Cluster,
@@ -52,5 +55,17 @@ impl RaftService for RaftRpc {
         let within = Duration::from_millis(req.get_ref().within_ms.clamp(100, 30_000));
         let became_leader = self.cluster.campaign(within).await;
         Ok(Response::new(CampaignReply { became_leader }))
+    }
+
+    async fn watch_presence(&self, req: Request<WatchPresenceRequest>) -> Result<Response<PresenceSnapshot>, Status> {
+        let wait = Duration::from_millis(req.get_ref().wait_ms.min(30_000));
+        let presence = self.cluster.presence();
+        presence.wait_local_change(req.get_ref().after_version, wait).await;
+        let (version, entries) = presence.local_snapshot();
+        let entries = entries
+            .into_iter()
+            .map(|(node, p)| PresenceEntry { node: node.0, endpoints: p.endpoints, home_derp: p.home_derp, sessions: p.sessions })
+            .collect();
+        Ok(Response::new(PresenceSnapshot { member: self.cluster.member_id(), version, entries }))
     }
 }
