@@ -16,7 +16,12 @@ use hsd::registry::*;
 fn tailnet(nodes: u32) -> Registry {
     let mut reg = Registry::new(RegistrySettings::default());
     let at = Timestamp(1_700_000_000_000);
-    reg.apply(&Request { at, command: Command::CreateUser { name: "bench".into() } });
+    reg.apply(&Request {
+        at,
+        command: Command::CreateUser {
+            name: "bench".into(),
+        },
+    });
     let secret = secrets::generate(SecretKind::PreAuth);
     reg.apply(&Request {
         at,
@@ -31,7 +36,8 @@ fn tailnet(nodes: u32) -> Registry {
         },
     });
     for i in 0..nodes {
-        let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &secret.full).expect("generated key parses");
+        let (prefix, hash) =
+            secrets::parse(SecretKind::PreAuth, &secret.full).expect("generated key parses");
         let mut machine = [0u8; 32];
         machine[..4].copy_from_slice(&i.to_be_bytes());
         let mut node = machine;
@@ -80,12 +86,20 @@ fn bench(c: &mut Criterion) {
     for size in [10u32, 100, 1000] {
         let view = tailnet(size);
         let me = view.nodes().next().expect("tailnet has nodes").clone();
-        let ctx = MapContext { view: &view, presence: &presence, settings: &settings };
-        group.bench_with_input(BenchmarkId::new("full_map", size), &size, |b, _| b.iter(|| ctx.full_map(&me)));
+        let ctx = MapContext {
+            view: &view,
+            presence: &presence,
+            settings: &settings,
+        };
+        group.bench_with_input(BenchmarkId::new("full_map", size), &size, |b, _| {
+            b.iter(|| ctx.full_map(&me))
+        });
         group.bench_with_input(BenchmarkId::new("full_map_framed", size), &size, |b, _| {
             b.iter(|| encode_frame(&ctx.full_map(&me).0, true))
         });
-        group.bench_with_input(BenchmarkId::new("peer_json", size), &size, |b, _| b.iter(|| ctx.node_json(&me, false)));
+        group.bench_with_input(BenchmarkId::new("peer_json", size), &size, |b, _| {
+            b.iter(|| ctx.node_json(&me, false))
+        });
     }
     group.finish();
 }

@@ -12,13 +12,18 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(plaintext.len() as u64));
     group.bench_function("seal_full_frame", |b| {
         let mut tx = CipherState::new(&[7u8; 32]);
-        b.iter(|| tx.seal_frame(&plaintext).expect("counter far from exhaustion"))
+        b.iter(|| {
+            tx.seal_frame(&plaintext)
+                .expect("counter far from exhaustion")
+        })
     });
     group.bench_function("seal_and_open_full_frame", |b| {
         let mut tx = CipherState::new(&[7u8; 32]);
         let mut rx = CipherState::new(&[7u8; 32]);
         b.iter(|| {
-            let frame = tx.seal_frame(&plaintext).expect("counter far from exhaustion");
+            let frame = tx
+                .seal_frame(&plaintext)
+                .expect("counter far from exhaustion");
             rx.open(frame[3..].to_vec()).expect("own frame decrypts")
         })
     });

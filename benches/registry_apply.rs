@@ -12,7 +12,12 @@ use hsd::registry::*;
 fn registry_with(nodes: u32) -> (Registry, String) {
     let mut reg = Registry::new(RegistrySettings::default());
     let at = Timestamp(1_700_000_000_000);
-    reg.apply(&Request { at, command: Command::CreateUser { name: "bench".into() } });
+    reg.apply(&Request {
+        at,
+        command: Command::CreateUser {
+            name: "bench".into(),
+        },
+    });
     let secret = secrets::generate(SecretKind::PreAuth);
     reg.apply(&Request {
         at,

@@ -25,7 +25,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.to_string(), reason: reason.into() }
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
 }
 
 /// A duration written like "30s", "10m", "1h", "90d" or "0" (zero).
@@ -38,7 +41,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if text == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration like 30s, 10m, 1h or 90d ({e})"))
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration like 30s, 10m, 1h or 90d ({e})"))
 }
 
 impl<'de> Deserialize<'de> for ConfigDuration {
@@ -51,7 +55,9 @@ impl<'de> Deserialize<'de> for ConfigDuration {
         }
         match Raw::deserialize(d)? {
             Raw::Int(secs) => Ok(ConfigDuration(Duration::from_secs(secs))),
-            Raw::Text(t) => parse_duration(&t).map(ConfigDuration).map_err(serde::de::Error::custom),
+            Raw::Text(t) => parse_duration(&t)
+                .map(ConfigDuration)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -222,7 +228,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into(), format: "text".into() }
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+        }
     }
 }
 
@@ -267,6 +276,21 @@ pub struct ClusterConfig {
     pub heartbeat_interval: ConfigDuration,
     /// Build a snapshot (and compact the log) every this many applied entries.
     pub snapshot_every: u64,
+    /// Mutual TLS for member-to-member traffic (`hsd cluster init-ca` / `issue-cert`).
+    pub tls: ClusterTlsConfig,
+}
+
+/// All three set: member-to-member gRPC uses mTLS. None set: plaintext (one member, or a
+/// trusted private network).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterTlsConfig {
+    /// The cluster CA certificate (PEM) that every member's certificate must chain to.
+    pub ca_cert_path: Option<PathBuf>,
+    /// This member's certificate (PEM), issued by `hsd cluster issue-cert`.
+    pub cert_path: Option<PathBuf>,
+    /// This member's private key (PEM).
+    pub key_path: Option<PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -280,6 +304,7 @@ impl Default for ClusterConfig {
             election_timeout: ConfigDuration(Duration::from_millis(1500)),
             heartbeat_interval: ConfigDuration(Duration::from_millis(300)),
             snapshot_every: 5000,
+            tls: ClusterTlsConfig::default(),
         }
     }
 }
@@ -327,21 +352,37 @@ pub struct Validated {
     pub mesh_key_path: PathBuf,
 }
 
-fn parse_addr(key: &str, value: &str, allow_empty: bool) -> Result<Option<SocketAddr>, ConfigError> {
+fn parse_addr(
+    key: &str,
+    value: &str,
+    allow_empty: bool,
+) -> Result<Option<SocketAddr>, ConfigError> {
     if value.trim().is_empty() {
-        return if allow_empty { Ok(None) } else { Err(invalid(key, "must not be empty")) };
+        return if allow_empty {
+            Ok(None)
+        } else {
+            Err(invalid(key, "must not be empty"))
+        };
     }
-    value
-        .parse::<SocketAddr>()
-        .map(Some)
-        .map_err(|_| invalid(key, format!("{value:?} is not an address like 127.0.0.1:8080")))
+    value.parse::<SocketAddr>().map(Some).map_err(|_| {
+        invalid(
+            key,
+            format!("{value:?} is not an address like 127.0.0.1:8080"),
+        )
+    })
 }
 
 impl Config {
     /// Reads and parses a YAML file; unknown keys are errors.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Config::from_yaml(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Config::from_yaml(&text).map_err(|message| ConfigError::Parse {
+            path: path.into(),
+            message,
+        })
     }
 
     pub fn from_yaml(text: &str) -> Result<Config, String> {
@@ -362,37 +403,55 @@ impl Config {
     /// Checks every value; the first bad one is returned naming its key.
     pub fn validate(&self) -> Result<Validated, ConfigError> {
         let listen_addr = parse_addr("listen_addr", &self.listen_addr, false)?.expect("not empty");
-        let metrics_listen_addr = parse_addr("metrics_listen_addr", &self.metrics_listen_addr, true)?;
+        let metrics_listen_addr =
+            parse_addr("metrics_listen_addr", &self.metrics_listen_addr, true)?;
         let grpc_listen_addr = parse_addr("grpc_listen_addr", &self.grpc_listen_addr, true)?;
         let stun_listen_addr = if self.derp.server.enabled {
-            parse_addr("derp.server.stun_listen_addr", &self.derp.server.stun_listen_addr, true)?
+            parse_addr(
+                "derp.server.stun_listen_addr",
+                &self.derp.server.stun_listen_addr,
+                true,
+            )?
         } else {
             None
         };
         let cluster_listen_addr =
-            parse_addr("cluster.listen_addr", &self.cluster.listen_addr, false)?.expect("not empty");
+            parse_addr("cluster.listen_addr", &self.cluster.listen_addr, false)?
+                .expect("not empty");
         if let Some(url) = &self.server_url {
             let rest = url
                 .strip_prefix("http://")
                 .or_else(|| url.strip_prefix("https://"))
-                .ok_or_else(|| invalid("server_url", format!("{url:?} must start with http:// or https://")))?;
+                .ok_or_else(|| {
+                    invalid(
+                        "server_url",
+                        format!("{url:?} must start with http:// or https://"),
+                    )
+                })?;
             if rest.trim_end_matches('/').is_empty() || rest.trim_end_matches('/').contains('/') {
-                return Err(invalid("server_url", format!("{url:?} must be scheme://host[:port] with no path")));
+                return Err(invalid(
+                    "server_url",
+                    format!("{url:?} must be scheme://host[:port] with no path"),
+                ));
             }
         }
         let prefix_v4 = match self.prefixes.v4.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(p) => Some(
-                p.parse::<Ipv4Net>()
-                    .map_err(|_| invalid("prefixes.v4", format!("{p:?} is not an IPv4 prefix like 100.64.0.0/10")))?,
-            ),
+            Some(p) => Some(p.parse::<Ipv4Net>().map_err(|_| {
+                invalid(
+                    "prefixes.v4",
+                    format!("{p:?} is not an IPv4 prefix like 100.64.0.0/10"),
+                )
+            })?),
         };
         let prefix_v6 = match self.prefixes.v6.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(p) => Some(
-                p.parse::<Ipv6Net>()
-                    .map_err(|_| invalid("prefixes.v6", format!("{p:?} is not an IPv6 prefix like fd7a:115c:a1e0::/48")))?,
-            ),
+            Some(p) => Some(p.parse::<Ipv6Net>().map_err(|_| {
+                invalid(
+                    "prefixes.v6",
+                    format!("{p:?} is not an IPv6 prefix like fd7a:115c:a1e0::/48"),
+                )
+            })?),
         };
         if prefix_v4.is_none() && prefix_v6.is_none() {
             return Err(invalid("prefixes", "at least one of v4 and v6 must be set"));
@@ -400,36 +459,83 @@ impl Config {
         if let Some(net) = prefix_v4
             && net.prefix_len() > 30
         {
-            return Err(invalid("prefixes.v4", format!("{net} is too small to hold any node")));
+            return Err(invalid(
+                "prefixes.v4",
+                format!("{net} is too small to hold any node"),
+            ));
         }
         if let Some(net) = prefix_v6
             && net.prefix_len() > 126
         {
-            return Err(invalid("prefixes.v6", format!("{net} is too small to hold any node")));
+            return Err(invalid(
+                "prefixes.v6",
+                format!("{net} is too small to hold any node"),
+            ));
         }
         if self.prefixes.allocation != "sequential" {
             return Err(invalid(
                 "prefixes.allocation",
-                format!("{:?} is not supported: only \"sequential\" (replicas must allocate identically)", self.prefixes.allocation),
+                format!(
+                    "{:?} is not supported: only \"sequential\" (replicas must allocate identically)",
+                    self.prefixes.allocation
+                ),
             ));
         }
-        let unix_socket_mode = u32::from_str_radix(self.unix_socket_permission.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
-            .ok_or_else(|| {
-                invalid("unix_socket_permission", format!("{:?} is not an octal mode like 0770", self.unix_socket_permission))
-            })?;
+        let tls = &self.cluster.tls;
+        let set = [&tls.ca_cert_path, &tls.cert_path, &tls.key_path]
+            .iter()
+            .filter(|p| p.is_some())
+            .count();
+        if set != 0 && set != 3 {
+            return Err(invalid(
+                "cluster.tls",
+                "set all of ca_cert_path, cert_path and key_path, or none",
+            ));
+        }
+        for (key, path) in [
+            ("cluster.tls.ca_cert_path", &tls.ca_cert_path),
+            ("cluster.tls.cert_path", &tls.cert_path),
+            ("cluster.tls.key_path", &tls.key_path),
+        ] {
+            if let Some(p) = path
+                && !p.is_file()
+            {
+                return Err(invalid(
+                    key,
+                    format!("{} is not a readable file", p.display()),
+                ));
+            }
+        }
+        let unix_socket_mode =
+            u32::from_str_radix(self.unix_socket_permission.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| {
+                    invalid(
+                        "unix_socket_permission",
+                        format!(
+                            "{:?} is not an octal mode like 0770",
+                            self.unix_socket_permission
+                        ),
+                    )
+                })?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
         if self.derp.server.enabled {
             if !(1..=65535).contains(&self.derp.server.region_id) {
-                return Err(invalid("derp.server.region_id", "must be between 1 and 65535"));
+                return Err(invalid(
+                    "derp.server.region_id",
+                    "must be between 1 and 65535",
+                ));
             }
             if self.derp.server.region_code.trim().is_empty() {
                 return Err(invalid("derp.server.region_code", "must not be empty"));
             }
-            for (key, value) in [("derp.server.ipv4", &self.derp.server.ipv4), ("derp.server.ipv6", &self.derp.server.ipv6)] {
+            for (key, value) in [
+                ("derp.server.ipv4", &self.derp.server.ipv4),
+                ("derp.server.ipv6", &self.derp.server.ipv6),
+            ] {
                 if let Some(v) = value
                     && v.parse::<IpAddr>().is_err()
                 {
@@ -438,38 +544,65 @@ impl Config {
             }
         }
         if !self.derp.urls.is_empty() || !self.derp.paths.is_empty() {
-            return Err(invalid("derp.urls", "external DERP maps are not supported; every member runs its own relay"));
+            return Err(invalid(
+                "derp.urls",
+                "external DERP maps are not supported; every member runs its own relay",
+            ));
         }
         if self.dns.magic_dns && self.dns.base_domain.trim().is_empty() {
-            return Err(invalid("dns.base_domain", "must be set when dns.magic_dns is true"));
+            return Err(invalid(
+                "dns.base_domain",
+                "must be set when dns.magic_dns is true",
+            ));
         }
         if !self.dns.base_domain.is_empty()
-            && !self
-                .dns
-                .base_domain
-                .split('.')
-                .all(|l| !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+            && !self.dns.base_domain.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            })
         {
-            return Err(invalid("dns.base_domain", format!("{:?} is not a domain name", self.dns.base_domain)));
+            return Err(invalid(
+                "dns.base_domain",
+                format!("{:?} is not a domain name", self.dns.base_domain),
+            ));
         }
         for ns in &self.dns.nameservers.global {
             if ns.parse::<IpAddr>().is_err() && !ns.starts_with("https://") {
-                return Err(invalid("dns.nameservers.global", format!("{ns:?} is not an IP address or DoH URL")));
+                return Err(invalid(
+                    "dns.nameservers.global",
+                    format!("{ns:?} is not an IP address or DoH URL"),
+                ));
             }
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(invalid("log.format", format!("{:?}: use text or json", self.log.format)));
+            return Err(invalid(
+                "log.format",
+                format!("{:?}: use text or json", self.log.format),
+            ));
         }
         let level_ok = if self.log.level.contains('=') {
             tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok()
         } else {
-            matches!(self.log.level.to_ascii_lowercase().as_str(), "trace" | "debug" | "info" | "warn" | "error" | "off")
+            matches!(
+                self.log.level.to_ascii_lowercase().as_str(),
+                "trace" | "debug" | "info" | "warn" | "error" | "off"
+            )
         };
         if !level_ok {
-            return Err(invalid("log.level", format!("{:?}: use trace, debug, info, warn or error", self.log.level)));
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "{:?}: use trace, debug, info, warn or error",
+                    self.log.level
+                ),
+            ));
         }
         if !matches!(self.policy.mode.as_str(), "" | "database" | "file") {
-            return Err(invalid("policy.mode", format!("{:?}: use database or file", self.policy.mode)));
+            return Err(invalid(
+                "policy.mode",
+                format!("{:?}: use database or file", self.policy.mode),
+            ));
         }
         if self.cluster.member_id == 0 {
             return Err(invalid("cluster.member_id", "must be 1 or more"));
@@ -477,20 +610,40 @@ impl Config {
         let mut seen = std::collections::BTreeSet::new();
         for (i, m) in self.cluster.members.iter().enumerate() {
             if m.id == 0 || !seen.insert(m.id) {
-                return Err(invalid(&format!("cluster.members[{i}].id"), "must be unique and 1 or more"));
+                return Err(invalid(
+                    &format!("cluster.members[{i}].id"),
+                    "must be unique and 1 or more",
+                ));
             }
             if m.address.parse::<SocketAddr>().is_err() && !m.address.contains(':') {
-                return Err(invalid(&format!("cluster.members[{i}].address"), format!("{:?} is not host:port", m.address)));
+                return Err(invalid(
+                    &format!("cluster.members[{i}].address"),
+                    format!("{:?} is not host:port", m.address),
+                ));
             }
         }
         if !self.cluster.members.is_empty() && !seen.contains(&self.cluster.member_id) {
-            return Err(invalid("cluster.members", format!("does not list this member (cluster.member_id {})", self.cluster.member_id)));
+            return Err(invalid(
+                "cluster.members",
+                format!(
+                    "does not list this member (cluster.member_id {})",
+                    self.cluster.member_id
+                ),
+            ));
         }
         if self.cluster.election_timeout.0 < Duration::from_millis(100) {
-            return Err(invalid("cluster.election_timeout", "must be at least 100ms"));
+            return Err(invalid(
+                "cluster.election_timeout",
+                "must be at least 100ms",
+            ));
         }
-        if self.cluster.heartbeat_interval.0.is_zero() || self.cluster.heartbeat_interval.0 * 2 > self.cluster.election_timeout.0 {
-            return Err(invalid("cluster.heartbeat_interval", "must be above zero and at most half of cluster.election_timeout"));
+        if self.cluster.heartbeat_interval.0.is_zero()
+            || self.cluster.heartbeat_interval.0 * 2 > self.cluster.election_timeout.0
+        {
+            return Err(invalid(
+                "cluster.heartbeat_interval",
+                "must be above zero and at most half of cluster.election_timeout",
+            ));
         }
         if self.cluster.snapshot_every == 0 {
             return Err(invalid("cluster.snapshot_every", "must be 1 or more"));
@@ -506,7 +659,10 @@ impl Config {
             unix_socket: self.in_data_dir(&self.unix_socket, "hsd.sock"),
             unix_socket_mode,
             noise_key_path: self.in_data_dir(&self.noise.private_key_path, "noise_private.key"),
-            derp_key_path: self.in_data_dir(&self.derp.server.private_key_path, "derp_server_private.key"),
+            derp_key_path: self.in_data_dir(
+                &self.derp.server.private_key_path,
+                "derp_server_private.key",
+            ),
             mesh_key_path: self.in_data_dir(&self.derp.server.mesh_key_path, "derp_mesh.key"),
         })
     }
@@ -558,7 +714,10 @@ node_approval: manual
 ephemeral_node_inactivity_timeout: 30m
 "#;
         let v = check(yaml).unwrap();
-        assert_eq!(v.noise_key_path, PathBuf::from("/var/lib/hsd/noise_private.key"));
+        assert_eq!(
+            v.noise_key_path,
+            PathBuf::from("/var/lib/hsd/noise_private.key")
+        );
     }
 
     #[test]
@@ -566,7 +725,10 @@ ephemeral_node_inactivity_timeout: 30m
         for (yaml, key) in [
             ("listen_addr: nope", "listen_addr"),
             ("prefixes: {v4: 300.0.0.0/8}", "prefixes.v4"),
-            ("derp: {server: {stun_listen_addr: x}}", "derp.server.stun_listen_addr"),
+            (
+                "derp: {server: {stun_listen_addr: x}}",
+                "derp.server.stun_listen_addr",
+            ),
             ("log: {level: loud}", "log.level"),
             ("server_url: ftp://x", "server_url"),
             ("unix_socket_permission: '999'", "unix_socket_permission"),
@@ -579,8 +741,19 @@ ephemeral_node_inactivity_timeout: 30m
 
     #[test]
     fn unknown_keys_and_bad_durations_are_rejected() {
-        assert!(check("listen_adr: 127.0.0.1:1").unwrap_err().contains("listen_adr"));
-        assert!(check("ephemeral_node_inactivity_timeout: soon").unwrap_err().contains("duration"));
-        assert_eq!(parse_duration("90d").unwrap(), Duration::from_secs(90 * 86400));
+        assert!(
+            check("listen_adr: 127.0.0.1:1")
+                .unwrap_err()
+                .contains("listen_adr")
+        );
+        assert!(
+            check("ephemeral_node_inactivity_timeout: soon")
+                .unwrap_err()
+                .contains("duration")
+        );
+        assert_eq!(
+            parse_duration("90d").unwrap(),
+            Duration::from_secs(90 * 86400)
+        );
     }
 }

@@ -42,7 +42,9 @@ pub enum PresenceChange {
 impl PresenceChange {
     pub fn node(&self) -> NodeId {
         match self {
-            PresenceChange::Online(id) | PresenceChange::Offline(id) | PresenceChange::Patched(id) => *id,
+            PresenceChange::Online(id)
+            | PresenceChange::Offline(id)
+            | PresenceChange::Patched(id) => *id,
         }
     }
 }
@@ -62,7 +64,13 @@ impl Presence {
     pub fn new(member: u64) -> Self {
         let (tx, _) = broadcast::channel(PRESENCE_CHANNEL_CAPACITY);
         let (version, _) = watch::channel(0);
-        Presence { member, inner: Arc::default(), remote: Arc::default(), tx, version }
+        Presence {
+            member,
+            inner: Arc::default(),
+            remote: Arc::default(),
+            tx,
+            version,
+        }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<PresenceChange> {
@@ -90,7 +98,10 @@ impl Presence {
     pub fn session_started(&self, node: NodeId) -> bool {
         let came_online = {
             let mut map = self.lock();
-            let entry = map.entry(node).or_insert_with(|| NodePresence { member: self.member, ..Default::default() });
+            let entry = map.entry(node).or_insert_with(|| NodePresence {
+                member: self.member,
+                ..Default::default()
+            });
             entry.sessions += 1;
             entry.sessions == 1
         };
@@ -118,7 +129,11 @@ impl Presence {
         };
         if went_offline {
             // The client may already stream from another member (it moved).
-            let change = if self.is_online(node) { PresenceChange::Patched(node) } else { PresenceChange::Offline(node) };
+            let change = if self.is_online(node) {
+                PresenceChange::Patched(node)
+            } else {
+                PresenceChange::Offline(node)
+            };
             self.publish_local(change);
         }
         went_offline
@@ -128,7 +143,10 @@ impl Presence {
     pub fn update(&self, node: NodeId, endpoints: Option<Vec<String>>, home_derp: Option<i32>) {
         let changed = {
             let mut map = self.lock();
-            let entry = map.entry(node).or_insert_with(|| NodePresence { member: self.member, ..Default::default() });
+            let entry = map.entry(node).or_insert_with(|| NodePresence {
+                member: self.member,
+                ..Default::default()
+            });
             let mut changed = false;
             if let Some(eps) = endpoints
                 && eps != entry.endpoints
@@ -176,13 +194,22 @@ impl Presence {
 
     /// Nodes with a live session on this member.
     pub fn online_nodes(&self) -> Vec<NodeId> {
-        self.lock().iter().filter(|(_, p)| p.sessions > 0).map(|(id, _)| *id).collect()
+        self.lock()
+            .iter()
+            .filter(|(_, p)| p.sessions > 0)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// This member's own sessions with the version they were read at.
     pub fn local_snapshot(&self) -> (u64, Vec<(NodeId, NodePresence)>) {
         let version = *self.version.borrow();
-        let entries = self.lock().iter().filter(|(_, p)| p.sessions > 0).map(|(id, p)| (*id, p.clone())).collect();
+        let entries = self
+            .lock()
+            .iter()
+            .filter(|(_, p)| p.sessions > 0)
+            .map(|(id, p)| (*id, p.clone()))
+            .collect();
         (version, entries)
     }
 
@@ -194,11 +221,17 @@ impl Presence {
 
     /// Replaces what `member` reported about its sessions, publishing what changed.
     pub fn apply_remote(&self, member: u64, entries: Vec<(NodeId, NodePresence)>) {
-        let new: HashMap<NodeId, NodePresence> =
-            entries.into_iter().map(|(id, p)| (id, NodePresence { member, ..p })).collect();
+        let new: HashMap<NodeId, NodePresence> = entries
+            .into_iter()
+            .map(|(id, p)| (id, NodePresence { member, ..p }))
+            .collect();
         let old = {
             let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-            if new.is_empty() { remote.remove(&member) } else { remote.insert(member, new.clone()) }
+            if new.is_empty() {
+                remote.remove(&member)
+            } else {
+                remote.insert(member, new.clone())
+            }
         }
         .unwrap_or_default();
         let local = self.lock().clone();
@@ -261,13 +294,21 @@ mod tests {
     fn remote_sessions_are_merged_and_diffed() {
         let p = Presence::new(1);
         let mut rx = p.subscribe();
-        let remote = NodePresence { member: 0, sessions: 1, endpoints: vec!["127.0.0.2:41641".into()], home_derp: 900 };
+        let remote = NodePresence {
+            member: 0,
+            sessions: 1,
+            endpoints: vec!["127.0.0.2:41641".into()],
+            home_derp: 900,
+        };
         p.apply_remote(2, vec![(NodeId(5), remote.clone())]);
         assert_eq!(rx.try_recv().unwrap(), PresenceChange::Online(NodeId(5)));
         assert_eq!(p.member_of(NodeId(5)), Some(2));
         assert!(p.online_nodes().is_empty(), "remote sessions are not local");
         p.apply_remote(2, vec![(NodeId(5), remote.clone())]);
-        assert!(rx.try_recv().is_err(), "an unchanged report publishes nothing");
+        assert!(
+            rx.try_recv().is_err(),
+            "an unchanged report publishes nothing"
+        );
         // The node moves here: the local session wins, and losing the remote one is no news.
         p.session_started(NodeId(5));
         assert_eq!(p.member_of(NodeId(5)), Some(1));

@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConfigError, NodeApproval};
-use crate::control::{self, ControlDeps, ControlSettings, DerpNodeInfo, DerpRegionInfo, ServerKeys};
+use crate::control::{
+    self, ControlDeps, ControlSettings, DerpNodeInfo, DerpRegionInfo, ServerKeys,
+};
 use crate::derp::server::DerpServer;
 use crate::presence::Presence;
 use crate::raft::{Cluster, ClusterOptions, MemberInfo};
@@ -52,6 +54,8 @@ pub enum StartError {
     },
     #[error("starting the Raft member")]
     Raft(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("loading the member TLS files (cluster.tls)")]
+    Tls(#[from] crate::raft::tls::TlsError),
 }
 
 /// The addresses this member actually bound (port 0 in config becomes a real port here).
@@ -98,13 +102,19 @@ impl RunningServer {
         tracing::info!("shutting down");
         self.stop.cancel();
         self.tasks.close();
-        if tokio::time::timeout(self.grace, self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(self.grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(grace = ?self.grace, "tasks still running after the grace period");
         }
         self.cluster.shutdown().await;
         self.raft_stop.cancel();
         self.raft_tasks.close();
-        if tokio::time::timeout(self.grace, self.raft_tasks.wait()).await.is_err() {
+        if tokio::time::timeout(self.grace, self.raft_tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("raft tasks still running after the grace period");
         }
         tracing::info!("stopped");
@@ -112,7 +122,9 @@ impl RunningServer {
 }
 
 async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
 }
 
 pub struct Server;
@@ -128,7 +140,13 @@ impl Server {
 
         // Bind everything before starting anything, so a taken port fails fast.
         let control_listener = bind_tcp("listen_addr", v.listen_addr).await?;
-        let control_addr = control_listener.local_addr().map_err(|source| StartError::Bind { what: "listen_addr", addr: v.listen_addr, source })?;
+        let control_addr = control_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                what: "listen_addr",
+                addr: v.listen_addr,
+                source,
+            })?;
         let grpc_listener = match v.grpc_listen_addr {
             Some(addr) => Some(bind_tcp("grpc_listen_addr", addr).await?),
             None => None,
@@ -141,7 +159,11 @@ impl Server {
             Some(addr) => Some(
                 UdpSocket::bind(addr)
                     .await
-                    .map_err(|source| StartError::Bind { what: "derp.server.stun_listen_addr", addr, source })?,
+                    .map_err(|source| StartError::Bind {
+                        what: "derp.server.stun_listen_addr",
+                        addr,
+                        source,
+                    })?,
             ),
             None => None,
         };
@@ -171,8 +193,16 @@ impl Server {
         let raft_tasks = TaskTracker::new();
         let member_id = config.cluster.member_id;
         let member = MemberInfo {
-            name: config.cluster.name.clone().unwrap_or_else(|| format!("m{member_id}")),
-            raft_addr: config.cluster.advertise_addr.clone().unwrap_or_else(|| cluster_addr.to_string()),
+            name: config
+                .cluster
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("m{member_id}")),
+            raft_addr: config
+                .cluster
+                .advertise_addr
+                .clone()
+                .unwrap_or_else(|| cluster_addr.to_string()),
             control_url: server_url.clone(),
         };
         let initial_members: BTreeMap<u64, MemberInfo> = if config.cluster.members.is_empty() {
@@ -188,23 +218,45 @@ impl Server {
                         raft_addr: m.address.clone(),
                         control_url: m.control_url.clone().unwrap_or_default(),
                     };
-                    (m.id, if m.id == member_id { member.clone() } else { info })
+                    (
+                        m.id,
+                        if m.id == member_id {
+                            member.clone()
+                        } else {
+                            info
+                        },
+                    )
                 })
                 .collect()
         };
+        let tls = match (
+            &config.cluster.tls.ca_cert_path,
+            &config.cluster.tls.cert_path,
+            &config.cluster.tls.key_path,
+        ) {
+            (Some(ca), Some(cert), Some(key)) => {
+                Some(crate::raft::tls::MemberTls::load(ca, cert, key)?)
+            }
+            _ => None,
+        };
+        let server_tls = tls.as_ref().map(|t| t.server.clone());
         let presence = Presence::new(member_id);
         let cluster = Cluster::start(
             ClusterOptions {
                 member_id,
                 member,
                 data_dir: config.data_dir.clone(),
-                settings: RegistrySettings { prefix_v4: v.prefix_v4, prefix_v6: v.prefix_v6 },
+                settings: RegistrySettings {
+                    prefix_v4: v.prefix_v4,
+                    prefix_v6: v.prefix_v6,
+                },
                 initial_members,
                 election_timeout_min_ms: config.cluster.election_timeout.0.as_millis() as u64,
                 heartbeat_ms: config.cluster.heartbeat_interval.0.as_millis() as u64,
                 snapshot_every_logs: config.cluster.snapshot_every,
                 presence: presence.clone(),
                 version: VERSION,
+                tls,
             },
             raft_stop.clone(),
             raft_tasks.clone(),
@@ -214,7 +266,12 @@ impl Server {
 
         let metrics = Arc::new(Metrics::new());
         let derp_region = config.derp.server.enabled.then(|| {
-            derp_region(&config, member_id, &server_url, addrs.stun_addr.map(|a| a.port() as i32).unwrap_or(-1))
+            derp_region(
+                &config,
+                member_id,
+                &server_url,
+                addrs.stun_addr.map(|a| a.port() as i32).unwrap_or(-1),
+            )
         });
         let settings = Arc::new(ControlSettings {
             member_id,
@@ -247,7 +304,11 @@ impl Server {
             .members
             .iter()
             .filter(|m| m.id != member_id)
-            .filter_map(|m| m.control_url.as_ref().map(|u| format!("{}/derp", u.trim_end_matches('/'))))
+            .filter_map(|m| {
+                m.control_url
+                    .as_ref()
+                    .map(|u| format!("{}/derp", u.trim_end_matches('/')))
+            })
             .collect();
         if config.derp.server.enabled && !mesh_peers.is_empty() {
             derp.start_mesh(mesh_peers);
@@ -257,8 +318,11 @@ impl Server {
         let app = control_router(control_deps.clone(), derp.clone());
         let control_stop = stop.clone();
         tasks.spawn(async move {
-            let serve = axum::serve(control_listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async move { control_stop.cancelled().await });
+            let serve = axum::serve(
+                control_listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { control_stop.cancelled().await });
             if let Err(error) = serve.await {
                 tracing::error!(%error, "control listener failed");
             }
@@ -280,7 +344,8 @@ impl Server {
             );
             let metrics_stop = stop.clone();
             tasks.spawn(async move {
-                let serve = axum::serve(listener, app).with_graceful_shutdown(async move { metrics_stop.cancelled().await });
+                let serve = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { metrics_stop.cancelled().await });
                 if let Err(error) = serve.await {
                     tracing::error!(%error, "metrics listener failed");
                 }
@@ -314,7 +379,17 @@ impl Server {
         let raft_stop_serve = raft_stop.clone();
         raft_tasks.spawn(async move {
             let incoming = tokio_stream_from(cluster_listener);
-            let result = tonic::transport::Server::builder()
+            let mut builder = tonic::transport::Server::builder();
+            if let Some(tls) = server_tls {
+                builder = match builder.tls_config(tls) {
+                    Ok(b) => b,
+                    Err(error) => {
+                        tracing::error!(%error, "member-to-member TLS settings rejected");
+                        return;
+                    }
+                };
+            }
+            let result = builder
                 .add_service(raft_service)
                 .serve_with_incoming_shutdown(incoming, raft_stop_serve.cancelled())
                 .await;
@@ -324,7 +399,11 @@ impl Server {
         });
 
         tasks.spawn(ephemeral_gc(control_deps.clone()));
-        tasks.spawn(refresh_gauges(cluster.clone(), metrics.clone(), stop.clone()));
+        tasks.spawn(refresh_gauges(
+            cluster.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
 
         tracing::info!(
             member.id = member_id,
@@ -333,13 +412,24 @@ impl Server {
             version = VERSION,
             "hsd member started"
         );
-        Ok(RunningServer { addrs, stop, tasks, raft_stop, raft_tasks, cluster, grace: config.shutdown_grace.0 })
+        Ok(RunningServer {
+            addrs,
+            stop,
+            tasks,
+            raft_stop,
+            raft_tasks,
+            cluster,
+            grace: config.shutdown_grace.0,
+        })
     }
 }
 
 fn create_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
     use std::os::unix::fs::PermissionsExt;
-    let err = |source| StartError::DataDir { path: dir.to_path_buf(), source };
+    let err = |source| StartError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
     std::fs::create_dir_all(dir).map_err(err)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)
 }
@@ -348,11 +438,22 @@ fn create_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
 /// home on the member they hold their control session with, and when that relay dies the
 /// client's reconnect walks on to the next node of the same region at once (no control
 /// round trip), while the mesh keeps every member's clients reachable.
-fn derp_region(config: &Config, member_id: u64, server_url: &str, stun_port: i32) -> DerpRegionInfo {
+fn derp_region(
+    config: &Config,
+    member_id: u64,
+    server_url: &str,
+    stun_port: i32,
+) -> DerpRegionInfo {
     let region = &config.derp.server;
     let node = |id: u64, url: &str, ipv4: Option<&String>| {
         let host = url_host(url);
-        let ipv4 = ipv4.cloned().unwrap_or_else(|| if host.parse::<std::net::Ipv4Addr>().is_ok() { host.clone() } else { String::new() });
+        let ipv4 = ipv4.cloned().unwrap_or_else(|| {
+            if host.parse::<std::net::Ipv4Addr>().is_ok() {
+                host.clone()
+            } else {
+                String::new()
+            }
+        });
         DerpNodeInfo {
             name: format!("{}{}", region.region_id, id),
             host,
@@ -416,7 +517,11 @@ fn url_host(url: &str) -> String {
     if let Some(v6) = authority.strip_prefix('[') {
         return v6.split(']').next().unwrap_or(v6).to_string();
     }
-    authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority).to_string()
+    authority
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(authority)
+        .to_string()
 }
 
 fn url_port(url: &str) -> Option<u16> {
@@ -427,7 +532,9 @@ fn url_port(url: &str) -> Option<u16> {
 }
 
 /// Adapts a listener to the stream of connections tonic's `serve_with_incoming` takes.
-fn tokio_stream_from(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+fn tokio_stream_from(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     futures::stream::unfold(listener, |listener| async move {
         let conn = listener.accept().await.map(|(stream, _)| {
             let _ = stream.set_nodelay(true);
@@ -444,16 +551,28 @@ struct HttpState {
 }
 
 fn control_router(control: ControlDeps, derp: Arc<DerpServer>) -> Router {
-    let state = HttpState { control: control.clone(), derp };
+    let state = HttpState {
+        control: control.clone(),
+        derp,
+    };
     let inner = Router::new()
         .route("/key", get(control::upgrade::key_handler))
         .route("/ts2021", any(control::upgrade::ts2021_handler))
         .with_state(control);
     Router::new()
-        .route("/derp", get(|State(s): State<HttpState>, req| async move { s.derp.handle_upgrade(req).await }))
+        .route(
+            "/derp",
+            get(|State(s): State<HttpState>, req| async move { s.derp.handle_upgrade(req).await }),
+        )
         .route("/derp/probe", any(crate::derp::server::probe_handler))
-        .route("/derp/latency-check", any(crate::derp::server::probe_handler))
-        .route("/generate_204", get(crate::derp::server::generate_204_handler))
+        .route(
+            "/derp/latency-check",
+            any(crate::derp::server::probe_handler),
+        )
+        .route(
+            "/generate_204",
+            get(crate::derp::server::generate_204_handler),
+        )
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/register/{auth_id}", get(register_page))
@@ -492,7 +611,8 @@ async fn ephemeral_gc(deps: ControlDeps) {
             () = deps.stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let is_leader = deps.cluster.metrics().borrow().current_leader == Some(deps.cluster.member_id());
+        let is_leader =
+            deps.cluster.metrics().borrow().current_leader == Some(deps.cluster.member_id());
         if !is_leader {
             continue;
         }
@@ -513,7 +633,11 @@ async fn ephemeral_gc(deps: ControlDeps) {
         if stale.is_empty() {
             continue;
         }
-        match deps.cluster.propose(Command::DeleteNodes { ids: stale.clone() }).await {
+        match deps
+            .cluster
+            .propose(Command::DeleteNodes { ids: stale.clone() })
+            .await
+        {
             Ok(_) => tracing::info!(count = stale.len(), "removed inactive ephemeral nodes"),
             Err(error) => tracing::warn!(%error, "could not remove inactive ephemeral nodes"),
         }
@@ -528,8 +652,12 @@ async fn refresh_gauges(cluster: Cluster, metrics: Arc<Metrics>, stop: Cancellat
             _ = tick.tick() => {}
         }
         let m = cluster.metrics().borrow().clone();
-        metrics.raft_applied_index.set(m.last_applied.map(|l| l.index as i64).unwrap_or(0));
-        metrics.raft_is_leader.set(i64::from(m.current_leader == Some(cluster.member_id())));
+        metrics
+            .raft_applied_index
+            .set(m.last_applied.map(|l| l.index as i64).unwrap_or(0));
+        metrics
+            .raft_is_leader
+            .set(i64::from(m.current_leader == Some(cluster.member_id())));
     }
 }
 

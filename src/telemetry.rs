@@ -8,9 +8,15 @@ pub fn init_logging(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second init (tests starting several in-process members) is harmless.
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Every metric this member exports. Cheap to share (`Arc`); counters are atomics.
@@ -32,29 +38,62 @@ impl Metrics {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric name");
-            registry.register(Box::new(g.clone())).expect("unique metric name");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric name");
             g
         };
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("valid metric name");
-            registry.register(Box::new(c.clone())).expect("unique metric name");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric name");
             c
         };
         let counter_vec = |name: &str, help: &str, label: &str| {
             let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric name");
-            registry.register(Box::new(c.clone())).expect("unique metric name");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric name");
             c
         };
         Metrics {
-            connected_clients: gauge("hsd_connected_clients", "Nodes with a live map stream on this member"),
-            noise_connections: counter("hsd_noise_connections_total", "Noise (ts2021) connections accepted"),
-            map_responses: counter_vec("hsd_map_responses_total", "Map responses sent, by kind", "kind"),
-            map_bytes: counter("hsd_map_response_bytes_total", "Compressed map response bytes sent"),
-            registrations: counter_vec("hsd_registrations_total", "Register requests by outcome", "outcome"),
-            raft_applied_index: gauge("hsd_raft_applied_index", "Last log index applied on this member"),
+            connected_clients: gauge(
+                "hsd_connected_clients",
+                "Nodes with a live map stream on this member",
+            ),
+            noise_connections: counter(
+                "hsd_noise_connections_total",
+                "Noise (ts2021) connections accepted",
+            ),
+            map_responses: counter_vec(
+                "hsd_map_responses_total",
+                "Map responses sent, by kind",
+                "kind",
+            ),
+            map_bytes: counter(
+                "hsd_map_response_bytes_total",
+                "Compressed map response bytes sent",
+            ),
+            registrations: counter_vec(
+                "hsd_registrations_total",
+                "Register requests by outcome",
+                "outcome",
+            ),
+            raft_applied_index: gauge(
+                "hsd_raft_applied_index",
+                "Last log index applied on this member",
+            ),
             raft_is_leader: gauge("hsd_raft_is_leader", "1 if this member is the Raft leader"),
-            derp_clients: gauge("hsd_derp_clients", "Clients connected to this member's DERP relay"),
-            bad_requests: counter_vec("hsd_bad_requests_total", "Requests refused as malformed, by surface", "surface"),
+            derp_clients: gauge(
+                "hsd_derp_clients",
+                "Clients connected to this member's DERP relay",
+            ),
+            bad_requests: counter_vec(
+                "hsd_bad_requests_total",
+                "Requests refused as malformed, by surface",
+                "surface",
+            ),
             registry,
         }
     }

@@ -12,7 +12,11 @@ use hsd::server::{Server, StartError};
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "hsd", version, about = "Clustered, self-hosted Tailscale control server")]
+#[command(
+    name = "hsd",
+    version,
+    about = "Clustered, self-hosted Tailscale control server"
+)]
 struct Args {
     /// YAML config file (headscale key names). Without it, hsd runs a one-member cluster
     /// with data in ./hsd-data.
@@ -58,6 +62,56 @@ enum Cmd {
         #[command(subcommand)]
         command: ConfigCmd,
     },
+    /// Member certificates for mutual TLS between members.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Create a cluster CA (ca.pem, ca.key) in DIR. Keep ca.key off the members.
+    InitCa {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a member certificate (member-ID.pem, member-ID.key) signed by the CA in CA_DIR.
+    IssueCert {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        member_id: u64,
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// Extra names (IPs or DNS names) for the certificate, repeatable.
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
+}
+
+/// Runs `hsd cluster …`; these need no config.
+fn cluster_command(command: &ClusterCmd) -> ExitCode {
+    use hsd::raft::tls;
+    let result = match command {
+        ClusterCmd::InitCa { dir } => {
+            tls::init_ca(dir).map(|p| println!("created cluster CA {}", p.display()))
+        }
+        ClusterCmd::IssueCert {
+            ca_dir,
+            member_id,
+            out_dir,
+            names,
+        } => tls::issue_member_cert(ca_dir, *member_id, out_dir, names)
+            .map(|(c, k)| println!("issued {} and {}", c.display(), k.display())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hsd: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -78,7 +132,10 @@ fn load_config(args: &Args) -> Result<Config, String> {
         (&args.listen_addr, &mut config.listen_addr),
         (&args.grpc_listen_addr, &mut config.grpc_listen_addr),
         (&args.metrics_listen_addr, &mut config.metrics_listen_addr),
-        (&args.stun_listen_addr, &mut config.derp.server.stun_listen_addr),
+        (
+            &args.stun_listen_addr,
+            &mut config.derp.server.stun_listen_addr,
+        ),
         (&args.cluster_listen_addr, &mut config.cluster.listen_addr),
     ];
     for (flag, field) in overrides {
@@ -109,6 +166,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Cmd::Cluster { command }) = &args.command {
+        return cluster_command(command);
+    }
+    hsd::raft::tls::install_crypto_provider();
     let config = match load_config(&args) {
         Ok(c) => c,
         Err(message) => {
@@ -116,12 +177,18 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Some(Cmd::Config { command: ConfigCmd::Check }) = args.command {
+    if let Some(Cmd::Config {
+        command: ConfigCmd::Check,
+    }) = args.command
+    {
         println!("config ok");
         return ExitCode::SUCCESS;
     }
     hsd::telemetry::init_logging(&config.log.level, config.log.format == "json");
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("hsd: starting the async runtime: {e}");
@@ -132,7 +199,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hsd: {e:#}");
-            let is_config = e.downcast_ref::<StartError>().is_some_and(|s| matches!(s, StartError::Config(_)));
+            let is_config = e
+                .downcast_ref::<StartError>()
+                .is_some_and(|s| matches!(s, StartError::Config(_)));
             ExitCode::from(if is_config { EXIT_CONFIG } else { 1 })
         }
     }
@@ -143,8 +212,10 @@ async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()> 
     if let Some(path) = ready_file {
         let json = serde_json::to_vec_pretty(server.addrs())?;
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, json).with_context(|| format!("writing ready file {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing ready file {}", path.display()))?;
+        std::fs::write(&tmp, json)
+            .with_context(|| format!("writing ready file {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("writing ready file {}", path.display()))?;
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -23,7 +23,9 @@ pub enum KeyFileError {
         #[source]
         source: std::io::Error,
     },
-    #[error("key file {path} does not hold a 32-byte key (expected `{prefix}` and 64 hex characters)")]
+    #[error(
+        "key file {path} does not hold a 32-byte key (expected `{prefix}` and 64 hex characters)"
+    )]
     Malformed { path: PathBuf, prefix: &'static str },
 }
 
@@ -34,20 +36,34 @@ pub fn load_or_generate(path: &Path, prefix: &'static str) -> Result<[u8; 32], K
         Ok(text) => {
             let hex_part = text.trim().strip_prefix(prefix).unwrap_or(text.trim());
             let mut key = [0u8; 32];
-            hex::decode_to_slice(hex_part, &mut key)
-                .map_err(|_| KeyFileError::Malformed { path: path.into(), prefix })?;
+            hex::decode_to_slice(hex_part, &mut key).map_err(|_| KeyFileError::Malformed {
+                path: path.into(),
+                prefix,
+            })?;
             Ok(key)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key: [u8; 32] = rand::random();
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|source| KeyFileError::Write { path: path.into(), source })?;
+                std::fs::create_dir_all(dir).map_err(|source| KeyFileError::Write {
+                    path: path.into(),
+                    source,
+                })?;
             }
-            crate::util::write_private_file(path, format!("{prefix}{}\n", hex::encode(key)).as_bytes())
-                .map_err(|source| KeyFileError::Write { path: path.into(), source })?;
+            crate::util::write_private_file(
+                path,
+                format!("{prefix}{}\n", hex::encode(key)).as_bytes(),
+            )
+            .map_err(|source| KeyFileError::Write {
+                path: path.into(),
+                source,
+            })?;
             Ok(key)
         }
-        Err(source) => Err(KeyFileError::Read { path: path.into(), source }),
+        Err(source) => Err(KeyFileError::Read {
+            path: path.into(),
+            source,
+        }),
     }
 }
 
@@ -86,7 +102,9 @@ impl ServerKeys {
 
 impl std::fmt::Debug for ServerKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerKeys").field("noise_public", &self.noise_public).finish_non_exhaustive()
+        f.debug_struct("ServerKeys")
+            .field("noise_public", &self.noise_public)
+            .finish_non_exhaustive()
     }
 }
 
@@ -102,8 +120,14 @@ mod tests {
         let a = load_or_generate(&path, "privkey:").unwrap();
         let b = load_or_generate(&path, "privkey:").unwrap();
         assert_eq!(a, b);
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         std::fs::write(&path, "privkey:zz").unwrap();
-        assert!(matches!(load_or_generate(&path, "privkey:"), Err(KeyFileError::Malformed { .. })));
+        assert!(matches!(
+            load_or_generate(&path, "privkey:"),
+            Err(KeyFileError::Malformed { .. })
+        ));
     }
 }

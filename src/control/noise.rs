@@ -103,11 +103,17 @@ pub fn accept(server_private: &[u8; 32], init: &Initiation) -> Result<Accepted, 
         .build_responder()
         .map_err(NoiseError::Handshake)?;
     let mut scratch = [0u8; 256];
-    hs.read_message(&init.payload, &mut scratch).map_err(NoiseError::Handshake)?;
+    hs.read_message(&init.payload, &mut scratch)
+        .map_err(NoiseError::Handshake)?;
     let mut peer = [0u8; 32];
-    peer.copy_from_slice(hs.get_remote_static().ok_or(NoiseError::Handshake(snow::Error::Input))?);
+    peer.copy_from_slice(
+        hs.get_remote_static()
+            .ok_or(NoiseError::Handshake(snow::Error::Input))?,
+    );
     let mut out = [0u8; 128];
-    let n = hs.write_message(&[], &mut out).map_err(NoiseError::Handshake)?;
+    let n = hs
+        .write_message(&[], &mut out)
+        .map_err(NoiseError::Handshake)?;
     debug_assert_eq!(n, RESPONSE_PAYLOAD_BYTES);
     let mut response = Vec::with_capacity(FRAME_HEADER_BYTES + n);
     response.push(MSG_RESPONSE);
@@ -117,7 +123,10 @@ pub fn accept(server_private: &[u8; 32], init: &Initiation) -> Result<Accepted, 
     Ok(Accepted {
         peer: MachineKey(peer),
         response,
-        keys: SessionKeys { receive: initiator_to_responder, send: responder_to_initiator },
+        keys: SessionKeys {
+            receive: initiator_to_responder,
+            send: responder_to_initiator,
+        },
     })
 }
 
@@ -139,7 +148,10 @@ pub struct CipherState {
 
 impl CipherState {
     pub fn new(key: &[u8; 32]) -> Self {
-        CipherState { cipher: ChaCha20Poly1305::new(Key::from_slice(key)), counter: 0 }
+        CipherState {
+            cipher: ChaCha20Poly1305::new(Key::from_slice(key)),
+            counter: 0,
+        }
     }
 
     fn next_nonce(&mut self) -> Result<Nonce, NoiseError> {
@@ -160,7 +172,9 @@ impl CipherState {
         frame.push(MSG_RECORD);
         frame.extend_from_slice(&((plaintext.len() + TAG_BYTES) as u16).to_be_bytes());
         let mut body = plaintext.to_vec();
-        self.cipher.encrypt_in_place(&nonce, b"", &mut body).map_err(|_| NoiseError::Decrypt)?;
+        self.cipher
+            .encrypt_in_place(&nonce, b"", &mut body)
+            .map_err(|_| NoiseError::Decrypt)?;
         frame.extend_from_slice(&body);
         Ok(frame)
     }
@@ -168,7 +182,9 @@ impl CipherState {
     /// Opens a record body (ciphertext + tag) in place, returning the plaintext.
     pub fn open(&mut self, mut body: Vec<u8>) -> Result<Vec<u8>, NoiseError> {
         let nonce = self.next_nonce()?;
-        self.cipher.decrypt_in_place(&nonce, b"", &mut body).map_err(|_| NoiseError::Decrypt)?;
+        self.cipher
+            .decrypt_in_place(&nonce, b"", &mut body)
+            .map_err(|_| NoiseError::Decrypt)?;
         Ok(body)
     }
 }
@@ -240,7 +256,11 @@ mod tests {
     use super::*;
 
     /// A client-side handshake with snow, to test the responder and the record layer.
-    fn client_handshake(server_public: &[u8; 32], client_private: &[u8; 32], version: u16) -> (Vec<u8>, snow::HandshakeState) {
+    fn client_handshake(
+        server_public: &[u8; 32],
+        client_private: &[u8; 32],
+        version: u16,
+    ) -> (Vec<u8>, snow::HandshakeState) {
         let prologue = format!("{PROLOGUE_PREFIX}{version}");
         let mut hs = snow::Builder::new(PROTOCOL_NAME.parse().unwrap())
             .local_private_key(client_private)
@@ -260,8 +280,13 @@ mod tests {
     }
 
     fn keypair() -> ([u8; 32], [u8; 32]) {
-        let kp = snow::Builder::new(PROTOCOL_NAME.parse().unwrap()).generate_keypair().unwrap();
-        (kp.private.try_into().unwrap(), kp.public.try_into().unwrap())
+        let kp = snow::Builder::new(PROTOCOL_NAME.parse().unwrap())
+            .generate_keypair()
+            .unwrap();
+        (
+            kp.private.try_into().unwrap(),
+            kp.public.try_into().unwrap(),
+        )
     }
 
     #[test]
@@ -275,7 +300,9 @@ mod tests {
         assert_eq!(accepted.peer.0, client_pub);
         assert_eq!(accepted.response.len(), 51);
         let mut scratch = [0u8; 64];
-        client.read_message(&accepted.response[3..], &mut scratch).unwrap();
+        client
+            .read_message(&accepted.response[3..], &mut scratch)
+            .unwrap();
         let (c2s, s2c) = client.dangerously_get_raw_split();
 
         // Client-side ciphers built the same way; more than one record each way, so a
@@ -288,7 +315,10 @@ mod tests {
             let frame = client_tx.seal_frame(&[i; 10]).unwrap();
             assert_eq!(server_rx.open(frame[3..].to_vec()).unwrap(), vec![i; 10]);
             let frame = server_tx.seal_frame(&[i + 100; 7]).unwrap();
-            assert_eq!(client_rx.open(frame[3..].to_vec()).unwrap(), vec![i + 100; 7]);
+            assert_eq!(
+                client_rx.open(frame[3..].to_vec()).unwrap(),
+                vec![i + 100; 7]
+            );
         }
     }
 
@@ -307,7 +337,10 @@ mod tests {
         let (mut init_bytes, _) = client_handshake(&server_pub, &client_priv, 130);
         init_bytes[1] = 131; // header says 131, the client hashed 130
         let init = Initiation::parse(&init_bytes).unwrap();
-        assert!(matches!(accept(&server_priv, &init), Err(NoiseError::Handshake(_))));
+        assert!(matches!(
+            accept(&server_priv, &init),
+            Err(NoiseError::Handshake(_))
+        ));
     }
 
     #[test]
@@ -317,7 +350,10 @@ mod tests {
         assert!(Initiation::parse(&[0u8; 100]).is_err());
         let mut bad_type = [0u8; INITIATION_BYTES];
         bad_type[2] = 9;
-        assert!(matches!(Initiation::parse(&bad_type), Err(NoiseError::InitiationType(9))));
+        assert!(matches!(
+            Initiation::parse(&bad_type),
+            Err(NoiseError::InitiationType(9))
+        ));
         // Random bytes of the right shape fail the handshake, never panic.
         for seed in 0..200u32 {
             let mut bytes = [0u8; INITIATION_BYTES];
@@ -335,17 +371,26 @@ mod tests {
     #[tokio::test]
     async fn oversized_and_tampered_frames_are_errors() {
         let mut oversized: &[u8] = &[MSG_RECORD, 0xff, 0xff];
-        assert!(matches!(read_frame(&mut oversized).await, Err(NoiseError::FrameTooLarge(_))));
+        assert!(matches!(
+            read_frame(&mut oversized).await,
+            Err(NoiseError::FrameTooLarge(_))
+        ));
         let mut c = CipherState::new(&[1u8; 32]);
         let mut frame = c.seal_frame(b"hello").unwrap();
         frame[5] ^= 1;
         let mut d = CipherState::new(&[1u8; 32]);
-        assert!(matches!(d.open(frame[3..].to_vec()), Err(NoiseError::Decrypt)));
+        assert!(matches!(
+            d.open(frame[3..].to_vec()),
+            Err(NoiseError::Decrypt)
+        ));
     }
 
     #[tokio::test]
     async fn pump_moves_bytes_both_ways() {
-        let keys_server = SessionKeys { receive: [1; 32], send: [2; 32] };
+        let keys_server = SessionKeys {
+            receive: [1; 32],
+            send: [2; 32],
+        };
         let (net_server, mut net_client) = tokio::io::duplex(1 << 16);
         let (plain_app, plain_pump) = tokio::io::duplex(1 << 16);
         let pump_task = tokio::spawn(pump(net_server, plain_pump, keys_server));
@@ -355,7 +400,10 @@ mod tests {
         let mut client_rx = CipherState::new(&[2; 32]);
         let big = vec![42u8; 10_000];
         for chunk in big.chunks(MAX_PLAINTEXT_BYTES) {
-            net_client.write_all(&client_tx.seal_frame(chunk).unwrap()).await.unwrap();
+            net_client
+                .write_all(&client_tx.seal_frame(chunk).unwrap())
+                .await
+                .unwrap();
         }
         let mut got = vec![0u8; big.len()];
         app_rd.read_exact(&mut got).await.unwrap();

@@ -17,7 +17,9 @@ use super::tailcfg::{self, LoginJson, RegisterRequest, RegisterResponse, UserJso
 use super::{ControlDeps, NoisePeer};
 use crate::raft::ProposeError;
 use crate::registry::secrets::{self, SecretKind};
-use crate::registry::{Command, MachineKey, Node, NodeAuth, NodeRequest, Outcome, Registry, Rejection, Timestamp};
+use crate::registry::{
+    Command, MachineKey, Node, NodeAuth, NodeRequest, Outcome, Registry, Rejection, Timestamp,
+};
 
 /// Largest register body accepted; real ones are a few KiB.
 const MAX_REGISTER_BODY_BYTES: usize = 1 << 20;
@@ -51,22 +53,36 @@ impl RegisterError {
     }
 }
 
-pub async fn handle(State(deps): State<ControlDeps>, Extension(peer): Extension<NoisePeer>, body: Bytes) -> Response {
+pub async fn handle(
+    State(deps): State<ControlDeps>,
+    Extension(peer): Extension<NoisePeer>,
+    body: Bytes,
+) -> Response {
     let result = match parse(&body) {
         Ok(req) => register(&deps, peer.machine_key, req).await,
         Err(e) => Err(e),
     };
     match result {
         Ok((outcome, response)) => {
-            deps.metrics.registrations.with_label_values(&[outcome]).inc();
+            deps.metrics
+                .registrations
+                .with_label_values(&[outcome])
+                .inc();
             axum::Json(response).into_response()
         }
         Err(error) => {
-            deps.metrics.registrations.with_label_values(&[error.outcome_label()]).inc();
+            deps.metrics
+                .registrations
+                .with_label_values(&[error.outcome_label()])
+                .inc();
             tracing::info!(machine.key = %peer.machine_key.short(), %error, "registration refused");
             match error {
-                RegisterError::BadRequest(msg) => (StatusCode::BAD_REQUEST, format!("{msg}\n")).into_response(),
-                RegisterError::MachineKeyMismatch(_) => (StatusCode::UNAUTHORIZED, format!("{error}\n")).into_response(),
+                RegisterError::BadRequest(msg) => {
+                    (StatusCode::BAD_REQUEST, format!("{msg}\n")).into_response()
+                }
+                RegisterError::MachineKeyMismatch(_) => {
+                    (StatusCode::UNAUTHORIZED, format!("{error}\n")).into_response()
+                }
                 // A refused key is shown to the user: 200 with `Error`, as the client expects.
                 RegisterError::Rejected(rejection) => axum::Json(RegisterResponse {
                     error: format!("registration refused: {rejection}"),
@@ -84,7 +100,9 @@ pub async fn handle(State(deps): State<ControlDeps>, Extension(peer): Extension<
 
 fn parse(body: &[u8]) -> Result<RegisterRequest, RegisterError> {
     if body.len() > MAX_REGISTER_BODY_BYTES {
-        return Err(RegisterError::BadRequest("register request too large".into()));
+        return Err(RegisterError::BadRequest(
+            "register request too large".into(),
+        ));
     }
     let req: RegisterRequest = serde_json::from_slice(body)
         .map_err(|e| RegisterError::BadRequest(format!("invalid RegisterRequest JSON: {e}")))?;
@@ -96,7 +114,9 @@ fn parse(body: &[u8]) -> Result<RegisterRequest, RegisterError> {
         )));
     }
     if req.node_key.is_zero() {
-        return Err(RegisterError::BadRequest("RegisterRequest has no NodeKey".into()));
+        return Err(RegisterError::BadRequest(
+            "RegisterRequest has no NodeKey".into(),
+        ));
     }
     Ok(req)
 }
@@ -106,22 +126,51 @@ pub fn node_response(view: &Registry, node: &Node) -> RegisterResponse {
     let user = view.user(node.user);
     let name = user.map(|u| u.name.clone()).unwrap_or_default();
     RegisterResponse {
-        user: UserJson { id: node.user.0, login_name: name.clone(), display_name: name.clone(), ..Default::default() },
-        login: LoginJson { id: node.user.0, provider: "hsd".into(), login_name: name.clone(), display_name: name, ..Default::default() },
+        user: UserJson {
+            id: node.user.0,
+            login_name: name.clone(),
+            display_name: name.clone(),
+            ..Default::default()
+        },
+        login: LoginJson {
+            id: node.user.0,
+            provider: "hsd".into(),
+            login_name: name.clone(),
+            display_name: name,
+            ..Default::default()
+        },
         machine_authorized: node.approved,
         ..Default::default()
     }
 }
 
 fn node_request(machine_key: MachineKey, req: &RegisterRequest) -> NodeRequest {
-    let hostinfo = req.hostinfo.clone().unwrap_or_else(|| serde_json::json!({}));
-    let hostname = hostinfo.get("Hostname").and_then(|v| v.as_str()).unwrap_or("node").to_string();
+    let hostinfo = req
+        .hostinfo
+        .clone()
+        .unwrap_or_else(|| serde_json::json!({}));
+    let hostname = hostinfo
+        .get("Hostname")
+        .and_then(|v| v.as_str())
+        .unwrap_or("node")
+        .to_string();
     let request_tags = hostinfo
         .get("RequestTags")
         .and_then(|v| v.as_array())
-        .map(|tags| tags.iter().filter_map(|t| t.as_str().map(String::from)).collect())
+        .map(|tags| {
+            tags.iter()
+                .filter_map(|t| t.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
-    NodeRequest { machine_key, node_key: req.node_key, hostname, hostinfo: super::map::stable_hostinfo(&hostinfo), request_tags, ephemeral: req.ephemeral }
+    NodeRequest {
+        machine_key,
+        node_key: req.node_key,
+        hostname,
+        hostinfo: super::map::stable_hostinfo(&hostinfo),
+        request_tags,
+        ephemeral: req.ephemeral,
+    }
 }
 
 fn key_expiry(deps: &ControlDeps) -> Option<Timestamp> {
@@ -130,11 +179,16 @@ fn key_expiry(deps: &ControlDeps) -> Option<Timestamp> {
         .map(|d| Timestamp::now().plus_millis(d.as_millis().min(i64::MAX as u128) as i64))
 }
 
-async fn propose_node(deps: &ControlDeps, command: Command) -> Result<(Node, Registry), RegisterError> {
+async fn propose_node(
+    deps: &ControlDeps,
+    command: Command,
+) -> Result<(Node, Registry), RegisterError> {
     match deps.cluster.propose(command).await? {
         Outcome::Node(node) => Ok((*node, (*deps.cluster.view()).clone())),
         Outcome::Rejected(r) => Err(r.into()),
-        other => Err(RegisterError::BadRequest(format!("unexpected outcome {other:?}"))),
+        other => Err(RegisterError::BadRequest(format!(
+            "unexpected outcome {other:?}"
+        ))),
     }
 }
 
@@ -149,18 +203,35 @@ async fn register(
     // 1. Logout: an expiry in the past (the client sends 1970-01-01T00:02:03Z).
     if let Some(expiry) = req.expiry {
         if expiry > now {
-            return Err(RegisterError::BadRequest("extending key expiry is not supported".into()));
+            return Err(RegisterError::BadRequest(
+                "extending key expiry is not supported".into(),
+            ));
         }
         if let Some(node) = view.node_by_key(&req.node_key) {
             if node.machine_key != machine_key {
                 return Err(RegisterError::MachineKeyMismatch(req.node_key.short()));
             }
-            deps.cluster.propose(Command::LogoutNode { machine_key, node_key: req.node_key }).await?;
+            deps.cluster
+                .propose(Command::LogoutNode {
+                    machine_key,
+                    node_key: req.node_key,
+                })
+                .await?;
         }
-        return Ok(("logout", RegisterResponse { node_key_expired: true, ..Default::default() }));
+        return Ok((
+            "logout",
+            RegisterResponse {
+                node_key_expired: true,
+                ..Default::default()
+            },
+        ));
     }
 
-    let auth_key = req.auth.as_ref().map(|a| a.auth_key.trim()).filter(|k| !k.is_empty());
+    let auth_key = req
+        .auth
+        .as_ref()
+        .map(|a| a.auth_key.trim())
+        .filter(|k| !k.is_empty());
     let now_ts = Timestamp::now();
 
     // 2. Already registered and not expired, no new credentials: report current state.
@@ -187,7 +258,11 @@ async fn register(
     {
         let (node, view) = propose_node(
             deps,
-            Command::RotateNodeKey { machine_key, old: req.old_node_key, new: req.node_key },
+            Command::RotateNodeKey {
+                machine_key,
+                old: req.old_node_key,
+                new: req.node_key,
+            },
         )
         .await?;
         return Ok(("rotated", node_response(&view, &node)));
@@ -195,7 +270,8 @@ async fn register(
 
     // 5. Pre-auth key.
     if let Some(full) = auth_key {
-        let (prefix, hash) = secrets::parse(SecretKind::PreAuth, full).ok_or(Rejection::PreAuthKeyNotFound)?;
+        let (prefix, hash) =
+            secrets::parse(SecretKind::PreAuth, full).ok_or(Rejection::PreAuthKeyNotFound)?;
         // Refuse a bad key without touching the log; apply checks again.
         view.check_preauth_key(&prefix, &hash, &machine_key, now_ts)?;
         let (node, view) = propose_node(
@@ -216,9 +292,15 @@ async fn register(
     let auth_id: String = {
         const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
         let mut rng = rand::thread_rng();
-        (0..AUTH_ID_LEN).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+        (0..AUTH_ID_LEN)
+            .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+            .collect()
     };
-    let timeout_ms = deps.settings.registration_timeout.as_millis().min(i64::MAX as u128) as i64;
+    let timeout_ms = deps
+        .settings
+        .registration_timeout
+        .as_millis()
+        .min(i64::MAX as u128) as i64;
     match deps
         .cluster
         .propose(Command::BeginInteractive {
@@ -233,7 +315,10 @@ async fn register(
     }
     Ok((
         "interactive",
-        RegisterResponse { auth_url: format!("{}/register/{auth_id}", deps.settings.server_url), ..Default::default() },
+        RegisterResponse {
+            auth_url: format!("{}/register/{auth_id}", deps.settings.server_url),
+            ..Default::default()
+        },
     ))
 }
 
@@ -259,7 +344,10 @@ async fn followup(
             }
             // Gone or expired: start over with a fresh URL.
             None => {
-                let fresh = RegisterRequest { followup: String::new(), ..clone_request(req) };
+                let fresh = RegisterRequest {
+                    followup: String::new(),
+                    ..clone_request(req)
+                };
                 return Box::pin(register(deps, machine_key, fresh)).await;
             }
         }

@@ -20,7 +20,9 @@ pub const MIN_CAPABILITY_VERSION: u32 = 106;
 pub const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 
 /// Decodes an optional Go timestamp; zero time and null become `None`.
-pub fn de_go_time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<chrono::DateTime<chrono::Utc>>, D::Error> {
+pub fn de_go_time<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, D::Error> {
     let text: Option<String> = Option::deserialize(d)?;
     match text {
         None => Ok(None),
@@ -264,21 +266,30 @@ mod tests {
 
     #[test]
     fn logout_expiry_decodes_as_past_time() {
-        let req: RegisterRequest = serde_json::from_str(r#"{"Expiry":"1970-01-01T00:02:03Z"}"#).unwrap();
+        let req: RegisterRequest =
+            serde_json::from_str(r#"{"Expiry":"1970-01-01T00:02:03Z"}"#).unwrap();
         assert_eq!(req.expiry.unwrap().timestamp(), 123);
     }
 
     #[test]
     fn map_request_with_nulls_decodes() {
-        let req: MapRequest =
-            serde_json::from_str(r#"{"Version":130,"Stream":true,"Endpoints":null,"Hostinfo":null,"Compress":"zstd"}"#)
-                .unwrap();
+        let req: MapRequest = serde_json::from_str(
+            r#"{"Version":130,"Stream":true,"Endpoints":null,"Hostinfo":null,"Compress":"zstd"}"#,
+        )
+        .unwrap();
         assert!(req.stream && req.endpoints.is_empty() && req.hostinfo.is_none());
     }
 
     #[test]
     fn garbage_json_is_an_error_not_a_panic() {
-        for body in ["", "{", "[]", "{\"NodeKey\":\"nodekey:zz\"}", "{\"Version\":-1}", "null"] {
+        for body in [
+            "",
+            "{",
+            "[]",
+            "{\"NodeKey\":\"nodekey:zz\"}",
+            "{\"Version\":-1}",
+            "null",
+        ] {
             let _ = serde_json::from_str::<RegisterRequest>(body);
             let _ = serde_json::from_str::<MapRequest>(body);
         }

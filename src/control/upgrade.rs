@@ -30,7 +30,10 @@ pub async fn key_handler(State(deps): State<ControlDeps>) -> Response {
 }
 
 fn refuse(deps: &ControlDeps, status: StatusCode, message: &str) -> Response {
-    deps.metrics.bad_requests.with_label_values(&["ts2021"]).inc();
+    deps.metrics
+        .bad_requests
+        .with_label_values(&["ts2021"])
+        .inc();
     tracing::debug!(%status, message, "refused ts2021 upgrade");
     (status, format!("{message}\n")).into_response()
 }
@@ -39,15 +42,30 @@ fn refuse(deps: &ControlDeps, status: StatusCode, message: &str) -> Response {
 /// answering 101, so a malformed request gets a plain 400 and costs no task.
 pub async fn ts2021_handler(State(deps): State<ControlDeps>, mut req: Request) -> Response {
     let headers = req.headers();
-    let upgrade = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if !upgrade.eq_ignore_ascii_case(UPGRADE_PROTOCOL) {
-        return refuse(&deps, StatusCode::BAD_REQUEST, "missing or unsupported Upgrade header (want tailscale-control-protocol; a proxy in front must pass Upgrade and Connection)");
+        return refuse(
+            &deps,
+            StatusCode::BAD_REQUEST,
+            "missing or unsupported Upgrade header (want tailscale-control-protocol; a proxy in front must pass Upgrade and Connection)",
+        );
     }
     let Some(init_b64) = headers.get(HANDSHAKE_HEADER).and_then(|v| v.to_str().ok()) else {
-        return refuse(&deps, StatusCode::BAD_REQUEST, "missing X-Tailscale-Handshake header");
+        return refuse(
+            &deps,
+            StatusCode::BAD_REQUEST,
+            "missing X-Tailscale-Handshake header",
+        );
     };
     let Ok(init_bytes) = base64::engine::general_purpose::STANDARD.decode(init_b64.trim()) else {
-        return refuse(&deps, StatusCode::BAD_REQUEST, "X-Tailscale-Handshake is not base64");
+        return refuse(
+            &deps,
+            StatusCode::BAD_REQUEST,
+            "X-Tailscale-Handshake is not base64",
+        );
     };
     let init = match Initiation::parse(&init_bytes) {
         Ok(init) => init,
@@ -55,7 +73,13 @@ pub async fn ts2021_handler(State(deps): State<ControlDeps>, mut req: Request) -
     };
     let accepted = match noise::accept(deps.keys.noise_private(), &init) {
         Ok(a) => a,
-        Err(e) => return refuse(&deps, StatusCode::BAD_REQUEST, &format!("noise handshake failed: {e} (is the client pinning another server key?)")),
+        Err(e) => {
+            return refuse(
+                &deps,
+                StatusCode::BAD_REQUEST,
+                &format!("noise handshake failed: {e} (is the client pinning another server key?)"),
+            );
+        }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let span = tracing::debug_span!("noise", machine.key = %accepted.peer.short(), client.version = init.version);
@@ -64,7 +88,9 @@ pub async fn ts2021_handler(State(deps): State<ControlDeps>, mut req: Request) -
     deps.tasks.spawn(
         async move {
             match on_upgrade.await {
-                Ok(upgraded) => serve_noise_connection(conn_deps, TokioIo::new(upgraded), accepted).await,
+                Ok(upgraded) => {
+                    serve_noise_connection(conn_deps, TokioIo::new(upgraded), accepted).await
+                }
                 Err(error) => tracing::debug!(%error, "upgrade did not complete"),
             }
         }
@@ -98,7 +124,9 @@ where
     let (app_side, pump_side) = tokio::io::duplex(PLAINTEXT_PIPE_BYTES);
     let service = hyper_util::service::TowerToHyperService::new(noise_router(
         deps.clone(),
-        NoisePeer { machine_key: accepted.peer },
+        NoisePeer {
+            machine_key: accepted.peer,
+        },
     ));
     let conn = hyper::server::conn::http2::Builder::new(TrackedExecutor(deps.tasks.clone()))
         .serve_connection(TokioIo::new(app_side), service);

@@ -8,7 +8,8 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::frame::{
-    self, ClientInfo, FRAME_SERVER_INFO, FRAME_SERVER_KEY, Frame, FrameError, Key, MAX_FRAME_LEN, PROTOCOL_VERSION,
+    self, ClientInfo, FRAME_SERVER_INFO, FRAME_SERVER_KEY, Frame, FrameError, Key, MAX_FRAME_LEN,
+    PROTOCOL_VERSION,
 };
 
 /// Time allowed for TCP connect + HTTP upgrade + DERP login.
@@ -19,7 +20,10 @@ pub enum ClientError {
     #[error("unsupported DERP url {0:?} (only http://host:port/path)")]
     BadUrl(String),
     #[error("connect to {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("http upgrade refused: {0}")]
     Upgrade(String),
     #[error("DERP login timed out")]
@@ -48,7 +52,9 @@ pub struct DerpClient {
 
 /// Splits `http://host[:port][/path]` into (`host:port`, host header, path).
 fn parse_url(url: &str) -> Result<(String, String, String), ClientError> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| ClientError::BadUrl(url.into()))?;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| ClientError::BadUrl(url.into()))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/derp"),
@@ -57,30 +63,56 @@ fn parse_url(url: &str) -> Result<(String, String, String), ClientError> {
         return Err(ClientError::BadUrl(url.into()));
     }
     // A port is present if the text after the last ':' is digits and not inside [v6] brackets.
-    let has_port = authority.rsplit_once(':').is_some_and(|(h, p)| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit()) && (!h.starts_with('[') || h.ends_with(']')));
-    let addr = if has_port { authority.to_string() } else { format!("{authority}:80") };
+    let has_port = authority.rsplit_once(':').is_some_and(|(h, p)| {
+        !p.is_empty()
+            && p.bytes().all(|c| c.is_ascii_digit())
+            && (!h.starts_with('[') || h.ends_with(']'))
+    });
+    let addr = if has_port {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
     Ok((addr, authority.to_string(), path.to_string()))
 }
 
 impl DerpClient {
     /// Connects, upgrades to DERP and completes the login handshake. `mesh_key` marks this
     /// client as a trusted mesh peer of the server.
-    pub async fn connect(url: &str, private: Key, mesh_key: Option<Key>) -> Result<DerpClient, ClientError> {
-        match tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(url, private, mesh_key)).await {
+    pub async fn connect(
+        url: &str,
+        private: Key,
+        mesh_key: Option<Key>,
+    ) -> Result<DerpClient, ClientError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(url, private, mesh_key))
+            .await
+        {
             Ok(r) => r,
             Err(_) => Err(ClientError::Timeout),
         }
     }
 
-    async fn connect_inner(url: &str, private: Key, mesh_key: Option<Key>) -> Result<DerpClient, ClientError> {
+    async fn connect_inner(
+        url: &str,
+        private: Key,
+        mesh_key: Option<Key>,
+    ) -> Result<DerpClient, ClientError> {
         let (addr, host, path) = parse_url(url)?;
-        let stream =
-            TcpStream::connect(&addr).await.map_err(|source| ClientError::Connect { addr: addr.clone(), source })?;
+        let stream = TcpStream::connect(&addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
         let _ = stream.set_nodelay(true);
         let (r, mut w) = stream.into_split();
         let mut r = BufReader::new(r);
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n");
-        w.write_all(req.as_bytes()).await.map_err(FrameError::from)?;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"
+        );
+        w.write_all(req.as_bytes())
+            .await
+            .map_err(FrameError::from)?;
 
         // Read the response head line by line; the BufReader keeps any DERP bytes that follow.
         let mut status = String::new();
@@ -94,7 +126,9 @@ impl DerpClient {
             let n = r.read_line(&mut line).await.map_err(FrameError::from)?;
             total += n;
             if n == 0 || total > 16 << 10 {
-                return Err(ClientError::Upgrade("truncated or oversized response head".into()));
+                return Err(ClientError::Upgrade(
+                    "truncated or oversized response head".into(),
+                ));
             }
             if line == "\r\n" || line == "\n" {
                 break;
@@ -103,7 +137,13 @@ impl DerpClient {
 
         let server_public = match frame::read_frame(&mut r, MAX_FRAME_LEN).await? {
             Frame::ServerKey { key } => key,
-            other => return Err(FrameError::UnexpectedType { got: other.frame_type(), want: FRAME_SERVER_KEY }.into()),
+            other => {
+                return Err(FrameError::UnexpectedType {
+                    got: other.frame_type(),
+                    want: FRAME_SERVER_KEY,
+                }
+                .into());
+            }
         };
         let public = frame::public_key(&private);
         let info = ClientInfo {
@@ -112,16 +152,39 @@ impl DerpClient {
             can_ack_pings: true,
             is_prober: false,
         };
-        let sealed = frame::seal(&private, &server_public, &serde_json::to_vec(&info).map_err(FrameError::from)?);
-        frame::write_frame(&mut w, &Frame::ClientInfo { key: public, sealed }).await?;
+        let sealed = frame::seal(
+            &private,
+            &server_public,
+            &serde_json::to_vec(&info).map_err(FrameError::from)?,
+        );
+        frame::write_frame(
+            &mut w,
+            &Frame::ClientInfo {
+                key: public,
+                sealed,
+            },
+        )
+        .await?;
         match frame::read_frame(&mut r, MAX_FRAME_LEN).await? {
             Frame::ServerInfo { sealed } => {
                 let msg = frame::open(&private, &server_public, &sealed)?;
-                let _: frame::ServerInfo = serde_json::from_slice(&msg).map_err(FrameError::from)?;
+                let _: frame::ServerInfo =
+                    serde_json::from_slice(&msg).map_err(FrameError::from)?;
             }
-            other => return Err(FrameError::UnexpectedType { got: other.frame_type(), want: FRAME_SERVER_INFO }.into()),
+            other => {
+                return Err(FrameError::UnexpectedType {
+                    got: other.frame_type(),
+                    want: FRAME_SERVER_INFO,
+                }
+                .into());
+            }
         }
-        Ok(DerpClient { reader: DerpReader { r }, writer: DerpWriter { w }, public, server_public })
+        Ok(DerpClient {
+            reader: DerpReader { r },
+            writer: DerpWriter { w },
+            public,
+            server_public,
+        })
     }
 
     pub fn public_key(&self) -> Key {
@@ -171,7 +234,11 @@ impl DerpWriter {
     }
 
     pub async fn send(&mut self, dst: Key, packet: &[u8]) -> Result<(), FrameError> {
-        self.write(&Frame::SendPacket { dst, data: packet.to_vec() }).await
+        self.write(&Frame::SendPacket {
+            dst,
+            data: packet.to_vec(),
+        })
+        .await
     }
 
     /// Subscribes to PeerPresent/PeerGone for the server's clients (mesh key required).
@@ -181,7 +248,12 @@ impl DerpWriter {
 
     /// Hands a packet from `src` (connected elsewhere) to the server's local client `dst`.
     pub async fn forward(&mut self, src: Key, dst: Key, packet: &[u8]) -> Result<(), FrameError> {
-        self.write(&Frame::ForwardPacket { src, dst, data: packet.to_vec() }).await
+        self.write(&Frame::ForwardPacket {
+            src,
+            dst,
+            data: packet.to_vec(),
+        })
+        .await
     }
 
     pub async fn pong(&mut self, data: [u8; 8]) -> Result<(), FrameError> {
@@ -196,7 +268,10 @@ mod tests {
     #[test]
     fn urls() {
         let (a, h, p) = parse_url("http://127.0.0.2:8080/derp").unwrap();
-        assert_eq!((a.as_str(), h.as_str(), p.as_str()), ("127.0.0.2:8080", "127.0.0.2:8080", "/derp"));
+        assert_eq!(
+            (a.as_str(), h.as_str(), p.as_str()),
+            ("127.0.0.2:8080", "127.0.0.2:8080", "/derp")
+        );
         let (a, _, p) = parse_url("http://example.com").unwrap();
         assert_eq!((a.as_str(), p.as_str()), ("example.com:80", "/derp"));
         let (a, _, _) = parse_url("http://[::1]:9/derp").unwrap();

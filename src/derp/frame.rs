@@ -72,26 +72,58 @@ pub enum FrameError {
 /// One decoded DERP frame, either direction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    ServerKey { key: Key },
+    ServerKey {
+        key: Key,
+    },
     /// `sealed` is nonce + box, opened by the receiver with the sender's key.
-    ClientInfo { key: Key, sealed: Vec<u8> },
-    ServerInfo { sealed: Vec<u8> },
-    SendPacket { dst: Key, data: Vec<u8> },
-    RecvPacket { src: Key, data: Vec<u8> },
+    ClientInfo {
+        key: Key,
+        sealed: Vec<u8>,
+    },
+    ServerInfo {
+        sealed: Vec<u8>,
+    },
+    SendPacket {
+        dst: Key,
+        data: Vec<u8>,
+    },
+    RecvPacket {
+        src: Key,
+        data: Vec<u8>,
+    },
     KeepAlive,
     NotePreferred(bool),
-    PeerGone { key: Key, reason: u8 },
+    PeerGone {
+        key: Key,
+        reason: u8,
+    },
     /// `addr` and `flags` are absent when an older server sent only the key.
-    PeerPresent { key: Key, addr: Option<SocketAddr>, flags: u8 },
-    ForwardPacket { src: Key, dst: Key, data: Vec<u8> },
+    PeerPresent {
+        key: Key,
+        addr: Option<SocketAddr>,
+        flags: u8,
+    },
+    ForwardPacket {
+        src: Key,
+        dst: Key,
+        data: Vec<u8>,
+    },
     WatchConns,
-    ClosePeer { key: Key },
+    ClosePeer {
+        key: Key,
+    },
     Ping([u8; 8]),
     Pong([u8; 8]),
     Health(String),
-    Restarting { reconnect_in_ms: u32, try_for_ms: u32 },
+    Restarting {
+        reconnect_in_ms: u32,
+        try_for_ms: u32,
+    },
     /// Types we do not know are skipped, as upstream does, for forward compatibility.
-    Unknown { ty: u8, payload: Vec<u8> },
+    Unknown {
+        ty: u8,
+        payload: Vec<u8>,
+    },
 }
 
 fn key_at(b: &[u8], at: usize) -> Key {
@@ -129,7 +161,9 @@ impl Frame {
             Frame::ServerKey { key } => [&MAGIC[..], &key[..]].concat(),
             Frame::ClientInfo { key, sealed } => [&key[..], &sealed[..]].concat(),
             Frame::ServerInfo { sealed } => sealed.clone(),
-            Frame::SendPacket { dst: k, data } | Frame::RecvPacket { src: k, data } => [&k[..], &data[..]].concat(),
+            Frame::SendPacket { dst: k, data } | Frame::RecvPacket { src: k, data } => {
+                [&k[..], &data[..]].concat()
+            }
             Frame::KeepAlive | Frame::WatchConns => Vec::new(),
             Frame::NotePreferred(p) => vec![u8::from(*p)],
             Frame::PeerGone { key, reason } => [&key[..], &[*reason][..]].concat(),
@@ -150,9 +184,10 @@ impl Frame {
             Frame::ClosePeer { key } => key.to_vec(),
             Frame::Ping(d) | Frame::Pong(d) => d.to_vec(),
             Frame::Health(s) => s.as_bytes().to_vec(),
-            Frame::Restarting { reconnect_in_ms, try_for_ms } => {
-                [reconnect_in_ms.to_be_bytes(), try_for_ms.to_be_bytes()].concat()
-            }
+            Frame::Restarting {
+                reconnect_in_ms,
+                try_for_ms,
+            } => [reconnect_in_ms.to_be_bytes(), try_for_ms.to_be_bytes()].concat(),
             Frame::Unknown { payload, .. } => payload.clone(),
         }
     }
@@ -171,7 +206,13 @@ impl Frame {
     /// rejected; extra trailing bytes on fixed-size frames are tolerated (future fields).
     pub fn decode(ty: u8, b: Vec<u8>) -> Result<Frame, FrameError> {
         let bad = |why| FrameError::Malformed { ty, why };
-        let need = |n: usize| if b.len() < n { Err(bad("short payload")) } else { Ok(()) };
+        let need = |n: usize| {
+            if b.len() < n {
+                Err(bad("short payload"))
+            } else {
+                Ok(())
+            }
+        };
         Ok(match ty {
             FRAME_SERVER_KEY => {
                 need(MAGIC.len() + KEY_LEN)?;
@@ -182,7 +223,10 @@ impl Frame {
             }
             FRAME_CLIENT_INFO => {
                 need(KEY_LEN + NONCE_LEN)?;
-                Frame::ClientInfo { key: key_at(&b, 0), sealed: b[KEY_LEN..].to_vec() }
+                Frame::ClientInfo {
+                    key: key_at(&b, 0),
+                    sealed: b[KEY_LEN..].to_vec(),
+                }
             }
             FRAME_SERVER_INFO => {
                 need(NONCE_LEN)?;
@@ -195,7 +239,11 @@ impl Frame {
                 }
                 let k = key_at(&b, 0);
                 let data = b[KEY_LEN..].to_vec();
-                if ty == FRAME_SEND_PACKET { Frame::SendPacket { dst: k, data } } else { Frame::RecvPacket { src: k, data } }
+                if ty == FRAME_SEND_PACKET {
+                    Frame::SendPacket { dst: k, data }
+                } else {
+                    Frame::RecvPacket { src: k, data }
+                }
             }
             FRAME_KEEP_ALIVE => Frame::KeepAlive,
             FRAME_NOTE_PREFERRED => {
@@ -205,7 +253,10 @@ impl Frame {
             FRAME_PEER_GONE => {
                 need(KEY_LEN)?;
                 // The reason byte was added later; its absence means "disconnected".
-                Frame::PeerGone { key: key_at(&b, 0), reason: b.get(KEY_LEN).copied().unwrap_or(PEER_GONE_DISCONNECTED) }
+                Frame::PeerGone {
+                    key: key_at(&b, 0),
+                    reason: b.get(KEY_LEN).copied().unwrap_or(PEER_GONE_DISCONNECTED),
+                }
             }
             FRAME_PEER_PRESENT => {
                 need(KEY_LEN)?;
@@ -215,7 +266,10 @@ impl Frame {
                     ip.copy_from_slice(&b[KEY_LEN..KEY_LEN + 16]);
                     let ip = Ipv6Addr::from(ip).to_canonical();
                     let port = u16::from_be_bytes([b[KEY_LEN + 16], b[KEY_LEN + 17]]);
-                    (Some(SocketAddr::new(ip, port)), b.get(KEY_LEN + 18).copied().unwrap_or(0))
+                    (
+                        Some(SocketAddr::new(ip, port)),
+                        b.get(KEY_LEN + 18).copied().unwrap_or(0),
+                    )
                 } else {
                     (None, 0)
                 };
@@ -226,7 +280,11 @@ impl Frame {
                 if b.len() - 2 * KEY_LEN > MAX_PACKET_SIZE {
                     return Err(bad("packet larger than 64KiB"));
                 }
-                Frame::ForwardPacket { src: key_at(&b, 0), dst: key_at(&b, KEY_LEN), data: b[2 * KEY_LEN..].to_vec() }
+                Frame::ForwardPacket {
+                    src: key_at(&b, 0),
+                    dst: key_at(&b, KEY_LEN),
+                    data: b[2 * KEY_LEN..].to_vec(),
+                }
             }
             FRAME_WATCH_CONNS => Frame::WatchConns,
             FRAME_CLOSE_PEER => {
@@ -237,7 +295,11 @@ impl Frame {
                 need(8)?;
                 let mut d = [0u8; 8];
                 d.copy_from_slice(&b[..8]);
-                if ty == FRAME_PING { Frame::Ping(d) } else { Frame::Pong(d) }
+                if ty == FRAME_PING {
+                    Frame::Ping(d)
+                } else {
+                    Frame::Pong(d)
+                }
             }
             FRAME_HEALTH => Frame::Health(String::from_utf8_lossy(&b).into_owned()),
             FRAME_RESTARTING => {
@@ -253,7 +315,10 @@ impl Frame {
 }
 
 /// Reads one raw frame, refusing lengths above `max` before allocating.
-pub async fn read_raw<R: AsyncRead + Unpin>(r: &mut R, max: u32) -> Result<(u8, Vec<u8>), FrameError> {
+pub async fn read_raw<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+) -> Result<(u8, Vec<u8>), FrameError> {
     let mut hdr = [0u8; HEADER_LEN];
     r.read_exact(&mut hdr).await?;
     let ty = hdr[0];
@@ -300,14 +365,20 @@ pub fn open(private: &Key, peer: &Key, sealed: &[u8]) -> Result<Vec<u8>, FrameEr
     }
     let b = SalsaBox::new(&PublicKey::from(*peer), &SecretKey::from(*private));
     let nonce = crypto_box::Nonce::from_slice(&sealed[..NONCE_LEN]);
-    b.decrypt(nonce, &sealed[NONCE_LEN..]).map_err(|_| FrameError::BoxOpen)
+    b.decrypt(nonce, &sealed[NONCE_LEN..])
+        .map_err(|_| FrameError::BoxOpen)
 }
 
 /// The JSON a client seals into FrameClientInfo. Go marshals untagged fields with their Go
 /// names and unmarshals case-insensitively, so accept both spellings.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ClientInfo {
-    #[serde(rename = "meshKey", alias = "MeshKey", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "meshKey",
+        alias = "MeshKey",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub mesh_key: Option<String>,
     #[serde(rename = "version", alias = "Version", default)]
     pub version: u32,
@@ -322,9 +393,17 @@ pub struct ClientInfo {
 pub struct ServerInfo {
     #[serde(rename = "version", alias = "Version", default)]
     pub version: u32,
-    #[serde(rename = "TokenBucketBytesPerSecond", default, skip_serializing_if = "is_zero")]
+    #[serde(
+        rename = "TokenBucketBytesPerSecond",
+        default,
+        skip_serializing_if = "is_zero"
+    )]
     pub token_bucket_bytes_per_second: u64,
-    #[serde(rename = "TokenBucketBytesBurst", default, skip_serializing_if = "is_zero")]
+    #[serde(
+        rename = "TokenBucketBytesBurst",
+        default,
+        skip_serializing_if = "is_zero"
+    )]
     pub token_bucket_bytes_burst: u64,
 }
 
@@ -341,24 +420,60 @@ mod tests {
         let k2 = [9u8; 32];
         vec![
             Frame::ServerKey { key: k },
-            Frame::ClientInfo { key: k, sealed: vec![1; 40] },
-            Frame::ServerInfo { sealed: vec![2; 30] },
-            Frame::SendPacket { dst: k, data: b"hello".to_vec() },
-            Frame::RecvPacket { src: k, data: vec![] },
+            Frame::ClientInfo {
+                key: k,
+                sealed: vec![1; 40],
+            },
+            Frame::ServerInfo {
+                sealed: vec![2; 30],
+            },
+            Frame::SendPacket {
+                dst: k,
+                data: b"hello".to_vec(),
+            },
+            Frame::RecvPacket {
+                src: k,
+                data: vec![],
+            },
             Frame::KeepAlive,
             Frame::NotePreferred(true),
-            Frame::PeerGone { key: k, reason: PEER_GONE_NOT_HERE },
-            Frame::PeerPresent { key: k, addr: None, flags: 0 },
-            Frame::PeerPresent { key: k, addr: Some("1.2.3.4:5".parse().unwrap()), flags: PEER_PRESENT_IS_REGULAR },
-            Frame::PeerPresent { key: k, addr: Some("[2001:db8::1]:443".parse().unwrap()), flags: 3 },
-            Frame::ForwardPacket { src: k, dst: k2, data: vec![3; 100] },
+            Frame::PeerGone {
+                key: k,
+                reason: PEER_GONE_NOT_HERE,
+            },
+            Frame::PeerPresent {
+                key: k,
+                addr: None,
+                flags: 0,
+            },
+            Frame::PeerPresent {
+                key: k,
+                addr: Some("1.2.3.4:5".parse().unwrap()),
+                flags: PEER_PRESENT_IS_REGULAR,
+            },
+            Frame::PeerPresent {
+                key: k,
+                addr: Some("[2001:db8::1]:443".parse().unwrap()),
+                flags: 3,
+            },
+            Frame::ForwardPacket {
+                src: k,
+                dst: k2,
+                data: vec![3; 100],
+            },
             Frame::WatchConns,
             Frame::ClosePeer { key: k2 },
             Frame::Ping([1, 2, 3, 4, 5, 6, 7, 8]),
             Frame::Pong([8, 7, 6, 5, 4, 3, 2, 1]),
             Frame::Health("bad".into()),
-            Frame::Restarting { reconnect_in_ms: 100, try_for_ms: 5000 },
-            Frame::Unknown { ty: 0x7f, payload: vec![1, 2] },
+            Frame::Restarting {
+                reconnect_in_ms: 100,
+                try_for_ms: 5000,
+            },
+            Frame::Unknown {
+                ty: 0x7f,
+                payload: vec![1, 2],
+            },
         ]
     }
 
@@ -380,12 +495,30 @@ mod tests {
     async fn rejects_oversized_and_malformed() {
         let mut b = vec![FRAME_SEND_PACKET];
         b.extend_from_slice(&(MAX_FRAME_LEN + 1).to_be_bytes());
-        assert!(matches!(read_frame(&mut &b[..], MAX_FRAME_LEN).await, Err(FrameError::TooLarge { .. })));
-        let big = Frame::SendPacket { dst: [0; 32], data: vec![0; MAX_PACKET_SIZE + 1] }.encode();
-        assert!(matches!(read_frame(&mut &big[..], MAX_FRAME_LEN).await, Err(FrameError::Malformed { .. })));
-        let short = Frame::Unknown { ty: FRAME_PING, payload: vec![1, 2] }.encode();
+        assert!(matches!(
+            read_frame(&mut &b[..], MAX_FRAME_LEN).await,
+            Err(FrameError::TooLarge { .. })
+        ));
+        let big = Frame::SendPacket {
+            dst: [0; 32],
+            data: vec![0; MAX_PACKET_SIZE + 1],
+        }
+        .encode();
+        assert!(matches!(
+            read_frame(&mut &big[..], MAX_FRAME_LEN).await,
+            Err(FrameError::Malformed { .. })
+        ));
+        let short = Frame::Unknown {
+            ty: FRAME_PING,
+            payload: vec![1, 2],
+        }
+        .encode();
         assert!(read_frame(&mut &short[..], MAX_FRAME_LEN).await.is_err());
-        let magic = Frame::Unknown { ty: FRAME_SERVER_KEY, payload: vec![0; 40] }.encode();
+        let magic = Frame::Unknown {
+            ty: FRAME_SERVER_KEY,
+            payload: vec![0; 40],
+        }
+        .encode();
         assert!(read_frame(&mut &magic[..], MAX_FRAME_LEN).await.is_err());
     }
 
@@ -400,11 +533,17 @@ mod tests {
 
     #[test]
     fn client_info_json_go_spellings() {
-        let ci: ClientInfo =
-            serde_json::from_str(r#"{"meshKey":"ab","version":2,"CanAckPings":true,"IsProber":false}"#).unwrap();
+        let ci: ClientInfo = serde_json::from_str(
+            r#"{"meshKey":"ab","version":2,"CanAckPings":true,"IsProber":false}"#,
+        )
+        .unwrap();
         assert_eq!(ci.mesh_key.as_deref(), Some("ab"));
         assert!(ci.can_ack_pings);
-        let s = serde_json::to_string(&ServerInfo { version: 2, ..Default::default() }).unwrap();
+        let s = serde_json::to_string(&ServerInfo {
+            version: 2,
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(s, r#"{"version":2}"#);
     }
 }

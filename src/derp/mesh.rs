@@ -36,7 +36,14 @@ pub(crate) struct MeshLink {
 impl MeshLink {
     pub(crate) fn new(url: String) -> (Arc<MeshLink>, mpsc::Receiver<Forward>) {
         let (tx, rx) = mpsc::channel(FORWARD_QUEUE);
-        (Arc::new(MeshLink { url, tx, connected: AtomicBool::new(false) }), rx)
+        (
+            Arc::new(MeshLink {
+                url,
+                tx,
+                connected: AtomicBool::new(false),
+            }),
+            rx,
+        )
     }
 
     pub(crate) fn is_connected(&self) -> bool {
@@ -52,7 +59,12 @@ impl MeshLink {
 }
 
 /// Keeps the link to one peer up until the server stops, reconnecting with backoff.
-pub(crate) async fn run_link(server: Arc<DerpServer>, idx: usize, link: Arc<MeshLink>, mut rx: mpsc::Receiver<Forward>) {
+pub(crate) async fn run_link(
+    server: Arc<DerpServer>,
+    idx: usize,
+    link: Arc<MeshLink>,
+    mut rx: mpsc::Receiver<Forward>,
+) {
     let stop = server.stop.clone();
     let mut backoff = BACKOFF_MIN;
     loop {

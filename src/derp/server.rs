@@ -19,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::frame::{
-    self, ClientInfo, FRAME_CLIENT_INFO, Frame, FrameError, KEY_LEN, Key, MAX_CLIENT_INFO_LEN, MAX_FRAME_LEN,
-    PEER_GONE_DISCONNECTED, PEER_GONE_NOT_HERE, PEER_PRESENT_IS_REGULAR, PROTOCOL_VERSION, ServerInfo,
+    self, ClientInfo, FRAME_CLIENT_INFO, Frame, FrameError, KEY_LEN, Key, MAX_CLIENT_INFO_LEN,
+    MAX_FRAME_LEN, PEER_GONE_DISCONNECTED, PEER_GONE_NOT_HERE, PEER_PRESENT_IS_REGULAR,
+    PROTOCOL_VERSION, ServerInfo,
 };
 use super::mesh::{Forward, MeshLink};
 
@@ -110,7 +111,12 @@ fn short(k: &Key) -> String {
 }
 
 impl DerpServer {
-    pub fn new(private: Key, mesh_key: Option<Key>, stop: CancellationToken, tasks: TaskTracker) -> Arc<DerpServer> {
+    pub fn new(
+        private: Key,
+        mesh_key: Option<Key>,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Arc<DerpServer> {
         Arc::new(DerpServer {
             private,
             public: frame::public_key(&private),
@@ -133,12 +139,20 @@ impl DerpServer {
 
     /// Number of distinct client keys connected here (mesh peers excluded).
     pub fn connected_clients(&self) -> usize {
-        self.state().clients.values().filter(|v| v.iter().any(|h| !h.is_mesh)).count()
+        self.state()
+            .clients
+            .values()
+            .filter(|v| v.iter().any(|h| !h.is_mesh))
+            .count()
     }
 
     /// Mesh links to other members that are currently up.
     pub fn mesh_peers_connected(&self) -> usize {
-        self.state().links.iter().filter(|l| l.is_connected()).count()
+        self.state()
+            .links
+            .iter()
+            .filter(|l| l.is_connected())
+            .count()
     }
 
     /// Starts one mesh link per peer DERP URL (other cluster members sharing the mesh key).
@@ -155,7 +169,8 @@ impl DerpServer {
                 st.links.push(link.clone());
                 st.links.len() - 1
             };
-            self.tasks.spawn(super::mesh::run_link(self.clone(), idx, link, rx));
+            self.tasks
+                .spawn(super::mesh::run_link(self.clone(), idx, link, rx));
         }
     }
 
@@ -199,14 +214,21 @@ impl DerpServer {
     }
 
     fn local_route(&self, dst: &Key) -> Option<mpsc::Sender<Delivery>> {
-        self.state().clients.get(dst).and_then(|v| v.last()).map(|h| h.packets.clone())
+        self.state()
+            .clients
+            .get(dst)
+            .and_then(|v| v.last())
+            .map(|h| h.packets.clone())
     }
 
     /// Tells every watcher about a presence change; a watcher too far behind is dropped.
     fn broadcast(st: &State, f: Frame) {
         for w in st.watchers.values() {
             if w.control.try_send(f.clone()).is_err() {
-                tracing::warn!(conn = w.id, "derp watcher queue full; disconnecting it to force a resync");
+                tracing::warn!(
+                    conn = w.id,
+                    "derp watcher queue full; disconnecting it to force a resync"
+                );
                 w.close.cancel();
             }
         }
@@ -225,7 +247,9 @@ impl DerpServer {
     fn unregister(&self, key: Key, id: u64) {
         let mut st = self.state();
         st.watchers.remove(&id);
-        let Some(conns) = st.clients.get_mut(&key) else { return };
+        let Some(conns) = st.clients.get_mut(&key) else {
+            return;
+        };
         let was_regular = conns.iter().any(|c| c.id == id && !c.is_mesh);
         conns.retain(|c| c.id != id);
         let still_regular = conns.iter().any(|c| !c.is_mesh);
@@ -234,7 +258,13 @@ impl DerpServer {
         }
         // Only announce once the last regular connection for the key is gone.
         if was_regular && !still_regular {
-            Self::broadcast(&st, Frame::PeerGone { key, reason: PEER_GONE_DISCONNECTED });
+            Self::broadcast(
+                &st,
+                Frame::PeerGone {
+                    key,
+                    reason: PEER_GONE_DISCONNECTED,
+                },
+            );
         }
     }
 
@@ -277,15 +307,26 @@ impl DerpServer {
             if !upgrade.is_empty() {
                 tracing::debug!(upgrade, "derp: unsupported upgrade protocol");
             }
-            return (StatusCode::UPGRADE_REQUIRED, "DERP requires connection upgrade").into_response();
+            return (
+                StatusCode::UPGRADE_REQUIRED,
+                "DERP requires connection upgrade",
+            )
+                .into_response();
         }
-        if req.headers().get("derp-fast-start").is_some_and(|v| v.as_bytes() == b"1") {
+        if req
+            .headers()
+            .get("derp-fast-start")
+            .is_some_and(|v| v.as_bytes() == b"1")
+        {
             tracing::debug!("derp: client requested fast start; sending 101 anyway");
         }
         if self.stop.is_cancelled() {
             return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
         }
-        let remote = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+        let remote = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0);
         let on_upgrade = hyper::upgrade::on(&mut req);
         let server = self.clone();
         self.tasks.spawn(async move {
@@ -303,7 +344,10 @@ impl DerpServer {
         h.insert(header::UPGRADE, HeaderValue::from_static("DERP"));
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         h.insert("Derp-Version", HeaderValue::from(PROTOCOL_VERSION));
-        h.insert("Derp-Public-Key", HeaderValue::from_str(&hex::encode(self.public)).expect("hex is a valid header"));
+        h.insert(
+            "Derp-Public-Key",
+            HeaderValue::from_str(&hex::encode(self.public)).expect("hex is a valid header"),
+        );
         resp
     }
 
@@ -345,7 +389,14 @@ impl DerpServer {
         let (ptx, prx) = mpsc::channel(PACKET_QUEUE);
         let (ctx, crx) = mpsc::channel(CONTROL_QUEUE);
         let close = self.stop.child_token();
-        let handle = ConnHandle { id, is_mesh, addr: remote, packets: ptx, control: ctx, close: close.clone() };
+        let handle = ConnHandle {
+            id,
+            is_mesh,
+            addr: remote,
+            packets: ptx,
+            control: ctx,
+            close: close.clone(),
+        };
         tracing::debug!(client = %short(&key), ?remote, is_mesh, "derp client connected");
         self.register(key, handle.clone());
 
@@ -377,18 +428,34 @@ impl DerpServer {
         let msg = frame::open(&self.private, &key, &sealed).map_err(ConnError::ClientInfo)?;
         let info: ClientInfo =
             serde_json::from_slice(&msg).map_err(|e| ConnError::ClientInfo(FrameError::Json(e)))?;
-        let reply = serde_json::to_vec(&ServerInfo { version: PROTOCOL_VERSION, ..Default::default() })
-            .map_err(FrameError::from)?;
-        frame::write_frame(w, &Frame::ServerInfo { sealed: frame::seal(&self.private, &key, &reply) }).await?;
+        let reply = serde_json::to_vec(&ServerInfo {
+            version: PROTOCOL_VERSION,
+            ..Default::default()
+        })
+        .map_err(FrameError::from)?;
+        frame::write_frame(
+            w,
+            &Frame::ServerInfo {
+                sealed: frame::seal(&self.private, &key, &reply),
+            },
+        )
+        .await?;
         Ok((key, info))
     }
 
     /// Reads client frames and acts on them. Returns Ok on clean EOF.
-    async fn read_loop<R: AsyncRead + Unpin>(&self, r: &mut R, me: Key, h: &ConnHandle) -> Result<(), ConnError> {
+    async fn read_loop<R: AsyncRead + Unpin>(
+        &self,
+        r: &mut R,
+        me: Key,
+        h: &ConnHandle,
+    ) -> Result<(), ConnError> {
         loop {
             let frame = match frame::read_frame(r, MAX_FRAME_LEN).await {
                 Ok(f) => f,
-                Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Ok(());
+                }
                 Err(e) => return Err(e.into()),
             };
             match frame {
@@ -399,18 +466,26 @@ impl DerpServer {
                     }
                     Route::Mesh(link) => link.forward(Forward { src: me, dst, data }),
                     Route::Unknown => {
-                        let _ = h.control.try_send(Frame::PeerGone { key: dst, reason: PEER_GONE_NOT_HERE });
+                        let _ = h.control.try_send(Frame::PeerGone {
+                            key: dst,
+                            reason: PEER_GONE_NOT_HERE,
+                        });
                     }
                 },
-                Frame::ForwardPacket { src, dst, data } if h.is_mesh => match self.local_route(&dst) {
-                    // Never re-forward: a packet crosses the mesh at most once.
-                    Some(tx) => {
-                        let _ = tx.try_send((src, data));
+                Frame::ForwardPacket { src, dst, data } if h.is_mesh => {
+                    match self.local_route(&dst) {
+                        // Never re-forward: a packet crosses the mesh at most once.
+                        Some(tx) => {
+                            let _ = tx.try_send((src, data));
+                        }
+                        None => {
+                            let _ = h.control.try_send(Frame::PeerGone {
+                                key: dst,
+                                reason: PEER_GONE_NOT_HERE,
+                            });
+                        }
                     }
-                    None => {
-                        let _ = h.control.try_send(Frame::PeerGone { key: dst, reason: PEER_GONE_NOT_HERE });
-                    }
-                },
+                }
                 Frame::WatchConns if h.is_mesh => self.add_watcher(h),
                 Frame::ClosePeer { key } if h.is_mesh => self.close_peer(&key),
                 Frame::ForwardPacket { .. } | Frame::WatchConns | Frame::ClosePeer { .. } => {
@@ -476,15 +551,26 @@ impl DerpServer {
 fn present_frame(key: Key, addr: Option<SocketAddr>) -> Frame {
     // Upstream always sends ip:port (zero when unknown) and flags.
     let addr = addr.or(Some(SocketAddr::from(([0u8; 16], 0))));
-    Frame::PeerPresent { key, addr, flags: PEER_PRESENT_IS_REGULAR }
+    Frame::PeerPresent {
+        key,
+        addr,
+        flags: PEER_PRESENT_IS_REGULAR,
+    }
 }
 
-async fn write_buf<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, f: &Frame) -> Result<(), ConnError> {
+async fn write_buf<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    f: &Frame,
+) -> Result<(), ConnError> {
     timed_write(w, &f.encode()).await
 }
 
 /// RecvPacket without building an intermediate Frame (the hot path).
-async fn write_packet<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, src: &Key, data: &[u8]) -> Result<(), ConnError> {
+async fn write_packet<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    src: &Key,
+    data: &[u8],
+) -> Result<(), ConnError> {
     let mut hdr = [0u8; 5 + KEY_LEN];
     hdr[0] = frame::FRAME_RECV_PACKET;
     hdr[1..5].copy_from_slice(&((KEY_LEN + data.len()) as u32).to_be_bytes());
@@ -493,7 +579,10 @@ async fn write_packet<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, src: &Key, da
     timed_write(w, data).await
 }
 
-async fn timed_write<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, b: &[u8]) -> Result<(), ConnError> {
+async fn timed_write<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    b: &[u8],
+) -> Result<(), ConnError> {
     match tokio::time::timeout(WRITE_TIMEOUT, w.write_all(b)).await {
         Ok(r) => r.map_err(|e| ConnError::Frame(e.into())),
         Err(_) => Err(ConnError::WriteTimeout(WRITE_TIMEOUT)),
@@ -514,9 +603,14 @@ pub async fn probe_handler(method: Method) -> Response {
 pub async fn generate_204_handler(headers: HeaderMap) -> Response {
     let mut resp = StatusCode::NO_CONTENT.into_response();
     let h = resp.headers_mut();
-    if let Some(challenge) = headers.get("X-Tailscale-Challenge").and_then(|v| v.to_str().ok()) {
+    if let Some(challenge) = headers
+        .get("X-Tailscale-Challenge")
+        .and_then(|v| v.to_str().ok())
+    {
         let ok = challenge.len() <= 64
-            && challenge.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'));
+            && challenge
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'));
         if ok && let Ok(v) = HeaderValue::from_str(&format!("response {challenge}")) {
             h.insert("X-Tailscale-Response", v);
         }
@@ -538,22 +632,35 @@ mod tests {
 
     const T: Duration = Duration::from_secs(10);
 
-    async fn start(mesh_key: Option<Key>, stop: &CancellationToken, tasks: &TaskTracker) -> (Arc<DerpServer>, String) {
+    async fn start(
+        mesh_key: Option<Key>,
+        stop: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> (Arc<DerpServer>, String) {
         let private: Key = rand::random();
         let derp = DerpServer::new(private, mesh_key, stop.clone(), tasks.clone());
-        let app = Router::new()
-            .route("/derp", get(|State(s): State<Arc<DerpServer>>, req| async move { s.handle_upgrade(req).await }))
-            .route("/derp/probe", any(probe_handler))
-            .route("/generate_204", get(generate_204_handler))
-            .with_state(derp.clone());
+        let app =
+            Router::new()
+                .route(
+                    "/derp",
+                    get(|State(s): State<Arc<DerpServer>>, req| async move {
+                        s.handle_upgrade(req).await
+                    }),
+                )
+                .route("/derp/probe", any(probe_handler))
+                .route("/generate_204", get(generate_204_handler))
+                .with_state(derp.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop2 = stop.clone();
         tasks.spawn(async move {
-            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async move { stop2.cancelled().await })
-                .await
-                .unwrap();
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stop2.cancelled().await })
+            .await
+            .unwrap();
         });
         (derp, format!("http://{addr}/derp"))
     }
@@ -561,7 +668,11 @@ mod tests {
     /// Next packet, skipping keepalives and presence frames.
     async fn next_packet(c: &mut DerpClient) -> (Key, Vec<u8>) {
         loop {
-            match tokio::time::timeout(T, c.recv()).await.expect("timeout").expect("recv") {
+            match tokio::time::timeout(T, c.recv())
+                .await
+                .expect("timeout")
+                .expect("recv")
+            {
                 Frame::RecvPacket { src, data } => return (src, data),
                 _ => continue,
             }
@@ -618,10 +729,30 @@ mod tests {
         assert_eq!(data, b"after");
 
         // A malformed frame disconnects only that client; unknown frame types are skipped.
-        a.write(&Frame::Unknown { ty: 0x7e, payload: vec![] }).await.unwrap();
+        a.write(&Frame::Unknown {
+            ty: 0x7e,
+            payload: vec![],
+        })
+        .await
+        .unwrap();
         let (mut ar, mut aw) = a.split();
-        aw.write(&Frame::Unknown { ty: frame::FRAME_SEND_PACKET, payload: vec![0; 10] }).await.unwrap();
-        assert!(tokio::time::timeout(T, async { loop { if ar.recv().await.is_err() { break } } }).await.is_ok());
+        aw.write(&Frame::Unknown {
+            ty: frame::FRAME_SEND_PACKET,
+            payload: vec![0; 10],
+        })
+        .await
+        .unwrap();
+        assert!(
+            tokio::time::timeout(T, async {
+                loop {
+                    if ar.recv().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await
+            .is_ok()
+        );
         b.send(b.public_key(), b"self").await.unwrap();
         let (_, data) = next_packet(&mut b).await;
         assert_eq!(data, b"self");
@@ -644,7 +775,10 @@ mod tests {
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (_derp, url) = start(None, &stop, &tasks).await;
-        let base = url.trim_end_matches("/derp").trim_start_matches("http://").to_string();
+        let base = url
+            .trim_end_matches("/derp")
+            .trim_start_matches("http://")
+            .to_string();
         let get = |path: &str, extra: &str| {
             let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n");
             let base = base.clone();
@@ -668,9 +802,17 @@ mod tests {
         assert!(get("/derp/probe", "").await.starts_with("HTTP/1.1 200"));
         let r = get("/generate_204", "X-Tailscale-Challenge: abc123\r\n").await;
         assert!(r.starts_with("HTTP/1.1 204"), "{r}");
-        assert!(r.to_ascii_lowercase().contains("x-tailscale-response: response abc123"), "{r}");
+        assert!(
+            r.to_ascii_lowercase()
+                .contains("x-tailscale-response: response abc123"),
+            "{r}"
+        );
         assert!(get("/derp", "").await.starts_with("HTTP/1.1 426"));
-        assert!(get("/derp", "Upgrade: websocket\r\nConnection: Upgrade\r\n").await.starts_with("HTTP/1.1 426"));
+        assert!(
+            get("/derp", "Upgrade: websocket\r\nConnection: Upgrade\r\n")
+                .await
+                .starts_with("HTTP/1.1 426")
+        );
         let r = get("/derp", "Upgrade: DERP\r\nConnection: Upgrade\r\n").await;
         assert!(r.starts_with("HTTP/1.1 101"), "{r}");
         assert!(r.to_ascii_lowercase().contains("derp-version: 2"), "{r}");
@@ -738,11 +880,17 @@ mod tests {
         .unwrap();
 
         // A client with the wrong mesh key gets no mesh powers.
-        let mut rogue = DerpClient::connect(&url2, rand::random(), Some([0; 32])).await.unwrap();
+        let mut rogue = DerpClient::connect(&url2, rand::random(), Some([0; 32]))
+            .await
+            .unwrap();
         rogue.watch_conns().await.unwrap();
         rogue.write(&Frame::Ping([2; 8])).await.unwrap();
         loop {
-            match tokio::time::timeout(T, rogue.recv()).await.unwrap().unwrap() {
+            match tokio::time::timeout(T, rogue.recv())
+                .await
+                .unwrap()
+                .unwrap()
+            {
                 Frame::PeerPresent { .. } => panic!("non-mesh client got presence"),
                 Frame::Pong(_) => break,
                 _ => {}

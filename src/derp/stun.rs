@@ -173,7 +173,9 @@ pub fn parse_response(b: &[u8]) -> Result<([u8; 12], SocketAddr), StunError> {
         return Err(StunError::NotBindingRequest);
     }
     let declared = u16::from_be_bytes([b[2], b[3]]) as usize;
-    let attrs = b.get(HEADER_LEN..HEADER_LEN + declared).ok_or(StunError::MalformedAttrs)?;
+    let attrs = b
+        .get(HEADER_LEN..HEADER_LEN + declared)
+        .ok_or(StunError::MalformedAttrs)?;
     let mut found = None;
     for_each_attr(attrs, |ty, v| {
         if (ty == ATTR_XOR_MAPPED_ADDRESS || ty == ATTR_XOR_MAPPED_ADDRESS_ALT) && v.len() >= 4 {
@@ -231,7 +233,11 @@ mod tests {
     #[test]
     fn binding_round_trip_v4_v6() {
         let txid = [5u8; 12];
-        for from in ["203.0.113.7:41641", "[2001:db8::42]:3478", "[::ffff:198.51.100.1]:9"] {
+        for from in [
+            "203.0.113.7:41641",
+            "[2001:db8::42]:3478",
+            "[::ffff:198.51.100.1]:9",
+        ] {
             let from: SocketAddr = from.parse().unwrap();
             let resp = handle_packet(&request(&txid), from).unwrap();
             let (got_tx, addr) = parse_response(&resp).unwrap();
@@ -265,7 +271,13 @@ mod tests {
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         client.send_to(&request(&[9; 12]), addr).await.unwrap();
         let mut buf = [0u8; 256];
-        let (n, _) = tokio::time::timeout(std::time::Duration::from_secs(5), client.recv_from(&mut buf)).await.unwrap().unwrap();
+        let (n, _) = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            client.recv_from(&mut buf),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         let (_, mapped) = parse_response(&buf[..n]).unwrap();
         assert_eq!(mapped, client.local_addr().unwrap());
         stop.cancel();

@@ -15,8 +15,8 @@ use super::network::{Peers, decode, encode};
 use super::service::RaftRpc;
 use super::store::{self, OpenError};
 use super::{
-    AppliedBatch, ClusterOptions, ClusterStatus, LeaderOp, LeaderReply, MemberInfo, MemberRole, MemberStatus,
-    ProposeError, Raft, RaftMetrics,
+    AppliedBatch, ClusterOptions, ClusterStatus, LeaderOp, LeaderReply, MemberInfo, MemberRole,
+    MemberStatus, ProposeError, Raft, RaftMetrics,
 };
 use crate::presence::Presence;
 use crate::proto::raft::raft_service_server::RaftServiceServer;
@@ -65,16 +65,21 @@ struct Inner {
 impl Cluster {
     /// Opens storage, starts the Raft member and, on the first start of a new cluster,
     /// initialises it (the lowest member id does this; the others join when contacted).
-    pub async fn start(opts: ClusterOptions, stop: CancellationToken, tasks: TaskTracker) -> Result<Cluster, StartError> {
+    pub async fn start(
+        opts: ClusterOptions,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Result<Cluster, StartError> {
         let (view_tx, view_rx) = watch::channel(Arc::new(Registry::new(opts.settings.clone())));
         let (batches, _) = broadcast::channel(BATCH_CHANNEL_CAPACITY);
         let data_dir = opts.data_dir.clone();
         let settings = opts.settings.clone();
         let batches_for_store = batches.clone();
-        let (log_store, state_machine) =
-            tokio::task::spawn_blocking(move || store::open(&data_dir, settings, view_tx, batches_for_store))
-                .await
-                .map_err(|e| StartError::Raft(e.to_string()))??;
+        let (log_store, state_machine) = tokio::task::spawn_blocking(move || {
+            store::open(&data_dir, settings, view_tx, batches_for_store)
+        })
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))??;
 
         let election_min = opts.election_timeout_min_ms.max(50);
         let config = Config {
@@ -90,15 +95,27 @@ impl Cluster {
         .validate()
         .map_err(|e| StartError::Config(e.to_string()))?;
 
-        let peers = Peers::new();
-        let raft = Raft::new(opts.member_id, Arc::new(config), peers.clone(), log_store, state_machine)
+        let peers = Peers::new(opts.tls.as_ref().map(|t| t.client.clone()));
+        let raft = Raft::new(
+            opts.member_id,
+            Arc::new(config),
+            peers.clone(),
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+
+        let initialized = raft
+            .is_initialized()
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-
-        let initialized = raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))?;
         let first = opts.initial_members.keys().next().copied();
         if !initialized && first == Some(opts.member_id) {
-            tracing::info!(members = opts.initial_members.len(), "initialising a new cluster");
+            tracing::info!(
+                members = opts.initial_members.len(),
+                "initialising a new cluster"
+            );
             if let Err(error) = raft.initialize(opts.initial_members.clone()).await {
                 // Another start already initialised it: harmless.
                 tracing::warn!(%error, "cluster initialisation skipped");
@@ -119,8 +136,16 @@ impl Cluster {
                 election_timeout_max: Duration::from_millis(election_min * 2),
             }),
         };
-        tasks.spawn(log_leadership(cluster.metrics(), opts.member_id, stop.clone()));
-        tasks.spawn(super::presence_sync::run(cluster.clone(), stop, tasks.clone()));
+        tasks.spawn(log_leadership(
+            cluster.metrics(),
+            opts.member_id,
+            stop.clone(),
+        ));
+        tasks.spawn(super::presence_sync::run(
+            cluster.clone(),
+            stop,
+            tasks.clone(),
+        ));
         Ok(cluster)
     }
 
@@ -161,25 +186,43 @@ impl Cluster {
 
     /// The gRPC service other members call.
     pub fn grpc_service(&self) -> RaftServiceServer<RaftRpc> {
-        RaftServiceServer::new(RaftRpc { cluster: self.clone() })
-            .max_decoding_message_size(MAX_RPC_BYTES)
-            .max_encoding_message_size(MAX_RPC_BYTES)
+        RaftServiceServer::new(RaftRpc {
+            cluster: self.clone(),
+        })
+        .max_decoding_message_size(MAX_RPC_BYTES)
+        .max_encoding_message_size(MAX_RPC_BYTES)
     }
 
     /// Commits a command through Raft (on the leader, forwarded if needed) and returns its
     /// outcome once applied. `Outcome::Rejected` means the command was refused and nothing
     /// changed.
     pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
-        let request = Request { at: Timestamp::now(), command };
+        let request = Request {
+            at: Timestamp::now(),
+            command,
+        };
         self.leader_op(LeaderOp::Propose(request)).await
     }
 
-    pub async fn add_member(&self, id: u64, address: String, control_url: String) -> Result<(), ProposeError> {
+    pub async fn add_member(
+        &self,
+        id: u64,
+        address: String,
+        control_url: String,
+    ) -> Result<(), ProposeError> {
         if id == 0 || address.is_empty() {
-            return Err(ProposeError::Invalid("a member needs an id above 0 and an address".into()));
+            return Err(ProposeError::Invalid(
+                "a member needs an id above 0 and an address".into(),
+            ));
         }
-        let info = MemberInfo { name: format!("m{id}"), raft_addr: address, control_url };
-        self.leader_op(LeaderOp::AddLearner { id, info }).await.map(drop)
+        let info = MemberInfo {
+            name: format!("m{id}"),
+            raft_addr: address,
+            control_url,
+        };
+        self.leader_op(LeaderOp::AddLearner { id, info })
+            .await
+            .map(drop)
     }
 
     pub async fn promote_member(&self, id: u64) -> Result<(), ProposeError> {
@@ -191,14 +234,18 @@ impl Cluster {
     }
 
     pub async fn transfer_leader(&self, to: Option<u64>) -> Result<(), ProposeError> {
-        self.leader_op(LeaderOp::TransferLeader { to }).await.map(drop)
+        self.leader_op(LeaderOp::TransferLeader { to })
+            .await
+            .map(drop)
     }
 
     /// Prepares a member for maintenance: if it leads, leadership moves elsewhere.
     pub async fn drain_member(&self, id: u64) -> Result<(), ProposeError> {
         let m = self.metrics().borrow().clone();
         if !m.membership_config.nodes().any(|(nid, _)| *nid == id) {
-            return Err(ProposeError::Invalid(format!("member {id} is not in the cluster")));
+            return Err(ProposeError::Invalid(format!(
+                "member {id} is not in the cluster"
+            )));
         }
         if m.current_leader == Some(id) {
             let to = m.membership_config.voter_ids().find(|v| *v != id);
@@ -217,7 +264,10 @@ impl Cluster {
                 let m = metrics.borrow_and_update();
                 let leader = m.current_leader;
                 let addr = leader.and_then(|l| {
-                    m.membership_config.nodes().find(|(id, _)| **id == l).map(|(_, n)| n.raft_addr.clone())
+                    m.membership_config
+                        .nodes()
+                        .find(|(id, _)| **id == l)
+                        .map(|(_, n)| n.raft_addr.clone())
                 });
                 (leader, addr)
             };
@@ -247,11 +297,15 @@ impl Cluster {
     }
 
     async fn forward(&self, addr: &str, op: &LeaderOp) -> Result<LeaderReply, ProposeError> {
-        let unavailable = |e: &dyn std::fmt::Display| ProposeError::Unavailable(format!("leader at {addr}: {e}"));
+        let unavailable =
+            |e: &dyn std::fmt::Display| ProposeError::Unavailable(format!("leader at {addr}: {e}"));
         let mut client = self.inner.peers.client(addr).map_err(|e| unavailable(&e))?;
         let mut req = tonic::Request::new(encode(op));
         req.set_timeout(FORWARD_TIMEOUT);
-        let reply = client.forward(req).await.map_err(|s| unavailable(&s.message().to_string()))?;
+        let reply = client
+            .forward(req)
+            .await
+            .map_err(|s| unavailable(&s.message().to_string()))?;
         decode(addr, reply.get_ref()).map_err(|e| unavailable(&e))
     }
 
@@ -264,7 +318,12 @@ impl Cluster {
                 Err(e) => e,
             },
             LeaderOp::AddLearner { id, info } => {
-                let known = self.metrics().borrow().membership_config.nodes().any(|(nid, _)| *nid == id);
+                let known = self
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .nodes()
+                    .any(|(nid, _)| *nid == id);
                 if known {
                     return LeaderReply::Invalid(format!("member {id} is already in the cluster"));
                 }
@@ -274,11 +333,21 @@ impl Cluster {
                 }
             }
             LeaderOp::Promote { id } => {
-                let known = self.metrics().borrow().membership_config.nodes().any(|(nid, _)| *nid == id);
+                let known = self
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .nodes()
+                    .any(|(nid, _)| *nid == id);
                 if !known {
-                    return LeaderReply::Invalid(format!("member {id} is not in the cluster; add it first"));
+                    return LeaderReply::Invalid(format!(
+                        "member {id} is not in the cluster; add it first"
+                    ));
                 }
-                match raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await {
+                match raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+                {
                     Ok(_) => return LeaderReply::Done(Outcome::Done),
                     Err(e) => e,
                 }
@@ -293,11 +362,17 @@ impl Cluster {
                     if voters.len() == 1 {
                         return LeaderReply::Invalid("cannot remove the last voting member".into());
                     }
-                    if let Err(e) = raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false).await {
+                    if let Err(e) = raft
+                        .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                        .await
+                    {
                         return write_error(e);
                     }
                 }
-                match raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false).await {
+                match raft
+                    .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                    .await
+                {
                     Ok(_) => return LeaderReply::Done(Outcome::Done),
                     Err(e) => e,
                 }
@@ -315,20 +390,38 @@ impl Cluster {
         if m.current_leader != Some(self.inner.id) {
             return LeaderReply::NotLeader(m.current_leader);
         }
-        let voters: Vec<u64> = m.membership_config.voter_ids().filter(|v| *v != self.inner.id).collect();
+        let voters: Vec<u64> = m
+            .membership_config
+            .voter_ids()
+            .filter(|v| *v != self.inner.id)
+            .collect();
         let target = match to {
             Some(t) if t == self.inner.id => return LeaderReply::Done(Outcome::Done),
-            Some(t) if !voters.contains(&t) => return LeaderReply::Invalid(format!("member {t} is not a voter")),
+            Some(t) if !voters.contains(&t) => {
+                return LeaderReply::Invalid(format!("member {t} is not a voter"));
+            }
             Some(t) => t,
             None => {
                 let progress = m.replication.clone().unwrap_or_default();
-                match voters.iter().max_by_key(|v| progress.get(v).copied().flatten().map(|l| l.index)) {
+                match voters
+                    .iter()
+                    .max_by_key(|v| progress.get(v).copied().flatten().map(|l| l.index))
+                {
                     Some(t) => *t,
-                    None => return LeaderReply::Invalid("no other voting member to hand leadership to".into()),
+                    None => {
+                        return LeaderReply::Invalid(
+                            "no other voting member to hand leadership to".into(),
+                        );
+                    }
                 }
             }
         };
-        let Some(addr) = m.membership_config.nodes().find(|(id, _)| **id == target).map(|(_, n)| n.raft_addr.clone()) else {
+        let Some(addr) = m
+            .membership_config
+            .nodes()
+            .find(|(id, _)| **id == target)
+            .map(|(_, n)| n.raft_addr.clone())
+        else {
             return LeaderReply::Invalid(format!("member {target} has no address"));
         };
         tracing::info!(to = target, "handing leadership over");
@@ -336,9 +429,14 @@ impl Cluster {
         self.inner.raft.runtime_config().heartbeat(false);
         let result = match self.inner.peers.client(&addr) {
             Ok(mut client) => {
-                let mut req = tonic::Request::new(CampaignRequest { within_ms: window.as_millis() as u64 });
+                let mut req = tonic::Request::new(CampaignRequest {
+                    within_ms: window.as_millis() as u64,
+                });
                 req.set_timeout(window + Duration::from_secs(1));
-                client.campaign(req).await.map(|r| r.into_inner().became_leader)
+                client
+                    .campaign(req)
+                    .await
+                    .map(|r| r.into_inner().became_leader)
             }
             Err(e) => Err(tonic::Status::unavailable(e.to_string())),
         };
@@ -388,21 +486,28 @@ impl Cluster {
     /// Asks every other member for its status, concurrently and with a short timeout.
     async fn peer_reports(&self) -> BTreeMap<u64, Option<MemberStatusReply>> {
         let m = self.metrics().borrow().clone();
-        let calls = m.membership_config.nodes().filter(|(id, _)| **id != self.inner.id).map(|(id, node)| {
-            let id = *id;
-            let addr = node.raft_addr.clone();
-            let peers = self.inner.peers.clone();
-            async move {
-                let reply = async {
-                    let mut client = peers.client(&addr).ok()?;
-                    let mut req = tonic::Request::new(MemberStatusRequest {});
-                    req.set_timeout(STATUS_TIMEOUT);
-                    tokio::time::timeout(STATUS_TIMEOUT, client.member_status(req)).await.ok()?.ok()
+        let calls = m
+            .membership_config
+            .nodes()
+            .filter(|(id, _)| **id != self.inner.id)
+            .map(|(id, node)| {
+                let id = *id;
+                let addr = node.raft_addr.clone();
+                let peers = self.inner.peers.clone();
+                async move {
+                    let reply = async {
+                        let mut client = peers.client(&addr).ok()?;
+                        let mut req = tonic::Request::new(MemberStatusRequest {});
+                        req.set_timeout(STATUS_TIMEOUT);
+                        tokio::time::timeout(STATUS_TIMEOUT, client.member_status(req))
+                            .await
+                            .ok()?
+                            .ok()
+                    }
+                    .await;
+                    (id, reply.map(|r| r.into_inner()))
                 }
-                .await;
-                (id, reply.map(|r| r.into_inner()))
-            }
-        });
+            });
         futures::future::join_all(calls).await.into_iter().collect()
     }
 
@@ -417,7 +522,11 @@ impl Cluster {
             .membership_config
             .nodes()
             .map(|(id, node)| {
-                let report = if *id == self.inner.id { Some(local.clone()) } else { reports.get(id).cloned().flatten() };
+                let report = if *id == self.inner.id {
+                    Some(local.clone())
+                } else {
+                    reports.get(id).cloned().flatten()
+                };
                 let voter = voters.contains(id);
                 let role = match &report {
                     None => MemberRole::Unreachable,
@@ -427,26 +536,43 @@ impl Cluster {
                 };
                 MemberStatus {
                     id: *id,
-                    name: report.as_ref().map(|r| r.name.clone()).filter(|n| !n.is_empty()).unwrap_or_else(|| node.name.clone()),
+                    name: report
+                        .as_ref()
+                        .map(|r| r.name.clone())
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| node.name.clone()),
                     address: node.raft_addr.clone(),
                     control_url: node.control_url.clone(),
                     role,
                     voter,
                     healthy: report.as_ref().is_some_and(|r| r.leader.is_some()),
                     last_applied: report.as_ref().map(|r| r.last_applied),
-                    match_index: progress.as_ref().and_then(|p| p.get(id).copied().flatten()).map(|l| l.index),
+                    match_index: progress
+                        .as_ref()
+                        .and_then(|p| p.get(id).copied().flatten())
+                        .map(|l| l.index),
                     version: report.as_ref().map(|r| r.version.clone()),
                     clients: report.as_ref().map(|r| r.clients),
                 }
             })
             .collect();
-        ClusterStatus { leader: m.current_leader, term: m.current_term, member_id: self.inner.id, members }
+        ClusterStatus {
+            leader: m.current_leader,
+            term: m.current_term,
+            member_id: self.inner.id,
+            members,
+        }
     }
 
     /// Which member holds each online node's map session, over every reachable member.
     pub async fn sessions(&self) -> BTreeMap<NodeId, u64> {
-        let mut out: BTreeMap<NodeId, u64> =
-            self.inner.presence.online_nodes().into_iter().map(|n| (n, self.inner.id)).collect();
+        let mut out: BTreeMap<NodeId, u64> = self
+            .inner
+            .presence
+            .online_nodes()
+            .into_iter()
+            .map(|n| (n, self.inner.id))
+            .collect();
         for (member, report) in self.peer_reports().await {
             for node in report.map(|r| r.online_nodes).unwrap_or_default() {
                 out.entry(NodeId(node)).or_insert(member);
@@ -475,19 +601,29 @@ impl Cluster {
 
 fn write_error(e: RaftError<u64, ClientWriteError<u64, MemberInfo>>) -> LeaderReply {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => LeaderReply::NotLeader(f.leader_id),
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => LeaderReply::Invalid(e.to_string()),
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            LeaderReply::NotLeader(f.leader_id)
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            LeaderReply::Invalid(e.to_string())
+        }
         RaftError::Fatal(e) => LeaderReply::Failed(format!("raft stopped: {e}")),
     }
 }
 
-async fn log_leadership(mut metrics: watch::Receiver<RaftMetrics>, me: u64, stop: CancellationToken) {
+async fn log_leadership(
+    mut metrics: watch::Receiver<RaftMetrics>,
+    me: u64,
+    stop: CancellationToken,
+) {
     let mut last = None;
     loop {
         let leader = metrics.borrow_and_update().current_leader;
         if leader != last {
             match leader {
-                Some(l) if l == me => tracing::info!(member.id = me, "this member is now the leader"),
+                Some(l) if l == me => {
+                    tracing::info!(member.id = me, "this member is now the leader")
+                }
                 Some(l) => tracing::info!(leader = l, "following leader"),
                 None => tracing::warn!("no leader known"),
             }

@@ -9,6 +9,7 @@ mod network;
 mod presence_sync;
 mod service;
 mod store;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -66,6 +67,8 @@ pub struct ClusterOptions {
     /// This member's live sessions, reported to other members for `nodes list`.
     pub presence: crate::presence::Presence,
     pub version: &'static str,
+    /// Mutual TLS for member-to-member gRPC; `None` = plaintext.
+    pub tls: Option<tls::MemberTls>,
 }
 
 /// What one apply call changed, published to map sessions after it is durable.

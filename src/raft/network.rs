@@ -5,15 +5,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{Infallible, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    Infallible, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::{MemberInfo, TypeConfig};
 use crate::proto::raft::Json;
@@ -26,6 +28,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    tls: Option<ClientTlsConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +46,11 @@ pub enum CallError {
 }
 
 impl Peers {
-    pub fn new() -> Self {
-        Peers { channels: Arc::default() }
+    pub fn new(tls: Option<ClientTlsConfig>) -> Self {
+        Peers {
+            channels: Arc::default(),
+            tls,
+        }
     }
 
     pub fn client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, CallError> {
@@ -52,12 +58,18 @@ impl Peers {
         if let Some(ch) = channels.get(addr) {
             return Ok(RaftServiceClient::new(ch.clone()));
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map_err(|_| CallError::BadAddress(addr.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|_| CallError::BadAddress(addr.to_string()))?;
+        }
         let ch = endpoint.connect_lazy();
         channels.insert(addr.to_string(), ch.clone());
         Ok(RaftServiceClient::new(ch))
@@ -65,18 +77,27 @@ impl Peers {
 }
 
 pub fn encode<T: Serialize>(v: &T) -> Json {
-    Json { data: serde_json::to_vec(v).expect("raft messages always serialize") }
+    Json {
+        data: serde_json::to_vec(v).expect("raft messages always serialize"),
+    }
 }
 
 pub fn decode<T: DeserializeOwned>(addr: &str, j: &Json) -> Result<T, CallError> {
-    serde_json::from_slice(&j.data).map_err(|source| CallError::Decode { addr: addr.to_string(), source })
+    serde_json::from_slice(&j.data).map_err(|source| CallError::Decode {
+        addr: addr.to_string(),
+        source,
+    })
 }
 
 impl RaftNetworkFactory<TypeConfig> for Peers {
     type Network = PeerLink;
 
     async fn new_client(&mut self, target: u64, node: &MemberInfo) -> PeerLink {
-        PeerLink { target, addr: node.raft_addr.clone(), peers: self.clone() }
+        PeerLink {
+            target,
+            addr: node.raft_addr.clone(),
+            peers: self.clone(),
+        }
     }
 }
 
@@ -96,7 +117,10 @@ impl PeerLink {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let mut client = self.peers.client(&self.addr).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let mut client = self
+            .peers
+            .client(&self.addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
         let mut request = tonic::Request::new(encode(req));
         request.set_timeout(ttl);
         let reply = match kind {
@@ -107,7 +131,10 @@ impl PeerLink {
         let reply = match reply {
             Ok(r) => r.into_inner(),
             Err(status) => {
-                let e = CallError::Status { addr: self.addr.clone(), status };
+                let e = CallError::Status {
+                    addr: self.addr.clone(),
+                    status,
+                };
                 return Err(RPCError::Unreachable(Unreachable::new(&e)));
             }
         };
@@ -141,7 +168,11 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         self.call(Kind::Snapshot, &rpc, option.hard_ttl()).await
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> RpcResult<VoteResponse<u64>, Infallible> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<u64>, Infallible> {
         self.call(Kind::Vote, &rpc, option.hard_ttl()).await
     }
 }

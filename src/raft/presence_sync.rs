@@ -51,7 +51,12 @@ pub async fn run(cluster: Cluster, stop: CancellationToken, tasks: TaskTracker) 
                 continue;
             }
             let token = stop.child_token();
-            tasks.spawn(poll_member(cluster.clone(), id, addr.clone(), token.clone()));
+            tasks.spawn(poll_member(
+                cluster.clone(),
+                id,
+                addr.clone(),
+                token.clone(),
+            ));
             pollers.insert(id, (addr, token));
         }
     }
@@ -69,9 +74,16 @@ async fn poll_member(cluster: Cluster, member: u64, addr: String, stop: Cancella
     loop {
         let call = async {
             let mut client = cluster.peers().client(&addr).ok()?;
-            let mut req = tonic::Request::new(WatchPresenceRequest { after_version: version, wait_ms: POLL_WAIT.as_millis() as u64 });
+            let mut req = tonic::Request::new(WatchPresenceRequest {
+                after_version: version,
+                wait_ms: POLL_WAIT.as_millis() as u64,
+            });
             req.set_timeout(POLL_WAIT + Duration::from_secs(2));
-            client.watch_presence(req).await.ok().map(|r| r.into_inner())
+            client
+                .watch_presence(req)
+                .await
+                .ok()
+                .map(|r| r.into_inner())
         };
         let reply = tokio::select! {
             () = stop.cancelled() => return,
@@ -86,7 +98,12 @@ async fn poll_member(cluster: Cluster, member: u64, addr: String, stop: Cancella
                     .entries
                     .into_iter()
                     .map(|e| {
-                        let p = NodePresence { member, sessions: e.sessions, endpoints: e.endpoints, home_derp: e.home_derp };
+                        let p = NodePresence {
+                            member,
+                            sessions: e.sessions,
+                            endpoints: e.endpoints,
+                            home_derp: e.home_derp,
+                        };
                         (NodeId(e.node), p)
                     })
                     .collect();

@@ -9,8 +9,8 @@ use super::network::encode;
 use super::{LeaderOp, LeaderReply};
 use crate::proto::raft::raft_service_server::RaftService;
 use crate::proto::raft::{
-    CampaignReply, CampaignRequest, Json, MemberStatusReply, MemberStatusRequest, PresenceEntry, PresenceSnapshot,
-    WatchPresenceRequest,
+    CampaignReply, CampaignRequest, Json, MemberStatusReply, MemberStatusRequest, PresenceEntry,
+    PresenceSnapshot, WatchPresenceRequest,
 };
 
 pub struct RaftRpc {
@@ -18,7 +18,8 @@ pub struct RaftRpc {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(req: &Json) -> Result<T, Status> {
-    serde_json::from_slice(&req.data).map_err(|e| Status::invalid_argument(format!("undecodable message: {e}")))
+    serde_json::from_slice(&req.data)
+        .map_err(|e| Status::invalid_argument(format!("undecodable message: {e}")))
 }
 
 #[tonic::async_trait]
@@ -47,25 +48,45 @@ impl RaftService for RaftRpc {
         Ok(Response::new(encode(&reply)))
     }
 
-    async fn member_status(&self, _req: Request<MemberStatusRequest>) -> Result<Response<MemberStatusReply>, Status> {
+    async fn member_status(
+        &self,
+        _req: Request<MemberStatusRequest>,
+    ) -> Result<Response<MemberStatusReply>, Status> {
         Ok(Response::new(self.cluster.local_status()))
     }
 
-    async fn campaign(&self, req: Request<CampaignRequest>) -> Result<Response<CampaignReply>, Status> {
+    async fn campaign(
+        &self,
+        req: Request<CampaignRequest>,
+    ) -> Result<Response<CampaignReply>, Status> {
         let within = Duration::from_millis(req.get_ref().within_ms.clamp(100, 30_000));
         let became_leader = self.cluster.campaign(within).await;
         Ok(Response::new(CampaignReply { became_leader }))
     }
 
-    async fn watch_presence(&self, req: Request<WatchPresenceRequest>) -> Result<Response<PresenceSnapshot>, Status> {
+    async fn watch_presence(
+        &self,
+        req: Request<WatchPresenceRequest>,
+    ) -> Result<Response<PresenceSnapshot>, Status> {
         let wait = Duration::from_millis(req.get_ref().wait_ms.min(30_000));
         let presence = self.cluster.presence();
-        presence.wait_local_change(req.get_ref().after_version, wait).await;
+        presence
+            .wait_local_change(req.get_ref().after_version, wait)
+            .await;
         let (version, entries) = presence.local_snapshot();
         let entries = entries
             .into_iter()
-            .map(|(node, p)| PresenceEntry { node: node.0, endpoints: p.endpoints, home_derp: p.home_derp, sessions: p.sessions })
+            .map(|(node, p)| PresenceEntry {
+                node: node.0,
+                endpoints: p.endpoints,
+                home_derp: p.home_derp,
+                sessions: p.sessions,
+            })
             .collect();
-        Ok(Response::new(PresenceSnapshot { member: self.cluster.member_id(), version, entries }))
+        Ok(Response::new(PresenceSnapshot {
+            member: self.cluster.member_id(),
+            version,
+            entries,
+        }))
     }
 }

@@ -15,10 +15,12 @@ use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
-    Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageIOError,
-    StoredMembership, Vote,
+    Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot,
+    SnapshotMeta, StorageIOError, StoredMembership, Vote,
 };
-use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
@@ -64,21 +66,38 @@ pub fn open(
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    let cfs = [CF_LOGS, CF_META, CF_SM].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
-    let db = DB::open_cf_descriptors(&opts, &path, cfs)
-        .map_err(|source| OpenError::Open { path: path.display().to_string(), source })?;
+    let cfs =
+        [CF_LOGS, CF_META, CF_SM].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|source| OpenError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
     let db = Arc::new(db);
     let store = Store { db };
 
     let load = |e: Box<dyn std::error::Error + Send + Sync>| OpenError::Load(e);
-    let last_applied: Option<LogId<u64>> = store.get_json(CF_META, KEY_APPLIED).map_err(|e| load(Box::new(e)))?;
-    let membership: Membership =
-        store.get_json(CF_META, KEY_MEMBERSHIP).map_err(|e| load(Box::new(e)))?.unwrap_or_default();
+    let last_applied: Option<LogId<u64>> = store
+        .get_json(CF_META, KEY_APPLIED)
+        .map_err(|e| load(Box::new(e)))?;
+    let membership: Membership = store
+        .get_json(CF_META, KEY_MEMBERSHIP)
+        .map_err(|e| load(Box::new(e)))?
+        .unwrap_or_default();
     let records = store.scan(CF_SM).map_err(|e| load(Box::new(e)))?;
-    let registry = Registry::from_records(settings.clone(), records).map_err(|e| load(Box::new(e)))?;
+    let registry =
+        Registry::from_records(settings.clone(), records).map_err(|e| load(Box::new(e)))?;
     view_tx.send_replace(Arc::new(registry.clone()));
 
-    let sm = StateMachine { store: store.clone(), settings, registry, last_applied, membership, view_tx, batches, snapshot_seq: 0 };
+    let sm = StateMachine {
+        store: store.clone(),
+        settings,
+        registry,
+        last_applied,
+        membership,
+        view_tx,
+        batches,
+        snapshot_seq: 0,
+    };
     Ok((LogStore { store }, sm))
 }
 
@@ -102,15 +121,26 @@ enum DbError {
 
 impl Store {
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column families are created on open")
+        self.db
+            .cf_handle(name)
+            .expect("column families are created on open")
     }
 
-    fn get_json<T: for<'de> Deserialize<'de>>(&self, cf: &str, key: &[u8]) -> Result<Option<T>, DbError> {
+    fn get_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        cf: &str,
+        key: &[u8],
+    ) -> Result<Option<T>, DbError> {
         match self.db.get_cf(self.cf(cf), key)? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| DbError::Decode { key: String::from_utf8_lossy(key).into_owned(), source }),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| DbError::Decode {
+                        key: String::from_utf8_lossy(key).into_owned(),
+                        source,
+                    })
+            }
         }
     }
 
@@ -146,7 +176,9 @@ pub struct LogStore {
 
 impl LogStore {
     fn last_purged(&self) -> Result<Option<LogId<u64>>, StorageError> {
-        self.store.get_json(CF_META, KEY_LAST_PURGED).map_err(|e| StorageIOError::read_logs(&e).into())
+        self.store
+            .get_json(CF_META, KEY_LAST_PURGED)
+            .map_err(|e| StorageIOError::read_logs(&e).into())
     }
 }
 
@@ -163,14 +195,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let cf = self.store.cf(CF_LOGS);
         let mut out = Vec::new();
         let from = index_key(start);
-        for item in self.store.db.iterator_cf(cf, IteratorMode::From(&from, Direction::Forward)) {
+        for item in self
+            .store
+            .db
+            .iterator_cf(cf, IteratorMode::From(&from, Direction::Forward))
+        {
             let (k, v) = item.map_err(|e| StorageIOError::read_logs(&e))?;
             let index = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
             if !range.contains(&index) {
                 break;
             }
-            let entry: Entry<TypeConfig> =
-                serde_json::from_slice(&v).map_err(|e| StorageIOError::read_log_at_index(index, &e))?;
+            let entry: Entry<TypeConfig> = serde_json::from_slice(&v)
+                .map_err(|e| StorageIOError::read_log_at_index(index, &e))?;
             out.push(entry);
         }
         Ok(out)
@@ -187,11 +223,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             None => last_purged,
             Some(item) => {
                 let (_, v) = item.map_err(|e| StorageIOError::read_logs(&e))?;
-                let entry: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(|e| StorageIOError::read_logs(&e))?;
+                let entry: Entry<TypeConfig> =
+                    serde_json::from_slice(&v).map_err(|e| StorageIOError::read_logs(&e))?;
                 Some(entry.log_id)
             }
         };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -201,11 +241,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.store.cf(CF_META), KEY_VOTE, json(vote));
-        self.store.write_synced(batch).map_err(|e| StorageIOError::write_vote(&e).into())
+        self.store
+            .write_synced(batch)
+            .map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError> {
-        self.store.get_json(CF_META, KEY_VOTE).map_err(|e| StorageIOError::read_vote(&e).into())
+        self.store
+            .get_json(CF_META, KEY_VOTE)
+            .map_err(|e| StorageIOError::read_vote(&e).into())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError> {
@@ -224,7 +268,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
@@ -236,23 +284,38 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // Synced before the callback: an acknowledged entry survives kill -9.
         let result = self.store.write_synced(batch);
-        let io = result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
+        let io = result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| std::io::Error::other(e.to_string()));
         callback.log_io_completed(io);
         result.map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.store.cf(CF_LOGS), index_key(log_id.index), index_key(u64::MAX));
+        batch.delete_range_cf(
+            self.store.cf(CF_LOGS),
+            index_key(log_id.index),
+            index_key(u64::MAX),
+        );
         batch.delete_cf(self.store.cf(CF_LOGS), index_key(u64::MAX));
-        self.store.write_synced(batch).map_err(|e| StorageIOError::write_logs(&e).into())
+        self.store
+            .write_synced(batch)
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.store.cf(CF_META), KEY_LAST_PURGED, json(&log_id));
-        batch.delete_range_cf(self.store.cf(CF_LOGS), index_key(0), index_key(log_id.index + 1));
-        self.store.write_synced(batch).map_err(|e| StorageIOError::write_logs(&e).into())
+        batch.delete_range_cf(
+            self.store.cf(CF_LOGS),
+            index_key(0),
+            index_key(log_id.index + 1),
+        );
+        self.store
+            .write_synced(batch)
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 }
 
@@ -291,7 +354,12 @@ impl StateMachine {
         let _ = self.batches.send(Arc::new(batch));
     }
 
-    fn store_snapshot(&self, meta: &SnapshotMeta<u64, MemberInfo>, data: &[u8], batch: &mut WriteBatch) {
+    fn store_snapshot(
+        &self,
+        meta: &SnapshotMeta<u64, MemberInfo>,
+        data: &[u8],
+        batch: &mut WriteBatch,
+    ) {
         batch.put_cf(self.store.cf(CF_META), KEY_SNAPSHOT_META, json(meta));
         batch.put_cf(self.store.cf(CF_META), KEY_SNAPSHOT_DATA, data);
     }
@@ -336,9 +404,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 (key, None) => batch.delete_cf(sm, key),
             }
         }
-        batch.put_cf(self.store.cf(CF_META), KEY_APPLIED, json(&self.last_applied));
-        batch.put_cf(self.store.cf(CF_META), KEY_MEMBERSHIP, json(&self.membership));
-        self.store.write_synced(batch).map_err(|e| StorageIOError::write_state_machine(&e))?;
+        batch.put_cf(
+            self.store.cf(CF_META),
+            KEY_APPLIED,
+            json(&self.last_applied),
+        );
+        batch.put_cf(
+            self.store.cf(CF_META),
+            KEY_MEMBERSHIP,
+            json(&self.membership),
+        );
+        self.store
+            .write_synced(batch)
+            .map_err(|e| StorageIOError::write_state_machine(&e))?;
         self.publish(changes, false);
         Ok(replies)
     }
@@ -365,25 +443,38 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let sig = Some(meta.signature());
-        let file: SnapshotFile =
-            serde_json::from_slice(&data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
-        let records: Vec<(Vec<u8>, Vec<u8>)> =
-            file.records.into_iter().map(|(k, v)| (k.into_bytes(), v.into_bytes())).collect();
+        let file: SnapshotFile = serde_json::from_slice(&data)
+            .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
+        let records: Vec<(Vec<u8>, Vec<u8>)> = file
+            .records
+            .into_iter()
+            .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
+            .collect();
         let registry = Registry::from_records(self.settings.clone(), records.clone())
             .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
 
         let mut batch = WriteBatch::default();
         let sm = self.store.cf(CF_SM);
-        for (key, _) in self.store.scan(CF_SM).map_err(|e| StorageIOError::read_state_machine(&e))? {
+        for (key, _) in self
+            .store
+            .scan(CF_SM)
+            .map_err(|e| StorageIOError::read_state_machine(&e))?
+        {
             batch.delete_cf(sm, key);
         }
         for (key, value) in &records {
             batch.put_cf(sm, key, value);
         }
         batch.put_cf(self.store.cf(CF_META), KEY_APPLIED, json(&meta.last_log_id));
-        batch.put_cf(self.store.cf(CF_META), KEY_MEMBERSHIP, json(&meta.last_membership));
+        batch.put_cf(
+            self.store.cf(CF_META),
+            KEY_MEMBERSHIP,
+            json(&meta.last_membership),
+        );
         self.store_snapshot(meta, &data, &mut batch);
-        self.store.write_synced(batch).map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+        self.store
+            .write_synced(batch)
+            .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
 
         self.registry = registry;
         self.last_applied = meta.last_log_id;
@@ -394,8 +485,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let meta: Option<SnapshotMeta<u64, MemberInfo>> =
-            self.store.get_json(CF_META, KEY_SNAPSHOT_META).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let meta: Option<SnapshotMeta<u64, MemberInfo>> = self
+            .store
+            .get_json(CF_META, KEY_SNAPSHOT_META)
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
         let Some(meta) = meta else { return Ok(None) };
         let data = self
             .store
@@ -403,7 +496,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .get_cf(self.store.cf(CF_META), KEY_SNAPSHOT_DATA)
             .map_err(|e| StorageIOError::read_snapshot(None, &e))?
             .unwrap_or_default();
-        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
     }
 }
 
@@ -422,15 +518,28 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .registry
             .all_records()
             .into_iter()
-            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned()))
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(&k).into_owned(),
+                    String::from_utf8_lossy(&v).into_owned(),
+                )
+            })
             .collect();
-        let file = SnapshotFile { last_applied: self.last_applied, membership: self.membership.clone(), records };
+        let file = SnapshotFile {
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+            records,
+        };
         let data = json(&file);
         let snapshot_id = match self.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.seq),
             None => format!("0-0-{}", self.seq),
         };
-        let meta = SnapshotMeta { last_log_id: self.last_applied, last_membership: self.membership.clone(), snapshot_id };
+        let meta = SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+            snapshot_id,
+        };
         let mut batch = WriteBatch::default();
         batch.put_cf(self.store.cf(CF_META), KEY_SNAPSHOT_META, json(&meta));
         batch.put_cf(self.store.cf(CF_META), KEY_SNAPSHOT_DATA, &data);
@@ -438,7 +547,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .write_synced(batch)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         tracing::debug!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 }
 

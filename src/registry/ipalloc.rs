@@ -76,8 +76,14 @@ mod tests {
         assert_eq!(a, "fd7a:115c:a1e0::1".parse::<Ipv6Addr>().unwrap());
         used.insert(a);
         used.insert("fd7a:115c:a1e0::3".parse().unwrap());
-        assert_eq!(next_v6(net, &used).unwrap(), "fd7a:115c:a1e0::2".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            next_v6(net, &used).unwrap(),
+            "fd7a:115c:a1e0::2".parse::<Ipv6Addr>().unwrap()
+        );
         used.insert("fd7a:115c:a1e0::2".parse().unwrap());
-        assert_eq!(next_v6(net, &used).unwrap(), "fd7a:115c:a1e0::4".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            next_v6(net, &used).unwrap(),
+            "fd7a:115c:a1e0::4".parse::<Ipv6Addr>().unwrap()
+        );
     }
 }

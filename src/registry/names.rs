@@ -15,11 +15,19 @@ pub fn sanitize_label(hostname: &str) -> String {
             out.push('-');
         }
     }
-    let mut out: String = out.trim_matches('-').chars().take(MAX_LABEL_BYTES).collect();
+    let mut out: String = out
+        .trim_matches('-')
+        .chars()
+        .take(MAX_LABEL_BYTES)
+        .collect();
     while out.ends_with('-') {
         out.pop();
     }
-    if out.is_empty() { "node".to_string() } else { out }
+    if out.is_empty() {
+        "node".to_string()
+    } else {
+        out
+    }
 }
 
 /// Checks an admin-supplied name: it must already be a valid label.

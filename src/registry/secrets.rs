@@ -42,16 +42,29 @@ fn random_string(len: usize) -> String {
 
 pub fn generate(kind: SecretKind) -> NewSecret {
     let prefix = random_string(PREFIX_LEN);
-    let full = format!("hskey-{}-{}-{}", kind.tag(), prefix, random_string(SECRET_LEN));
-    NewSecret { hash: SecretHash::of(&full), prefix, full }
+    let full = format!(
+        "hskey-{}-{}-{}",
+        kind.tag(),
+        prefix,
+        random_string(SECRET_LEN)
+    );
+    NewSecret {
+        hash: SecretHash::of(&full),
+        prefix,
+        full,
+    }
 }
 
 /// Splits a presented key into (prefix, hash). `None` if it is not of our form; callers
 /// answer that exactly like an unknown key, so probing learns nothing.
 pub fn parse(kind: SecretKind, full: &str) -> Option<(String, SecretHash)> {
-    let rest = full.strip_prefix("hskey-")?.strip_prefix(kind.tag())?.strip_prefix('-')?;
+    let rest = full
+        .strip_prefix("hskey-")?
+        .strip_prefix(kind.tag())?
+        .strip_prefix('-')?;
     let (prefix, secret) = rest.split_once('-')?;
-    let valid = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_alphanumeric());
+    let valid =
+        |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_alphanumeric());
     if !valid(prefix, PREFIX_LEN) || !valid(secret, SECRET_LEN) {
         return None;
     }
@@ -79,6 +92,12 @@ mod tests {
         assert!(parse(SecretKind::PreAuth, "").is_none());
         assert!(parse(SecretKind::PreAuth, "hskey-auth-short-x").is_none());
         assert!(parse(SecretKind::PreAuth, &key.full[..key.full.len() - 1]).is_none());
-        assert!(parse(SecretKind::PreAuth, &format!("{}é", &key.full[..key.full.len() - 2])).is_none());
+        assert!(
+            parse(
+                SecretKind::PreAuth,
+                &format!("{}é", &key.full[..key.full.len() - 2])
+            )
+            .is_none()
+        );
     }
 }

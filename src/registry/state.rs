@@ -110,7 +110,10 @@ fn validate_tags(tags: &[String]) -> Result<(), Rejection> {
 
 impl Registry {
     pub fn new(settings: RegistrySettings) -> Self {
-        Registry { settings, ..Default::default() }
+        Registry {
+            settings,
+            ..Default::default()
+        }
     }
 
     pub fn settings(&self) -> &RegistrySettings {
@@ -141,7 +144,9 @@ impl Registry {
         self.by_node_key.get(key).and_then(|id| self.nodes.get(id))
     }
     pub fn node_by_machine(&self, key: &MachineKey) -> Option<&Arc<Node>> {
-        self.by_machine_key.get(key).and_then(|id| self.nodes.get(id))
+        self.by_machine_key
+            .get(key)
+            .and_then(|id| self.nodes.get(id))
     }
     pub fn preauth_keys(&self) -> impl Iterator<Item = &PreAuthKey> {
         self.preauth_keys.values()
@@ -208,7 +213,11 @@ impl Registry {
             Ok(outcome) => outcome,
             Err(rejection) => Outcome::Rejected(rejection),
         };
-        Applied { outcome, changes: fx.changes, records: fx.records }
+        Applied {
+            outcome,
+            changes: fx.changes,
+            records: fx.records,
+        }
     }
 
     fn expire_pending(&mut self, now: Timestamp, fx: &mut Effects) {
@@ -225,23 +234,34 @@ impl Registry {
         }
     }
 
-    fn apply_command(&mut self, cmd: &Command, now: Timestamp, fx: &mut Effects) -> Result<Outcome, Rejection> {
+    fn apply_command(
+        &mut self,
+        cmd: &Command,
+        now: Timestamp,
+        fx: &mut Effects,
+    ) -> Result<Outcome, Rejection> {
         match cmd {
             Command::Noop => Ok(Outcome::Done),
             Command::CreateUser { name } => {
-                names::validate_user_name(name).map_err(|e| Rejection::InvalidName(name.clone(), e))?;
+                names::validate_user_name(name)
+                    .map_err(|e| Rejection::InvalidName(name.clone(), e))?;
                 if self.user_by_name(name).is_some() {
                     return Err(Rejection::UserExists(name.clone()));
                 }
                 self.meta.next_user += 1;
-                let user = User { id: UserId(self.meta.next_user), name: name.clone(), created_at: now };
+                let user = User {
+                    id: UserId(self.meta.next_user),
+                    name: name.clone(),
+                    created_at: now,
+                };
                 self.users.insert(user.id, user.clone());
                 fx.records.extend([Record::Meta, Record::User(user.id)]);
                 fx.changes.push(Change::UserChanged(user.id));
                 Ok(Outcome::User(user))
             }
             Command::RenameUser { old, new } => {
-                names::validate_user_name(new).map_err(|e| Rejection::InvalidName(new.clone(), e))?;
+                names::validate_user_name(new)
+                    .map_err(|e| Rejection::InvalidName(new.clone(), e))?;
                 let id = self.user_id(old)?;
                 if self.user_by_name(new).is_some() {
                     return Err(Rejection::UserExists(new.clone()));
@@ -261,8 +281,12 @@ impl Registry {
                 }
                 let user = self.users.remove(&id).expect("looked up above");
                 fx.records.push(Record::User(id));
-                let keys: Vec<PreAuthKeyId> =
-                    self.preauth_keys.values().filter(|k| k.user == id).map(|k| k.id).collect();
+                let keys: Vec<PreAuthKeyId> = self
+                    .preauth_keys
+                    .values()
+                    .filter(|k| k.user == id)
+                    .map(|k| k.id)
+                    .collect();
                 for key in keys {
                     self.preauth_keys.remove(&key);
                     fx.records.push(Record::PreAuthKey(key));
@@ -270,7 +294,15 @@ impl Registry {
                 fx.changes.push(Change::UserChanged(id));
                 Ok(Outcome::User(user))
             }
-            Command::CreatePreAuthKey { user, prefix, hash, reusable, ephemeral, expiration, tags } => {
+            Command::CreatePreAuthKey {
+                user,
+                prefix,
+                hash,
+                reusable,
+                ephemeral,
+                expiration,
+                tags,
+            } => {
                 let user = self.user_id(user)?;
                 validate_tags(tags)?;
                 self.meta.next_preauth += 1;
@@ -287,7 +319,8 @@ impl Registry {
                     created_at: now,
                 };
                 self.preauth_keys.insert(key.id, key.clone());
-                fx.records.extend([Record::Meta, Record::PreAuthKey(key.id)]);
+                fx.records
+                    .extend([Record::Meta, Record::PreAuthKey(key.id)]);
                 Ok(Outcome::PreAuthKey(key))
             }
             Command::ExpirePreAuthKey { user, prefix } => {
@@ -303,7 +336,11 @@ impl Registry {
                 fx.records.push(Record::PreAuthKey(key.id));
                 Ok(Outcome::PreAuthKey(key.clone()))
             }
-            Command::CreateApiKey { prefix, hash, expiration } => {
+            Command::CreateApiKey {
+                prefix,
+                hash,
+                expiration,
+            } => {
                 if self.api_key_by_prefix(prefix).is_some() {
                     return Err(Rejection::ApiKeyExists(prefix.clone()));
                 }
@@ -341,9 +378,16 @@ impl Registry {
                 fx.records.push(Record::ApiKey(id));
                 Ok(Outcome::ApiKey(key))
             }
-            Command::RegisterNode { request, auth, auto_approve, expiry } => {
+            Command::RegisterNode {
+                request,
+                auth,
+                auto_approve,
+                expiry,
+            } => {
                 let NodeAuth::PreAuthKey { prefix, hash } = auth;
-                let key = self.check_preauth_key(prefix, hash, &request.machine_key, now)?.clone();
+                let key = self
+                    .check_preauth_key(prefix, hash, &request.machine_key, now)?
+                    .clone();
                 let mut tags = key.tags.clone();
                 for t in &request.request_tags {
                     if key.tags.contains(t) && !tags.contains(t) {
@@ -362,14 +406,23 @@ impl Registry {
                     fx,
                 )?;
                 if !key.used {
-                    self.preauth_keys.get_mut(&key.id).expect("checked above").used = true;
+                    self.preauth_keys
+                        .get_mut(&key.id)
+                        .expect("checked above")
+                        .used = true;
                     fx.records.push(Record::PreAuthKey(key.id));
                 }
                 Ok(Outcome::Node(Box::new(node)))
             }
-            Command::BeginInteractive { auth_id, request, expires_at } => {
+            Command::BeginInteractive {
+                auth_id,
+                request,
+                expires_at,
+            } => {
                 if self.by_node_key.get(&request.node_key).is_some_and(|id| {
-                    self.nodes.get(id).is_some_and(|n| n.machine_key != request.machine_key)
+                    self.nodes
+                        .get(id)
+                        .is_some_and(|n| n.machine_key != request.machine_key)
                 }) {
                     return Err(Rejection::NodeKeyInUse(request.node_key.short()));
                 }
@@ -385,7 +438,12 @@ impl Registry {
                 fx.changes.push(Change::PendingChanged(auth_id.clone()));
                 Ok(Outcome::Pending(Box::new(pending)))
             }
-            Command::CompleteInteractive { auth_id, user, auto_approve, expiry } => {
+            Command::CompleteInteractive {
+                auth_id,
+                user,
+                auto_approve,
+                expiry,
+            } => {
                 let user = self.user_id(user)?;
                 let pending = self
                     .pending
@@ -412,8 +470,15 @@ impl Registry {
                 fx.changes.push(Change::PendingChanged(auth_id.clone()));
                 Ok(Outcome::Node(Box::new(node)))
             }
-            Command::RotateNodeKey { machine_key, old, new } => {
-                let id = *self.by_node_key.get(old).ok_or_else(|| Rejection::NodeKeyNotFound(old.short()))?;
+            Command::RotateNodeKey {
+                machine_key,
+                old,
+                new,
+            } => {
+                let id = *self
+                    .by_node_key
+                    .get(old)
+                    .ok_or_else(|| Rejection::NodeKeyNotFound(old.short()))?;
                 let node = &self.nodes[&id];
                 if &node.machine_key != machine_key {
                     return Err(Rejection::MachineKeyMismatch(old.short()));
@@ -424,7 +489,10 @@ impl Registry {
                 let node = self.update_node(id, fx, |n| n.node_key = *new);
                 Ok(Outcome::Node(Box::new(node)))
             }
-            Command::LogoutNode { machine_key, node_key } => {
+            Command::LogoutNode {
+                machine_key,
+                node_key,
+            } => {
                 let id = *self
                     .by_node_key
                     .get(node_key)
@@ -439,7 +507,12 @@ impl Registry {
                 let node = self.update_node(id, fx, |n| n.expiry = Some(now));
                 Ok(Outcome::Node(Box::new(node)))
             }
-            Command::UpdateNodeInfo { id, hostname, hostinfo, disco_key } => {
+            Command::UpdateNodeInfo {
+                id,
+                hostname,
+                hostinfo,
+                disco_key,
+            } => {
                 self.node_exists(*id)?;
                 let node = self.update_node(*id, fx, |n| {
                     n.hostname = hostname.clone();
@@ -473,7 +546,11 @@ impl Registry {
                 Ok(Outcome::Removed(vec![*id]))
             }
             Command::DeleteNodes { ids } => {
-                let present: Vec<NodeId> = ids.iter().copied().filter(|id| self.nodes.contains_key(id)).collect();
+                let present: Vec<NodeId> = ids
+                    .iter()
+                    .copied()
+                    .filter(|id| self.nodes.contains_key(id))
+                    .collect();
                 for id in &present {
                     self.remove_node(*id, fx);
                 }
@@ -482,8 +559,15 @@ impl Registry {
             Command::RenameNode { id, name } => {
                 self.node_exists(*id)?;
                 names::validate_label(name).map_err(|e| Rejection::InvalidName(name.clone(), e))?;
-                if self.nodes.values().any(|n| n.id != *id && &n.given_name == name) {
-                    return Err(Rejection::InvalidName(name.clone(), "another node has this name".into()));
+                if self
+                    .nodes
+                    .values()
+                    .any(|n| n.id != *id && &n.given_name == name)
+                {
+                    return Err(Rejection::InvalidName(
+                        name.clone(),
+                        "another node has this name".into(),
+                    ));
                 }
                 let node = self.update_node(*id, fx, |n| n.given_name = name.clone());
                 Ok(Outcome::Node(Box::new(node)))
@@ -522,7 +606,11 @@ impl Registry {
     }
 
     fn node_exists(&self, id: NodeId) -> Result<(), Rejection> {
-        if self.nodes.contains_key(&id) { Ok(()) } else { Err(Rejection::NodeNotFound(id)) }
+        if self.nodes.contains_key(&id) {
+            Ok(())
+        } else {
+            Err(Rejection::NodeNotFound(id))
+        }
     }
 
     fn update_node(&mut self, id: NodeId, fx: &mut Effects, edit: impl FnOnce(&mut Node)) -> Node {
@@ -603,13 +691,15 @@ impl Registry {
         }
         let ipv4 = match self.settings.prefix_v4 {
             Some(net) => Some(
-                ipalloc::next_v4(net, &self.used_v4).ok_or_else(|| Rejection::AddressesExhausted(net.to_string()))?,
+                ipalloc::next_v4(net, &self.used_v4)
+                    .ok_or_else(|| Rejection::AddressesExhausted(net.to_string()))?,
             ),
             None => None,
         };
         let ipv6 = match self.settings.prefix_v6 {
             Some(net) => Some(
-                ipalloc::next_v6(net, &self.used_v6).ok_or_else(|| Rejection::AddressesExhausted(net.to_string()))?,
+                ipalloc::next_v6(net, &self.used_v6)
+                    .ok_or_else(|| Rejection::AddressesExhausted(net.to_string()))?,
             ),
             None => None,
         };
@@ -653,7 +743,10 @@ impl Registry {
         }
         match record {
             Record::Meta => (b"meta".to_vec(), Some(enc(&self.meta))),
-            Record::User(id) => (format!("user/{:020}", id.0).into_bytes(), self.users.get(id).map(enc)),
+            Record::User(id) => (
+                format!("user/{:020}", id.0).into_bytes(),
+                self.users.get(id).map(enc),
+            ),
             Record::Node(id) => (
                 format!("node/{:020}", id.0).into_bytes(),
                 self.nodes.get(id).map(|n| enc(n.as_ref())),
@@ -662,8 +755,14 @@ impl Registry {
                 format!("preauthkey/{:020}", id.0).into_bytes(),
                 self.preauth_keys.get(id).map(enc),
             ),
-            Record::ApiKey(id) => (format!("apikey/{:020}", id.0).into_bytes(), self.api_keys.get(id).map(enc)),
-            Record::Pending(id) => (format!("pending/{id}").into_bytes(), self.pending.get(id).map(enc)),
+            Record::ApiKey(id) => (
+                format!("apikey/{:020}", id.0).into_bytes(),
+                self.api_keys.get(id).map(enc),
+            ),
+            Record::Pending(id) => (
+                format!("pending/{id}").into_bytes(),
+                self.pending.get(id).map(enc),
+            ),
         }
     }
 
@@ -692,7 +791,10 @@ impl Registry {
         let mut reg = Registry::new(settings);
         for (key, value) in records {
             let key = String::from_utf8_lossy(&key).into_owned();
-            let decode_err = |source| StoreError::Decode { key: key.clone(), source };
+            let decode_err = |source| StoreError::Decode {
+                key: key.clone(),
+                source,
+            };
             let kind = key.split('/').next().unwrap_or("");
             match kind {
                 "meta" => reg.meta = serde_json::from_slice(&value).map_err(decode_err)?,
@@ -714,7 +816,8 @@ impl Registry {
                     reg.api_keys.insert(k.id, k);
                 }
                 "pending" => {
-                    let p: PendingRegistration = serde_json::from_slice(&value).map_err(decode_err)?;
+                    let p: PendingRegistration =
+                        serde_json::from_slice(&value).map_err(decode_err)?;
                     reg.pending.insert(p.auth_id.clone(), p);
                 }
                 _ => return Err(StoreError::UnknownKey(key)),

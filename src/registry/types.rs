@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the Unix epoch. Stamped into commands by the proposer so that
 /// `Registry::apply` never reads a clock and every member derives the same state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(transparent)]
 pub struct Timestamp(pub i64);
 
@@ -111,7 +113,10 @@ macro_rules! key_type {
 
 impl Clone for KeyParseError {
     fn clone(&self) -> Self {
-        KeyParseError { kind: self.kind, prefix: self.prefix }
+        KeyParseError {
+            kind: self.kind,
+            prefix: self.prefix,
+        }
     }
 }
 

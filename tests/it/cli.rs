@@ -10,7 +10,10 @@ fn users_keys_and_errors() {
     assert_eq!(user["name"], "erin");
     let users = c.hsctl_json(1, &["users", "list"]);
     let u = &users.as_array().unwrap()[0];
-    assert!(u["id"].is_u64() && u["created_at"].is_string(), "users list shape: {users}");
+    assert!(
+        u["id"].is_u64() && u["created_at"].is_string(),
+        "users list shape: {users}"
+    );
 
     // Duplicate and unknown names: clear error, exit 1, nothing changed.
     let dup = c.hsctl(1, &["users", "create", "erin"]);
@@ -18,13 +21,51 @@ fn users_keys_and_errors() {
     assert!(String::from_utf8_lossy(&dup.stderr).contains("erin"));
     let unknown = c.hsctl(1, &["preauthkeys", "create", "--user", "ghost"]);
     assert_eq!(unknown.status.code(), Some(1));
-    let bad_dur = c.hsctl(1, &["preauthkeys", "create", "--user", "erin", "--expiration", "soon"]);
+    let bad_dur = c.hsctl(
+        1,
+        &[
+            "preauthkeys",
+            "create",
+            "--user",
+            "erin",
+            "--expiration",
+            "soon",
+        ],
+    );
     assert_eq!(bad_dur.status.code(), Some(64), "usage error");
-    assert_eq!(c.hsctl_json(1, &["users", "list"]).as_array().unwrap().len(), 1);
+    assert_eq!(
+        c.hsctl_json(1, &["users", "list"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 
-    let key = c.hsctl_json(1, &["preauthkeys", "create", "--user", "erin", "--ephemeral", "--tags", "tag:ci"]);
-    for field in ["key", "user", "reusable", "ephemeral", "expiration", "used", "tags"] {
-        assert!(key.get(field).is_some(), "preauthkey JSON lacks {field}: {key}");
+    let key = c.hsctl_json(
+        1,
+        &[
+            "preauthkeys",
+            "create",
+            "--user",
+            "erin",
+            "--ephemeral",
+            "--tags",
+            "tag:ci",
+        ],
+    );
+    for field in [
+        "key",
+        "user",
+        "reusable",
+        "ephemeral",
+        "expiration",
+        "used",
+        "tags",
+    ] {
+        assert!(
+            key.get(field).is_some(),
+            "preauthkey JSON lacks {field}: {key}"
+        );
     }
     assert_eq!(key["tags"][0], "tag:ci");
     assert_eq!(key["ephemeral"], true);
@@ -34,14 +75,39 @@ fn users_keys_and_errors() {
     let secret = api["key"].as_str().unwrap().to_string();
     assert!(api["prefix"].is_string());
     let addr = c.members[0].grpc_addr();
-    let ok = hsctl(&["--address", &addr, "--api-key", &secret, "users", "list", "-o", "json"]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let ok = hsctl(&[
+        "--address",
+        &addr,
+        "--api-key",
+        &secret,
+        "users",
+        "list",
+        "-o",
+        "json",
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let wrong = format!("{}x", &secret[..secret.len() - 1]);
     let denied = hsctl(&["--address", &addr, "--api-key", &wrong, "users", "list"]);
-    assert_eq!(denied.status.code(), Some(77), "wrong API key: {}", String::from_utf8_lossy(&denied.stderr));
+    assert_eq!(
+        denied.status.code(),
+        Some(77),
+        "wrong API key: {}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
     let none = hsctl(&["--address", &addr, "users", "list"]);
     assert_eq!(none.status.code(), Some(77));
-    let garbage = hsctl(&["--address", &addr, "--api-key", "not-a-key", "users", "list"]);
+    let garbage = hsctl(&[
+        "--address",
+        &addr,
+        "--api-key",
+        "not-a-key",
+        "users",
+        "list",
+    ]);
     assert_eq!(garbage.status.code(), Some(77));
     // Expired API key.
     c.hsctl_json(1, &["apikeys", "expire", api["prefix"].as_str().unwrap()]);
@@ -49,7 +115,14 @@ fn users_keys_and_errors() {
     assert_eq!(expired.status.code(), Some(77));
 
     // Nothing listening: unavailable.
-    let gone = hsctl(&["--socket", "/nonexistent/hsd.sock", "--timeout", "1s", "users", "list"]);
+    let gone = hsctl(&[
+        "--socket",
+        "/nonexistent/hsd.sock",
+        "--timeout",
+        "1s",
+        "users",
+        "list",
+    ]);
     assert_eq!(gone.status.code(), Some(69));
     // Unknown command: usage.
     assert_eq!(hsctl(&["frobnicate"]).status.code(), Some(64));
@@ -65,17 +138,41 @@ fn users_keys_and_errors() {
 fn config_check() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
-    std::fs::write(&bad, "listen_addr: 127.0.0.1:8080\nprefixes:\n  v4: 10.0.0.0/33\n").unwrap();
-    let out = std::process::Command::new(crate::harness::hsd_bin()).args(["config", "check", "--config"]).arg(&bad).output().unwrap();
+    std::fs::write(
+        &bad,
+        "listen_addr: 127.0.0.1:8080\nprefixes:\n  v4: 10.0.0.0/33\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(crate::harness::hsd_bin())
+        .args(["config", "check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("prefixes.v4"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("prefixes.v4"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let unknown = dir.path().join("unknown.yaml");
     std::fs::write(&unknown, "listen_adr: 127.0.0.1:8080\n").unwrap();
-    let out = std::process::Command::new(crate::harness::hsd_bin()).args(["config", "check", "--config"]).arg(&unknown).output().unwrap();
+    let out = std::process::Command::new(crate::harness::hsd_bin())
+        .args(["config", "check", "--config"])
+        .arg(&unknown)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen_adr"));
     let good = dir.path().join("good.yaml");
     std::fs::write(&good, "listen_addr: 127.0.0.1:8080\n").unwrap();
-    let out = std::process::Command::new(crate::harness::hsd_bin()).args(["config", "check", "--config"]).arg(&good).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(crate::harness::hsd_bin())
+        .args(["config", "check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

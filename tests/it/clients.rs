@@ -10,7 +10,11 @@ const JOIN: Duration = Duration::from_secs(60);
 fn ip4(node: &serde_json::Value) -> String {
     node["ip_addresses"]
         .as_array()
-        .and_then(|a| a.iter().filter_map(|v| v.as_str()).find(|s| s.contains('.')))
+        .and_then(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str())
+                .find(|s| s.contains('.'))
+        })
         .expect("an IPv4 address")
         .to_string()
 }
@@ -41,7 +45,14 @@ fn two_clients_talk(force_derp: bool) {
     assert_eq!(node_a["user"], "alice");
     assert_eq!(node_a["approved"], true);
     assert_eq!(node_a["member"], 1);
-    assert!(node_a["ip_addresses"].as_array().unwrap().iter().any(|v| v.as_str().unwrap().contains(':')), "IPv6 too");
+    assert!(
+        node_a["ip_addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v.as_str().unwrap().contains(':')),
+        "IPv6 too"
+    );
     a.wait_reach("hello from bravo", JOIN);
 }
 
@@ -65,7 +76,17 @@ fn used_and_expired_keys_are_refused() {
     assert_eq!(once["reusable"], false);
     assert_eq!(once["used"], false);
     let once = once["key"].as_str().unwrap().to_string();
-    let expired = c.hsctl_json(1, &["preauthkeys", "create", "--user", "bob", "--expiration", "1s"]);
+    let expired = c.hsctl_json(
+        1,
+        &[
+            "preauthkeys",
+            "create",
+            "--user",
+            "bob",
+            "--expiration",
+            "1s",
+        ],
+    );
     let expired = expired["key"].as_str().unwrap().to_string();
     std::thread::sleep(Duration::from_secs(2));
 
@@ -78,7 +99,10 @@ fn used_and_expired_keys_are_refused() {
     });
     c.wait_online(1, "first", JOIN);
     let used = c.hsctl_json(1, &["preauthkeys", "list", "--user", "bob"]);
-    assert!(used.as_array().unwrap().iter().any(|k| k["used"] == true), "key marked used: {used}");
+    assert!(
+        used.as_array().unwrap().iter().any(|k| k["used"] == true),
+        "key marked used: {used}"
+    );
 
     let second = TsClient::start(ClientOpts {
         name: "second".into(),
@@ -94,8 +118,17 @@ fn used_and_expired_keys_are_refused() {
     });
     std::thread::sleep(Duration::from_secs(10));
     let nodes = c.hsctl_json(1, &["nodes", "list"]);
-    let names: Vec<&str> = nodes.as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();
-    assert_eq!(names, vec!["first"], "refused clients must not be registered");
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["first"],
+        "refused clients must not be registered"
+    );
     drop((second, late));
 }
 
@@ -111,17 +144,30 @@ fn interactive_registration() {
         ..Default::default()
     });
     let url = wait_for("an AuthURL in the client's log", JOIN, || client.auth_url());
-    assert!(url.starts_with(&c.members[0].control_url()), "AuthURL {url} points at the member");
+    assert!(
+        url.starts_with(&c.members[0].control_url()),
+        "AuthURL {url} points at the member"
+    );
     let auth_id = url.rsplit('/').next().unwrap().to_string();
     // The page tells an admin what to run.
-    let page = crate::harness::http_get(&format!("{}:8080", c.members[0].ip), &format!("/register/{auth_id}"), Duration::from_secs(5))
-        .expect("register page");
+    let page = crate::harness::http_get(
+        &format!("{}:8080", c.members[0].ip),
+        &format!("/register/{auth_id}"),
+        Duration::from_secs(5),
+    )
+    .expect("register page");
     assert_eq!(page.0, 200);
     assert!(page.1.contains("hsctl nodes register"));
 
-    let bad = c.hsctl(1, &["nodes", "register", "--user", "nobody", "--key", &auth_id]);
+    let bad = c.hsctl(
+        1,
+        &["nodes", "register", "--user", "nobody", "--key", &auth_id],
+    );
     assert!(!bad.status.success(), "unknown user is refused");
-    let node = c.hsctl_json(1, &["nodes", "register", "--user", "carol", "--key", &auth_id]);
+    let node = c.hsctl_json(
+        1,
+        &["nodes", "register", "--user", "carol", "--key", &auth_id],
+    );
     assert_eq!(node["user"], "carol");
     let online = c.wait_online(1, "inter", JOIN);
     assert_eq!(online["user"], "carol");
@@ -130,15 +176,28 @@ fn interactive_registration() {
 /// With `node_approval: manual`, a new node waits until an admin approves it.
 #[test]
 fn manual_approval() {
-    let c = TestCluster::start(1, ClusterOpts { manual_approval: true, ..Default::default() });
+    let c = TestCluster::start(
+        1,
+        ClusterOpts {
+            manual_approval: true,
+            ..Default::default()
+        },
+    );
     let key = c.user_with_key("dave", &["--reusable"]);
     let url = c.members[0].control_url();
-    let _b = TsClient::start(ClientOpts { name: "mb".into(), control_url: url.clone(), auth_key: Some(key.clone()), ..Default::default() });
+    let _b = TsClient::start(ClientOpts {
+        name: "mb".into(),
+        control_url: url.clone(),
+        auth_key: Some(key.clone()),
+        ..Default::default()
+    });
     let b = wait_for("node mb registered", JOIN, || c.node(1, "mb"));
     assert_eq!(b["approved"], false);
     let id = b["id"].as_u64().unwrap().to_string();
     c.hsctl_json(1, &["nodes", "approve", &id]);
-    let b = wait_for("node mb approved", JOIN, || c.node(1, "mb").filter(|n| n["approved"] == true));
+    let b = wait_for("node mb approved", JOIN, || {
+        c.node(1, "mb").filter(|n| n["approved"] == true)
+    });
     let a = TsClient::start(ClientOpts {
         name: "ma".into(),
         control_url: url,
@@ -147,6 +206,9 @@ fn manual_approval() {
         ..Default::default()
     });
     let ma = wait_for("node ma registered", JOIN, || c.node(1, "ma"));
-    c.hsctl_json(1, &["nodes", "approve", &ma["id"].as_u64().unwrap().to_string()]);
+    c.hsctl_json(
+        1,
+        &["nodes", "approve", &ma["id"].as_u64().unwrap().to_string()],
+    );
     a.wait_reach("hello from mb", JOIN);
 }

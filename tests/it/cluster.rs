@@ -12,7 +12,11 @@ fn three_members_elect_replicate_and_fail_over() {
     let status = c.hsctl_json(2, &["cluster", "status"]);
     let members = status["members"].as_array().unwrap();
     assert_eq!(members.len(), 3);
-    assert_eq!(members.iter().filter(|m| m["role"] == "leader").count(), 1, "{status}");
+    assert_eq!(
+        members.iter().filter(|m| m["role"] == "leader").count(),
+        1,
+        "{status}"
+    );
     assert!(members.iter().all(|m| m["healthy"] == true), "{status}");
 
     // A write on every member (followers forward it), visible everywhere.
@@ -35,17 +39,31 @@ fn three_members_elect_replicate_and_fail_over() {
     });
     assert_ne!(new_leader, leader);
     let s = c.hsctl_json(survivor, &["cluster", "status"]);
-    let dead = s["members"].as_array().unwrap().iter().find(|m| m["id"] == leader).unwrap().clone();
+    let dead = s["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == leader)
+        .unwrap()
+        .clone();
     assert_eq!(dead["role"], "unreachable");
     assert_eq!(dead["healthy"], false);
     c.hsctl_json(survivor, &["users", "create", "after-failover"]);
 
     // The old leader restarts and catches up.
     c.member(leader).start();
-    wait_for("restarted member caught up", Duration::from_secs(20), || {
-        let users = c.hsctl_json(leader, &["users", "list"]);
-        users.as_array()?.iter().any(|u| u["name"] == "after-failover").then_some(())
-    });
+    wait_for(
+        "restarted member caught up",
+        Duration::from_secs(20),
+        || {
+            let users = c.hsctl_json(leader, &["users", "list"]);
+            users
+                .as_array()?
+                .iter()
+                .any(|u| u["name"] == "after-failover")
+                .then_some(())
+        },
+    );
 }
 
 /// A client on member 1 and a client on member 2 see each other and talk, relayed by DERP
@@ -63,7 +81,14 @@ fn clients_on_different_members_talk() {
     });
     let b = c.wait_online(1, "onm2", Duration::from_secs(60));
     assert_eq!(b["member"], 2, "session held by member 2: {b}");
-    let ip = b["ip_addresses"].as_array().unwrap().iter().filter_map(|v| v.as_str()).find(|s| s.contains('.')).unwrap().to_string();
+    let ip = b["ip_addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .find(|s| s.contains('.'))
+        .unwrap()
+        .to_string();
     let a = TsClient::start(ClientOpts {
         name: "onm1".into(),
         control_url: c.members[0].control_url(),

@@ -24,7 +24,12 @@ fn acknowledged_writes_survive_kill_and_term() {
     c.member(1).start();
     c.wait_leader();
     let users = c.hsctl_json(1, &["users", "list"]);
-    let names: Vec<&str> = users.as_array().unwrap().iter().map(|u| u["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, vec!["frank", "grace"]);
 
     // SIGTERM exits 0 within the grace period; the client comes back online by itself with

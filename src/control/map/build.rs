@@ -38,8 +38,17 @@ impl MapContext<'_> {
         let online = self.presence.is_online(node.id);
         // A node whose session is on another member has no local presence; the whole
         // cluster is one DERP region and the relays mesh, so that region reaches it.
-        let cluster_region = self.settings.derp.as_ref().map(|r| r.region_id).unwrap_or(0);
-        let home_derp = live.as_ref().map(|p| p.home_derp).filter(|d| *d > 0).unwrap_or(cluster_region);
+        let cluster_region = self
+            .settings
+            .derp
+            .as_ref()
+            .map(|r| r.region_id)
+            .unwrap_or(0);
+        let home_derp = live
+            .as_ref()
+            .map(|p| p.home_derp)
+            .filter(|d| *d > 0)
+            .unwrap_or(cluster_region);
         let addresses: Vec<String> = node
             .ipv4
             .map(|ip| format!("{ip}/32"))
@@ -60,20 +69,31 @@ impl MapContext<'_> {
             name: self.fqdn(node),
             user: node.user.0,
             key: node.node_key.to_text(),
-            key_expiry: node.expiry.map(|t| t.to_rfc3339()).unwrap_or_else(|| GO_ZERO_TIME.into()),
+            key_expiry: node
+                .expiry
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_else(|| GO_ZERO_TIME.into()),
             machine: node.machine_key.to_text(),
             disco_key: node.disco_key.to_text(),
             allowed_ips: addresses.clone(),
             addresses,
             endpoints: live.map(|p| p.endpoints).unwrap_or_default(),
             home_derp,
-            legacy_derp: if home_derp > 0 { format!("127.3.3.40:{home_derp}") } else { String::new() },
+            legacy_derp: if home_derp > 0 {
+                format!("127.3.3.40:{home_derp}")
+            } else {
+                String::new()
+            },
             hostinfo,
             created: node.created_at.to_rfc3339(),
             tags: node.tags.clone(),
             online: (!is_self).then_some(online),
             // Only offline peers carry LastSeen; on an online peer it confuses clients.
-            last_seen: if is_self || online { None } else { node.last_seen.map(Timestamp::to_rfc3339) },
+            last_seen: if is_self || online {
+                None
+            } else {
+                node.last_seen.map(Timestamp::to_rfc3339)
+            },
             machine_authorized: node.approved,
             expired: node.is_expired(now),
             cap_map,
@@ -92,7 +112,12 @@ impl MapContext<'_> {
         let ids: BTreeSet<UserId> = users.into_iter().collect();
         ids.into_iter()
             .filter_map(|id| self.view.user(id))
-            .map(|u| UserProfile { id: u.id.0, login_name: u.name.clone(), display_name: u.name.clone(), ..Default::default() })
+            .map(|u| UserProfile {
+                id: u.id.0,
+                login_name: u.name.clone(),
+                display_name: u.name.clone(),
+                ..Default::default()
+            })
             .collect()
     }
 
@@ -103,7 +128,11 @@ impl MapContext<'_> {
             domains.push(s.base_domain.clone());
         }
         domains.extend(s.search_domains.iter().cloned());
-        let resolvers: Vec<Value> = s.nameservers.iter().map(|ns| json!({ "Addr": ns })).collect();
+        let resolvers: Vec<Value> = s
+            .nameservers
+            .iter()
+            .map(|ns| json!({ "Addr": ns }))
+            .collect();
         let mut dns = json!({ "Domains": domains, "Proxied": s.magic_dns });
         if !resolvers.is_empty() {
             dns["Resolvers"] = Value::Array(resolvers);
@@ -148,7 +177,10 @@ impl MapContext<'_> {
 
     /// The complete netmap for `node`, and the set of peer ids it contains.
     pub fn full_map(&self, node: &Node) -> (MapResponse, BTreeSet<NodeId>) {
-        let peers: Vec<NodeJson> = self.visible_peers(node).map(|p| self.node_json(p, false)).collect();
+        let peers: Vec<NodeJson> = self
+            .visible_peers(node)
+            .map(|p| self.node_json(p, false))
+            .collect();
         let peer_ids = peers.iter().map(|p| NodeId(p.id)).collect();
         let users = std::iter::once(node.user).chain(peers.iter().map(|p| UserId(p.user)));
         let response = MapResponse {
@@ -157,7 +189,11 @@ impl MapContext<'_> {
             user_profiles: self.user_profiles(users),
             peers: Some(peers),
             dns_config: Some(self.dns_config()),
-            domain: if self.settings.base_domain.is_empty() { "hsd".into() } else { self.settings.base_domain.clone() },
+            domain: if self.settings.base_domain.is_empty() {
+                "hsd".into()
+            } else {
+                self.settings.base_domain.clone()
+            },
             packet_filters: Some(policy::packet_filters(self.view, node)),
             control_time: Some(Timestamp::now().to_rfc3339()),
             // Stops the client uploading logs to Tailscale's log service.

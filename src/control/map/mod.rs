@@ -3,7 +3,6 @@
 pub mod build;
 pub mod session;
 
-
 use std::sync::Arc;
 
 use axum::Extension;
@@ -26,24 +25,53 @@ fn refuse(deps: &ControlDeps, status: StatusCode, message: String) -> Response {
     (status, format!("{message}\n")).into_response()
 }
 
-pub async fn handle(State(deps): State<ControlDeps>, Extension(peer): Extension<NoisePeer>, body: Bytes) -> Response {
+pub async fn handle(
+    State(deps): State<ControlDeps>,
+    Extension(peer): Extension<NoisePeer>,
+    body: Bytes,
+) -> Response {
     if body.len() > MAX_MAP_REQUEST_BYTES {
-        return refuse(&deps, StatusCode::PAYLOAD_TOO_LARGE, "map request too large".into());
+        return refuse(
+            &deps,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "map request too large".into(),
+        );
     }
     let req: MapRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return refuse(&deps, StatusCode::BAD_REQUEST, format!("invalid MapRequest JSON: {e}")),
+        Err(e) => {
+            return refuse(
+                &deps,
+                StatusCode::BAD_REQUEST,
+                format!("invalid MapRequest JSON: {e}"),
+            );
+        }
     };
     if req.version < tailcfg::MIN_CAPABILITY_VERSION {
-        return refuse(&deps, StatusCode::BAD_REQUEST, format!("client capability version {} is too old", req.version));
+        return refuse(
+            &deps,
+            StatusCode::BAD_REQUEST,
+            format!("client capability version {} is too old", req.version),
+        );
     }
     let view = deps.cluster.view();
     let Some(node) = view.node_by_key(&req.node_key).cloned() else {
-        return refuse(&deps, StatusCode::NOT_FOUND, format!("node key {} is not registered", req.node_key.short()));
+        return refuse(
+            &deps,
+            StatusCode::NOT_FOUND,
+            format!("node key {} is not registered", req.node_key.short()),
+        );
     };
     // The handshake authenticates only the machine key; the node key must belong to it.
     if node.machine_key != peer.machine_key {
-        return refuse(&deps, StatusCode::UNAUTHORIZED, format!("node key {} belongs to another machine", req.node_key.short()));
+        return refuse(
+            &deps,
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "node key {} belongs to another machine",
+                req.node_key.short()
+            ),
+        );
     }
 
     record_node_info(&deps, &node, &req).await;
@@ -54,8 +82,11 @@ pub async fn handle(State(deps): State<ControlDeps>, Extension(peer): Extension<
         .and_then(|v| v.as_i64())
         .map(|v| v as i32);
     if !req.endpoints.is_empty() || home_derp.is_some() {
-        deps.presence
-            .update(node.id, (!req.endpoints.is_empty()).then(|| req.endpoints.clone()), home_derp);
+        deps.presence.update(
+            node.id,
+            (!req.endpoints.is_empty()).then(|| req.endpoints.clone()),
+            home_derp,
+        );
     }
 
     let compress = req.compress == "zstd";
@@ -68,18 +99,31 @@ pub async fn handle(State(deps): State<ControlDeps>, Extension(peer): Extension<
         let Some(node) = view.node(node.id).cloned() else {
             return refuse(&deps, StatusCode::NOT_FOUND, "node was removed".into());
         };
-        let ctx = MapContext { view: &view, presence: &deps.presence, settings: &deps.settings };
+        let ctx = MapContext {
+            view: &view,
+            presence: &deps.presence,
+            settings: &deps.settings,
+        };
         let (response, _) = ctx.full_map(&node);
         let frame = build::encode_frame(&response, compress);
-        deps.metrics.map_responses.with_label_values(&["full"]).inc();
+        deps.metrics
+            .map_responses
+            .with_label_values(&["full"])
+            .inc();
         deps.metrics.map_bytes.inc_by(frame.len() as u64);
         return ([(header::CONTENT_TYPE, "application/octet-stream")], frame).into_response();
     }
     let rx = session::start(deps.clone(), node.id, compress);
     let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|frame| (Ok::<Bytes, std::convert::Infallible>(frame), rx))
+        rx.recv()
+            .await
+            .map(|frame| (Ok::<Bytes, std::convert::Infallible>(frame), rx))
     });
-    ([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 /// Hostinfo without `NetInfo`: NetInfo carries DERP latencies that change on every
@@ -110,10 +154,19 @@ async fn record_node_info(deps: &ControlDeps, node: &Arc<Node>, req: &MapRequest
         .and_then(|v| v.as_str())
         .map(String::from)
         .unwrap_or_else(|| node.hostname.clone());
-    let disco_key = if req.disco_key.is_zero() { node.disco_key } else { req.disco_key };
+    let disco_key = if req.disco_key.is_zero() {
+        node.disco_key
+    } else {
+        req.disco_key
+    };
     if let Err(error) = deps
         .cluster
-        .propose(Command::UpdateNodeInfo { id: node.id, hostname, hostinfo, disco_key })
+        .propose(Command::UpdateNodeInfo {
+            id: node.id,
+            hostname,
+            hostinfo,
+            disco_key,
+        })
         .await
     {
         // The map still works with the old values; the next poll retries.

@@ -64,7 +64,8 @@ struct Pending {
 
 impl Pending {
     fn arm(&mut self) {
-        self.deadline.get_or_insert_with(|| Instant::now() + COALESCE_WINDOW);
+        self.deadline
+            .get_or_insert_with(|| Instant::now() + COALESCE_WINDOW);
     }
 }
 
@@ -86,11 +87,24 @@ enum End {
 }
 
 impl Session {
-    async fn run(mut self, mut changes: broadcast::Receiver<std::sync::Arc<AppliedBatch>>, mut presence: broadcast::Receiver<PresenceChange>) {
+    async fn run(
+        mut self,
+        mut changes: broadcast::Receiver<std::sync::Arc<AppliedBatch>>,
+        mut presence: broadcast::Receiver<PresenceChange>,
+    ) {
         self.deps.presence.session_started(self.node);
-        self.deps.metrics.connected_clients.set(self.deps.presence.online_count() as i64);
+        self.deps
+            .metrics
+            .connected_clients
+            .set(self.deps.presence.online_count() as i64);
         tracing::debug!("map stream started");
-        let keepalive_frame = build::encode_frame(&MapResponse { keep_alive: true, ..Default::default() }, self.compress);
+        let keepalive_frame = build::encode_frame(
+            &MapResponse {
+                keep_alive: true,
+                ..Default::default()
+            },
+            self.compress,
+        );
         let mut keepalive_at = Instant::now() + KEEPALIVE_INTERVAL;
 
         let mut end = self.send_full(true).await.err();
@@ -126,7 +140,11 @@ impl Session {
     }
 
     fn count(&self, kind: &str, bytes: usize) {
-        self.deps.metrics.map_responses.with_label_values(&[kind]).inc();
+        self.deps
+            .metrics
+            .map_responses
+            .with_label_values(&[kind])
+            .inc();
         self.deps.metrics.map_bytes.inc_by(bytes as u64);
     }
 
@@ -189,9 +207,16 @@ impl Session {
     async fn send_full(&mut self, wait: bool) -> Result<(), End> {
         let view = self.deps.cluster.view();
         let node = view.node(self.node).cloned().ok_or(End::NodeRemoved)?;
-        let ctx = MapContext { view: &view, presence: &self.deps.presence, settings: &self.deps.settings };
+        let ctx = MapContext {
+            view: &view,
+            presence: &self.deps.presence,
+            settings: &self.deps.settings,
+        };
         let (response, peers) = ctx.full_map(&node);
-        if self.send(build::encode_frame(&response, self.compress), "full", wait).await? {
+        if self
+            .send(build::encode_frame(&response, self.compress), "full", wait)
+            .await?
+        {
             self.sent_peers = peers;
             self.approved = node.approved;
             self.pending = Pending::default();
@@ -213,7 +238,11 @@ impl Session {
         if self.pending.full || me.approved != self.approved {
             return self.send_full(false).await;
         }
-        let ctx = MapContext { view: &view, presence: &self.deps.presence, settings: &self.deps.settings };
+        let ctx = MapContext {
+            view: &view,
+            presence: &self.deps.presence,
+            settings: &self.deps.settings,
+        };
         let pending = std::mem::take(&mut self.pending);
         let mut response = MapResponse::default();
         let mut sent_after = self.sent_peers.clone();
@@ -245,13 +274,24 @@ impl Session {
             }
         }
         if pending.users || !response.peers_changed.is_empty() {
-            let users = std::iter::once(me.user).chain(sent_after.iter().filter_map(|id| view.node(*id).map(|n| n.user)));
+            let users = std::iter::once(me.user).chain(
+                sent_after
+                    .iter()
+                    .filter_map(|id| view.node(*id).map(|n| n.user)),
+            );
             response.user_profiles = ctx.user_profiles(users.collect::<BTreeSet<UserId>>());
         }
         if response.is_empty_delta() {
             return Ok(());
         }
-        if self.send(build::encode_frame(&response, self.compress), "delta", false).await? {
+        if self
+            .send(
+                build::encode_frame(&response, self.compress),
+                "delta",
+                false,
+            )
+            .await?
+        {
             self.sent_peers = sent_after;
         } else {
             self.retry_later();
@@ -261,13 +301,17 @@ impl Session {
 
     async fn finish(self, end: Option<End>) {
         let went_offline = self.deps.presence.session_ended(self.node);
-        self.deps.metrics.connected_clients.set(self.deps.presence.online_count() as i64);
+        self.deps
+            .metrics
+            .connected_clients
+            .set(self.deps.presence.online_count() as i64);
         match end {
             Some(End::NodeRemoved) => tracing::info!("node removed; map stream closed"),
             Some(End::ClientGone) => tracing::debug!("client closed the map stream"),
             None => tracing::debug!("map stream closed by shutdown"),
         }
-        if went_offline && !matches!(end, Some(End::NodeRemoved)) && !self.deps.stop.is_cancelled() {
+        if went_offline && !matches!(end, Some(End::NodeRemoved)) && !self.deps.stop.is_cancelled()
+        {
             // One write per disconnect; peers learn LastSeen from the applied change.
             let cluster = self.deps.cluster.clone();
             let node = self.node;

@@ -3,12 +3,15 @@ use crate::registry::{Command, Request, Timestamp};
 
 struct Builder;
 
-impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir>
+    for Builder
+{
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().expect("tempdir");
         let (view_tx, _) = watch::channel(Arc::new(Registry::default()));
         let (batches, _) = broadcast::channel(16);
-        let (log, sm) = open(dir.path(), RegistrySettings::default(), view_tx, batches).expect("open store");
+        let (log, sm) =
+            open(dir.path(), RegistrySettings::default(), view_tx, batches).expect("open store");
         Ok((dir, log, sm))
     }
 }
@@ -22,7 +25,10 @@ fn openraft_storage_suite() {
 fn entry(index: u64, command: Command) -> Entry<TypeConfig> {
     Entry {
         log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(Request { at: Timestamp(1_700_000_000_000), command }),
+        payload: EntryPayload::Normal(Request {
+            at: Timestamp(1_700_000_000_000),
+            command,
+        }),
     }
 }
 
@@ -33,10 +39,16 @@ async fn applied_state_survives_reopen() {
     {
         let (view_tx, _) = watch::channel(Arc::new(Registry::default()));
         let (batches, _) = broadcast::channel(16);
-        let (_log, mut sm) = open(dir.path(), RegistrySettings::default(), view_tx, batches).unwrap();
+        let (_log, mut sm) =
+            open(dir.path(), RegistrySettings::default(), view_tx, batches).unwrap();
         let out = sm
             .apply(vec![
-                entry(1, Command::CreateUser { name: "alice".into() }),
+                entry(
+                    1,
+                    Command::CreateUser {
+                        name: "alice".into(),
+                    },
+                ),
                 entry(2, Command::CreateUser { name: "bob".into() }),
             ])
             .await
@@ -59,15 +71,33 @@ async fn snapshot_round_trip() {
     let (view_tx, _) = watch::channel(Arc::new(Registry::default()));
     let (batches, _) = broadcast::channel(16);
     let (_l1, mut sm1) = open(d1.path(), RegistrySettings::default(), view_tx, batches).unwrap();
-    sm1.apply(vec![entry(1, Command::CreateUser { name: "carol".into() })]).await.unwrap();
-    let snap = sm1.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    sm1.apply(vec![entry(
+        1,
+        Command::CreateUser {
+            name: "carol".into(),
+        },
+    )])
+    .await
+    .unwrap();
+    let snap = sm1
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
 
     let (view_tx, view_rx) = watch::channel(Arc::new(Registry::default()));
     let (batches, mut batch_rx) = broadcast::channel(16);
     let (_l2, mut sm2) = open(d2.path(), RegistrySettings::default(), view_tx, batches).unwrap();
-    sm2.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    sm2.install_snapshot(&snap.meta, snap.snapshot)
+        .await
+        .unwrap();
     assert!(view_rx.borrow().user_by_name("carol").is_some());
     assert!(batch_rx.try_recv().unwrap().full_resync);
-    let current = sm2.get_current_snapshot().await.unwrap().expect("snapshot stored");
+    let current = sm2
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("snapshot stored");
     assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(1));
 }

@@ -32,7 +32,16 @@ struct Fixture {
 /// A registry with user "alice" and one pre-auth key with the given flags.
 fn fixture(reusable: bool, expiration: Option<Timestamp>) -> Fixture {
     let mut reg = Registry::new(RegistrySettings::default());
-    assert!(matches!(run(&mut reg, 0, Command::CreateUser { name: "alice".into() }), Outcome::User(_)));
+    assert!(matches!(
+        run(
+            &mut reg,
+            0,
+            Command::CreateUser {
+                name: "alice".into()
+            }
+        ),
+        Outcome::User(_)
+    ));
     let secret = secrets::generate(SecretKind::PreAuth);
     let out = run(
         &mut reg,
@@ -48,7 +57,10 @@ fn fixture(reusable: bool, expiration: Option<Timestamp>) -> Fixture {
         },
     );
     assert!(matches!(out, Outcome::PreAuthKey(_)));
-    Fixture { reg, key_full: secret.full }
+    Fixture {
+        reg,
+        key_full: secret.full,
+    }
 }
 
 fn register(f: &mut Fixture, t: i64, req: NodeRequest) -> Outcome {
@@ -56,7 +68,12 @@ fn register(f: &mut Fixture, t: i64, req: NodeRequest) -> Outcome {
     run(
         &mut f.reg,
         t,
-        Command::RegisterNode { request: req, auth: NodeAuth::PreAuthKey { prefix, hash }, auto_approve: true, expiry: None },
+        Command::RegisterNode {
+            request: req,
+            auth: NodeAuth::PreAuthKey { prefix, hash },
+            auto_approve: true,
+            expiry: None,
+        },
     )
 }
 
@@ -64,8 +81,17 @@ fn register(f: &mut Fixture, t: i64, req: NodeRequest) -> Outcome {
 fn duplicate_user_is_rejected_and_changes_nothing() {
     let mut f = fixture(false, None);
     let before = f.reg.clone();
-    let out = run(&mut f.reg, 5, Command::CreateUser { name: "alice".into() });
-    assert_eq!(out, Outcome::Rejected(Rejection::UserExists("alice".into())));
+    let out = run(
+        &mut f.reg,
+        5,
+        Command::CreateUser {
+            name: "alice".into(),
+        },
+    );
+    assert_eq!(
+        out,
+        Outcome::Rejected(Rejection::UserExists("alice".into()))
+    );
     assert!(f.reg.same_data(&before));
 }
 
@@ -73,16 +99,23 @@ fn duplicate_user_is_rejected_and_changes_nothing() {
 fn single_use_key_registers_one_machine_only() {
     let mut f = fixture(false, None);
     let out = register(&mut f, 10, node_request(1, 11, "a"));
-    let Outcome::Node(node) = out else { panic!("{out:?}") };
+    let Outcome::Node(node) = out else {
+        panic!("{out:?}")
+    };
     assert_eq!(node.ipv4.unwrap().to_string(), "100.64.0.1");
     assert_eq!(node.ipv6.unwrap().to_string(), "fd7a:115c:a1e0::1");
     let before = f.reg.clone();
     let out = register(&mut f, 11, node_request(2, 12, "b"));
-    assert!(matches!(out, Outcome::Rejected(Rejection::PreAuthKeyUsed(_))), "{out:?}");
+    assert!(
+        matches!(out, Outcome::Rejected(Rejection::PreAuthKeyUsed(_))),
+        "{out:?}"
+    );
     assert!(f.reg.same_data(&before));
     // The same machine may log in again with its key (e.g. after a node-key rotation).
     let out = register(&mut f, 12, node_request(1, 13, "a"));
-    let Outcome::Node(again) = out else { panic!("{out:?}") };
+    let Outcome::Node(again) = out else {
+        panic!("{out:?}")
+    };
     assert_eq!(again.id, node.id);
     assert_eq!(again.ipv4, node.ipv4);
     assert_eq!(f.reg.node_count(), 1);
@@ -93,7 +126,10 @@ fn expired_key_is_rejected_and_changes_nothing() {
     let mut f = fixture(true, Some(at(100)));
     let before = f.reg.clone();
     let out = register(&mut f, 100, node_request(1, 11, "a"));
-    assert!(matches!(out, Outcome::Rejected(Rejection::PreAuthKeyExpired { .. })), "{out:?}");
+    assert!(
+        matches!(out, Outcome::Rejected(Rejection::PreAuthKeyExpired { .. })),
+        "{out:?}"
+    );
     assert!(f.reg.same_data(&before));
 }
 
@@ -106,7 +142,10 @@ fn wrong_secret_with_right_prefix_is_unknown() {
         5,
         Command::RegisterNode {
             request: node_request(1, 11, "a"),
-            auth: NodeAuth::PreAuthKey { prefix, hash: SecretHash::of("guess") },
+            auth: NodeAuth::PreAuthKey {
+                prefix,
+                hash: SecretHash::of("guess"),
+            },
             auto_approve: true,
             expiry: None,
         },
@@ -149,35 +188,72 @@ fn node_key_of_another_machine_is_refused() {
     let mut f = fixture(true, None);
     register(&mut f, 10, node_request(1, 11, "a"));
     let out = register(&mut f, 11, node_request(2, 11, "b"));
-    assert!(matches!(out, Outcome::Rejected(Rejection::NodeKeyInUse(_))), "{out:?}");
+    assert!(
+        matches!(out, Outcome::Rejected(Rejection::NodeKeyInUse(_))),
+        "{out:?}"
+    );
 }
 
 #[test]
 fn rotation_logout_and_ephemeral_removal() {
     let mut f = fixture(true, None);
-    let Outcome::Node(node) = register(&mut f, 10, node_request(1, 11, "a")) else { panic!() };
+    let Outcome::Node(node) = register(&mut f, 10, node_request(1, 11, "a")) else {
+        panic!()
+    };
     let out = run(
         &mut f.reg,
         20,
-        Command::RotateNodeKey { machine_key: MachineKey(key(1)), old: NodeKey(key(11)), new: NodeKey(key(12)) },
+        Command::RotateNodeKey {
+            machine_key: MachineKey(key(1)),
+            old: NodeKey(key(11)),
+            new: NodeKey(key(12)),
+        },
     );
     assert!(matches!(out, Outcome::Node(_)));
     assert!(f.reg.node_by_key(&NodeKey(key(11))).is_none());
     assert_eq!(f.reg.node_by_key(&NodeKey(key(12))).unwrap().id, node.id);
     // Logout from another machine is refused.
-    let out = run(&mut f.reg, 21, Command::LogoutNode { machine_key: MachineKey(key(9)), node_key: NodeKey(key(12)) });
-    assert!(matches!(out, Outcome::Rejected(Rejection::MachineKeyMismatch(_))));
-    run(&mut f.reg, 22, Command::LogoutNode { machine_key: MachineKey(key(1)), node_key: NodeKey(key(12)) });
+    let out = run(
+        &mut f.reg,
+        21,
+        Command::LogoutNode {
+            machine_key: MachineKey(key(9)),
+            node_key: NodeKey(key(12)),
+        },
+    );
+    assert!(matches!(
+        out,
+        Outcome::Rejected(Rejection::MachineKeyMismatch(_))
+    ));
+    run(
+        &mut f.reg,
+        22,
+        Command::LogoutNode {
+            machine_key: MachineKey(key(1)),
+            node_key: NodeKey(key(12)),
+        },
+    );
     assert!(f.reg.node(node.id).unwrap().is_expired(at(22)));
 
     let mut eph = node_request(3, 31, "tmp");
     eph.ephemeral = true;
-    let Outcome::Node(tmp) = register(&mut f, 30, eph) else { panic!() };
-    let out = run(&mut f.reg, 31, Command::LogoutNode { machine_key: MachineKey(key(3)), node_key: NodeKey(key(31)) });
+    let Outcome::Node(tmp) = register(&mut f, 30, eph) else {
+        panic!()
+    };
+    let out = run(
+        &mut f.reg,
+        31,
+        Command::LogoutNode {
+            machine_key: MachineKey(key(3)),
+            node_key: NodeKey(key(31)),
+        },
+    );
     assert_eq!(out, Outcome::Removed(vec![tmp.id]));
     assert!(f.reg.node(tmp.id).is_none());
     // Its address is free again, but ids are never reused.
-    let Outcome::Node(next) = register(&mut f, 32, node_request(4, 41, "n")) else { panic!() };
+    let Outcome::Node(next) = register(&mut f, 32, node_request(4, 41, "n")) else {
+        panic!()
+    };
     assert_eq!(next.ipv4, tmp.ipv4);
     assert!(next.id > tmp.id);
 }
@@ -189,38 +265,74 @@ fn interactive_registration_completes_once_and_expires() {
     run(
         &mut reg,
         1,
-        Command::BeginInteractive { auth_id: "abc".into(), request: node_request(5, 51, "laptop"), expires_at: at(1000) },
+        Command::BeginInteractive {
+            auth_id: "abc".into(),
+            request: node_request(5, 51, "laptop"),
+            expires_at: at(1000),
+        },
     );
     let out = run(
         &mut reg,
         2,
-        Command::CompleteInteractive { auth_id: "abc".into(), user: "bob".into(), auto_approve: false, expiry: None },
+        Command::CompleteInteractive {
+            auth_id: "abc".into(),
+            user: "bob".into(),
+            auto_approve: false,
+            expiry: None,
+        },
     );
-    let Outcome::Node(node) = out else { panic!("{out:?}") };
+    let Outcome::Node(node) = out else {
+        panic!("{out:?}")
+    };
     assert!(!node.approved);
     assert_eq!(reg.pending("abc").unwrap().node, Some(node.id));
     let again = run(
         &mut reg,
         3,
-        Command::CompleteInteractive { auth_id: "abc".into(), user: "bob".into(), auto_approve: true, expiry: None },
+        Command::CompleteInteractive {
+            auth_id: "abc".into(),
+            user: "bob".into(),
+            auto_approve: true,
+            expiry: None,
+        },
     );
-    assert!(matches!(again, Outcome::Rejected(Rejection::RegistrationCompleted(_))));
+    assert!(matches!(
+        again,
+        Outcome::Rejected(Rejection::RegistrationCompleted(_))
+    ));
     run(&mut reg, 1000, Command::Noop);
     assert!(reg.pending("abc").is_none());
     let out = run(
         &mut reg,
         1001,
-        Command::CompleteInteractive { auth_id: "zzz".into(), user: "bob".into(), auto_approve: true, expiry: None },
+        Command::CompleteInteractive {
+            auth_id: "zzz".into(),
+            user: "bob".into(),
+            auto_approve: true,
+            expiry: None,
+        },
     );
-    assert!(matches!(out, Outcome::Rejected(Rejection::RegistrationNotFound(_))));
+    assert!(matches!(
+        out,
+        Outcome::Rejected(Rejection::RegistrationNotFound(_))
+    ));
 }
 
 #[test]
 fn user_with_nodes_cannot_be_deleted() {
     let mut f = fixture(true, None);
     register(&mut f, 10, node_request(1, 11, "a"));
-    let out = run(&mut f.reg, 11, Command::DeleteUser { name: "alice".into() });
-    assert!(matches!(out, Outcome::Rejected(Rejection::UserHasNodes(_, 1))));
+    let out = run(
+        &mut f.reg,
+        11,
+        Command::DeleteUser {
+            name: "alice".into(),
+        },
+    );
+    assert!(matches!(
+        out,
+        Outcome::Rejected(Rejection::UserHasNodes(_, 1))
+    ));
 }
 
 #[test]
@@ -228,7 +340,15 @@ fn records_round_trip_through_storage_encoding() {
     let mut f = fixture(true, None);
     register(&mut f, 10, node_request(1, 11, "a"));
     register(&mut f, 11, node_request(2, 12, "b"));
-    run(&mut f.reg, 12, Command::CreateApiKey { prefix: "p".into(), hash: SecretHash::of("s"), expiration: None });
+    run(
+        &mut f.reg,
+        12,
+        Command::CreateApiKey {
+            prefix: "p".into(),
+            hash: SecretHash::of("s"),
+            expiration: None,
+        },
+    );
     let loaded = Registry::from_records(RegistrySettings::default(), f.reg.all_records()).unwrap();
     assert!(loaded.same_data(&f.reg));
     assert_eq!(loaded.node_by_key(&NodeKey(key(12))).unwrap().hostname, "b");
@@ -263,10 +383,17 @@ fn applied_effects_name_every_touched_record() {
             expiry: None,
         },
     });
-    let Outcome::Node(node) = applied.outcome else { panic!() };
+    let Outcome::Node(node) = applied.outcome else {
+        panic!()
+    };
     assert!(applied.records.contains(&Record::Node(node.id)));
     assert!(applied.records.contains(&Record::Meta));
-    assert!(applied.records.iter().any(|r| matches!(r, Record::PreAuthKey(_))));
+    assert!(
+        applied
+            .records
+            .iter()
+            .any(|r| matches!(r, Record::PreAuthKey(_)))
+    );
     assert_eq!(applied.changes, vec![Change::NodeUpserted(node.id)]);
 }
 
@@ -288,6 +415,12 @@ fn invalid_tags_and_names_are_rejected() {
         },
     );
     assert!(matches!(out, Outcome::Rejected(Rejection::InvalidTag(_))));
-    let out = run(&mut f.reg, 6, Command::CreateUser { name: "has space".into() });
+    let out = run(
+        &mut f.reg,
+        6,
+        Command::CreateUser {
+            name: "has space".into(),
+        },
+    );
     assert!(matches!(out, Outcome::Rejected(Rejection::InvalidName(..))));
 }

@@ -47,7 +47,13 @@ impl TsClient {
         super::guard();
         let dir = tempfile::tempdir().expect("tempdir");
         let proxy_port = free_port();
-        let mut client = TsClient { name: opts.name.clone(), dir, proxy_port, child: None, opts };
+        let mut client = TsClient {
+            name: opts.name.clone(),
+            dir,
+            proxy_port,
+            child: None,
+            opts,
+        };
         client.spawn();
         client
     }
@@ -55,10 +61,18 @@ impl TsClient {
     fn caddyfile(&self) -> String {
         let o = &self.opts;
         let state = self.dir.path().join("ts");
-        let key = o.auth_key.as_ref().map(|k| format!("\t\t\tauth_key {k}\n")).unwrap_or_default();
-        let ephemeral = if o.ephemeral { "\t\t\tephemeral true\n" } else { "" };
+        let key = o
+            .auth_key
+            .as_ref()
+            .map(|k| format!("\t\t\tauth_key {k}\n"))
+            .unwrap_or_default();
+        let ephemeral = if o.ephemeral {
+            "\t\t\tephemeral true\n"
+        } else {
+            ""
+        };
         let mut f = format!(
-            "{{\n\tadmin off\n\tauto_https off\n\tpersist_config off\n\ttailscale {{\n\t\tcontrol_url {url}\n\t\tstate_dir {state}\n\t\t{name} {{\n\t\t\thostname {name}\n{key}{ephemeral}\t\t}}\n\t}}\n}}\n\
+            "{{\n\tdebug\n\tadmin off\n\tauto_https off\n\tpersist_config off\n\ttailscale {{\n\t\tcontrol_url {url}\n\t\tstate_dir {state}\n\t\t{name} {{\n\t\t\thostname {name}\n{key}{ephemeral}\t\t}}\n\t}}\n}}\n\
              :80 {{\n\tbind tailscale/{name}\n\trespond \"hello from {name}\"\n}}\n",
             url = o.control_url,
             state = path_str(&state),
@@ -77,7 +91,11 @@ impl TsClient {
     fn spawn(&mut self) {
         let file = self.dir.path().join("Caddyfile");
         std::fs::write(&file, self.caddyfile()).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
         let mut cmd = Command::new(caddy_bin());
         cmd.args(["run", "--adapter", "caddyfile", "--config"])
             .arg(&file)
@@ -129,13 +147,17 @@ impl TsClient {
 
     /// GET through the local proxy, i.e. across the tailnet to the upstream.
     pub fn get_via_tailnet(&self, path: &str) -> std::io::Result<(u16, String)> {
-        http_get(&format!("127.0.0.1:{}", self.proxy_port), path, Duration::from_secs(5))
+        http_get(
+            &format!("127.0.0.1:{}", self.proxy_port),
+            path,
+            Duration::from_secs(5),
+        )
     }
 
     /// Retries a tailnet GET until the upstream answers 200 with `expect` in the body.
     pub fn wait_reach(&self, expect: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
-        let mut last = String::new();
+        let mut last: String;
         loop {
             match self.get_via_tailnet("/") {
                 Ok((200, body)) if body.contains(expect) => return body,
@@ -155,7 +177,10 @@ impl TsClient {
 
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {

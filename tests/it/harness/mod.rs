@@ -23,9 +23,14 @@ static NEXT_NET: AtomicU8 = AtomicU8::new(10);
 /// Panics unless this process is in a network namespace with only loopback: real clients
 /// must never reach a public Tailscale server.
 pub fn guard() {
-    let ifaces: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
+    // /proc/self/net/dev lists this process's namespace (sysfs may show the host's).
+    let dev = std::fs::read_to_string("/proc/self/net/dev").unwrap_or_default();
+    let ifaces: Vec<String> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(|n| n.trim().to_string())
+        .collect();
     assert!(
         ifaces.iter().all(|i| i == "lo"),
         "integration tests must run in a loopback-only network namespace (use tests/run.sh); interfaces here: {ifaces:?}"
@@ -47,7 +52,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -92,7 +100,11 @@ impl Member {
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "member {} already running", self.id);
         let _ = std::fs::remove_file(self.dir.join("ready.json"));
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("hsd.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("hsd.log"))
+            .unwrap();
         let child = Command::new(hsd_bin())
             .arg("--config")
             .arg(self.dir.join("config.yaml"))
@@ -108,9 +120,18 @@ impl Member {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ready.exists() {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("member {} exited with {status} during start:\n{}", self.id, self.log());
+                panic!(
+                    "member {} exited with {status} during start:\n{}",
+                    self.id,
+                    self.log()
+                );
             }
-            assert!(Instant::now() < deadline, "member {} not ready:\n{}", self.id, self.log());
+            assert!(
+                Instant::now() < deadline,
+                "member {} not ready:\n{}",
+                self.id,
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -118,7 +139,10 @@ impl Member {
     /// SIGTERM, then wait for a clean exit; returns the exit code.
     pub fn stop(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -127,7 +151,11 @@ impl Member {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("member {} did not stop within 30 s after SIGTERM:\n{}", self.id, self.log());
+                panic!(
+                    "member {} did not stop within 30 s after SIGTERM:\n{}",
+                    self.id,
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -189,7 +217,11 @@ impl TestCluster {
                  cluster:\n  member_id: {i}\n  listen_addr: {a}:50444\n  election_timeout: 600ms\n  heartbeat_interval: 100ms\n",
                 dir = dir.display(),
                 keys = keys.display(),
-                approval = if opts.manual_approval { "manual" } else { "auto" },
+                approval = if opts.manual_approval {
+                    "manual"
+                } else {
+                    "auto"
+                },
             );
             if n > 1 {
                 yaml.push_str("  members:\n");
@@ -197,11 +229,20 @@ impl TestCluster {
             }
             yaml.push_str(&opts.extra_yaml);
             std::fs::write(dir.join("config.yaml"), yaml).unwrap();
-            members.push(Member { id: i as u64, ip: a, dir, child: None });
+            members.push(Member {
+                id: i as u64,
+                ip: a,
+                dir,
+                child: None,
+            });
         }
         // Shared keys, written before any member starts (members must not race to create them).
         let random_hex = || hex::encode(rand::random::<[u8; 32]>());
-        std::fs::write(keys.join("noise.key"), format!("privkey:{}\n", random_hex())).unwrap();
+        std::fs::write(
+            keys.join("noise.key"),
+            format!("privkey:{}\n", random_hex()),
+        )
+        .unwrap();
         std::fs::write(keys.join("mesh.key"), format!("{}\n", random_hex())).unwrap();
         let mut cluster = TestCluster { net, root, members };
         for m in cluster.members.iter_mut() {
@@ -217,26 +258,39 @@ impl TestCluster {
 
     /// Waits until every running member reports the same leader; returns it.
     pub fn wait_leader(&mut self) -> u64 {
-        let running: Vec<u64> =
-            self.members.iter_mut().filter_map(|m| if m.is_running() { Some(m.id) } else { None }).collect();
-        wait_for("a leader known to every running member", Duration::from_secs(30), || {
-            let mut leaders = Vec::new();
-            for id in &running {
-                let out = self.hsctl(*id, &["cluster", "status", "-o", "json"]);
-                if !out.status.success() {
-                    return None;
+        let running: Vec<u64> = self
+            .members
+            .iter_mut()
+            .filter_map(|m| if m.is_running() { Some(m.id) } else { None })
+            .collect();
+        wait_for(
+            "a leader known to every running member",
+            Duration::from_secs(30),
+            || {
+                let mut leaders = Vec::new();
+                for id in &running {
+                    let out = self.hsctl(*id, &["cluster", "status", "-o", "json"]);
+                    if !out.status.success() {
+                        return None;
+                    }
+                    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+                    leaders.push(v["leader"].as_u64()?);
                 }
-                let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-                leaders.push(v["leader"].as_u64()?);
-            }
-            leaders.windows(2).all(|w| w[0] == w[1]).then(|| leaders[0])
-        })
+                leaders.windows(2).all(|w| w[0] == w[1]).then(|| leaders[0])
+            },
+        )
     }
 
     /// Runs hsctl against member `id` over its unix socket.
     pub fn hsctl(&self, id: u64, args: &[&str]) -> Output {
         let m = &self.members[(id - 1) as usize];
-        hsctl(&[&["--socket", m.socket().to_str().unwrap(), "--timeout", "5s"], args].concat())
+        hsctl(
+            &[
+                &["--socket", m.socket().to_str().unwrap(), "--timeout", "5s"],
+                args,
+            ]
+            .concat(),
+        )
     }
 
     /// Runs hsctl with `-o json`, asserts success, parses stdout.
@@ -248,21 +302,32 @@ impl TestCluster {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("hsctl {args:?} printed non-JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "hsctl {args:?} printed non-JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
     }
 
     /// Creates a user and a reusable pre-auth key for it; returns the key.
     pub fn user_with_key(&self, user: &str, extra: &[&str]) -> String {
         self.hsctl_json(1, &["users", "create", user]);
-        let key = self.hsctl_json(1, &[&["preauthkeys", "create", "--user", user], extra].concat());
+        let key = self.hsctl_json(
+            1,
+            &[&["preauthkeys", "create", "--user", user], extra].concat(),
+        );
         key["key"].as_str().expect("key field").to_string()
     }
 
     /// The node named `hostname`, from `nodes list` on member `id`.
     pub fn node(&self, id: u64, hostname: &str) -> Option<Value> {
         let nodes = self.hsctl_json(id, &["nodes", "list"]);
-        nodes.as_array()?.iter().find(|n| n["name"] == hostname).cloned()
+        nodes
+            .as_array()?
+            .iter()
+            .find(|n| n["name"] == hostname)
+            .cloned()
     }
 
     /// Waits until `hostname` is registered and online; returns its node object.
@@ -274,7 +339,11 @@ impl TestCluster {
 }
 
 pub fn hsctl(args: &[&str]) -> Output {
-    Command::new(hsctl_bin()).args(args).stdin(Stdio::null()).output().expect("run hsctl")
+    Command::new(hsctl_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hsctl")
 }
 
 /// A plain HTTP/1.0 GET over loopback; returns (status, body).
@@ -287,14 +356,25 @@ pub fn http_get(addr: &str, path: &str, timeout: Duration) -> std::io::Result<(u
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
 /// Free TCP port on 127.0.0.1 for a client's local listener.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn path_str(p: &Path) -> &str {

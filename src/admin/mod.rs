@@ -1,0 +1,201 @@
+//! The admin API: the gRPC service `hsd.admin.v1.AdminService` that `hsctl` speaks.
+//!
+//! Served on a unix socket (file-permission auth) and, optionally, on TCP where every call
+//! must carry `authorization: Bearer hskey-api-…`. Reads answer from this member's applied
+//! registry view; writes are proposed through `raft::Cluster`, which forwards them to the
+//! leader. Uses `registry`, `raft::Cluster`, `presence` and `proto`; never control or DERP
+//! internals.
+
+pub mod auth;
+pub mod convert;
+pub mod grpc;
+pub mod status;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::proto::admin::admin_service_server::AdminServiceServer;
+
+pub use auth::ApiKeyCheck;
+pub use grpc::AdminApi;
+
+/// After a failed accept (usually fd exhaustion), wait this long instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What the admin API needs, and nothing more.
+#[derive(Clone)]
+pub struct AdminDeps {
+    pub cluster: crate::raft::Cluster,
+    pub presence: crate::presence::Presence,
+    /// Whether nodes registered through `nodes register` start approved.
+    pub auto_approve: bool,
+    /// Key expiry for nodes registered through `nodes register`; `None` = never.
+    pub node_key_expiry: Option<Duration>,
+    pub version: &'static str,
+}
+
+/// Serves the admin API on a unix socket at `path` with file mode `mode`, until `stop`.
+///
+/// Anyone who can open the socket is an admin, so the mode is the access control. A stale
+/// socket file from a previous run is removed first; a socket that still answers belongs to
+/// a live process and is left alone. Errors are logged, never fatal for the member.
+/// Connections are driven by tonic's own tasks; `tasks` is kept for symmetry with the
+/// other listeners (tonic's graceful shutdown waits for them before this returns).
+pub async fn serve_unix(
+    path: PathBuf,
+    mode: u32,
+    deps: AdminDeps,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let _ = tasks;
+    let listener = match bind_unix(&path, mode).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%error, socket = %path.display(), "admin unix socket not served");
+            return;
+        }
+    };
+    tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), "admin API listening on unix socket");
+    let incoming = accept_stream(UnixAcceptor(listener));
+    let result = tonic::transport::Server::builder()
+        .add_service(AdminServiceServer::new(AdminApi::new(deps)))
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        .await;
+    if let Err(error) = result {
+        tracing::error!(%error, "admin unix socket server failed");
+    }
+    if let Err(error) = std::fs::remove_file(&path)
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(%error, socket = %path.display(), "removing admin socket");
+    }
+}
+
+/// Serves the admin API on TCP; every call must carry a valid, unexpired API key.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    deps: AdminDeps,
+    stop: CancellationToken,
+) {
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(listen.addr = %addr, "admin API listening on TCP"),
+        Err(error) => tracing::warn!(%error, "admin TCP listener has no local address"),
+    }
+    let check = ApiKeyCheck::new(deps.cluster.clone());
+    let incoming = accept_stream(TcpAcceptor(listener));
+    let result = tonic::transport::Server::builder()
+        .add_service(AdminServiceServer::with_interceptor(
+            AdminApi::new(deps),
+            check,
+        ))
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        .await;
+    if let Err(error) = result {
+        tracing::error!(%error, "admin TCP server failed");
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum BindError {
+    #[error("another process is serving {0}")]
+    InUse(String),
+    #[error("removing stale socket {path}")]
+    RemoveStale {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("binding {path}")]
+    Bind {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("setting mode {mode:o} on {path}")]
+    Mode {
+        path: String,
+        mode: u32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+async fn bind_unix(
+    path: &std::path::Path,
+    mode: u32,
+) -> Result<tokio::net::UnixListener, BindError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let shown = path.display().to_string();
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() && tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(BindError::InUse(shown));
+        }
+        std::fs::remove_file(path).map_err(|source| BindError::RemoveStale {
+            path: shown.clone(),
+            source,
+        })?;
+    }
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        // The data dir normally exists already; create it for a socket configured elsewhere.
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|source| BindError::Bind {
+        path: shown.clone(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        BindError::Mode {
+            path: shown,
+            mode,
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+/// A listener whose accept errors are retried (after a back-off) rather than ending the
+/// server: tonic would otherwise stop serving on the first failed accept.
+trait Acceptor: Send + 'static {
+    type Io: Send + 'static;
+    fn accept(&self) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+struct UnixAcceptor(tokio::net::UnixListener);
+impl Acceptor for UnixAcceptor {
+    type Io = tokio::net::UnixStream;
+    async fn accept(&self) -> std::io::Result<Self::Io> {
+        self.0.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+struct TcpAcceptor(tokio::net::TcpListener);
+impl Acceptor for TcpAcceptor {
+    type Io = tokio::net::TcpStream;
+    async fn accept(&self) -> std::io::Result<Self::Io> {
+        let (stream, _) = self.0.accept().await?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+fn accept_stream<A: Acceptor + Sync>(
+    acceptor: A,
+) -> impl futures::Stream<Item = Result<A::Io, std::io::Error>> + Send + 'static {
+    futures::stream::unfold(acceptor, |acceptor| async move {
+        loop {
+            match acceptor.accept().await {
+                Ok(io) => return Some((Ok(io), acceptor)),
+                Err(error) => {
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,234 @@
+//! `hsctl cluster …`, `hsctl policy …` and `hsctl version`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+use super::output::{Output, Table, opt_cell, yes_no};
+use super::{CliError, Client, Target, connect};
+use crate::proto::admin as pb;
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Members, roles, leader and replication progress, as the answering member sees them.
+    Status,
+    /// Add a member as a learner; it catches up from the leader (then `cluster promote`).
+    Add {
+        id: u64,
+        /// Its member-to-member address, HOST:PORT. (Its own id: the global `--address`
+        /// would otherwise capture it.)
+        #[arg(id = "member_address", value_name = "ADDRESS")]
+        address: String,
+        /// Its control URL for Tailscale clients.
+        #[arg(value_name = "CONTROL_URL")]
+        control_url_arg: Option<String>,
+        #[arg(long, conflicts_with = "control_url_arg")]
+        control_url: Option<String>,
+    },
+    /// Make a learner a voter.
+    Promote { id: u64 },
+    /// Remove a member.
+    #[command(visible_alias = "rm")]
+    Remove { id: u64 },
+    /// Hand leadership to ID (or to any suitable voter).
+    TransferLeader { id: Option<u64> },
+    /// Move a member's clients elsewhere and take leadership away from it.
+    Drain { id: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Print the ACL policy.
+    Get,
+    /// Replace the ACL policy with a file's contents.
+    Set {
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+    },
+}
+
+pub fn role_name(role: i32) -> &'static str {
+    match pb::MemberRole::try_from(role) {
+        Ok(pb::MemberRole::Leader) => "leader",
+        Ok(pb::MemberRole::Follower) => "follower",
+        Ok(pb::MemberRole::Learner) => "learner",
+        Ok(pb::MemberRole::Unreachable) => "unreachable",
+        Ok(pb::MemberRole::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+pub fn status_json(s: &pb::ClusterStatusResponse) -> Value {
+    let members: Vec<Value> = s
+        .members
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "name": m.name,
+                "address": m.address,
+                "control_url": m.control_url,
+                "role": role_name(m.role),
+                "voter": m.voter,
+                "healthy": m.healthy,
+                "last_applied": m.last_applied,
+                "match_index": m.match_index,
+                "version": m.version,
+                "clients": m.clients,
+            })
+        })
+        .collect();
+    json!({ "leader": s.leader, "term": s.term, "member_id": s.member_id, "members": members })
+}
+
+pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
+    let mut t = Table::new(&[
+        "ID",
+        "NAME",
+        "ADDRESS",
+        "CONTROL URL",
+        "ROLE",
+        "VOTER",
+        "HEALTHY",
+        "APPLIED",
+        "MATCH",
+        "VERSION",
+        "CLIENTS",
+    ]);
+    for m in &s.members {
+        t.row(vec![
+            m.id.to_string(),
+            m.name.clone(),
+            m.address.clone(),
+            m.control_url.clone(),
+            role_name(m.role).to_string(),
+            yes_no(m.voter),
+            yes_no(m.healthy),
+            opt_cell(&m.last_applied),
+            opt_cell(&m.match_index),
+            opt_cell(&m.version),
+            opt_cell(&m.clients),
+        ]);
+    }
+    let leader = s
+        .leader
+        .map_or_else(|| "none".to_string(), |l| l.to_string());
+    format!(
+        "leader: {leader}  term: {}  answered by: {}\n{}",
+        s.term,
+        s.member_id,
+        t.render()
+    )
+}
+
+fn status_output(s: &pb::ClusterStatusResponse) -> Output {
+    Output::new(status_json(s), status_table(s))
+}
+
+pub async fn run(cmd: &ClusterCommand, client: &mut Client) -> Result<Output, CliError> {
+    let status = match cmd {
+        ClusterCommand::Status => {
+            client
+                .cluster_status(pb::ClusterStatusRequest { local: true })
+                .await?
+        }
+        ClusterCommand::Add {
+            id,
+            address,
+            control_url_arg,
+            control_url,
+        } => {
+            let control_url = control_url
+                .clone()
+                .or_else(|| control_url_arg.clone())
+                .unwrap_or_default();
+            let request = pb::AddMemberRequest {
+                id: *id,
+                address: address.clone(),
+                control_url,
+            };
+            client.add_member(request).await?
+        }
+        ClusterCommand::Promote { id } => {
+            client
+                .promote_member(pb::MemberIdRequest { id: *id })
+                .await?
+        }
+        ClusterCommand::Remove { id } => {
+            client
+                .remove_member(pb::MemberIdRequest { id: *id })
+                .await?
+        }
+        ClusterCommand::TransferLeader { id } => {
+            client
+                .transfer_leader(pb::TransferLeaderRequest { id: *id })
+                .await?
+        }
+        ClusterCommand::Drain { id } => {
+            client.drain_member(pb::MemberIdRequest { id: *id }).await?
+        }
+    };
+    Ok(status_output(&status.into_inner()))
+}
+
+pub async fn run_policy(
+    cmd: &PolicyCommand,
+    text: Option<String>,
+    client: &mut Client,
+) -> Result<Output, CliError> {
+    let policy = match cmd {
+        PolicyCommand::Get => {
+            client
+                .get_policy(pb::GetPolicyRequest { local: false })
+                .await?
+                .into_inner()
+                .policy
+        }
+        PolicyCommand::Set { .. } => {
+            let policy = text.ok_or_else(|| CliError::other("the policy file was not read"))?;
+            client.set_policy(pb::SetPolicyRequest { policy }).await?;
+            return Ok(Output::new(json!({ "updated": true }), "Policy updated"));
+        }
+    };
+    Ok(Output::new(json!({ "policy": policy }), policy))
+}
+
+/// The client's version, and the answering member's when one answers within `timeout`
+/// (an unreachable member is reported on stderr, not as a failure).
+pub async fn version(target: &Target, timeout: Duration) -> Output {
+    let client_version = env!("CARGO_PKG_VERSION");
+    let server = tokio::time::timeout(timeout, async {
+        let mut client = connect::connect(target, timeout).await?;
+        let reply = client.version(pb::VersionRequest {}).await?.into_inner();
+        Ok::<_, CliError>(reply)
+    })
+    .await;
+    let server = match server {
+        Ok(Ok(reply)) => Some(reply),
+        Ok(Err(error)) => {
+            eprintln!("hsctl: server version unknown: {}", error.message);
+            None
+        }
+        Err(_) => {
+            eprintln!(
+                "hsctl: server version unknown: no answer within {}",
+                humantime::format_duration(timeout)
+            );
+            None
+        }
+    };
+    let mut table = format!("hsctl {client_version}");
+    if let Some(reply) = &server {
+        table.push_str(&format!(
+            "\nhsd {} (member {})",
+            reply.version, reply.member_id
+        ));
+    }
+    let json = json!({
+        "client": client_version,
+        "server": server.as_ref().map(|r| r.version.clone()),
+        "member_id": server.as_ref().map(|r| r.member_id),
+    });
+    Output::new(json, table)
+}

@@ -1,0 +1,201 @@
+//! `hsctl nodes …` and its alias `hsctl auth register`.
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use super::output::{Output, Table, opt_cell, time_cell, time_json, yes_no};
+use super::{CliError, Client, non_empty};
+use crate::proto::admin as pb;
+
+#[derive(Subcommand, Debug)]
+pub enum NodesCommand {
+    /// List nodes.
+    #[command(visible_alias = "ls")]
+    List {
+        /// Only this user's nodes.
+        #[arg(short = 'u', long)]
+        user: Option<String>,
+    },
+    /// Complete an interactive registration (the key from the client's AuthURL).
+    Register(RegisterArgs),
+    /// Let a node that waits for approval into the tailnet.
+    Approve { id: u64 },
+    /// Expire a node's key now; the client must log in again.
+    #[command(visible_alias = "logout")]
+    Expire { id: u64 },
+    /// Set a node's name in the tailnet (its MagicDNS label).
+    Rename { id: u64, new_name: String },
+    /// Delete a node.
+    #[command(visible_aliases = ["destroy", "rm"])]
+    Delete {
+        id: u64,
+        /// Accepted for headscale compatibility; hsctl never asks.
+        #[arg(long, hide = true)]
+        force: bool,
+    },
+    /// Move a node to another user.
+    Move {
+        id: u64,
+        #[arg(short = 'u', long)]
+        user: String,
+    },
+    /// Replace a node's tags (none given: clear them).
+    Tag {
+        id: u64,
+        /// tag:a,tag:b
+        #[arg(short = 't', long, value_delimiter = ',', num_args = 0..)]
+        tags: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuthCommand {
+    /// Same as `nodes register`.
+    Register(RegisterArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RegisterArgs {
+    /// The user who will own the node.
+    #[arg(short = 'u', long)]
+    pub user: String,
+    /// The registration key from the client's AuthURL (or the URL itself).
+    #[arg(short = 'k', long, alias = "auth-id")]
+    pub key: String,
+}
+
+pub fn node_json(n: &pb::Node) -> Value {
+    json!({
+        "id": n.id,
+        "name": n.name,
+        "given_name": n.given_name,
+        "user": n.user,
+        "ip_addresses": n.ip_addresses,
+        "online": n.online,
+        "last_seen": time_json(&n.last_seen),
+        "expiry": time_json(&n.expiry),
+        "expired": n.expired,
+        "tags": n.tags,
+        "approved": n.approved,
+        "member": n.member,
+        "ephemeral": n.ephemeral,
+        "created_at": time_json(&n.created_at),
+        "machine_key": n.machine_key,
+        "node_key": n.node_key,
+    })
+}
+
+pub fn nodes_table(nodes: &[pb::Node]) -> String {
+    let mut t = Table::new(&[
+        "ID",
+        "NAME",
+        "GIVEN NAME",
+        "USER",
+        "IP ADDRESSES",
+        "ONLINE",
+        "MEMBER",
+        "APPROVED",
+        "LAST SEEN",
+        "EXPIRY",
+        "TAGS",
+    ]);
+    for n in nodes {
+        let expiry = if n.expired {
+            format!("expired {}", time_cell(&n.expiry))
+        } else {
+            time_cell(&n.expiry)
+        };
+        t.row(vec![
+            n.id.to_string(),
+            n.name.clone(),
+            n.given_name.clone(),
+            n.user.clone(),
+            n.ip_addresses.join(", "),
+            yes_no(n.online),
+            opt_cell(&n.member),
+            yes_no(n.approved),
+            time_cell(&n.last_seen),
+            expiry,
+            n.tags.join(","),
+        ]);
+    }
+    t.render()
+}
+
+fn one_node(response: pb::NodeResponse) -> Result<Output, CliError> {
+    let node = response
+        .node
+        .ok_or_else(|| CliError::other("the member answered without a node"))?;
+    Ok(Output::new(
+        node_json(&node),
+        nodes_table(std::slice::from_ref(&node)),
+    ))
+}
+
+pub async fn register(args: &RegisterArgs, client: &mut Client) -> Result<Output, CliError> {
+    let request = pb::RegisterNodeRequest {
+        user: args.user.clone(),
+        key: args.key.clone(),
+    };
+    one_node(client.register_node(request).await?.into_inner())
+}
+
+pub async fn run(cmd: &NodesCommand, client: &mut Client) -> Result<Output, CliError> {
+    match cmd {
+        NodesCommand::List { user } => {
+            let request = pb::ListNodesRequest {
+                local: false,
+                user: user.clone().unwrap_or_default(),
+            };
+            let nodes = client.list_nodes(request).await?.into_inner().nodes;
+            Ok(Output::new(
+                Value::Array(nodes.iter().map(node_json).collect()),
+                nodes_table(&nodes),
+            ))
+        }
+        NodesCommand::Register(args) => register(args, client).await,
+        NodesCommand::Approve { id } => one_node(
+            client
+                .approve_node(pb::NodeIdRequest { id: *id })
+                .await?
+                .into_inner(),
+        ),
+        NodesCommand::Expire { id } => one_node(
+            client
+                .expire_node(pb::NodeIdRequest { id: *id })
+                .await?
+                .into_inner(),
+        ),
+        NodesCommand::Rename { id, new_name } => {
+            let request = pb::RenameNodeRequest {
+                id: *id,
+                new_name: new_name.clone(),
+            };
+            one_node(client.rename_node(request).await?.into_inner())
+        }
+        NodesCommand::Delete { id, force: _ } => {
+            let deleted = client
+                .delete_node(pb::NodeIdRequest { id: *id })
+                .await?
+                .into_inner();
+            Ok(Output::new(
+                json!({ "id": deleted.id }),
+                format!("Node {} deleted", deleted.id),
+            ))
+        }
+        NodesCommand::Move { id, user } => {
+            let request = pb::MoveNodeRequest {
+                id: *id,
+                user: user.clone(),
+            };
+            one_node(client.move_node(request).await?.into_inner())
+        }
+        NodesCommand::Tag { id, tags } => {
+            let request = pb::SetTagsRequest {
+                id: *id,
+                tags: non_empty(tags),
+            };
+            one_node(client.set_tags(request).await?.into_inner())
+        }
+    }
+}
