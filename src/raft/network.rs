@@ -36,7 +36,7 @@ pub enum CallError {
     #[error("invalid member address {0:?}")]
     BadAddress(String),
     #[error("member {addr} did not answer: {status}")]
-    Status { addr: String, status: tonic::Status },
+    Status { addr: String, status: Box<tonic::Status> },
     #[error("member {addr} sent an undecodable reply")]
     Decode {
         addr: String,
@@ -133,7 +133,7 @@ impl PeerLink {
             Err(status) => {
                 let e = CallError::Status {
                     addr: self.addr.clone(),
-                    status,
+                    status: Box::new(status),
                 };
                 return Err(RPCError::Unreachable(Unreachable::new(&e)));
             }

@@ -17,6 +17,8 @@ pub struct RaftRpc {
     pub cluster: Cluster,
 }
 
+// tonic's handlers return `Status` by value; boxing it here would only add a conversion.
+#[allow(clippy::result_large_err)]
 fn decode<T: serde::de::DeserializeOwned>(req: &Json) -> Result<T, Status> {
     serde_json::from_slice(&req.data)
         .map_err(|e| Status::invalid_argument(format!("undecodable message: {e}")))

@@ -29,6 +29,8 @@ use crate::registry::{Outcome, Registry, RegistrySettings};
 
 pub type StorageError = openraft::StorageError<u64>;
 type Membership = StoredMembership<u64, MemberInfo>;
+/// Raw (key, value) pairs of one column family.
+type Records = Vec<(Vec<u8>, Vec<u8>)>;
 
 const CF_LOGS: &str = "logs";
 const CF_META: &str = "meta";
@@ -144,7 +146,7 @@ impl Store {
         }
     }
 
-    fn scan(&self, cf: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+    fn scan(&self, cf: &str) -> Result<Records, DbError> {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
             let (k, v) = item?;
@@ -175,6 +177,8 @@ pub struct LogStore {
 }
 
 impl LogStore {
+    // openraft's error type is large by design; this mirrors its trait signatures.
+    #[allow(clippy::result_large_err)]
     fn last_purged(&self) -> Result<Option<LogId<u64>>, StorageError> {
         self.store
             .get_json(CF_META, KEY_LAST_PURGED)
