@@ -36,6 +36,15 @@ impl AdminApi {
         self.deps.cluster.view()
     }
 
+    /// The registry for a read request: linearizable unless the caller asked for `local`.
+    async fn read(&self, local: bool) -> Result<Arc<Registry>, Status> {
+        self.deps
+            .cluster
+            .read_view(local)
+            .await
+            .map_err(|e| status::from_propose(&e))
+    }
+
     /// Proposes a write; a refusal or a cluster error becomes the matching status.
     async fn propose(&self, command: Command) -> Result<Outcome, Status> {
         let name = command.name();
@@ -215,7 +224,7 @@ impl AdminService for AdminApi {
         request: Request<pb::ListUsersRequest>,
     ) -> Reply<pb::ListUsersResponse> {
         let request = request.into_inner();
-        let view = self.view();
+        let view = self.read(request.local).await?;
         let users = view
             .users()
             .filter(|u| request.name.is_empty() || u.name == request.name)
@@ -283,7 +292,7 @@ impl AdminService for AdminApi {
         request: Request<pb::ListPreAuthKeysRequest>,
     ) -> Reply<pb::ListPreAuthKeysResponse> {
         let request = request.into_inner();
-        let view = self.view();
+        let view = self.read(request.local).await?;
         let user = if request.user.is_empty() {
             None
         } else {
@@ -328,7 +337,7 @@ impl AdminService for AdminApi {
         request: Request<pb::ListNodesRequest>,
     ) -> Reply<pb::ListNodesResponse> {
         let request = request.into_inner();
-        let view = self.view();
+        let view = self.read(request.local).await?;
         let user = if request.user.is_empty() {
             None
         } else {
@@ -346,8 +355,9 @@ impl AdminService for AdminApi {
     }
 
     async fn get_node(&self, request: Request<pb::GetNodeRequest>) -> Reply<pb::NodeResponse> {
-        let id = node_id(request.into_inner().id)?;
-        let view = self.view();
+        let request = request.into_inner();
+        let id = node_id(request.id)?;
+        let view = self.read(request.local).await?;
         let node = view
             .node(id)
             .ok_or_else(|| status::from_rejection(&Rejection::NodeNotFound(id)))?;
@@ -465,11 +475,12 @@ impl AdminService for AdminApi {
 
     async fn list_api_keys(
         &self,
-        _request: Request<pb::ListApiKeysRequest>,
+        request: Request<pb::ListApiKeysRequest>,
     ) -> Reply<pb::ListApiKeysResponse> {
         let now = Timestamp::now();
         let api_keys = self
-            .view()
+            .read(request.into_inner().local)
+            .await?
             .api_keys()
             .map(|k| convert::api_key(k, None, now))
             .collect();
@@ -496,10 +507,11 @@ impl AdminService for AdminApi {
 
     async fn get_policy(
         &self,
-        _request: Request<pb::GetPolicyRequest>,
+        request: Request<pb::GetPolicyRequest>,
     ) -> Reply<pb::PolicyResponse> {
+        let view = self.read(request.into_inner().local).await?;
         Ok(Response::new(pb::PolicyResponse {
-            policy: self.view().policy().to_string(),
+            policy: view.policy().to_string(),
         }))
     }
 

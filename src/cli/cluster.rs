@@ -180,7 +180,9 @@ pub async fn run_policy(
     let policy = match cmd {
         PolicyCommand::Get => {
             client
-                .get_policy(pb::GetPolicyRequest { local: false })
+                .get_policy(pb::GetPolicyRequest {
+                    local: crate::cli::local_reads(),
+                })
                 .await?
                 .into_inner()
                 .policy

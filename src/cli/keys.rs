@@ -173,7 +173,7 @@ pub async fn run_preauthkeys(
         }
         PreAuthKeysCommand::List { user } => {
             let request = pb::ListPreAuthKeysRequest {
-                local: false,
+                local: crate::cli::local_reads(),
                 user: user.clone().unwrap_or_default(),
             };
             let keys = client
@@ -220,7 +220,9 @@ pub async fn run_apikeys(cmd: &ApiKeysCommand, client: &mut Client) -> Result<Ou
         }
         ApiKeysCommand::List => {
             let keys = client
-                .list_api_keys(pb::ListApiKeysRequest { local: false })
+                .list_api_keys(pb::ListApiKeysRequest {
+                    local: crate::cli::local_reads(),
+                })
                 .await?
                 .into_inner()
                 .api_keys;

@@ -57,11 +57,15 @@ pub struct Cli {
     )]
     pub api_key: Option<String>,
     /// Deadline for connecting and for the request.
-    #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
     pub output: Format,
+    /// Answer reads from the member's own applied state, without confirming with the
+    /// leader (faster, works without quorum, may be slightly stale).
+    #[arg(long, global = true)]
+    pub local: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -127,7 +131,8 @@ pub fn exit_code(code: tonic::Code) -> u8 {
     use tonic::Code;
     match code {
         Code::Ok => EXIT_OK,
-        Code::Unavailable | Code::DeadlineExceeded => EXIT_UNAVAILABLE,
+        // A client-side timeout surfaces as Cancelled ("Timeout expired").
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => EXIT_UNAVAILABLE,
         Code::Unauthenticated | Code::PermissionDenied => EXIT_NOPERM,
         _ => EXIT_FAILURE,
     }
@@ -213,7 +218,15 @@ pub fn run() -> ExitCode {
 }
 
 /// Runs one parsed command against the member it names, under `cli.timeout`.
+/// Whether reads may be answered locally (`--local`); set once per invocation.
+static LOCAL_READS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub(crate) fn local_reads() -> bool {
+    LOCAL_READS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 pub async fn execute(cli: &Cli) -> Result<Output, CliError> {
+    LOCAL_READS.store(cli.local, std::sync::atomic::Ordering::Relaxed);
     // Local checks first, so a usage error never waits on the network.
     if let Some(address) = &cli.address
         && address.trim().is_empty()

@@ -144,7 +144,7 @@ pub async fn run(cmd: &NodesCommand, client: &mut Client) -> Result<Output, CliE
     match cmd {
         NodesCommand::List { user } => {
             let request = pb::ListNodesRequest {
-                local: false,
+                local: crate::cli::local_reads(),
                 user: user.clone().unwrap_or_default(),
             };
             let nodes = client.list_nodes(request).await?.into_inner().nodes;

@@ -65,7 +65,7 @@ pub async fn run(cmd: &UsersCommand, client: &mut Client) -> Result<Output, CliE
         }
         UsersCommand::List { name } => {
             let request = pb::ListUsersRequest {
-                local: false,
+                local: crate::cli::local_reads(),
                 name: name.clone().unwrap_or_default(),
             };
             let users = client.list_users(request).await?.into_inner().users;

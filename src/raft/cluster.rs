@@ -24,9 +24,9 @@ use crate::proto::raft::{CampaignRequest, MemberStatusReply, MemberStatusRequest
 use crate::registry::{Command, NodeId, Outcome, Registry, Request, Timestamp};
 
 /// How long a write keeps looking for a leader before giving up.
-const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
+const PROPOSE_DEADLINE: Duration = Duration::from_secs(5);
 /// How long one forwarded write may take on the leader.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(8);
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long `status` waits for each other member.
 const STATUS_TIMEOUT: Duration = Duration::from_millis(800);
 /// Snapshots and catch-up of large registries need more than a heartbeat's time.
@@ -254,8 +254,47 @@ impl Cluster {
         Ok(())
     }
 
+    /// The registry for a read: with `local`, this member's applied state as is; without,
+    /// a linearizable read — the leader confirms it still leads and names its commit
+    /// index, and this member waits until it has applied that far.
+    pub async fn read_view(&self, local: bool) -> Result<Arc<Registry>, ProposeError> {
+        if local {
+            return Ok(self.view());
+        }
+        let index = match self.leader_call(LeaderOp::ReadIndex).await? {
+            LeaderReply::ReadIndex(index) => index,
+            other => {
+                return Err(ProposeError::Unavailable(format!(
+                    "unexpected leader reply {other:?}"
+                )));
+            }
+        };
+        let waited = self
+            .inner
+            .raft
+            .wait(Some(PROPOSE_DEADLINE))
+            .applied_index_at_least(Some(index), "linearizable read")
+            .await;
+        match waited {
+            Ok(_) => Ok(self.view()),
+            Err(e) => Err(ProposeError::Unavailable(format!(
+                "catching up to the leader for a read: {e}"
+            ))),
+        }
+    }
+
     /// Sends `op` to the leader, retrying while leadership settles.
     async fn leader_op(&self, op: LeaderOp) -> Result<Outcome, ProposeError> {
+        match self.leader_call(op).await? {
+            LeaderReply::Done(outcome) => Ok(outcome),
+            other => Err(ProposeError::Unavailable(format!(
+                "unexpected leader reply {other:?}"
+            ))),
+        }
+    }
+
+    /// Sends `op` to the leader until it answers with a final reply.
+    async fn leader_call(&self, op: LeaderOp) -> Result<LeaderReply, ProposeError> {
         let deadline = tokio::time::Instant::now() + PROPOSE_DEADLINE;
         let mut metrics = self.metrics();
         let mut last_error = ProposeError::NoLeader;
@@ -272,7 +311,26 @@ impl Cluster {
                 (leader, addr)
             };
             let reply = match (leader, addr) {
-                (Some(l), _) if l == self.inner.id => Some(self.run_as_leader(op.clone()).await),
+                (Some(l), _) if l == self.inner.id => {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match tokio::time::timeout(
+                        left.max(Duration::from_millis(100)),
+                        self.run_as_leader(op.clone()),
+                    )
+                    .await
+                    {
+                        Ok(reply) => Some(reply),
+                        // Appended but not committed: a majority is unreachable. If it
+                        // returns, the entry may still commit, so say so.
+                        Err(_) => {
+                            return Err(ProposeError::Unavailable(
+                                "not committed in time: a majority of members is unreachable; \
+                                 the change may still apply once they return, so re-read before retrying"
+                                    .into(),
+                            ));
+                        }
+                    }
+                }
                 (Some(_), Some(addr)) => match self.forward(&addr, &op).await {
                     Ok(reply) => Some(reply),
                     Err(e) => {
@@ -283,10 +341,10 @@ impl Cluster {
                 _ => None,
             };
             match reply {
-                Some(LeaderReply::Done(outcome)) => return Ok(outcome),
                 Some(LeaderReply::Invalid(msg)) => return Err(ProposeError::Invalid(msg)),
                 Some(LeaderReply::Failed(msg)) => return Err(ProposeError::Unavailable(msg)),
                 Some(LeaderReply::NotLeader(_)) | None => {}
+                Some(done) => return Ok(done),
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(last_error);
@@ -378,6 +436,18 @@ impl Cluster {
                 }
             }
             LeaderOp::TransferLeader { to } => return self.hand_over(to).await,
+            LeaderOp::ReadIndex => {
+                return match raft.ensure_linearizable().await {
+                    Ok(read_log_id) => {
+                        LeaderReply::ReadIndex(read_log_id.map(|l| l.index).unwrap_or(0))
+                    }
+                    Err(RaftError::APIError(
+                        openraft::error::CheckIsLeaderError::ForwardToLeader(f),
+                    )) => LeaderReply::NotLeader(f.leader_id),
+                    Err(RaftError::APIError(e)) => LeaderReply::Failed(e.to_string()),
+                    Err(RaftError::Fatal(e)) => LeaderReply::Failed(format!("raft stopped: {e}")),
+                };
+            }
         };
         write_error(result)
     }

@@ -143,10 +143,21 @@ pub struct ClusterStatus {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum LeaderOp {
     Propose(Request),
-    AddLearner { id: u64, info: MemberInfo },
-    Promote { id: u64 },
-    Remove { id: u64 },
-    TransferLeader { to: Option<u64> },
+    AddLearner {
+        id: u64,
+        info: MemberInfo,
+    },
+    Promote {
+        id: u64,
+    },
+    Remove {
+        id: u64,
+    },
+    TransferLeader {
+        to: Option<u64>,
+    },
+    /// Confirm leadership and return the index a linearizable read must wait for.
+    ReadIndex,
 }
 
 /// The leader's answer to a `LeaderOp`.
@@ -155,6 +166,8 @@ enum LeaderReply {
     Done(Outcome),
     /// The receiver is not the leader; try this one.
     NotLeader(Option<u64>),
+    /// The leader's read index (for `ReadIndex`).
+    ReadIndex(u64),
     Failed(String),
     Invalid(String),
 }

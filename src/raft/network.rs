@@ -36,7 +36,10 @@ pub enum CallError {
     #[error("invalid member address {0:?}")]
     BadAddress(String),
     #[error("member {addr} did not answer: {status}")]
-    Status { addr: String, status: Box<tonic::Status> },
+    Status {
+        addr: String,
+        status: Box<tonic::Status>,
+    },
     #[error("member {addr} sent an undecodable reply")]
     Decode {
         addr: String,

@@ -286,7 +286,7 @@ impl TestCluster {
         let m = &self.members[(id - 1) as usize];
         hsctl(
             &[
-                &["--socket", m.socket().to_str().unwrap(), "--timeout", "5s"],
+                &["--socket", m.socket().to_str().unwrap(), "--timeout", "10s"],
                 args,
             ]
             .concat(),
