@@ -89,7 +89,9 @@ impl Cluster {
             heartbeat_interval: opts.heartbeat_ms.clamp(10, election_min / 2),
             install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT_MS,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every_logs.max(100)),
-            max_in_snapshot_log_to_keep: 200,
+            // Entries kept behind a snapshot, so a briefly lagging follower catches up from
+            // the log instead of a full snapshot.
+            max_in_snapshot_log_to_keep: 50,
             ..Default::default()
         }
         .validate()
@@ -111,7 +113,16 @@ impl Cluster {
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
         let first = opts.initial_members.keys().next().copied();
-        if !initialized && first == Some(opts.member_id) {
+        // A wiped first member must not found a second cluster beside the running one: if
+        // any other member already has a term or a leader, wait to be contacted instead.
+        let existing = if !initialized && first == Some(opts.member_id) && opts.initial_members.len() > 1 {
+            cluster_already_running(&peers, opts.member_id, &opts.initial_members).await
+        } else {
+            false
+        };
+        if existing {
+            tracing::info!("the cluster already runs without this member's data; waiting for the leader to catch it up");
+        } else if !initialized && first == Some(opts.member_id) {
             tracing::info!(
                 members = opts.initial_members.len(),
                 "initialising a new cluster"
@@ -667,6 +678,23 @@ impl Cluster {
             tracing::warn!(%error, "raft shutdown");
         }
     }
+}
+
+/// Whether any other initial member reports a term or a leader (the cluster exists).
+async fn cluster_already_running(peers: &Peers, me: u64, members: &BTreeMap<u64, MemberInfo>) -> bool {
+    let calls = members.iter().filter(|(id, _)| **id != me).map(|(_, m)| {
+        let peers = peers.clone();
+        let addr = m.raft_addr.clone();
+        async move {
+            let mut client = peers.client(&addr).ok()?;
+            let mut req = tonic::Request::new(MemberStatusRequest {});
+            req.set_timeout(STATUS_TIMEOUT);
+            let reply = tokio::time::timeout(STATUS_TIMEOUT, client.member_status(req)).await.ok()?.ok()?;
+            let r = reply.into_inner();
+            Some(r.term > 0 || r.leader.is_some())
+        }
+    });
+    futures::future::join_all(calls).await.into_iter().any(|r| r == Some(true))
 }
 
 fn write_error(e: RaftError<u64, ClientWriteError<u64, MemberInfo>>) -> LeaderReply {

@@ -162,3 +162,37 @@ fn minority_refuses_writes_and_recovers() {
         "{names:?}"
     );
 }
+
+/// Five members: the cluster survives losing two at once (leader included), and a member
+/// whose data dir was wiped catches up by snapshot install once the log was compacted.
+#[test]
+fn five_members_survive_two_losses_and_a_wiped_member_catches_up() {
+    let mut c = TestCluster::start(5, ClusterOpts { snapshot_every: Some(100), ..Default::default() });
+    let leader = c.wait_leader();
+    let other = (1..=5).find(|i| *i != leader).unwrap();
+    c.member(leader).kill();
+    c.member(other).kill();
+    let survivor = (1..=5).find(|i| *i != leader && *i != other).unwrap();
+    wait_for("a new leader among three survivors", Duration::from_secs(20), || {
+        let s = c.hsctl_json(survivor, &["cluster", "status", "--local"]);
+        s["leader"].as_u64().filter(|l| *l != leader && *l != other)
+    });
+    // Enough writes to force a snapshot and log compaction on the survivors.
+    for i in 0..120 {
+        c.hsctl_json(survivor, &["users", "create", &format!("bulk{i}")]);
+    }
+    c.member(other).start();
+    // The old leader comes back with an empty data dir: only a snapshot can catch it up.
+    c.wipe(leader);
+    c.member(leader).start();
+    for id in [leader, other] {
+        wait_for(&format!("member {id} caught up"), Duration::from_secs(30), || {
+            let users = c.hsctl_json(id, &["users", "list", "--local"]);
+            (users.as_array()?.len() == 120).then_some(())
+        });
+    }
+    let s = c.hsctl_json(leader, &["cluster", "status"]);
+    assert!(s["members"].as_array().unwrap().iter().all(|m| m["healthy"] == true), "{s}");
+    let log = c.member(leader).log();
+    assert!(log.contains("installed snapshot"), "the wiped member was caught up by snapshot");
+}

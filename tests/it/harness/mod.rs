@@ -66,6 +66,8 @@ pub struct ClusterOpts {
     pub manual_approval: bool,
     /// Extra top-level YAML appended to every member's config.
     pub extra_yaml: String,
+    /// `cluster.snapshot_every` (default: the server's).
+    pub snapshot_every: Option<u64>,
 }
 
 /// One `hsd` process.
@@ -223,6 +225,9 @@ impl TestCluster {
                     "auto"
                 },
             );
+            if let Some(every) = opts.snapshot_every {
+                yaml.push_str(&format!("  snapshot_every: {every}\n"));
+            }
             if n > 1 {
                 yaml.push_str("  members:\n");
                 yaml.push_str(&members_yaml);
@@ -250,6 +255,13 @@ impl TestCluster {
         }
         cluster.wait_leader();
         cluster
+    }
+
+    /// Deletes a stopped member's data (Raft log and state), keeping its config.
+    pub fn wipe(&mut self, id: u64) {
+        let m = self.member(id);
+        assert!(!m.is_running(), "stop member {id} before wiping it");
+        std::fs::remove_dir_all(m.dir.join("raft")).expect("remove raft data");
     }
 
     pub fn member(&mut self, id: u64) -> &mut Member {
