@@ -196,3 +196,43 @@ fn five_members_survive_two_losses_and_a_wiped_member_catches_up() {
     let log = c.member(leader).log();
     assert!(log.contains("installed snapshot"), "the wiped member was caught up by snapshot");
 }
+
+/// When the member holding a client's control session dies, the client follows the
+/// ControlDialPlan to a survivor and streams from it without re-registering; traffic to a
+/// peer keeps flowing.
+#[test]
+fn client_fails_over_when_its_member_dies() {
+    let mut c = TestCluster::start(3, ClusterOpts::default());
+    let key = c.user_with_key("roam", &["--reusable"]);
+    let _b = TsClient::start(ClientOpts {
+        name: "steady".into(),
+        control_url: c.members[1].control_url(),
+        auth_key: Some(key.clone()),
+        ..Default::default()
+    });
+    let b = c.wait_online(2, "steady", Duration::from_secs(60));
+    let ip = b["ip_addresses"].as_array().unwrap().iter().filter_map(|v| v.as_str()).find(|s| s.contains('.')).unwrap().to_string();
+    let a = TsClient::start(ClientOpts {
+        name: "roamer".into(),
+        control_url: c.members[0].control_url(),
+        auth_key: Some(key),
+        upstream: Some(format!("{ip}:80")),
+        ..Default::default()
+    });
+    let before = c.wait_online(2, "roamer", Duration::from_secs(60));
+    assert_eq!(before["member"], 1);
+    a.wait_reach("hello from steady", Duration::from_secs(60));
+
+    let t0 = std::time::Instant::now();
+    c.member(1).kill();
+    let after = wait_for("roamer streaming from a survivor", Duration::from_secs(60), || {
+        let out = c.hsctl(2, &["nodes", "list", "-o", "json"]);
+        let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        nodes.as_array()?.iter().find(|n| n["name"] == "roamer" && n["online"] == true && n["member"] != 1).cloned()
+    });
+    println!("control failover: roamer streams from member {} after {:.1} s", after["member"], t0.elapsed().as_secs_f64());
+    assert_eq!(before["id"], after["id"], "same node, not re-registered");
+    assert_eq!(before["ip_addresses"], after["ip_addresses"]);
+    a.wait_reach("hello from steady", Duration::from_secs(60));
+    println!("traffic after failover: {:.1} s", t0.elapsed().as_secs_f64());
+}
