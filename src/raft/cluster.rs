@@ -506,7 +506,7 @@ impl Cluster {
             return LeaderReply::Invalid(format!("member {target} has no address"));
         };
         tracing::info!(to = target, "handing leadership over");
-        let window = self.inner.election_timeout_max * 4;
+        let window = self.inner.election_timeout_max * 2;
         self.inner.raft.runtime_config().heartbeat(false);
         let result = match self.inner.peers.client(&addr) {
             Ok(mut client) => {
@@ -668,7 +668,7 @@ impl Cluster {
         let others = m.membership_config.voter_ids().any(|v| v != self.inner.id);
         if m.current_leader == Some(self.inner.id) && others {
             let handover = self.hand_over(None);
-            match tokio::time::timeout(self.inner.election_timeout_max * 5, handover).await {
+            match tokio::time::timeout(self.inner.election_timeout_max * 3, handover).await {
                 Ok(LeaderReply::Done(_)) => tracing::info!("leadership handed over"),
                 Ok(other) => tracing::warn!(?other, "leadership hand-over failed"),
                 Err(_) => tracing::warn!("leadership hand-over timed out"),

@@ -7,3 +7,4 @@ mod cli;
 mod clients;
 mod cluster;
 mod durability;
+mod scripts;
