@@ -60,6 +60,8 @@ struct Inner {
     presence: Presence,
     version: &'static str,
     election_timeout_max: Duration,
+    /// Cancelled when Raft stops; ends long polls other members hold open on this one.
+    stop: CancellationToken,
 }
 
 impl Cluster {
@@ -145,6 +147,7 @@ impl Cluster {
                 presence: opts.presence,
                 version: opts.version,
                 election_timeout_max: Duration::from_millis(election_min * 2),
+                stop: stop.clone(),
             }),
         };
         tasks.spawn(log_leadership(
@@ -170,6 +173,10 @@ impl Cluster {
 
     pub(super) fn presence(&self) -> &Presence {
         &self.inner.presence
+    }
+
+    pub(super) fn stopping(&self) -> &CancellationToken {
+        &self.inner.stop
     }
 
     pub(super) fn peers(&self) -> &Peers {

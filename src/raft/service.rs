@@ -72,9 +72,10 @@ impl RaftService for RaftRpc {
     ) -> Result<Response<PresenceSnapshot>, Status> {
         let wait = Duration::from_millis(req.get_ref().wait_ms.min(30_000));
         let presence = self.cluster.presence();
-        presence
-            .wait_local_change(req.get_ref().after_version, wait)
-            .await;
+        tokio::select! {
+            () = presence.wait_local_change(req.get_ref().after_version, wait) => {}
+            () = self.cluster.stopping().cancelled() => {}
+        }
         let (version, entries) = presence.local_snapshot();
         let entries = entries
             .into_iter()

@@ -236,3 +236,24 @@ fn client_fails_over_when_its_member_dies() {
     a.wait_reach("hello from steady", Duration::from_secs(60));
     println!("traffic after failover: {:.1} s", t0.elapsed().as_secs_f64());
 }
+
+/// SIGTERM on the leader (a rolling upgrade step): it hands leadership over, exits 0, and
+/// the cluster keeps taking writes; the member rejoins when started again.
+#[test]
+fn sigterm_of_the_leader_hands_over() {
+    let mut c = TestCluster::start(3, ClusterOpts::default());
+    let leader = c.wait_leader();
+    let t0 = std::time::Instant::now();
+    assert_eq!(c.member(leader).stop(), Some(0));
+    let other = (1..=3).find(|i| *i != leader).unwrap();
+    let new_leader = wait_for("a new leader", Duration::from_secs(20), || {
+        c.hsctl_json(other, &["cluster", "status", "--local"])["leader"].as_u64().filter(|l| *l != leader)
+    });
+    println!("leader {leader} stopped; member {new_leader} leads {:.1} s after SIGTERM", t0.elapsed().as_secs_f64());
+    c.hsctl_json(other, &["users", "create", "during-upgrade"]);
+    c.member(leader).start();
+    wait_for("old leader caught up", Duration::from_secs(20), || {
+        let users = c.hsctl_json(leader, &["users", "list"]);
+        users.as_array()?.iter().any(|u| u["name"] == "during-upgrade").then_some(())
+    });
+}
