@@ -338,6 +338,9 @@ impl Server {
                     let derp = derp.clone();
                     async move {
                         metrics.derp_clients.set(derp.connected_clients() as i64);
+                        let (relayed, forwarded) = derp.packet_counts();
+                        Metrics::mirror_counter(&metrics.derp_packets_relayed, relayed);
+                        Metrics::mirror_counter(&metrics.derp_packets_mesh_forwarded, forwarded);
                         metrics.render()
                     }
                 }),

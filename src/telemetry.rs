@@ -30,6 +30,8 @@ pub struct Metrics {
     pub raft_applied_index: IntGauge,
     pub raft_is_leader: IntGauge,
     pub derp_clients: IntGauge,
+    pub derp_packets_relayed: IntCounter,
+    pub derp_packets_mesh_forwarded: IntCounter,
     pub bad_requests: IntCounterVec,
 }
 
@@ -89,12 +91,28 @@ impl Metrics {
                 "hsd_derp_clients",
                 "Clients connected to this member's DERP relay",
             ),
+            derp_packets_relayed: counter(
+                "hsd_derp_packets_relayed_total",
+                "Packets this relay delivered to its clients (from local senders or the mesh)",
+            ),
+            derp_packets_mesh_forwarded: counter(
+                "hsd_derp_packets_mesh_forwarded_total",
+                "Packets this relay forwarded to another member's relay",
+            ),
             bad_requests: counter_vec(
                 "hsd_bad_requests_total",
                 "Requests refused as malformed, by surface",
                 "surface",
             ),
             registry,
+        }
+    }
+
+    /// Brings a counter mirrored from elsewhere up to `total` (counters only go up).
+    pub fn mirror_counter(counter: &IntCounter, total: u64) {
+        let seen = counter.get();
+        if total > seen {
+            counter.inc_by(total - seen);
         }
     }
 

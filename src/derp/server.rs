@@ -99,6 +99,10 @@ pub struct DerpServer {
     pub(super) tasks: TaskTracker,
     next_id: AtomicU64,
     state: Mutex<State>,
+    /// Packets handed to a local client (from a local sender or from the mesh).
+    relayed_local: AtomicU64,
+    /// Packets sent to another member's relay for a client homed there.
+    forwarded_to_mesh: AtomicU64,
 }
 
 /// Constant-time equality so mesh-key checks leak nothing through timing.
@@ -125,6 +129,8 @@ impl DerpServer {
             tasks,
             next_id: AtomicU64::new(1),
             state: Mutex::new(State::default()),
+            relayed_local: AtomicU64::new(0),
+            forwarded_to_mesh: AtomicU64::new(0),
         })
     }
 
@@ -144,6 +150,14 @@ impl DerpServer {
             .values()
             .filter(|v| v.iter().any(|h| !h.is_mesh))
             .count()
+    }
+
+    /// Packets delivered to clients of this relay, and packets forwarded over the mesh.
+    pub fn packet_counts(&self) -> (u64, u64) {
+        (
+            self.relayed_local.load(Ordering::Relaxed),
+            self.forwarded_to_mesh.load(Ordering::Relaxed),
+        )
     }
 
     /// Mesh links to other members that are currently up.
@@ -462,9 +476,14 @@ impl DerpServer {
                 Frame::SendPacket { dst, data } => match self.route(&dst) {
                     // A full queue means the receiver is slow; drop like a congested link would.
                     Route::Local(tx) => {
-                        let _ = tx.try_send((me, data));
+                        if tx.try_send((me, data)).is_ok() {
+                            self.relayed_local.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
-                    Route::Mesh(link) => link.forward(Forward { src: me, dst, data }),
+                    Route::Mesh(link) => {
+                        self.forwarded_to_mesh.fetch_add(1, Ordering::Relaxed);
+                        link.forward(Forward { src: me, dst, data })
+                    }
                     Route::Unknown => {
                         let _ = h.control.try_send(Frame::PeerGone {
                             key: dst,
@@ -476,7 +495,9 @@ impl DerpServer {
                     match self.local_route(&dst) {
                         // Never re-forward: a packet crosses the mesh at most once.
                         Some(tx) => {
-                            let _ = tx.try_send((src, data));
+                            if tx.try_send((src, data)).is_ok() {
+                                self.relayed_local.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                         None => {
                             let _ = h.control.try_send(Frame::PeerGone {

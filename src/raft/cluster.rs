@@ -117,13 +117,16 @@ impl Cluster {
         let first = opts.initial_members.keys().next().copied();
         // A wiped first member must not found a second cluster beside the running one: if
         // any other member already has a term or a leader, wait to be contacted instead.
-        let existing = if !initialized && first == Some(opts.member_id) && opts.initial_members.len() > 1 {
-            cluster_already_running(&peers, opts.member_id, &opts.initial_members).await
-        } else {
-            false
-        };
+        let existing =
+            if !initialized && first == Some(opts.member_id) && opts.initial_members.len() > 1 {
+                cluster_already_running(&peers, opts.member_id, &opts.initial_members).await
+            } else {
+                false
+            };
         if existing {
-            tracing::info!("the cluster already runs without this member's data; waiting for the leader to catch it up");
+            tracing::info!(
+                "the cluster already runs without this member's data; waiting for the leader to catch it up"
+            );
         } else if !initialized && first == Some(opts.member_id) {
             tracing::info!(
                 members = opts.initial_members.len(),
@@ -688,7 +691,11 @@ impl Cluster {
 }
 
 /// Whether any other initial member reports a term or a leader (the cluster exists).
-async fn cluster_already_running(peers: &Peers, me: u64, members: &BTreeMap<u64, MemberInfo>) -> bool {
+async fn cluster_already_running(
+    peers: &Peers,
+    me: u64,
+    members: &BTreeMap<u64, MemberInfo>,
+) -> bool {
     let calls = members.iter().filter(|(id, _)| **id != me).map(|(_, m)| {
         let peers = peers.clone();
         let addr = m.raft_addr.clone();
@@ -696,12 +703,18 @@ async fn cluster_already_running(peers: &Peers, me: u64, members: &BTreeMap<u64,
             let mut client = peers.client(&addr).ok()?;
             let mut req = tonic::Request::new(MemberStatusRequest {});
             req.set_timeout(STATUS_TIMEOUT);
-            let reply = tokio::time::timeout(STATUS_TIMEOUT, client.member_status(req)).await.ok()?.ok()?;
+            let reply = tokio::time::timeout(STATUS_TIMEOUT, client.member_status(req))
+                .await
+                .ok()?
+                .ok()?;
             let r = reply.into_inner();
             Some(r.term > 0 || r.leader.is_some())
         }
     });
-    futures::future::join_all(calls).await.into_iter().any(|r| r == Some(true))
+    futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .any(|r| r == Some(true))
 }
 
 fn write_error(e: RaftError<u64, ClientWriteError<u64, MemberInfo>>) -> LeaderReply {

@@ -54,6 +54,10 @@ fn two_clients_talk(force_derp: bool) {
         "IPv6 too"
     );
     a.wait_reach("hello from bravo", JOIN);
+    let relayed = c.members[0].metric("hsd_derp_packets_relayed_total");
+    if force_derp {
+        assert!(relayed > 0.0, "forced-DERP traffic must cross the relay");
+    }
 }
 
 #[test]

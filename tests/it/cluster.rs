@@ -105,6 +105,19 @@ fn clients_on_different_members_talk() {
     });
     c.wait_online(3, "onm1", Duration::from_secs(60));
     a.wait_reach("hello from onm2", Duration::from_secs(90));
+    // Homed on different members, so packets crossed the mesh between their relays.
+    let forwarded: f64 = c
+        .members
+        .iter()
+        .map(|m| m.metric("hsd_derp_packets_mesh_forwarded_total"))
+        .sum();
+    assert!(
+        forwarded > 0.0,
+        "traffic between members' clients goes through the DERP mesh"
+    );
+    // Presence crossed members too: member 3 holds neither session but sees both online.
+    let seen = c.node(3, "onm2").unwrap();
+    assert_eq!(seen["online"], true);
 }
 
 /// A member without quorum refuses writes and linearizable reads with a clear, retryable
@@ -167,16 +180,26 @@ fn minority_refuses_writes_and_recovers() {
 /// whose data dir was wiped catches up by snapshot install once the log was compacted.
 #[test]
 fn five_members_survive_two_losses_and_a_wiped_member_catches_up() {
-    let mut c = TestCluster::start(5, ClusterOpts { snapshot_every: Some(100), ..Default::default() });
+    let mut c = TestCluster::start(
+        5,
+        ClusterOpts {
+            snapshot_every: Some(100),
+            ..Default::default()
+        },
+    );
     let leader = c.wait_leader();
     let other = (1..=5).find(|i| *i != leader).unwrap();
     c.member(leader).kill();
     c.member(other).kill();
     let survivor = (1..=5).find(|i| *i != leader && *i != other).unwrap();
-    wait_for("a new leader among three survivors", Duration::from_secs(20), || {
-        let s = c.hsctl_json(survivor, &["cluster", "status", "--local"]);
-        s["leader"].as_u64().filter(|l| *l != leader && *l != other)
-    });
+    wait_for(
+        "a new leader among three survivors",
+        Duration::from_secs(20),
+        || {
+            let s = c.hsctl_json(survivor, &["cluster", "status", "--local"]);
+            s["leader"].as_u64().filter(|l| *l != leader && *l != other)
+        },
+    );
     // Enough writes to force a snapshot and log compaction on the survivors.
     for i in 0..120 {
         c.hsctl_json(survivor, &["users", "create", &format!("bulk{i}")]);
@@ -186,15 +209,29 @@ fn five_members_survive_two_losses_and_a_wiped_member_catches_up() {
     c.wipe(leader);
     c.member(leader).start();
     for id in [leader, other] {
-        wait_for(&format!("member {id} caught up"), Duration::from_secs(30), || {
-            let users = c.hsctl_json(id, &["users", "list", "--local"]);
-            (users.as_array()?.len() == 120).then_some(())
-        });
+        wait_for(
+            &format!("member {id} caught up"),
+            Duration::from_secs(30),
+            || {
+                let users = c.hsctl_json(id, &["users", "list", "--local"]);
+                (users.as_array()?.len() == 120).then_some(())
+            },
+        );
     }
     let s = c.hsctl_json(leader, &["cluster", "status"]);
-    assert!(s["members"].as_array().unwrap().iter().all(|m| m["healthy"] == true), "{s}");
+    assert!(
+        s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["healthy"] == true),
+        "{s}"
+    );
     let log = c.member(leader).log();
-    assert!(log.contains("installed snapshot"), "the wiped member was caught up by snapshot");
+    assert!(
+        log.contains("installed snapshot"),
+        "the wiped member was caught up by snapshot"
+    );
 }
 
 /// When the member holding a client's control session dies, the client follows the
@@ -211,7 +248,14 @@ fn client_fails_over_when_its_member_dies() {
         ..Default::default()
     });
     let b = c.wait_online(2, "steady", Duration::from_secs(60));
-    let ip = b["ip_addresses"].as_array().unwrap().iter().filter_map(|v| v.as_str()).find(|s| s.contains('.')).unwrap().to_string();
+    let ip = b["ip_addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .find(|s| s.contains('.'))
+        .unwrap()
+        .to_string();
     let a = TsClient::start(ClientOpts {
         name: "roamer".into(),
         control_url: c.members[0].control_url(),
@@ -225,16 +269,31 @@ fn client_fails_over_when_its_member_dies() {
 
     let t0 = std::time::Instant::now();
     c.member(1).kill();
-    let after = wait_for("roamer streaming from a survivor", Duration::from_secs(60), || {
-        let out = c.hsctl(2, &["nodes", "list", "-o", "json"]);
-        let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        nodes.as_array()?.iter().find(|n| n["name"] == "roamer" && n["online"] == true && n["member"] != 1).cloned()
-    });
-    println!("control failover: roamer streams from member {} after {:.1} s", after["member"], t0.elapsed().as_secs_f64());
+    let after = wait_for(
+        "roamer streaming from a survivor",
+        Duration::from_secs(60),
+        || {
+            let out = c.hsctl(2, &["nodes", "list", "-o", "json"]);
+            let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            nodes
+                .as_array()?
+                .iter()
+                .find(|n| n["name"] == "roamer" && n["online"] == true && n["member"] != 1)
+                .cloned()
+        },
+    );
+    println!(
+        "control failover: roamer streams from member {} after {:.1} s",
+        after["member"],
+        t0.elapsed().as_secs_f64()
+    );
     assert_eq!(before["id"], after["id"], "same node, not re-registered");
     assert_eq!(before["ip_addresses"], after["ip_addresses"]);
     a.wait_reach("hello from steady", Duration::from_secs(60));
-    println!("traffic after failover: {:.1} s", t0.elapsed().as_secs_f64());
+    println!(
+        "traffic after failover: {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 /// SIGTERM on the leader (a rolling upgrade step): it hands leadership over, exits 0, and
@@ -247,13 +306,22 @@ fn sigterm_of_the_leader_hands_over() {
     assert_eq!(c.member(leader).stop(), Some(0));
     let other = (1..=3).find(|i| *i != leader).unwrap();
     let new_leader = wait_for("a new leader", Duration::from_secs(20), || {
-        c.hsctl_json(other, &["cluster", "status", "--local"])["leader"].as_u64().filter(|l| *l != leader)
+        c.hsctl_json(other, &["cluster", "status", "--local"])["leader"]
+            .as_u64()
+            .filter(|l| *l != leader)
     });
-    println!("leader {leader} stopped; member {new_leader} leads {:.1} s after SIGTERM", t0.elapsed().as_secs_f64());
+    println!(
+        "leader {leader} stopped; member {new_leader} leads {:.1} s after SIGTERM",
+        t0.elapsed().as_secs_f64()
+    );
     c.hsctl_json(other, &["users", "create", "during-upgrade"]);
     c.member(leader).start();
     wait_for("old leader caught up", Duration::from_secs(20), || {
         let users = c.hsctl_json(leader, &["users", "list"]);
-        users.as_array()?.iter().any(|u| u["name"] == "during-upgrade").then_some(())
+        users
+            .as_array()?
+            .iter()
+            .any(|u| u["name"] == "during-upgrade")
+            .then_some(())
     });
 }

@@ -87,6 +87,22 @@ impl Member {
         format!("{}:50443", self.ip)
     }
 
+    /// One metric's value from this member's `/metrics` (0 if absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, body) = http_get(
+            &format!("{}:9090", self.ip),
+            "/metrics",
+            Duration::from_secs(5),
+        )
+        .expect("metrics");
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.join("hsd.sock")
     }
