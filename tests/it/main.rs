@@ -7,4 +7,5 @@ mod cli;
 mod clients;
 mod cluster;
 mod durability;
+mod history;
 mod scripts;
