@@ -199,9 +199,60 @@ pub struct TestCluster {
     pub net: u8,
     pub root: tempfile::TempDir,
     pub members: Vec<Member>,
+    opts: ClusterOpts,
 }
 
 impl TestCluster {
+    fn ip(&self, i: usize) -> String {
+        format!("127.0.{}.{i}", self.net)
+    }
+
+    /// Writes member `i`'s config, listing members `1..=listed` as the cluster.
+    fn write_config(&self, i: usize, listed: usize) -> Member {
+        let dir = self.root.path().join(format!("m{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let keys = self.root.path().join("keys");
+        let a = self.ip(i);
+        let mut yaml = format!(
+            "server_url: http://{a}:8080\n\
+             listen_addr: {a}:8080\n\
+             grpc_listen_addr: {a}:50443\n\
+             metrics_listen_addr: {a}:9090\n\
+             data_dir: {dir}\n\
+             noise:\n  private_key_path: {keys}/noise.key\n\
+             derp:\n  server:\n    stun_listen_addr: {a}:3478\n    mesh_key_path: {keys}/mesh.key\n\
+             node_approval: {approval}\n\
+             ephemeral_node_inactivity_timeout: 30s\n\
+             cluster:\n  member_id: {i}\n  listen_addr: {a}:50444\n  election_timeout: 600ms\n  heartbeat_interval: 100ms\n",
+            dir = dir.display(),
+            keys = keys.display(),
+            approval = if self.opts.manual_approval { "manual" } else { "auto" },
+        );
+        if let Some(every) = self.opts.snapshot_every {
+            yaml.push_str(&format!("  snapshot_every: {every}\n"));
+        }
+        if listed > 1 {
+            yaml.push_str("  members:\n");
+            for m in 1..=listed {
+                let ip = self.ip(m);
+                yaml.push_str(&format!("    - {{ id: {m}, address: \"{ip}:50444\", control_url: \"http://{ip}:8080\" }}\n"));
+            }
+        }
+        yaml.push_str(&self.opts.extra_yaml);
+        std::fs::write(dir.join("config.yaml"), yaml).unwrap();
+        Member { id: i as u64, ip: a, dir, child: None }
+    }
+
+    /// Starts a new member `n + 1` that knows the whole cluster but is not yet in its Raft
+    /// membership (`hsctl cluster add` brings it in).
+    pub fn start_new_member(&mut self) -> u64 {
+        let id = self.members.len() + 1;
+        let m = self.write_config(id, id);
+        self.members.push(m);
+        self.members[id - 1].start();
+        id as u64
+    }
+
     /// Starts `n` members and waits until one leads and every member knows it.
     pub fn start(n: usize, opts: ClusterOpts) -> TestCluster {
         guard();
@@ -209,53 +260,10 @@ impl TestCluster {
         let root = tempfile::tempdir().expect("tempdir");
         let keys = root.path().join("keys");
         std::fs::create_dir_all(&keys).unwrap();
-        let ip = |i: usize| format!("127.0.{net}.{i}");
-        let members_yaml: String = if n > 1 {
-            (1..=n)
-                .map(|i| format!("    - {{ id: {i}, address: \"{}:50444\", control_url: \"http://{}:8080\" }}\n", ip(i), ip(i)))
-                .collect()
-        } else {
-            String::new()
-        };
-        let mut members: Vec<Member> = Vec::new();
+        let mut cluster = TestCluster { net, root, members: Vec::new(), opts };
         for i in 1..=n {
-            let dir = root.path().join(format!("m{i}"));
-            std::fs::create_dir_all(&dir).unwrap();
-            let a = ip(i);
-            let mut yaml = format!(
-                "server_url: http://{a}:8080\n\
-                 listen_addr: {a}:8080\n\
-                 grpc_listen_addr: {a}:50443\n\
-                 metrics_listen_addr: {a}:9090\n\
-                 data_dir: {dir}\n\
-                 noise:\n  private_key_path: {keys}/noise.key\n\
-                 derp:\n  server:\n    stun_listen_addr: {a}:3478\n    mesh_key_path: {keys}/mesh.key\n\
-                 node_approval: {approval}\n\
-                 ephemeral_node_inactivity_timeout: 30s\n\
-                 cluster:\n  member_id: {i}\n  listen_addr: {a}:50444\n  election_timeout: 600ms\n  heartbeat_interval: 100ms\n",
-                dir = dir.display(),
-                keys = keys.display(),
-                approval = if opts.manual_approval {
-                    "manual"
-                } else {
-                    "auto"
-                },
-            );
-            if let Some(every) = opts.snapshot_every {
-                yaml.push_str(&format!("  snapshot_every: {every}\n"));
-            }
-            if n > 1 {
-                yaml.push_str("  members:\n");
-                yaml.push_str(&members_yaml);
-            }
-            yaml.push_str(&opts.extra_yaml);
-            std::fs::write(dir.join("config.yaml"), yaml).unwrap();
-            members.push(Member {
-                id: i as u64,
-                ip: a,
-                dir,
-                child: None,
-            });
+            let m = cluster.write_config(i, n);
+            cluster.members.push(m);
         }
         // Shared keys, written before any member starts (members must not race to create them).
         let random_hex = || hex::encode(rand::random::<[u8; 32]>());
@@ -265,7 +273,6 @@ impl TestCluster {
         )
         .unwrap();
         std::fs::write(keys.join("mesh.key"), format!("{}\n", random_hex())).unwrap();
-        let mut cluster = TestCluster { net, root, members };
         for m in cluster.members.iter_mut() {
             m.start();
         }
