@@ -70,7 +70,7 @@ fn settings() -> ControlSettings {
         magic_dns: true,
         nameservers: vec![],
         search_domains: vec![],
-        derp: None,
+        derp: Vec::new(),
         auto_approve: true,
         node_key_expiry: None,
         registration_timeout: Duration::from_secs(60),

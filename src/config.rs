@@ -258,6 +258,12 @@ pub struct ClusterMemberConfig {
     pub address: String,
     /// Control URL clients may use for this member.
     pub control_url: Option<String>,
+    /// The DERP region this member's relay belongs to; default: this member's own
+    /// (`derp.server.region_id`). Members of one region form one DERP region and mesh;
+    /// different regions are different DERP regions (multi-region clusters).
+    pub region_id: Option<i32>,
+    pub region_code: Option<String>,
+    pub region_name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]

@@ -265,8 +265,8 @@ impl Server {
         .map_err(|e| StartError::Raft(Box::new(e)))?;
 
         let metrics = Arc::new(Metrics::new());
-        let derp_region = config.derp.server.enabled.then(|| {
-            derp_region(
+        let derp_regions = config.derp.server.enabled.then(|| {
+            derp_regions(
                 &config,
                 member_id,
                 &server_url,
@@ -280,7 +280,7 @@ impl Server {
             magic_dns: config.dns.magic_dns,
             nameservers: config.dns.nameservers.global.clone(),
             search_domains: config.dns.search_domains.clone(),
-            derp: derp_region,
+            derp: derp_regions.unwrap_or_default(),
             auto_approve: config.node_approval == NodeApproval::Auto,
             node_key_expiry: (!config.node.expiry.0.is_zero()).then_some(config.node.expiry.0),
             registration_timeout: Duration::from_secs(15 * 60),
@@ -299,17 +299,7 @@ impl Server {
         let derp = DerpServer::new(derp_private, Some(mesh_key), stop.clone(), tasks.clone());
         // Every member's relay meshes with every other's, so a client homed on any member
         // reaches clients homed on the others.
-        let mesh_peers: Vec<String> = config
-            .cluster
-            .members
-            .iter()
-            .filter(|m| m.id != member_id)
-            .filter_map(|m| {
-                m.control_url
-                    .as_ref()
-                    .map(|u| format!("{}/derp", u.trim_end_matches('/')))
-            })
-            .collect();
+        let mesh_peers = mesh_peers(&config, member_id);
         if config.derp.server.enabled && !mesh_peers.is_empty() {
             derp.start_mesh(mesh_peers);
         }
@@ -437,18 +427,19 @@ fn create_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)
 }
 
-/// One DERP region for the whole cluster, one node per member, this member first: clients
-/// home on the member they hold their control session with, and when that relay dies the
-/// client's reconnect walks on to the next node of the same region at once (no control
-/// round trip), while the mesh keeps every member's clients reachable.
-fn derp_region(
+/// The cluster's DERP regions, one node per member, this member's region and node first.
+/// Members of one region are nodes of one DERP region (not a region each): a client homes
+/// on the member it talks to, and when that relay dies its reconnect walks on to the next
+/// node of the same region at once, with no control round trip, while the mesh keeps every
+/// member's clients reachable. Members configured in other regions form their own regions.
+fn derp_regions(
     config: &Config,
     member_id: u64,
     server_url: &str,
     stun_port: i32,
-) -> DerpRegionInfo {
-    let region = &config.derp.server;
-    let node = |id: u64, url: &str, ipv4: Option<&String>| {
+) -> Vec<DerpRegionInfo> {
+    let own = &config.derp.server;
+    let node = |id: u64, region_id: i32, url: &str, ipv4: Option<&String>| {
         let host = url_host(url);
         let ipv4 = ipv4.cloned().unwrap_or_else(|| {
             if host.parse::<std::net::Ipv4Addr>().is_ok() {
@@ -458,27 +449,67 @@ fn derp_region(
             }
         });
         DerpNodeInfo {
-            name: format!("{}{}", region.region_id, id),
+            name: format!("{region_id}{id}"),
             host,
             ipv4,
             derp_port: url_port(url).unwrap_or(if url.starts_with("https://") { 443 } else { 80 }),
             stun_port,
         }
     };
-    let mut nodes = vec![node(member_id, server_url, region.ipv4.as_ref())];
+    let mut regions = vec![DerpRegionInfo {
+        region_id: own.region_id,
+        region_code: own.region_code.clone(),
+        region_name: own.region_name.clone(),
+        nodes: vec![node(
+            member_id,
+            own.region_id,
+            server_url,
+            own.ipv4.as_ref(),
+        )],
+    }];
     for m in &config.cluster.members {
-        if m.id != member_id
-            && let Some(url) = &m.control_url
-        {
-            nodes.push(node(m.id, url, None));
-        }
+        let Some(url) = m.control_url.as_ref().filter(|_| m.id != member_id) else {
+            continue;
+        };
+        let region_id = m.region_id.unwrap_or(own.region_id);
+        let pos = match regions.iter().position(|r| r.region_id == region_id) {
+            Some(pos) => pos,
+            None => {
+                regions.push(DerpRegionInfo {
+                    region_id,
+                    region_code: m
+                        .region_code
+                        .clone()
+                        .unwrap_or_else(|| format!("r{region_id}")),
+                    region_name: m
+                        .region_name
+                        .clone()
+                        .unwrap_or_else(|| format!("region {region_id}")),
+                    nodes: Vec::new(),
+                });
+                regions.len() - 1
+            }
+        };
+        regions[pos].nodes.push(node(m.id, region_id, url, None));
     }
-    DerpRegionInfo {
-        region_id: region.region_id,
-        region_code: region.region_code.clone(),
-        region_name: region.region_name.clone(),
-        nodes,
-    }
+    regions
+}
+
+/// The DERP URLs of the other members of this member's region, whose relays this one meshes
+/// with. Other regions are reached by clients directly, not through the mesh.
+fn mesh_peers(config: &Config, member_id: u64) -> Vec<String> {
+    let own_region = config.derp.server.region_id;
+    config
+        .cluster
+        .members
+        .iter()
+        .filter(|m| m.id != member_id && m.region_id.unwrap_or(own_region) == own_region)
+        .filter_map(|m| {
+            m.control_url
+                .as_ref()
+                .map(|u| format!("{}/derp", u.trim_end_matches('/')))
+        })
+        .collect()
 }
 
 /// A dial plan listing every member's address, this member first and the others after
@@ -667,6 +698,48 @@ async fn refresh_gauges(cluster: Cluster, metrics: Arc<Metrics>, stop: Cancellat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_of_two_regions_make_two_derp_regions_meshed_inside() {
+        let yaml = r#"
+derp:
+  server:
+    region_id: 900
+    region_code: eu
+cluster:
+  member_id: 1
+  members:
+    - { id: 1, address: "10.0.0.1:50444", control_url: "http://10.0.0.1:8080" }
+    - { id: 2, address: "10.0.0.2:50444", control_url: "http://10.0.0.2:8080" }
+    - { id: 3, address: "10.1.0.3:50444", control_url: "http://10.1.0.3:8080", region_id: 901, region_code: us }
+"#;
+        let config = Config::from_yaml(yaml).unwrap();
+        let regions = derp_regions(&config, 1, "http://10.0.0.1:8080", 3478);
+        assert_eq!(regions.len(), 2);
+        assert_eq!((regions[0].region_id, regions[0].nodes.len()), (900, 2));
+        assert_eq!(
+            regions[0].nodes[0].ipv4, "10.0.0.1",
+            "this member's node first"
+        );
+        assert_eq!(
+            (
+                regions[1].region_id,
+                regions[1].region_code.as_str(),
+                regions[1].nodes.len()
+            ),
+            (901, "us", 1)
+        );
+        assert_eq!(
+            mesh_peers(&config, 1),
+            vec!["http://10.0.0.2:8080/derp".to_string()]
+        );
+        let plan = dial_plan(&config, 1, "http://10.0.0.1:8080").unwrap();
+        assert_eq!(
+            plan["Candidates"].as_array().unwrap().len(),
+            3,
+            "the dial plan names every member"
+        );
+    }
 
     #[test]
     fn url_parts() {

@@ -53,7 +53,8 @@ pub struct ControlSettings {
     pub magic_dns: bool,
     pub nameservers: Vec<String>,
     pub search_domains: Vec<String>,
-    pub derp: Option<DerpRegionInfo>,
+    /// The DERP regions of the cluster, this member's region first; empty = no relay.
+    pub derp: Vec<DerpRegionInfo>,
     /// New nodes are usable at once (`node_approval: auto`).
     pub auto_approve: bool,
     /// Key expiry for new nodes; `None` = never.

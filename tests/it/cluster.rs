@@ -335,22 +335,54 @@ fn new_member_joins_as_learner_and_is_promoted() {
     }
     let id = c.start_new_member();
     let ip = c.members[(id - 1) as usize].ip.clone();
-    let add = c.hsctl_json(2, &["cluster", "add", &id.to_string(), &format!("{ip}:50444"), "--control-url", &format!("http://{ip}:8080")]);
-    let learner = add["members"].as_array().unwrap().iter().find(|m| m["id"] == id).cloned().expect("listed after add");
+    let add = c.hsctl_json(
+        2,
+        &[
+            "cluster",
+            "add",
+            &id.to_string(),
+            &format!("{ip}:50444"),
+            "--control-url",
+            &format!("http://{ip}:8080"),
+        ],
+    );
+    let learner = add["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == id)
+        .cloned()
+        .expect("listed after add");
     assert_eq!(learner["role"], "learner", "{add}");
     let users = c.hsctl_json(id, &["users", "list", "--local"]);
-    assert_eq!(users.as_array().unwrap().len(), 20, "the learner caught up before add returned");
+    assert_eq!(
+        users.as_array().unwrap().len(),
+        20,
+        "the learner caught up before add returned"
+    );
 
     c.hsctl_json(1, &["cluster", "promote", &id.to_string()]);
     let s = wait_for("four healthy voters", Duration::from_secs(20), || {
         let s = c.hsctl_json(id, &["cluster", "status"]);
         let members = s["members"].as_array()?;
-        (members.len() == 4 && members.iter().all(|m| m["healthy"] == true && m["voter"] == true)).then_some(s)
+        (members.len() == 4
+            && members
+                .iter()
+                .all(|m| m["healthy"] == true && m["voter"] == true))
+        .then_some(s)
     });
     assert!(s["leader"].is_u64());
     // Adding the same member twice is refused clearly.
-    let again = c.hsctl(1, &["cluster", "add", &id.to_string(), &format!("{ip}:50444")]);
-    assert_eq!(again.status.code(), Some(1), "{}", String::from_utf8_lossy(&again.stderr));
+    let again = c.hsctl(
+        1,
+        &["cluster", "add", &id.to_string(), &format!("{ip}:50444")],
+    );
+    assert_eq!(
+        again.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
 
     // Removing it returns the cluster to three voters.
     c.hsctl_json(1, &["cluster", "remove", &id.to_string()]);

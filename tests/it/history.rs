@@ -23,15 +23,37 @@ struct History {
 #[test]
 fn acknowledged_writes_survive_kills_and_restarts() {
     let mut c = TestCluster::start(3, ClusterOpts::default());
-    let sockets: Vec<String> = c.members.iter().map(|m| m.socket().to_str().unwrap().to_string()).collect();
+    let sockets: Vec<String> = c
+        .members
+        .iter()
+        .map(|m| m.socket().to_str().unwrap().to_string())
+        .collect();
     c.hsctl_json(1, &["users", "create", "nodes"]);
-    let shared = c.hsctl_json(1, &["preauthkeys", "create", "--user", "nodes"])["key"].as_str().unwrap().to_string();
-    let reusable = c.hsctl_json(1, &["preauthkeys", "create", "--user", "nodes", "--reusable"])["key"].as_str().unwrap().to_string();
+    let shared = c.hsctl_json(1, &["preauthkeys", "create", "--user", "nodes"])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let reusable = c.hsctl_json(
+        1,
+        &["preauthkeys", "create", "--user", "nodes", "--reusable"],
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // Real clients: two race with one single-use key on two members; three more register
     // through each member with a reusable key while faults run.
     let mut clients = Vec::new();
-    for (i, (member, key)) in [(0, &shared), (1, &shared), (0, &reusable), (1, &reusable), (2, &reusable)].into_iter().enumerate() {
+    for (i, (member, key)) in [
+        (0, &shared),
+        (1, &shared),
+        (0, &reusable),
+        (1, &reusable),
+        (2, &reusable),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         clients.push(TsClient::start(ClientOpts {
             name: format!("h{i}"),
             control_url: c.members[member].control_url(),
@@ -51,7 +73,17 @@ fn acknowledged_writes_survive_kills_and_restarts() {
                     let name = format!("w{w}-{i}");
                     let socket = &sockets[(w + i) % sockets.len()];
                     history.lock().unwrap().attempted.insert(name.clone());
-                    let out = hsctl(&["--socket", socket, "--timeout", "3s", "users", "create", &name, "-o", "json"]);
+                    let out = hsctl(&[
+                        "--socket",
+                        socket,
+                        "--timeout",
+                        "3s",
+                        "users",
+                        "create",
+                        &name,
+                        "-o",
+                        "json",
+                    ]);
                     if out.status.success() {
                         history.lock().unwrap().acknowledged.insert(name);
                     }
@@ -66,7 +98,11 @@ fn acknowledged_writes_survive_kills_and_restarts() {
     let mut round = 0u64;
     while t0.elapsed() < FAULT_PHASE {
         let victim = round % 3 + 1;
-        if round % 2 == 0 { c.member(victim).kill() } else { c.member(victim).stop(); }
+        if round % 2 == 0 {
+            c.member(victim).kill()
+        } else {
+            c.member(victim).stop();
+        }
         std::thread::sleep(Duration::from_millis(1500));
         c.member(victim).start();
         std::thread::sleep(Duration::from_millis(1500));
@@ -85,33 +121,67 @@ fn acknowledged_writes_survive_kills_and_restarts() {
         history.acknowledged.len(),
         round
     );
-    assert!(history.acknowledged.len() > 10, "the cluster kept taking writes during faults");
+    assert!(
+        history.acknowledged.len() > 10,
+        "the cluster kept taking writes during faults"
+    );
     for id in 1..=3u64 {
         let users = c.hsctl_json(id, &["users", "list"]);
-        let names: BTreeSet<String> =
-            users.as_array().unwrap().iter().map(|u| u["name"].as_str().unwrap().to_string()).collect();
+        let names: BTreeSet<String> = users
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["name"].as_str().unwrap().to_string())
+            .collect();
         let missing: Vec<_> = history.acknowledged.difference(&names).collect();
-        assert!(missing.is_empty(), "member {id} lost acknowledged writes: {missing:?}");
-        let unexpected: Vec<_> =
-            names.iter().filter(|n| *n != "nodes" && !history.attempted.contains(*n)).collect();
-        assert!(unexpected.is_empty(), "member {id} shows writes nobody made: {unexpected:?}");
+        assert!(
+            missing.is_empty(),
+            "member {id} lost acknowledged writes: {missing:?}"
+        );
+        let unexpected: Vec<_> = names
+            .iter()
+            .filter(|n| *n != "nodes" && !history.attempted.contains(*n))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "member {id} shows writes nobody made: {unexpected:?}"
+        );
     }
 
     // Registrations: the single-use key admitted exactly one of the two racers; every
     // reusable-key client got in; no address is shared.
-    let nodes = wait_for("the reusable-key clients registered", Duration::from_secs(90), || {
-        let nodes = c.hsctl_json(1, &["nodes", "list"]);
-        let names: BTreeSet<String> =
-            nodes.as_array()?.iter().map(|n| n["name"].as_str().unwrap().to_string()).collect();
-        ["h2", "h3", "h4"].iter().all(|n| names.contains(*n)).then_some(nodes)
-    });
+    let nodes = wait_for(
+        "the reusable-key clients registered",
+        Duration::from_secs(90),
+        || {
+            let nodes = c.hsctl_json(1, &["nodes", "list"]);
+            let names: BTreeSet<String> = nodes
+                .as_array()?
+                .iter()
+                .map(|n| n["name"].as_str().unwrap().to_string())
+                .collect();
+            ["h2", "h3", "h4"]
+                .iter()
+                .all(|n| names.contains(*n))
+                .then_some(nodes)
+        },
+    );
     let nodes = nodes.as_array().unwrap();
-    let racers = nodes.iter().filter(|n| n["name"] == "h0" || n["name"] == "h1").count();
-    assert_eq!(racers, 1, "a single-use key is used once cluster-wide: {nodes:?}");
+    let racers = nodes
+        .iter()
+        .filter(|n| n["name"] == "h0" || n["name"] == "h1")
+        .count();
+    assert_eq!(
+        racers, 1,
+        "a single-use key is used once cluster-wide: {nodes:?}"
+    );
     let mut ips = BTreeSet::new();
     for n in nodes {
         for ip in n["ip_addresses"].as_array().unwrap() {
-            assert!(ips.insert(ip.as_str().unwrap().to_string()), "duplicate address {ip}");
+            assert!(
+                ips.insert(ip.as_str().unwrap().to_string()),
+                "duplicate address {ip}"
+            );
         }
     }
     drop(clients);

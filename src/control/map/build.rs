@@ -36,14 +36,9 @@ impl MapContext<'_> {
         let now = Timestamp::now();
         let live = self.presence.get(node.id);
         let online = self.presence.is_online(node.id);
-        // A node whose session is on another member has no local presence; the whole
-        // cluster is one DERP region and the relays mesh, so that region reaches it.
-        let cluster_region = self
-            .settings
-            .derp
-            .as_ref()
-            .map(|r| r.region_id)
-            .unwrap_or(0);
+        // Until a node reports its home DERP, point at this member's region: its relays
+        // mesh, so they reach the node wherever in the region it is homed.
+        let cluster_region = self.settings.derp.first().map(|r| r.region_id).unwrap_or(0);
         let home_derp = live
             .as_ref()
             .map(|p| p.home_derp)
@@ -142,7 +137,7 @@ impl MapContext<'_> {
 
     pub fn derp_map(&self) -> Value {
         let mut regions = serde_json::Map::new();
-        if let Some(region) = &self.settings.derp {
+        for region in &self.settings.derp {
             let nodes: Vec<Value> = region
                 .nodes
                 .iter()

@@ -226,7 +226,11 @@ impl TestCluster {
              cluster:\n  member_id: {i}\n  listen_addr: {a}:50444\n  election_timeout: 600ms\n  heartbeat_interval: 100ms\n",
             dir = dir.display(),
             keys = keys.display(),
-            approval = if self.opts.manual_approval { "manual" } else { "auto" },
+            approval = if self.opts.manual_approval {
+                "manual"
+            } else {
+                "auto"
+            },
         );
         if let Some(every) = self.opts.snapshot_every {
             yaml.push_str(&format!("  snapshot_every: {every}\n"));
@@ -240,7 +244,12 @@ impl TestCluster {
         }
         yaml.push_str(&self.opts.extra_yaml);
         std::fs::write(dir.join("config.yaml"), yaml).unwrap();
-        Member { id: i as u64, ip: a, dir, child: None }
+        Member {
+            id: i as u64,
+            ip: a,
+            dir,
+            child: None,
+        }
     }
 
     /// Starts a new member `n + 1` that knows the whole cluster but is not yet in its Raft
@@ -260,7 +269,12 @@ impl TestCluster {
         let root = tempfile::tempdir().expect("tempdir");
         let keys = root.path().join("keys");
         std::fs::create_dir_all(&keys).unwrap();
-        let mut cluster = TestCluster { net, root, members: Vec::new(), opts };
+        let mut cluster = TestCluster {
+            net,
+            root,
+            members: Vec::new(),
+            opts,
+        };
         for i in 1..=n {
             let m = cluster.write_config(i, n);
             cluster.members.push(m);
