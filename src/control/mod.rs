@@ -4,6 +4,7 @@
 //! Reads the registry through `raft::Cluster::view`, writes through `Cluster::propose`,
 //! keeps live-session state in `presence`. Never uses `admin` or `cli`.
 
+pub mod client;
 pub mod keys;
 pub mod map;
 pub mod noise;

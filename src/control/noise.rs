@@ -130,6 +130,47 @@ pub fn accept(server_private: &[u8; 32], init: &Initiation) -> Result<Accepted, 
     })
 }
 
+/// The initiator side (what a Tailscale client does), for `control::client`: returns the
+/// 101-byte initiation and the state that `finish_initiation` completes.
+pub fn initiate(
+    server_public: &[u8; 32],
+    client_private: &[u8; 32],
+    version: u16,
+) -> Result<(Vec<u8>, snow::HandshakeState), NoiseError> {
+    let prologue = format!("{PROLOGUE_PREFIX}{version}");
+    let mut hs = snow::Builder::new(PROTOCOL_NAME.parse().map_err(NoiseError::Handshake)?)
+        .local_private_key(client_private)
+        .remote_public_key(server_public)
+        .prologue(prologue.as_bytes())
+        .build_initiator()
+        .map_err(NoiseError::Handshake)?;
+    let mut msg = [0u8; 200];
+    let n = hs
+        .write_message(&[], &mut msg)
+        .map_err(NoiseError::Handshake)?;
+    let mut init = Vec::with_capacity(INITIATION_BYTES);
+    init.extend_from_slice(&version.to_be_bytes());
+    init.push(MSG_INITIATION);
+    init.extend_from_slice(&(n as u16).to_be_bytes());
+    init.extend_from_slice(&msg[..n]);
+    Ok((init, hs))
+}
+
+/// Completes the initiator's handshake with the server's response frame body.
+pub fn finish_initiation(
+    mut hs: snow::HandshakeState,
+    response: &[u8],
+) -> Result<SessionKeys, NoiseError> {
+    let mut scratch = [0u8; 128];
+    hs.read_message(response, &mut scratch)
+        .map_err(NoiseError::Handshake)?;
+    let (initiator_to_responder, responder_to_initiator) = hs.dangerously_get_raw_split();
+    Ok(SessionKeys {
+        receive: responder_to_initiator,
+        send: initiator_to_responder,
+    })
+}
+
 /// A cleartext error frame, readable by a client still waiting for the handshake response.
 pub fn error_frame(message: &str) -> Vec<u8> {
     let text = &message.as_bytes()[..message.len().min(u16::MAX as usize)];

@@ -8,4 +8,5 @@ mod clients;
 mod cluster;
 mod durability;
 mod history;
+mod protocol;
 mod scripts;

@@ -1,0 +1,268 @@
+//! A minimal ts2021 client — the control half of what a Tailscale client does: fetch the
+//! server key, upgrade `/ts2021` to Noise, speak HTTP/2 inside it, register and stream
+//! maps. Used by the protocol tests and the load generator (`benches/control_load.rs`);
+//! the server never uses it. Real-client interoperability is tested with real clients.
+
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::{Buf, Bytes};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+use super::noise::{self, NoiseError};
+use crate::registry::{DiscoKey, NodeKey};
+
+/// The capability version this client claims (tailscale v1.90 sends about this).
+pub const CLIENT_VERSION: u16 = 125;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("I/O with the server")]
+    Io(#[from] std::io::Error),
+    #[error("the server answered {0}")]
+    Http(String),
+    #[error("noise")]
+    Noise(#[from] NoiseError),
+    #[error("http/2")]
+    H2(#[from] h2::Error),
+    #[error("decoding a server message")]
+    Json(#[from] serde_json::Error),
+    #[error("map stream ended")]
+    StreamEnded,
+}
+
+/// A random x25519 key pair: (private, public).
+pub fn keypair() -> ([u8; 32], [u8; 32]) {
+    let private: [u8; 32] = rand::random();
+    (private, super::keys::public_key(&private))
+}
+
+/// One Noise connection to a member, carrying HTTP/2 requests.
+pub struct ControlClient {
+    host: String,
+    sender: h2::client::SendRequest<Bytes>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for ControlClient {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Reads an HTTP/1.1 response head byte by byte (so no byte after it is consumed).
+async fn read_head(stream: &mut TcpStream) -> Result<String, ClientError> {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 16 * 1024 {
+            return Err(ClientError::Http("an oversized response head".into()));
+        }
+        head.push(stream.read_u8().await?);
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// `GET /key`: the server's Noise public key.
+pub async fn fetch_server_key(addr: &str) -> Result<[u8; 32], ClientError> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|source| ClientError::Connect {
+            addr: addr.into(),
+            source,
+        })?;
+    let req = format!(
+        "GET /key?v={CLIENT_VERSION} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let v: Value = serde_json::from_str(body)?;
+    let key = v["publicKey"].as_str().unwrap_or("");
+    let key = crate::registry::MachineKey::parse(key)
+        .map_err(|_| ClientError::Http(format!("a bad /key body {body:?}")))?;
+    Ok(key.0)
+}
+
+impl ControlClient {
+    /// Connects to `addr` (`host:port`) as the machine `machine_private`.
+    pub async fn connect(
+        addr: &str,
+        machine_private: &[u8; 32],
+    ) -> Result<ControlClient, ClientError> {
+        let server_key = fetch_server_key(addr).await?;
+        let (init, hs) = noise::initiate(&server_key, machine_private, CLIENT_VERSION)?;
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: addr.into(),
+                source,
+            })?;
+        stream.set_nodelay(true)?;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&init);
+        let req = format!(
+            "POST /ts2021 HTTP/1.1\r\nHost: {addr}\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: {b64}\r\nContent-Length: 0\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await?;
+        let head = read_head(&mut stream).await?;
+        if !head.starts_with("HTTP/1.1 101") {
+            return Err(ClientError::Http(
+                head.lines().next().unwrap_or("").to_string(),
+            ));
+        }
+        let (_, body) = noise::read_frame(&mut stream).await?;
+        let keys = noise::finish_initiation(hs, &body)?;
+        let (app, pump_side) = tokio::io::duplex(64 * 1024);
+        let pump = tokio::spawn(async move {
+            let _ = noise::pump(stream, pump_side, keys).await;
+        });
+        let (sender, conn) = h2::client::handshake(app).await?;
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(ControlClient {
+            host: addr.to_string(),
+            sender,
+            tasks: vec![pump, conn],
+        })
+    }
+
+    async fn post(
+        &mut self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, h2::RecvStream), ClientError> {
+        let req = http::Request::post(format!("http://{}{path}", self.host))
+            .header("content-type", "application/json")
+            .body(())
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let mut sender = self.sender.clone().ready().await?;
+        let (response, mut send) = sender.send_request(req, false)?;
+        send.send_data(Bytes::from(body), true)?;
+        let response = response.await?;
+        Ok((response.status().as_u16(), response.into_body()))
+    }
+
+    /// POSTs `body` and reads the whole answer.
+    pub async fn post_all(
+        &mut self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, Vec<u8>), ClientError> {
+        let (status, mut recv) = self.post(path, body).await?;
+        let mut out = Vec::new();
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk?;
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            out.extend_from_slice(&chunk);
+        }
+        Ok((status, out))
+    }
+
+    /// `/machine/register` with a pre-auth key; returns (HTTP status, response JSON or text).
+    pub async fn register(
+        &mut self,
+        node_key: &NodeKey,
+        auth_key: &str,
+        hostname: &str,
+    ) -> Result<(u16, Value), ClientError> {
+        let body = json!({
+            "Version": CLIENT_VERSION,
+            "NodeKey": node_key.to_text(),
+            "OldNodeKey": NodeKey([0; 32]).to_text(),
+            "Auth": { "AuthKey": auth_key },
+            "Hostinfo": { "Hostname": hostname, "OS": "linux" },
+            "Expiry": "0001-01-01T00:00:00Z",
+            "Followup": "",
+            "Ephemeral": false,
+        });
+        let (status, body) = self
+            .post_all("/machine/register", serde_json::to_vec(&body)?)
+            .await?;
+        let value = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
+        Ok((status, value))
+    }
+
+    /// Opens a streaming `/machine/map` (uncompressed) and returns the stream.
+    pub async fn map_stream(
+        &mut self,
+        node_key: &NodeKey,
+        disco_key: &DiscoKey,
+        endpoint: &str,
+    ) -> Result<MapStream, ClientError> {
+        let body = json!({
+            "Version": CLIENT_VERSION,
+            "NodeKey": node_key.to_text(),
+            "DiscoKey": disco_key.to_text(),
+            "Stream": true,
+            "KeepAlive": true,
+            "Compress": "",
+            "Hostinfo": { "Hostname": "load", "OS": "linux" },
+            "Endpoints": [endpoint],
+            "EndpointTypes": [1],
+        });
+        let (status, recv) = self
+            .post("/machine/map", serde_json::to_vec(&body)?)
+            .await?;
+        if status != 200 {
+            return Err(ClientError::Http(format!("map request answered {status}")));
+        }
+        Ok(MapStream {
+            recv,
+            buf: bytes::BytesMut::new(),
+        })
+    }
+}
+
+/// Length-prefixed (u32 little-endian) JSON map responses.
+pub struct MapStream {
+    recv: h2::RecvStream,
+    buf: bytes::BytesMut,
+}
+
+impl MapStream {
+    /// The next map response, or an error once `timeout` passes without one.
+    pub async fn next(&mut self, timeout: Duration) -> Result<Value, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
+                if self.buf.len() >= 4 + len {
+                    self.buf.advance(4);
+                    let msg = self.buf.split_to(len);
+                    return Ok(serde_json::from_slice(&msg)?);
+                }
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.recv.data())
+                .await
+                .map_err(|_| ClientError::Http(format!("no map response within {timeout:?}")))?
+                .ok_or(ClientError::StreamEnded)??;
+            let _ = self.recv.flow_control().release_capacity(chunk.len());
+            self.buf.extend_from_slice(&chunk);
+        }
+    }
+
+    /// Skips keep-alives; returns the next response with content.
+    pub async fn next_update(&mut self, timeout: Duration) -> Result<Value, ClientError> {
+        loop {
+            let v = self.next(timeout).await?;
+            if v.get("KeepAlive").and_then(Value::as_bool) != Some(true)
+                || v.as_object().is_some_and(|o| o.len() > 1)
+            {
+                return Ok(v);
+            }
+        }
+    }
+}

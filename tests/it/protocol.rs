@@ -1,0 +1,167 @@
+//! The control protocol from the wire, with the crate's own minimal ts2021 client: bad
+//! input gets a clear error and changes nothing; map streams carry deltas, not rebuilds.
+
+use std::time::Duration;
+
+use hsd::control::client::{ControlClient, keypair};
+use hsd::registry::{DiscoKey, NodeKey};
+use serde_json::Value;
+
+use crate::harness::{ClusterOpts, TestCluster};
+
+const T: Duration = Duration::from_secs(10);
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn bad_register_input_is_refused_and_changes_nothing() {
+    let c = TestCluster::start(1, ClusterOpts::default());
+    let key = c.user_with_key("proto", &[]);
+    let addr = format!("{}:8080", c.members[0].ip);
+    rt().block_on(async {
+        let (machine, _) = keypair();
+        let mut client = ControlClient::connect(&addr, &machine).await.unwrap();
+        // Not JSON at all.
+        let (status, body) = client
+            .post_all("/machine/register", b"{not json".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+        // A well-formed request with an unknown key, then a wrong secret for a real prefix.
+        let node = NodeKey(keypair().1);
+        let (_, resp) = client
+            .register(&node, "hskey-auth-nope", "x")
+            .await
+            .unwrap();
+        assert!(
+            resp.to_string().to_lowercase().contains("key"),
+            "clear error: {resp}"
+        );
+        let prefix_only = format!("{}{}", &key[..key.len() - 4], "AAAA");
+        let (_, resp) = client.register(&node, &prefix_only, "x").await.unwrap();
+        assert!(
+            resp["Error"].as_str().is_some_and(|e| !e.is_empty()) || resp.is_string(),
+            "{resp}"
+        );
+    });
+    let nodes = c.hsctl_json(1, &["nodes", "list"]);
+    assert_eq!(
+        nodes.as_array().unwrap().len(),
+        0,
+        "refused registrations leave nothing"
+    );
+    let keys = c.hsctl_json(1, &["preauthkeys", "list", "--user", "proto"]);
+    assert_eq!(
+        keys[0]["used"], false,
+        "a refused attempt does not use up the key"
+    );
+    // The member is still healthy, and the refusals were counted.
+    assert!(
+        crate::harness::http_get(&addr, "/health", T)
+            .unwrap()
+            .1
+            .contains("ok")
+    );
+}
+
+#[test]
+fn garbage_after_the_handshake_drops_only_that_connection() {
+    use tokio::io::AsyncWriteExt;
+    let c = TestCluster::start(1, ClusterOpts::default());
+    let addr = format!("{}:8080", c.members[0].ip);
+    rt().block_on(async {
+        // A raw upgrade, then bytes that are no Noise record.
+        let (machine, _) = keypair();
+        let server = hsd::control::client::fetch_server_key(&addr).await.unwrap();
+        let (init, _hs) = hsd::control::noise::initiate(&server, &machine, 125).unwrap();
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &init);
+        let req = format!("POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: {b64}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        s.write_all(&[4, 0, 40]).await.unwrap();
+        s.write_all(&[0xAB; 40]).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let closed = tokio::time::timeout(T, async {
+            use tokio::io::AsyncReadExt;
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the server closes a connection carrying a bad record");
+        // Others are unaffected.
+        let mut ok = ControlClient::connect(&addr, &keypair().0).await.unwrap();
+        let (status, _) = ok.post_all("/machine/register", b"{}".to_vec()).await.unwrap();
+        assert!(status == 400 || status == 200);
+    });
+    assert!(c.members[0].metric("hsd_bad_requests_total{surface=\"noise\"}") >= 1.0);
+}
+
+/// The first map response is a full netmap with the quiet-client settings; a later
+/// registration reaches an open stream as a `PeersChanged` delta.
+#[test]
+fn map_stream_sends_full_map_then_deltas() {
+    let c = TestCluster::start(1, ClusterOpts::default());
+    let key = c.user_with_key("maps", &["--reusable"]);
+    let addr = format!("{}:8080", c.members[0].ip);
+    rt().block_on(async {
+        let (m1, _) = keypair();
+        let n1 = NodeKey(keypair().1);
+        let mut a = ControlClient::connect(&addr, &m1).await.unwrap();
+        let (status, resp) = a.register(&n1, &key, "first").await.unwrap();
+        assert_eq!(status, 200, "{resp}");
+        assert_eq!(resp["MachineAuthorized"], true, "{resp}");
+        let mut stream = a
+            .map_stream(&n1, &DiscoKey(keypair().1), "127.0.0.1:41641")
+            .await
+            .unwrap();
+        let full = stream.next_update(T).await.unwrap();
+        assert!(full["Node"]["Addresses"].is_array(), "{full}");
+        assert_eq!(full["Debug"]["DisableLogTail"], true);
+        assert!(
+            full["Node"]["CapMap"]
+                .get("disable-captive-portal-detection")
+                .is_some(),
+            "{}",
+            full["Node"]
+        );
+        assert!(
+            full["DERPMap"]["Regions"]
+                .as_object()
+                .is_some_and(|r| !r.is_empty())
+        );
+        assert!(full["PacketFilter"].is_array() || full["PacketFilters"].is_object());
+
+        let mut b = ControlClient::connect(&addr, &keypair().0).await.unwrap();
+        let n2 = NodeKey(keypair().1);
+        let (status, _) = b.register(&n2, &key, "second").await.unwrap();
+        assert_eq!(status, 200);
+        let _stream_b = b
+            .map_stream(&n2, &DiscoKey(keypair().1), "127.0.0.1:41642")
+            .await
+            .unwrap();
+        let delta: Value = loop {
+            let v = stream.next_update(T).await.unwrap();
+            if v.get("PeersChanged").is_some() || v.get("Peers").is_some() {
+                break v;
+            }
+        };
+        assert!(
+            delta.get("Peers").is_none(),
+            "a delta, not a full rebuild: {delta}"
+        );
+        assert!(
+            delta["Node"].is_null(),
+            "self is not resent for a peer change: {delta}"
+        );
+        assert_eq!(delta["PeersChanged"][0]["Key"], n2.to_text());
+    });
+}
