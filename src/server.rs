@@ -304,8 +304,17 @@ impl Server {
             derp.start_mesh(mesh_peers);
         }
 
+        let admin_deps = crate::admin::AdminDeps {
+            cluster: cluster.clone(),
+            presence: presence.clone(),
+            auto_approve: settings.auto_approve,
+            node_key_expiry: settings.node_key_expiry,
+            version: VERSION,
+        };
+
         // Control HTTP: /key, /ts2021, DERP, health.
-        let app = control_router(control_deps.clone(), derp.clone());
+        let app = control_router(control_deps.clone(), derp.clone())
+            .merge(crate::admin::rest::router(admin_deps.clone()));
         let control_stop = stop.clone();
         tasks.spawn(async move {
             let serve = axum::serve(
@@ -349,13 +358,6 @@ impl Server {
             tasks.spawn(crate::derp::stun::serve(socket, stop.clone()));
         }
 
-        let admin_deps = crate::admin::AdminDeps {
-            cluster: cluster.clone(),
-            presence: presence.clone(),
-            auto_approve: settings.auto_approve,
-            node_key_expiry: settings.node_key_expiry,
-            version: VERSION,
-        };
         tasks.spawn(crate::admin::serve_unix(
             v.unix_socket.clone(),
             v.unix_socket_mode,

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod convert;
 pub mod grpc;
+pub mod rest;
 pub mod status;
 
 use std::path::PathBuf;

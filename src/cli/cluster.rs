@@ -1,10 +1,11 @@
 //! `hsctl cluster …`, `hsctl policy …` and `hsctl version`.
 
+pub use crate::proto::json::{cluster_status as status_json, role_name};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Subcommand;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::output::{Output, Table, opt_cell, yes_no};
 use super::{CliError, Client, Target, connect};
@@ -47,39 +48,6 @@ pub enum PolicyCommand {
         #[arg(short = 'f', long)]
         file: PathBuf,
     },
-}
-
-pub fn role_name(role: i32) -> &'static str {
-    match pb::MemberRole::try_from(role) {
-        Ok(pb::MemberRole::Leader) => "leader",
-        Ok(pb::MemberRole::Follower) => "follower",
-        Ok(pb::MemberRole::Learner) => "learner",
-        Ok(pb::MemberRole::Unreachable) => "unreachable",
-        Ok(pb::MemberRole::Unspecified) | Err(_) => "unknown",
-    }
-}
-
-pub fn status_json(s: &pb::ClusterStatusResponse) -> Value {
-    let members: Vec<Value> = s
-        .members
-        .iter()
-        .map(|m| {
-            json!({
-                "id": m.id,
-                "name": m.name,
-                "address": m.address,
-                "control_url": m.control_url,
-                "role": role_name(m.role),
-                "voter": m.voter,
-                "healthy": m.healthy,
-                "last_applied": m.last_applied,
-                "match_index": m.match_index,
-                "version": m.version,
-                "clients": m.clients,
-            })
-        })
-        .collect();
-    json!({ "leader": s.leader, "term": s.term, "member_id": s.member_id, "members": members })
 }
 
 pub fn status_table(s: &pb::ClusterStatusResponse) -> String {

@@ -1,9 +1,10 @@
 //! `hsctl preauthkeys …` and `hsctl apikeys …`.
 
+pub use crate::proto::json::{api_key as api_key_json, preauth_key as preauth_key_json};
 use clap::Subcommand;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::output::{Output, Table, time_cell, time_json, yes_no};
+use super::output::{Output, Table, time_cell, yes_no};
 use super::{CliError, Client, Expiration, non_empty};
 use crate::proto::admin as pb;
 
@@ -68,22 +69,6 @@ pub enum ApiKeysCommand {
     },
 }
 
-pub fn preauth_key_json(k: &pb::PreAuthKey) -> Value {
-    json!({
-        "id": k.id,
-        "key": k.key,
-        "prefix": k.prefix,
-        "user": k.user,
-        "reusable": k.reusable,
-        "ephemeral": k.ephemeral,
-        "used": k.used,
-        "expiration": time_json(&k.expiration),
-        "expired": k.expired,
-        "created_at": time_json(&k.created_at),
-        "tags": k.tags,
-    })
-}
-
 pub fn preauth_keys_table(keys: &[pb::PreAuthKey]) -> String {
     let mut t = Table::new(&[
         "ID",
@@ -110,18 +95,6 @@ pub fn preauth_keys_table(keys: &[pb::PreAuthKey]) -> String {
         ]);
     }
     t.render()
-}
-
-pub fn api_key_json(k: &pb::ApiKey) -> Value {
-    json!({
-        "id": k.id,
-        "key": k.key,
-        "prefix": k.prefix,
-        "expiration": time_json(&k.expiration),
-        "expired": k.expired,
-        "created_at": time_json(&k.created_at),
-        "last_used": time_json(&k.last_used),
-    })
 }
 
 pub fn api_keys_table(keys: &[pb::ApiKey]) -> String {

@@ -1,9 +1,10 @@
 //! `hsctl nodes …` and its alias `hsctl auth register`.
 
+pub use crate::proto::json::node as node_json;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use super::output::{Output, Table, opt_cell, time_cell, time_json, yes_no};
+use super::output::{Output, Table, opt_cell, time_cell, yes_no};
 use super::{CliError, Client, non_empty};
 use crate::proto::admin as pb;
 
@@ -62,27 +63,6 @@ pub struct RegisterArgs {
     /// The registration key from the client's AuthURL (or the URL itself).
     #[arg(short = 'k', long, alias = "auth-id")]
     pub key: String,
-}
-
-pub fn node_json(n: &pb::Node) -> Value {
-    json!({
-        "id": n.id,
-        "name": n.name,
-        "given_name": n.given_name,
-        "user": n.user,
-        "ip_addresses": n.ip_addresses,
-        "online": n.online,
-        "last_seen": time_json(&n.last_seen),
-        "expiry": time_json(&n.expiry),
-        "expired": n.expired,
-        "tags": n.tags,
-        "approved": n.approved,
-        "member": n.member,
-        "ephemeral": n.ephemeral,
-        "created_at": time_json(&n.created_at),
-        "machine_key": n.machine_key,
-        "node_key": n.node_key,
-    })
 }
 
 pub fn nodes_table(nodes: &[pb::Node]) -> String {

@@ -1,5 +1,6 @@
 //! Output: aligned tables for people, JSON or YAML documents for scripts.
 
+pub use crate::proto::json::{time as time_json, time_text};
 use serde_json::Value;
 
 use super::CliError;
@@ -93,21 +94,6 @@ impl Table {
         }
         out
     }
-}
-
-/// RFC 3339 (UTC, `Z`), or JSON null when unset.
-pub fn time_json(t: &Option<prost_types::Timestamp>) -> Value {
-    match time_text(t) {
-        Some(text) => Value::String(text),
-        None => Value::Null,
-    }
-}
-
-pub fn time_text(t: &Option<prost_types::Timestamp>) -> Option<String> {
-    let t = t.as_ref()?;
-    let nanos = u32::try_from(t.nanos).unwrap_or(0);
-    let at = chrono::DateTime::from_timestamp(t.seconds, nanos)?;
-    Some(at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
 }
 
 /// A time for a table cell: `-` when unset.

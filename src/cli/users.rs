@@ -1,9 +1,10 @@
 //! `hsctl users …`
 
+pub use crate::proto::json::user as user_json;
 use clap::Subcommand;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::output::{Output, Table, time_cell, time_json};
+use super::output::{Output, Table, time_cell};
 use super::{CliError, Client};
 use crate::proto::admin as pb;
 
@@ -28,10 +29,6 @@ pub enum UsersCommand {
         #[arg(long, hide = true)]
         force: bool,
     },
-}
-
-pub fn user_json(u: &pb::User) -> Value {
-    json!({ "id": u.id, "name": u.name, "created_at": time_json(&u.created_at) })
 }
 
 pub fn users_table(users: &[pb::User]) -> String {

@@ -417,6 +417,43 @@ pub fn http_get(addr: &str, path: &str, timeout: Duration) -> std::io::Result<(u
     Ok((status, body))
 }
 
+/// An HTTP/1.0 request with an optional bearer token and JSON body; returns (status, body).
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    if let Some(token) = bearer {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(head.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    )
+}
+
 /// Free TCP port on 127.0.0.1 for a client's local listener.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
