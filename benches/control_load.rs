@@ -79,11 +79,13 @@ fn main() {
         .unwrap();
     rt.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.data_dir = dir.path().join("data");
-        config.listen_addr = "127.0.0.1:0".into();
-        config.grpc_listen_addr = String::new();
-        config.metrics_listen_addr = String::new();
+        let mut config = Config {
+            data_dir: dir.path().join("data"),
+            listen_addr: "127.0.0.1:0".into(),
+            grpc_listen_addr: String::new(),
+            metrics_listen_addr: String::new(),
+            ..Default::default()
+        };
         config.derp.server.stun_listen_addr = String::new();
         config.cluster.listen_addr = "127.0.0.1:0".into();
         config.log.level = "warn".into();

@@ -21,11 +21,11 @@ use crate::proto::json;
 use crate::registry::Timestamp;
 
 /// A gRPC status as an HTTP answer: the usual gateway mapping, `{"code", "message"}` body.
-struct ApiError(tonic::Status);
+struct ApiError(Box<tonic::Status>);
 
 impl From<tonic::Status> for ApiError {
     fn from(s: tonic::Status) -> Self {
-        ApiError(s)
+        ApiError(Box::new(s))
     }
 }
 
@@ -52,7 +52,7 @@ impl IntoResponse for ApiError {
 type ApiResult = Result<Json<Value>, ApiError>;
 
 fn bad_request(message: impl Into<String>) -> ApiError {
-    ApiError(tonic::Status::invalid_argument(message))
+    ApiError::from(tonic::Status::invalid_argument(message))
 }
 
 /// Every route requires a valid, unexpired API key.
@@ -65,7 +65,7 @@ async fn require_api_key(State(deps): State<AdminDeps>, request: Request, next: 
         Ok(()) => next.run(request).await,
         Err(reason) => {
             tracing::debug!(reason = reason.as_str(), "REST admin call refused");
-            ApiError(tonic::Status::unauthenticated(
+            ApiError::from(tonic::Status::unauthenticated(
                 "a valid API key is required (Authorization: Bearer hskey-api-…)",
             ))
             .into_response()

@@ -98,7 +98,7 @@ fn acknowledged_writes_survive_kills_and_restarts() {
     let mut round = 0u64;
     while t0.elapsed() < FAULT_PHASE {
         let victim = round % 3 + 1;
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             c.member(victim).kill()
         } else {
             c.member(victim).stop();
