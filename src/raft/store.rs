@@ -319,7 +319,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         );
         self.store
             .write_synced(batch)
-            .map_err(|e| StorageIOError::write_logs(&e).into())
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        tracing::debug!(upto = log_id.index, "purged the log");
+        Ok(())
     }
 }
 

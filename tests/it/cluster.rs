@@ -204,10 +204,19 @@ fn five_members_survive_two_losses_and_a_wiped_member_catches_up() {
     for i in 0..120 {
         c.hsctl_json(survivor, &["users", "create", &format!("bulk{i}")]);
     }
-    c.member(other).start();
+    // Wait until the leader has built a snapshot and purged the log before it.
+    wait_for(
+        "a compacted log on the leader",
+        Duration::from_secs(30),
+        || {
+            let l = c.wait_leader();
+            c.member(l).log().contains("purged the log").then_some(())
+        },
+    );
     // The old leader comes back with an empty data dir: only a snapshot can catch it up.
     c.wipe(leader);
     c.member(leader).start();
+    c.member(other).start();
     for id in [leader, other] {
         wait_for(
             &format!("member {id} caught up"),
