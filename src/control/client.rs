@@ -49,6 +49,8 @@ pub fn keypair() -> ([u8; 32], [u8; 32]) {
 /// One Noise connection to a member, carrying HTTP/2 requests.
 pub struct ControlClient {
     host: String,
+    /// The hostname last registered, repeated in map requests' Hostinfo.
+    hostname: String,
     sender: h2::client::SendRequest<Bytes>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -133,6 +135,7 @@ impl ControlClient {
         });
         Ok(ControlClient {
             host: addr.to_string(),
+            hostname: String::new(),
             sender,
             tasks: vec![pump, conn],
         })
@@ -187,8 +190,33 @@ impl ControlClient {
             "Followup": "",
             "Ephemeral": false,
         });
+        self.hostname = hostname.to_string();
+        self.register_raw(&body).await
+    }
+
+    /// `/machine/register` rotating to `new` from `old` (no auth: the machine key and the
+    /// old node key prove who it is), as a client does before its key expires.
+    pub async fn rotate(
+        &mut self,
+        old: &NodeKey,
+        new: &NodeKey,
+        hostname: &str,
+    ) -> Result<(u16, Value), ClientError> {
+        let body = json!({
+            "Version": CLIENT_VERSION,
+            "NodeKey": new.to_text(),
+            "OldNodeKey": old.to_text(),
+            "Hostinfo": { "Hostname": hostname, "OS": "linux" },
+            "Expiry": "0001-01-01T00:00:00Z",
+        });
+        self.hostname = hostname.to_string();
+        self.register_raw(&body).await
+    }
+
+    /// Posts any RegisterRequest body; returns (HTTP status, response JSON or text).
+    pub async fn register_raw(&mut self, body: &Value) -> Result<(u16, Value), ClientError> {
         let (status, body) = self
-            .post_all("/machine/register", serde_json::to_vec(&body)?)
+            .post_all("/machine/register", serde_json::to_vec(body)?)
             .await?;
         let value = serde_json::from_slice(&body)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
@@ -209,7 +237,7 @@ impl ControlClient {
             "Stream": true,
             "KeepAlive": true,
             "Compress": "",
-            "Hostinfo": { "Hostname": "load", "OS": "linux" },
+            "Hostinfo": { "Hostname": self.hostname, "OS": "linux" },
             "Endpoints": [endpoint],
             "EndpointTypes": [1],
         });

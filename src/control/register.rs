@@ -108,7 +108,7 @@ fn parse(body: &[u8]) -> Result<RegisterRequest, RegisterError> {
         .map_err(|e| RegisterError::BadRequest(format!("invalid RegisterRequest JSON: {e}")))?;
     if req.version < tailcfg::MIN_CAPABILITY_VERSION {
         return Err(RegisterError::BadRequest(format!(
-            "client capability version {} is too old; need {} (tailscale 1.74) or newer",
+            "client capability version {} is too old; need {} (tailscale 1.64) or newer",
             req.version,
             tailcfg::MIN_CAPABILITY_VERSION
         )));

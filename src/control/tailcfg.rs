@@ -12,9 +12,10 @@ use serde_json::Value;
 
 use crate::registry::{DiscoKey, NodeKey};
 
-/// Lowest capability version accepted: tailscale v1.74 (capver 106). Clients older than
-/// that lack features the map code assumes (HomeDERP, null AllowedIPs).
-pub const MIN_CAPABILITY_VERSION: u32 = 106;
+/// Lowest capability version accepted: capver 90 (tailscale v1.64). The map code needs
+/// named `PacketFilters` (capver 81); the home relay goes out both as `HomeDERP` (capver
+/// 111+) and as the legacy `DERP` "127.3.3.40:N" string older clients read.
+pub const MIN_CAPABILITY_VERSION: u32 = 90;
 
 /// `time.Time` as Go marshals it; Go's zero time means "unset".
 pub const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";

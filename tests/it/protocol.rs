@@ -165,3 +165,102 @@ fn map_stream_sends_full_map_then_deltas() {
         assert_eq!(delta["PeersChanged"][0]["Key"], n2.to_text());
     });
 }
+
+/// Node key rotation keeps the node (same id and address); an admin-expired node is told
+/// so; an ephemeral node is removed after its inactivity timeout.
+#[test]
+fn rotation_expiry_and_ephemeral_removal() {
+    let c = TestCluster::start(
+        1,
+        ClusterOpts {
+            ephemeral_timeout: Some("2s"),
+            ..Default::default()
+        },
+    );
+    let key = c.user_with_key("life", &["--reusable"]);
+    let eph = c.hsctl_json(
+        1,
+        &["preauthkeys", "create", "--user", "life", "--ephemeral"],
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let addr = format!("{}:8080", c.members[0].ip);
+    rt().block_on(async {
+        let (machine, _) = keypair();
+        let mut client = ControlClient::connect(&addr, &machine).await.unwrap();
+        let old = NodeKey(keypair().1);
+        let (status, _) = client.register(&old, &key, "rotator").await.unwrap();
+        assert_eq!(status, 200);
+        let before = c.node(1, "rotator").unwrap();
+        let new = NodeKey(keypair().1);
+        let (status, resp) = client.rotate(&old, &new, "rotator").await.unwrap();
+        assert_eq!(status, 200, "{resp}");
+        let after = c.node(1, "rotator").unwrap();
+        assert_eq!(
+            (before["id"].clone(), before["ip_addresses"].clone()),
+            (after["id"].clone(), after["ip_addresses"].clone())
+        );
+        assert_eq!(
+            after["node_key"],
+            new.to_text(),
+            "the node now has the new key"
+        );
+        // Another machine cannot rotate this node's key.
+        let mut thief = ControlClient::connect(&addr, &keypair().0).await.unwrap();
+        let (status, resp) = thief
+            .rotate(&new, &NodeKey(keypair().1), "rotator")
+            .await
+            .unwrap();
+        // Without a key, a machine it does not know gets an interactive login, not the node.
+        let refused = status != 200
+            || resp["Error"].as_str().is_some_and(|e| !e.is_empty())
+            || resp["MachineAuthorized"] == false;
+        assert!(
+            refused,
+            "rotation by another machine refused: {status} {resp}"
+        );
+        assert_eq!(
+            c.node(1, "rotator").unwrap()["node_key"],
+            new.to_text(),
+            "unchanged"
+        );
+
+        // Expired by an admin: the node is marked expired and its map says so.
+        c.hsctl_json(
+            1,
+            &[
+                "nodes",
+                "expire",
+                &after["id"].as_u64().unwrap().to_string(),
+            ],
+        );
+        let expired = c.node(1, "rotator").unwrap();
+        assert_eq!(expired["expired"], true, "{expired}");
+
+        // Ephemeral: registered, streams, disconnects, and is gone after the timeout.
+        let mut e = ControlClient::connect(&addr, &keypair().0).await.unwrap();
+        let ek = NodeKey(keypair().1);
+        let (status, resp) = e.register(&ek, &eph, "fleeting").await.unwrap();
+        assert_eq!(status, 200, "{resp}");
+        assert_eq!(resp["MachineAuthorized"], true, "{resp}");
+        let mut stream = e
+            .map_stream(&ek, &DiscoKey(keypair().1), "127.0.0.1:41650")
+            .await
+            .unwrap();
+        stream.next_update(T).await.unwrap();
+        let listed = c.hsctl_json(1, &["nodes", "list"]);
+        let fleeting = c
+            .node(1, "fleeting")
+            .unwrap_or_else(|| panic!("fleeting not listed: {listed}"));
+        assert_eq!(fleeting["online"], true);
+        drop(stream);
+        drop(e);
+    });
+    crate::harness::wait_for(
+        "the ephemeral node removed",
+        Duration::from_secs(40),
+        || c.node(1, "fleeting").is_none().then_some(()),
+    );
+    assert!(c.node(1, "rotator").is_some(), "non-ephemeral nodes stay");
+}

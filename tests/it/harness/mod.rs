@@ -68,6 +68,8 @@ pub struct ClusterOpts {
     pub extra_yaml: String,
     /// `cluster.snapshot_every` (default: the server's).
     pub snapshot_every: Option<u64>,
+    /// `ephemeral_node_inactivity_timeout` (default 30s).
+    pub ephemeral_timeout: Option<&'static str>,
 }
 
 /// One `hsd` process.
@@ -222,7 +224,7 @@ impl TestCluster {
              noise:\n  private_key_path: {keys}/noise.key\n\
              derp:\n  server:\n    stun_listen_addr: {a}:3478\n    mesh_key_path: {keys}/mesh.key\n\
              node_approval: {approval}\n\
-             ephemeral_node_inactivity_timeout: 30s\n\
+             ephemeral_node_inactivity_timeout: {ephemeral}\n\
              cluster:\n  member_id: {i}\n  listen_addr: {a}:50444\n  election_timeout: 600ms\n  heartbeat_interval: 100ms\n",
             dir = dir.display(),
             keys = keys.display(),
@@ -231,6 +233,7 @@ impl TestCluster {
             } else {
                 "auto"
             },
+            ephemeral = self.opts.ephemeral_timeout.unwrap_or("30s"),
         );
         if let Some(every) = self.opts.snapshot_every {
             yaml.push_str(&format!("  snapshot_every: {every}\n"));
