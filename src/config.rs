@@ -762,4 +762,25 @@ ephemeral_node_inactivity_timeout: 30m
             Duration::from_secs(90 * 86400)
         );
     }
+
+    /// The example configs under deploy/ must stay valid as the config grows.
+    #[test]
+    fn deploy_examples_parse() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+        for file in ["systemd/config.yaml", "compose/member.yaml"] {
+            let text = std::fs::read_to_string(root.join(file)).unwrap();
+            Config::from_yaml(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+        // The Kubernetes ConfigMap embeds its config.yaml as an indented block.
+        let k8s = std::fs::read_to_string(root.join("kubernetes/hsd.yaml")).unwrap();
+        let start = k8s.find("config.yaml: |").expect("configmap") + "config.yaml: |\n".len();
+        let block: String = k8s[start..]
+            .lines()
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+            .collect();
+        let config = Config::from_yaml(&block)
+            .unwrap_or_else(|e| panic!("kubernetes configmap: {e}\n{block}"));
+        assert_eq!(config.cluster.members.len(), 3);
+    }
 }

@@ -46,6 +46,13 @@ struct Args {
     /// Overrides `server_url`.
     #[arg(long)]
     server_url: Option<String>,
+    /// Overrides `cluster.tls.cert_path` (this member's certificate; members sharing one
+    /// config file pass their own).
+    #[arg(long, env = "HSD_CLUSTER_TLS_CERT")]
+    cluster_tls_cert: Option<PathBuf>,
+    /// Overrides `cluster.tls.key_path`.
+    #[arg(long, env = "HSD_CLUSTER_TLS_KEY")]
+    cluster_tls_key: Option<PathBuf>,
     /// Once ready, write the bound addresses here as JSON (for scripts and tests).
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -127,6 +134,12 @@ fn load_config(args: &Args) -> Result<Config, String> {
     };
     if let Some(dir) = &args.data_dir {
         config.data_dir = dir.clone();
+    }
+    if let Some(cert) = &args.cluster_tls_cert {
+        config.cluster.tls.cert_path = Some(cert.clone());
+    }
+    if let Some(key) = &args.cluster_tls_key {
+        config.cluster.tls.key_path = Some(key.clone());
     }
     let overrides = [
         (&args.listen_addr, &mut config.listen_addr),
