@@ -264,3 +264,67 @@ fn rotation_expiry_and_ephemeral_removal() {
     );
     assert!(c.node(1, "rotator").is_some(), "non-ephemeral nodes stay");
 }
+
+/// Presence crosses members outside Raft: a node streaming from member 2 shows up online
+/// in the stream of a node on member 1 (and its endpoints in a later patch). Prints the
+/// measured delay from the second stream opening to the first stream hearing of it.
+#[test]
+fn presence_reaches_streams_on_other_members() {
+    let c = TestCluster::start(3, ClusterOpts::default());
+    let key = c.user_with_key("pres", &["--reusable"]);
+    let (m1, m2) = (
+        format!("{}:8080", c.members[0].ip),
+        format!("{}:8080", c.members[1].ip),
+    );
+    rt().block_on(async {
+        let mut a = ControlClient::connect(&m1, &keypair().0).await.unwrap();
+        let na = NodeKey(keypair().1);
+        assert_eq!(a.register(&na, &key, "on1").await.unwrap().0, 200);
+        let mut sa = a
+            .map_stream(&na, &DiscoKey(keypair().1), "127.0.0.1:41661")
+            .await
+            .unwrap();
+        sa.next_update(T).await.unwrap();
+
+        let mut b = ControlClient::connect(&m2, &keypair().0).await.unwrap();
+        let nb = NodeKey(keypair().1);
+        assert_eq!(b.register(&nb, &key, "on2").await.unwrap().0, 200);
+        let t0 = std::time::Instant::now();
+        let _sb = b
+            .map_stream(&nb, &DiscoKey(keypair().1), "127.0.0.1:41662")
+            .await
+            .unwrap();
+        let mut b_id = None;
+        loop {
+            let v = sa.next_update(T).await.unwrap();
+            for p in v["PeersChanged"].as_array().into_iter().flatten() {
+                if p["Key"] == nb.to_text() {
+                    b_id = p["ID"].as_u64();
+                    if p["Online"] == true {
+                        break;
+                    }
+                }
+            }
+            let id = b_id.map(|i| i.to_string()).unwrap_or_default();
+            let online = v["OnlineChange"][&id] == true
+                || v["PeersChanged"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|p| p["Key"] == nb.to_text() && p["Online"] == true);
+            if b_id.is_some() && online {
+                break;
+            }
+        }
+        println!(
+            "presence: member 1's stream saw on2 (streaming from member 2) online after {:?}",
+            t0.elapsed()
+        );
+        // Member 3 holds neither session and still knows where on2 streams (streams open).
+        let seen = c.node(3, "on2").unwrap();
+        assert_eq!(
+            (seen["online"].clone(), seen["member"].clone()),
+            (serde_json::json!(true), serde_json::json!(2))
+        );
+    });
+}
