@@ -241,6 +241,9 @@ impl Server {
         };
         let server_tls = tls.as_ref().map(|t| t.server.clone());
         let presence = Presence::new(member_id);
+        // Client-facing work (control sessions, DERP) stops on `drain` as well as on `stop`;
+        // the HTTP listener, admin API and Raft keep running while draining.
+        let drain = stop.child_token();
         let cluster = Cluster::start(
             ClusterOptions {
                 member_id,
@@ -257,6 +260,7 @@ impl Server {
                 presence: presence.clone(),
                 version: VERSION,
                 tls,
+                drain: drain.clone(),
             },
             raft_stop.clone(),
             raft_tasks.clone(),
@@ -293,10 +297,10 @@ impl Server {
             keys: Arc::new(ServerKeys::new(noise_private)),
             settings: settings.clone(),
             metrics: metrics.clone(),
-            stop: stop.clone(),
+            stop: drain.clone(),
             tasks: tasks.clone(),
         };
-        let derp = DerpServer::new(derp_private, Some(mesh_key), stop.clone(), tasks.clone());
+        let derp = DerpServer::new(derp_private, Some(mesh_key), drain.clone(), tasks.clone());
         // Every member's relay meshes with every other's, so a client homed on any member
         // reaches clients homed on the others.
         let mesh_peers = mesh_peers(&config, member_id);
@@ -618,6 +622,9 @@ fn control_router(control: ControlDeps, derp: Arc<DerpServer>) -> Router {
 
 /// Ready when this member knows a leader and so can serve writes (directly or forwarded).
 async fn ready(State(s): State<HttpState>) -> Response {
+    if s.control.cluster.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
     let leader = s.control.cluster.metrics().borrow().current_leader;
     match leader {
         Some(id) => (StatusCode::OK, format!("ready (leader {id})\n")).into_response(),

@@ -129,6 +129,7 @@ pub fn member(m: &MemberStatus) -> pb::Member {
         clients: m.clients,
         control_url: m.control_url.clone(),
         voter: m.voter,
+        draining: m.draining,
     }
 }
 

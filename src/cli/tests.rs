@@ -246,6 +246,7 @@ fn cluster_status_json_shape() {
             clients: Some(2),
             control_url: "http://127.0.0.1:8080".into(),
             voter: true,
+            draining: false,
         }],
     };
     let v = cluster::status_json(&s);

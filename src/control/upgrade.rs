@@ -41,6 +41,14 @@ fn refuse(deps: &ControlDeps, status: StatusCode, message: &str) -> Response {
 /// `POST /ts2021` (GET accepted too): validate the upgrade and the Noise initiation before
 /// answering 101, so a malformed request gets a plain 400 and costs no task.
 pub async fn ts2021_handler(State(deps): State<ControlDeps>, mut req: Request) -> Response {
+    // Draining or stopping: refuse, so the client's dial plan moves it to another member.
+    if deps.stop.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this member is draining; use another member\n",
+        )
+            .into_response();
+    }
     let headers = req.headers();
     let upgrade = headers
         .get(header::UPGRADE)

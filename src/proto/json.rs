@@ -85,6 +85,7 @@ pub fn cluster_status(s: &pb::ClusterStatusResponse) -> Value {
                 "match_index": m.match_index,
                 "version": m.version,
                 "clients": m.clients,
+                "draining": m.draining,
             })
         })
         .collect();

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::presence::Presence;
 use crate::proto::raft::raft_service_server::RaftServiceServer;
-use crate::proto::raft::{CampaignRequest, MemberStatusReply, MemberStatusRequest};
+use crate::proto::raft::{CampaignRequest, DrainRequest, MemberStatusReply, MemberStatusRequest};
 use crate::registry::{Command, NodeId, Outcome, Registry, Request, Timestamp};
 
 /// How long a write keeps looking for a leader before giving up.
@@ -62,6 +62,7 @@ struct Inner {
     election_timeout_max: Duration,
     /// Cancelled when Raft stops; ends long polls other members hold open on this one.
     stop: CancellationToken,
+    drain: CancellationToken,
 }
 
 impl Cluster {
@@ -151,6 +152,7 @@ impl Cluster {
                 version: opts.version,
                 election_timeout_max: Duration::from_millis(election_min * 2),
                 stop: stop.clone(),
+                drain: opts.drain.clone(),
             }),
         };
         tasks.spawn(log_leadership(
@@ -260,19 +262,53 @@ impl Cluster {
             .map(drop)
     }
 
-    /// Prepares a member for maintenance: if it leads, leadership moves elsewhere.
+    /// Prepares a member for maintenance: if it leads, leadership moves elsewhere; then
+    /// the member drops its clients (they follow the dial plan and the DERP region to the
+    /// others) and refuses new ones until it restarts. It stays a voting member.
     pub async fn drain_member(&self, id: u64) -> Result<(), ProposeError> {
         let m = self.metrics().borrow().clone();
-        if !m.membership_config.nodes().any(|(nid, _)| *nid == id) {
+        let Some(addr) = m
+            .membership_config
+            .nodes()
+            .find(|(nid, _)| **nid == id)
+            .map(|(_, n)| n.raft_addr.clone())
+        else {
             return Err(ProposeError::Invalid(format!(
                 "member {id} is not in the cluster"
             )));
-        }
+        };
         if m.current_leader == Some(id) {
             let to = m.membership_config.voter_ids().find(|v| *v != id);
-            return self.transfer_leader(to).await;
+            self.transfer_leader(to).await?;
         }
-        Ok(())
+        if id == self.inner.id {
+            self.drain_here();
+            return Ok(());
+        }
+        let mut client = self
+            .inner
+            .peers
+            .client(&addr)
+            .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        let mut req = tonic::Request::new(DrainRequest {});
+        req.set_timeout(FORWARD_TIMEOUT);
+        client
+            .drain(req)
+            .await
+            .map(drop)
+            .map_err(|s| ProposeError::Unavailable(format!("member {id}: {}", s.message())))
+    }
+
+    /// Drains this member (see `drain_member`).
+    pub(super) fn drain_here(&self) {
+        if !self.inner.drain.is_cancelled() {
+            tracing::warn!("draining: ending client sessions and refusing new ones until restart");
+            self.inner.drain.cancel();
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.drain.is_cancelled()
     }
 
     /// The registry for a read: with `local`, this member's applied state as is; without,
@@ -571,6 +607,7 @@ impl Cluster {
             term: m.current_term,
             clients: online.len() as u64,
             online_nodes: online.into_iter().map(|n| n.0).collect(),
+            draining: self.is_draining(),
         }
     }
 
@@ -636,7 +673,9 @@ impl Cluster {
                     control_url: node.control_url.clone(),
                     role,
                     voter,
-                    healthy: report.as_ref().is_some_and(|r| r.leader.is_some()),
+                    healthy: report
+                        .as_ref()
+                        .is_some_and(|r| r.leader.is_some() && !r.draining),
                     last_applied: report.as_ref().map(|r| r.last_applied),
                     match_index: progress
                         .as_ref()
@@ -644,6 +683,7 @@ impl Cluster {
                         .map(|l| l.index),
                     version: report.as_ref().map(|r| r.version.clone()),
                     clients: report.as_ref().map(|r| r.clients),
+                    draining: report.as_ref().is_some_and(|r| r.draining),
                 }
             })
             .collect();

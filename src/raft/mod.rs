@@ -69,6 +69,9 @@ pub struct ClusterOptions {
     pub version: &'static str,
     /// Mutual TLS for member-to-member gRPC; `None` = plaintext.
     pub tls: Option<tls::MemberTls>,
+    /// Cancelled to drain this member (`hsctl cluster drain`): the server ends client
+    /// sessions and refuses new ones while it stays in the cluster.
+    pub drain: tokio_util::sync::CancellationToken,
 }
 
 /// What one apply call changed, published to map sessions after it is durable.
@@ -128,6 +131,7 @@ pub struct MemberStatus {
     pub match_index: Option<u64>,
     pub version: Option<String>,
     pub clients: Option<u64>,
+    pub draining: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -9,8 +9,8 @@ use super::network::encode;
 use super::{LeaderOp, LeaderReply};
 use crate::proto::raft::raft_service_server::RaftService;
 use crate::proto::raft::{
-    CampaignReply, CampaignRequest, Json, MemberStatusReply, MemberStatusRequest, PresenceEntry,
-    PresenceSnapshot, WatchPresenceRequest,
+    CampaignReply, CampaignRequest, DrainReply, DrainRequest, Json, MemberStatusReply,
+    MemberStatusRequest, PresenceEntry, PresenceSnapshot, WatchPresenceRequest,
 };
 
 pub struct RaftRpc {
@@ -91,5 +91,10 @@ impl RaftService for RaftRpc {
             version,
             entries,
         }))
+    }
+
+    async fn drain(&self, _req: Request<DrainRequest>) -> Result<Response<DrainReply>, Status> {
+        self.cluster.drain_here();
+        Ok(Response::new(DrainReply {}))
     }
 }

@@ -256,6 +256,12 @@ mod tests {
         ) -> Result<tonic::Response<crate::proto::raft::PresenceSnapshot>, tonic::Status> {
             Err(tonic::Status::unimplemented(""))
         }
+        async fn drain(
+            &self,
+            _: tonic::Request<crate::proto::raft::DrainRequest>,
+        ) -> Result<tonic::Response<crate::proto::raft::DrainReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented(""))
+        }
     }
 
     async fn call(addr: std::net::SocketAddr, tls: Option<ClientTlsConfig>) -> Result<u64, String> {

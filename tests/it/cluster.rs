@@ -398,3 +398,82 @@ fn new_member_joins_as_learner_and_is_promoted() {
     let s = c.hsctl_json(1, &["cluster", "status"]);
     assert_eq!(s["members"].as_array().unwrap().len(), 3, "{s}");
 }
+
+/// `hsctl cluster drain ID`: the member hands off leadership, drops its clients (they move
+/// to the others by the dial plan) and refuses new ones until restarted; traffic goes on.
+#[test]
+fn drain_moves_clients_off_a_member() {
+    let mut c = TestCluster::start(3, ClusterOpts::default());
+    let key = c.user_with_key("drain", &["--reusable"]);
+    let _b = TsClient::start(ClientOpts {
+        name: "target".into(),
+        control_url: c.members[1].control_url(),
+        auth_key: Some(key.clone()),
+        ..Default::default()
+    });
+    let b = c.wait_online(2, "target", Duration::from_secs(60));
+    let ip = b["ip_addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .find(|s| s.contains('.'))
+        .unwrap()
+        .to_string();
+    let a = TsClient::start(ClientOpts {
+        name: "mover".into(),
+        control_url: c.members[0].control_url(),
+        auth_key: Some(key),
+        upstream: Some(format!("{ip}:80")),
+        ..Default::default()
+    });
+    assert_eq!(
+        c.wait_online(2, "mover", Duration::from_secs(60))["member"],
+        1
+    );
+    a.wait_reach("hello from target", Duration::from_secs(60));
+
+    let s = c.hsctl_json(2, &["cluster", "drain", "1"]);
+    let m1 = s["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == 1)
+        .unwrap()
+        .clone();
+    assert_eq!(m1["draining"], true, "{s}");
+    assert_eq!(m1["healthy"], false);
+    assert_ne!(s["leader"], 1, "a draining member does not lead");
+    let (status, _) = crate::harness::http_request(
+        &format!("{}:8080", c.members[0].ip),
+        "GET",
+        "/ready",
+        None,
+        None,
+    );
+    assert_eq!(status, 503, "load balancers stop sending clients to it");
+    let moved = wait_for(
+        "mover streaming from another member",
+        Duration::from_secs(60),
+        || {
+            c.node(2, "mover")
+                .filter(|n| n["online"] == true && n["member"] != 1)
+        },
+    );
+    println!("drain: mover now streams from member {}", moved["member"]);
+    a.wait_reach("hello from target", Duration::from_secs(60));
+
+    // A restart ends the drain.
+    c.member(1).stop();
+    c.member(1).start();
+    c.wait_leader();
+    let s = c.hsctl_json(1, &["cluster", "status"]);
+    assert!(
+        s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["healthy"] == true && m["draining"] == false),
+        "{s}"
+    );
+}
