@@ -132,6 +132,15 @@ impl AdminApi {
     }
 }
 
+/// A listing's optional user filter: empty = everyone; an unknown name is NotFound.
+fn user_filter(view: &Registry, name: &str) -> Result<Option<crate::registry::UserId>, Status> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    user_must_exist(view, name)?;
+    Ok(view.user_by_name(name).map(|u| u.id))
+}
+
 fn user_must_exist(view: &Registry, name: &str) -> Result<(), Status> {
     if view.user_by_name(name).is_none() {
         return Err(status::from_rejection(&Rejection::UserNotFound(
@@ -293,12 +302,7 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::ListPreAuthKeysResponse> {
         let request = request.into_inner();
         let view = self.read(request.local).await?;
-        let user = if request.user.is_empty() {
-            None
-        } else {
-            user_must_exist(&view, &request.user)?;
-            view.user_by_name(&request.user).map(|u| u.id)
-        };
+        let user = user_filter(&view, &request.user)?;
         let now = Timestamp::now();
         let pre_auth_keys = view
             .preauth_keys()
@@ -338,12 +342,7 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::ListNodesResponse> {
         let request = request.into_inner();
         let view = self.read(request.local).await?;
-        let user = if request.user.is_empty() {
-            None
-        } else {
-            user_must_exist(&view, &request.user)?;
-            view.user_by_name(&request.user).map(|u| u.id)
-        };
+        let user = user_filter(&view, &request.user)?;
         let sessions = self.sessions().await;
         let now = Timestamp::now();
         let nodes = view

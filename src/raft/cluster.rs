@@ -267,12 +267,7 @@ impl Cluster {
     /// others) and refuses new ones until it restarts. It stays a voting member.
     pub async fn drain_member(&self, id: u64) -> Result<(), ProposeError> {
         let m = self.metrics().borrow().clone();
-        let Some(addr) = m
-            .membership_config
-            .nodes()
-            .find(|(nid, _)| **nid == id)
-            .map(|(_, n)| n.raft_addr.clone())
-        else {
+        let Some(addr) = member_addr(&m, id) else {
             return Err(ProposeError::Invalid(format!(
                 "member {id} is not in the cluster"
             )));
@@ -359,13 +354,7 @@ impl Cluster {
             let (leader, addr) = {
                 let m = metrics.borrow_and_update();
                 let leader = m.current_leader;
-                let addr = leader.and_then(|l| {
-                    m.membership_config
-                        .nodes()
-                        .find(|(id, _)| **id == l)
-                        .map(|(_, n)| n.raft_addr.clone())
-                });
-                (leader, addr)
+                (leader, leader.and_then(|l| member_addr(&m, l)))
             };
             let reply = match (leader, addr) {
                 (Some(l), _) if l == self.inner.id => {
@@ -543,12 +532,7 @@ impl Cluster {
                 }
             }
         };
-        let Some(addr) = m
-            .membership_config
-            .nodes()
-            .find(|(id, _)| **id == target)
-            .map(|(_, n)| n.raft_addr.clone())
-        else {
+        let Some(addr) = member_addr(&m, target) else {
             return LeaderReply::Invalid(format!("member {target} has no address"));
         };
         tracing::info!(to = target, "handing leadership over");
@@ -755,6 +739,14 @@ async fn cluster_already_running(
         .await
         .into_iter()
         .any(|r| r == Some(true))
+}
+
+/// A member's Raft address from the membership config.
+fn member_addr(m: &RaftMetrics, id: u64) -> Option<String> {
+    m.membership_config
+        .nodes()
+        .find(|(nid, _)| **nid == id)
+        .map(|(_, n)| n.raft_addr.clone())
 }
 
 fn write_error(e: RaftError<u64, ClientWriteError<u64, MemberInfo>>) -> LeaderReply {

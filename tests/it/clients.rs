@@ -3,45 +3,25 @@
 use std::time::Duration;
 
 use crate::harness::client::ClientOpts;
-use crate::harness::{ClusterOpts, TestCluster, TsClient, wait_for};
+use crate::harness::{ClusterOpts, TestCluster, TsClient, ipv4, wait_for};
 
 const JOIN: Duration = Duration::from_secs(60);
-
-fn ip4(node: &serde_json::Value) -> String {
-    node["ip_addresses"]
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str())
-                .find(|s| s.contains('.'))
-        })
-        .expect("an IPv4 address")
-        .to_string()
-}
 
 /// Two clients join with a pre-auth key and reach each other over the tailnet, by IP.
 fn two_clients_talk(force_derp: bool) {
     let c = TestCluster::start(1, ClusterOpts::default());
     let key = c.user_with_key("alice", &["--reusable"]);
-    let url = c.members[0].control_url();
-    let _b = TsClient::start(ClientOpts {
-        name: "bravo".into(),
-        control_url: url.clone(),
-        auth_key: Some(key.clone()),
-        force_derp,
-        ..Default::default()
-    });
+    let _b = c.client("bravo", 1, &key, None, force_derp);
     let b = c.wait_online(1, "bravo", JOIN);
-    let a = TsClient::start(ClientOpts {
-        name: "alpha".into(),
-        control_url: url,
-        auth_key: Some(key),
-        upstream: Some(format!("{}:80", ip4(&b))),
+    let a = c.client(
+        "alpha",
+        1,
+        &key,
+        Some(format!("{}:80", ipv4(&b))),
         force_derp,
-        ..Default::default()
-    });
+    );
     let node_a = c.wait_online(1, "alpha", JOIN);
-    assert_ne!(ip4(&node_a), ip4(&b), "addresses are never shared");
+    assert_ne!(ipv4(&node_a), ipv4(&b), "addresses are never shared");
     assert_eq!(node_a["user"], "alice");
     assert_eq!(node_a["approved"], true);
     assert_eq!(node_a["member"], 1);
@@ -94,13 +74,7 @@ fn used_and_expired_keys_are_refused() {
     let expired = expired["key"].as_str().unwrap().to_string();
     std::thread::sleep(Duration::from_secs(2));
 
-    let url = c.members[0].control_url();
-    let _first = TsClient::start(ClientOpts {
-        name: "first".into(),
-        control_url: url.clone(),
-        auth_key: Some(once.clone()),
-        ..Default::default()
-    });
+    let _first = c.client("first", 1, &once, None, false);
     c.wait_online(1, "first", JOIN);
     let used = c.hsctl_json(1, &["preauthkeys", "list", "--user", "bob"]);
     assert!(
@@ -108,18 +82,8 @@ fn used_and_expired_keys_are_refused() {
         "key marked used: {used}"
     );
 
-    let second = TsClient::start(ClientOpts {
-        name: "second".into(),
-        control_url: url.clone(),
-        auth_key: Some(once),
-        ..Default::default()
-    });
-    let late = TsClient::start(ClientOpts {
-        name: "late".into(),
-        control_url: url,
-        auth_key: Some(expired),
-        ..Default::default()
-    });
+    let second = c.client("second", 1, &once, None, false);
+    let late = c.client("late", 1, &expired, None, false);
     std::thread::sleep(Duration::from_secs(10));
     let nodes = c.hsctl_json(1, &["nodes", "list"]);
     let names: Vec<&str> = nodes
@@ -188,13 +152,7 @@ fn manual_approval() {
         },
     );
     let key = c.user_with_key("dave", &["--reusable"]);
-    let url = c.members[0].control_url();
-    let _b = TsClient::start(ClientOpts {
-        name: "mb".into(),
-        control_url: url.clone(),
-        auth_key: Some(key.clone()),
-        ..Default::default()
-    });
+    let _b = c.client("mb", 1, &key, None, false);
     let b = wait_for("node mb registered", JOIN, || c.node(1, "mb"));
     assert_eq!(b["approved"], false);
     let id = b["id"].as_u64().unwrap().to_string();
@@ -202,13 +160,7 @@ fn manual_approval() {
     let b = wait_for("node mb approved", JOIN, || {
         c.node(1, "mb").filter(|n| n["approved"] == true)
     });
-    let a = TsClient::start(ClientOpts {
-        name: "ma".into(),
-        control_url: url,
-        auth_key: Some(key),
-        upstream: Some(format!("{}:80", ip4(&b))),
-        ..Default::default()
-    });
+    let a = c.client("ma", 1, &key, Some(format!("{}:80", ipv4(&b))), false);
     let ma = wait_for("node ma registered", JOIN, || c.node(1, "ma"));
     c.hsctl_json(
         1,

@@ -3,8 +3,7 @@
 
 use std::time::Duration;
 
-use crate::harness::client::ClientOpts;
-use crate::harness::{ClusterOpts, TestCluster, TsClient, wait_for};
+use crate::harness::{ClusterOpts, TestCluster, ipv4, wait_for};
 
 #[test]
 fn three_members_elect_replicate_and_fail_over() {
@@ -78,31 +77,11 @@ fn three_members_elect_replicate_and_fail_over() {
 fn clients_on_different_members_talk() {
     let c = TestCluster::start(3, ClusterOpts::default());
     let key = c.user_with_key("mesh", &["--reusable"]);
-    let _b = TsClient::start(ClientOpts {
-        name: "onm2".into(),
-        control_url: c.members[1].control_url(),
-        auth_key: Some(key.clone()),
-        force_derp: true,
-        ..Default::default()
-    });
+    let _b = c.client("onm2", 2, &key, None, true);
     let b = c.wait_online(1, "onm2", Duration::from_secs(60));
     assert_eq!(b["member"], 2, "session held by member 2: {b}");
-    let ip = b["ip_addresses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|v| v.as_str())
-        .find(|s| s.contains('.'))
-        .unwrap()
-        .to_string();
-    let a = TsClient::start(ClientOpts {
-        name: "onm1".into(),
-        control_url: c.members[0].control_url(),
-        auth_key: Some(key),
-        upstream: Some(format!("{ip}:80")),
-        force_derp: true,
-        ..Default::default()
-    });
+    let ip = ipv4(&b);
+    let a = c.client("onm1", 1, &key, Some(format!("{ip}:80")), true);
     c.wait_online(3, "onm1", Duration::from_secs(60));
     a.wait_reach("hello from onm2", Duration::from_secs(90));
     // Homed on different members, so packets crossed the mesh between their relays.
@@ -250,28 +229,10 @@ fn five_members_survive_two_losses_and_a_wiped_member_catches_up() {
 fn client_fails_over_when_its_member_dies() {
     let mut c = TestCluster::start(3, ClusterOpts::default());
     let key = c.user_with_key("roam", &["--reusable"]);
-    let _b = TsClient::start(ClientOpts {
-        name: "steady".into(),
-        control_url: c.members[1].control_url(),
-        auth_key: Some(key.clone()),
-        ..Default::default()
-    });
+    let _b = c.client("steady", 2, &key, None, false);
     let b = c.wait_online(2, "steady", Duration::from_secs(60));
-    let ip = b["ip_addresses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|v| v.as_str())
-        .find(|s| s.contains('.'))
-        .unwrap()
-        .to_string();
-    let a = TsClient::start(ClientOpts {
-        name: "roamer".into(),
-        control_url: c.members[0].control_url(),
-        auth_key: Some(key),
-        upstream: Some(format!("{ip}:80")),
-        ..Default::default()
-    });
+    let ip = ipv4(&b);
+    let a = c.client("roamer", 1, &key, Some(format!("{ip}:80")), false);
     let before = c.wait_online(2, "roamer", Duration::from_secs(60));
     assert_eq!(before["member"], 1);
     a.wait_reach("hello from steady", Duration::from_secs(60));
@@ -405,28 +366,10 @@ fn new_member_joins_as_learner_and_is_promoted() {
 fn drain_moves_clients_off_a_member() {
     let mut c = TestCluster::start(3, ClusterOpts::default());
     let key = c.user_with_key("drain", &["--reusable"]);
-    let _b = TsClient::start(ClientOpts {
-        name: "target".into(),
-        control_url: c.members[1].control_url(),
-        auth_key: Some(key.clone()),
-        ..Default::default()
-    });
+    let _b = c.client("target", 2, &key, None, false);
     let b = c.wait_online(2, "target", Duration::from_secs(60));
-    let ip = b["ip_addresses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|v| v.as_str())
-        .find(|s| s.contains('.'))
-        .unwrap()
-        .to_string();
-    let a = TsClient::start(ClientOpts {
-        name: "mover".into(),
-        control_url: c.members[0].control_url(),
-        auth_key: Some(key),
-        upstream: Some(format!("{ip}:80")),
-        ..Default::default()
-    });
+    let ip = ipv4(&b);
+    let a = c.client("mover", 1, &key, Some(format!("{ip}:80")), false);
     assert_eq!(
         c.wait_online(2, "mover", Duration::from_secs(60))["member"],
         1

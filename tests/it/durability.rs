@@ -3,19 +3,13 @@
 
 use std::time::Duration;
 
-use crate::harness::client::ClientOpts;
-use crate::harness::{ClusterOpts, TestCluster, TsClient};
+use crate::harness::{ClusterOpts, TestCluster};
 
 #[test]
 fn acknowledged_writes_survive_kill_and_term() {
     let mut c = TestCluster::start(1, ClusterOpts::default());
     let key = c.user_with_key("frank", &["--reusable"]);
-    let client = TsClient::start(ClientOpts {
-        name: "durable".into(),
-        control_url: c.members[0].control_url(),
-        auth_key: Some(key),
-        ..Default::default()
-    });
+    let client = c.client("durable", 1, &key, None, false);
     let before = c.wait_online(1, "durable", Duration::from_secs(60));
 
     // kill -9 right after an acknowledged write.

@@ -382,12 +382,45 @@ impl TestCluster {
             .cloned()
     }
 
+    /// Starts a real client named `name` with `key` against member `member` (1-based),
+    /// optionally proxying its local port to `upstream` over the tailnet.
+    pub fn client(
+        &self,
+        name: &str,
+        member: u64,
+        key: &str,
+        upstream: Option<String>,
+        force_derp: bool,
+    ) -> TsClient {
+        TsClient::start(client::ClientOpts {
+            name: name.into(),
+            control_url: self.members[(member - 1) as usize].control_url(),
+            auth_key: Some(key.to_string()),
+            upstream,
+            force_derp,
+            ..Default::default()
+        })
+    }
+
     /// Waits until `hostname` is registered and online; returns its node object.
     pub fn wait_online(&self, id: u64, hostname: &str, timeout: Duration) -> Value {
         wait_for(&format!("node {hostname} online"), timeout, || {
             self.node(id, hostname).filter(|n| n["online"] == true)
         })
     }
+}
+
+/// A node's tailnet IPv4 address, from `nodes list -o json`.
+pub fn ipv4(node: &Value) -> String {
+    node["ip_addresses"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str())
+                .find(|s| s.contains('.'))
+        })
+        .expect("an IPv4 address")
+        .to_string()
 }
 
 pub fn hsctl(args: &[&str]) -> Output {
