@@ -33,6 +33,8 @@ pub struct Peers {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
+    #[error("member {0} is cut off by the fault-injection block list")]
+    Blocked(String),
     #[error("invalid member address {0:?}")]
     BadAddress(String),
     #[error("member {addr} did not answer: {status}")]
@@ -57,6 +59,9 @@ impl Peers {
     }
 
     pub fn client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, CallError> {
+        if fault::blocked(addr) {
+            return Err(CallError::Blocked(addr.to_string()));
+        }
         let mut channels = self.channels.lock().expect("peer channel lock");
         if let Some(ch) = channels.get(addr) {
             return Ok(RaftServiceClient::new(ch.clone()));
@@ -177,5 +182,23 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<u64>, Infallible> {
         self.call(Kind::Vote, &rpc, option.hard_ttl()).await
+    }
+}
+
+/// Fault injection for partition tests: when `HSD_FAULT_PEER_BLOCKLIST` names a file, calls
+/// to the member addresses listed in it (one per line) fail as if the network dropped
+/// them. Unset (production), this costs one environment lookup per process.
+mod fault {
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+
+    pub const ENV: &str = "HSD_FAULT_PEER_BLOCKLIST";
+
+    pub fn blocked(addr: &str) -> bool {
+        static FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+        let Some(file) = FILE.get_or_init(|| std::env::var_os(ENV).map(PathBuf::from)) else {
+            return false;
+        };
+        std::fs::read_to_string(file).is_ok_and(|list| list.lines().any(|l| l.trim() == addr))
     }
 }

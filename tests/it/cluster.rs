@@ -420,3 +420,63 @@ fn drain_moves_clients_off_a_member() {
         "{s}"
     );
 }
+
+/// A partition: the minority side refuses writes with a clear error, the majority elects
+/// (if needed) and keeps serving, and after healing every member holds the same registry.
+#[test]
+fn partition_minority_refuses_and_catches_up_without_divergence() {
+    let mut c = TestCluster::start(3, ClusterOpts::default());
+    let leader = c.wait_leader();
+    // Cut the leader off: the old leader is the minority.
+    c.partition(&[leader]);
+    let majority: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
+    let new_leader = wait_for(
+        "a leader on the majority side",
+        Duration::from_secs(20),
+        || {
+            let s = c.hsctl_json(majority[0], &["cluster", "status", "--local"]);
+            s["leader"].as_u64().filter(|l| majority.contains(l))
+        },
+    );
+    println!("partition: member {leader} cut off, member {new_leader} leads the majority");
+    c.hsctl_json(majority[1], &["users", "create", "majority-write"]);
+    let refused = c.hsctl(leader, &["users", "create", "minority-write"]);
+    assert_eq!(
+        refused.status.code(),
+        Some(69),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let stale = c.hsctl(leader, &["users", "list"]);
+    assert_eq!(
+        stale.status.code(),
+        Some(69),
+        "no linearizable read on the minority side"
+    );
+
+    c.heal();
+    let names = |c: &TestCluster, id: u64| -> Vec<String> {
+        let users = c.hsctl_json(id, &["users", "list", "--local"]);
+        users
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    wait_for("the old leader caught up", Duration::from_secs(30), || {
+        names(&c, leader)
+            .contains(&"majority-write".to_string())
+            .then_some(())
+    });
+    c.wait_leader();
+    let all: Vec<Vec<String>> = (1..=3).map(|id| names(&c, id)).collect();
+    assert!(
+        all.windows(2).all(|w| w[0] == w[1]),
+        "no divergence after healing: {all:?}"
+    );
+    assert!(
+        !all[0].contains(&"minority-write".to_string()),
+        "the refused minority write was discarded"
+    );
+}

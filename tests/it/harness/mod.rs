@@ -131,6 +131,7 @@ impl Member {
             .arg("--ready-file")
             .arg(self.dir.join("ready.json"))
             .env("RUST_LOG", "info,hsd=debug")
+            .env("HSD_FAULT_PEER_BLOCKLIST", self.dir.join("blocklist"))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -295,6 +296,27 @@ impl TestCluster {
         }
         cluster.wait_leader();
         cluster
+    }
+
+    /// Cuts member-to-member traffic between `side` and every other member, both ways
+    /// (through the members' fault-injection block lists).
+    pub fn partition(&self, side: &[u64]) {
+        for m in &self.members {
+            let blocked: Vec<String> = self
+                .members
+                .iter()
+                .filter(|o| side.contains(&m.id) != side.contains(&o.id))
+                .map(|o| format!("{}:50444", o.ip))
+                .collect();
+            std::fs::write(m.dir.join("blocklist"), blocked.join("\n")).unwrap();
+        }
+    }
+
+    /// Ends every partition.
+    pub fn heal(&self) {
+        for m in &self.members {
+            std::fs::write(m.dir.join("blocklist"), "").unwrap();
+        }
     }
 
     /// Deletes a stopped member's data (Raft log and state), keeping its config.
