@@ -1,6 +1,6 @@
-//! A history check under faults: concurrent writers through every member while members are
-//! killed (-9), stopped and restarted; real clients register through different members,
-//! two of them racing with the same single-use key. Afterwards every acknowledged write is
+//! A history check under faults: concurrent writers through every member while members
+//! are killed (-9), stopped and restarted, or partitioned from the others; real clients
+//! register through different members, two of them racing with the same single-use key. Afterwards every acknowledged write is
 //! present on every member, nothing appears that no one wrote, no IP is duplicated, and the
 //! single-use key admitted exactly one node.
 
@@ -93,18 +93,31 @@ fn acknowledged_writes_survive_kills_and_restarts() {
         })
         .collect();
 
-    // The nemesis: kill -9 or SIGTERM a member, leave it down briefly, start it again.
+    // The nemesis, round-robin over members: kill -9, SIGTERM, or a partition.
     let t0 = Instant::now();
     let mut round = 0u64;
     while t0.elapsed() < FAULT_PHASE {
         let victim = round % 3 + 1;
-        if round.is_multiple_of(2) {
-            c.member(victim).kill()
-        } else {
-            c.member(victim).stop();
+        match round % 3 {
+            // kill -9, down briefly, back.
+            0 => {
+                c.member(victim).kill();
+                std::thread::sleep(Duration::from_millis(1500));
+                c.member(victim).start();
+            }
+            // SIGTERM (drain and hand over), down briefly, back.
+            1 => {
+                c.member(victim).stop();
+                std::thread::sleep(Duration::from_millis(1500));
+                c.member(victim).start();
+            }
+            // Partition the victim from the others, then heal.
+            _ => {
+                c.partition(&[victim]);
+                std::thread::sleep(Duration::from_millis(2500));
+                c.heal();
+            }
         }
-        std::thread::sleep(Duration::from_millis(1500));
-        c.member(victim).start();
         std::thread::sleep(Duration::from_millis(1500));
         round += 1;
     }

@@ -139,6 +139,16 @@ fn map_stream_sends_full_map_then_deltas() {
                 .is_some_and(|r| !r.is_empty())
         );
         assert!(full["PacketFilter"].is_array() || full["PacketFilters"].is_object());
+        // MagicDNS: the node's name is under the base domain, which the DNS config serves.
+        let name = full["Node"]["Name"].as_str().unwrap().to_string();
+        let domain = full["DNSConfig"]["Domains"][0]
+            .as_str()
+            .expect("a MagicDNS domain")
+            .to_string();
+        assert!(
+            name.ends_with(&format!("{domain}.")),
+            "{name} under {domain}"
+        );
 
         let mut b = ControlClient::connect(&addr, &keypair().0).await.unwrap();
         let n2 = NodeKey(keypair().1);
