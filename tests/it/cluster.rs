@@ -222,17 +222,18 @@ fn five_members_survive_two_losses_and_a_wiped_member_catches_up() {
     );
 }
 
-/// When the member holding a client's control session dies, the client follows the
-/// ControlDialPlan to a survivor and streams from it without re-registering; traffic to a
-/// peer keeps flowing.
+/// When the member holding a client's control session (and its home relay) dies, the
+/// client follows the ControlDialPlan to a survivor and streams from it without
+/// re-registering, and — all traffic forced through DERP — its relay connection moves to a
+/// live member of the region, so traffic to a peer homed elsewhere keeps flowing.
 #[test]
 fn client_fails_over_when_its_member_dies() {
     let mut c = TestCluster::start(3, ClusterOpts::default());
     let key = c.user_with_key("roam", &["--reusable"]);
-    let _b = c.client("steady", 2, &key, None, false);
+    let _b = c.client("steady", 2, &key, None, true);
     let b = c.wait_online(2, "steady", Duration::from_secs(60));
     let ip = ipv4(&b);
-    let a = c.client("roamer", 1, &key, Some(format!("{ip}:80")), false);
+    let a = c.client("roamer", 1, &key, Some(format!("{ip}:80")), true);
     let before = c.wait_online(2, "roamer", Duration::from_secs(60));
     assert_eq!(before["member"], 1);
     a.wait_reach("hello from steady", Duration::from_secs(60));
