@@ -301,6 +301,16 @@ impl Server {
             tasks: tasks.clone(),
         };
         let derp = DerpServer::new(derp_private, Some(mesh_key), drain.clone(), tasks.clone());
+        if config.derp.server.verify_clients {
+            // Only registered nodes may relay through us (headscale's `verify_clients`).
+            let registry = cluster.clone();
+            derp.set_client_verifier(Box::new(move |key| {
+                registry
+                    .view()
+                    .node_by_key(&crate::registry::NodeKey(*key))
+                    .is_some()
+            }));
+        }
         // Every member's relay meshes with every other's, so a client homed on any member
         // reaches clients homed on the others.
         let mesh_peers = mesh_peers(&config, member_id);

@@ -90,6 +90,9 @@ enum Route {
     Unknown,
 }
 
+/// Whether a client public key may use the relay (e.g. "is a registered node key").
+pub type ClientVerifier = Box<dyn Fn(&Key) -> bool + Send + Sync>;
+
 /// One cluster member's DERP relay.
 pub struct DerpServer {
     pub(super) private: Key,
@@ -99,6 +102,8 @@ pub struct DerpServer {
     pub(super) tasks: TaskTracker,
     next_id: AtomicU64,
     state: Mutex<State>,
+    /// Decides whether a (non-mesh) client key may use this relay; unset = anyone.
+    verifier: std::sync::OnceLock<ClientVerifier>,
     /// Packets handed to a local client (from a local sender or from the mesh).
     relayed_local: AtomicU64,
     /// Packets sent to another member's relay for a client homed there.
@@ -129,6 +134,7 @@ impl DerpServer {
             tasks,
             next_id: AtomicU64::new(1),
             state: Mutex::new(State::default()),
+            verifier: std::sync::OnceLock::new(),
             relayed_local: AtomicU64::new(0),
             forwarded_to_mesh: AtomicU64::new(0),
         })
@@ -150,6 +156,12 @@ impl DerpServer {
             .values()
             .filter(|v| v.iter().any(|h| !h.is_mesh))
             .count()
+    }
+
+    /// Only clients `verify` accepts may connect (mesh peers authenticate by mesh key).
+    /// Set once, before serving.
+    pub fn set_client_verifier(&self, verify: ClientVerifier) {
+        let _ = self.verifier.set(verify);
     }
 
     /// Packets delivered to clients of this relay, and packets forwarded over the mesh.
@@ -398,6 +410,13 @@ impl DerpServer {
             }
             _ => false,
         };
+        if !is_mesh
+            && let Some(verify) = self.verifier.get()
+            && !verify(&key)
+        {
+            tracing::info!(client = %short(&key), ?remote, "derp client refused: not a registered node key");
+            return;
+        }
 
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (ptx, prx) = mpsc::channel(PACKET_QUEUE);
@@ -698,6 +717,42 @@ mod tests {
                 _ => continue,
             }
         }
+    }
+
+    #[tokio::test]
+    async fn only_verified_client_keys_are_served() {
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let (derp, url) = start(None, &stop, &tasks).await;
+        let known: Key = rand::random();
+        let known_public = frame::public_key(&known);
+        derp.set_client_verifier(Box::new(move |k| *k == known_public));
+        let mut stranger = DerpClient::connect(&url, rand::random(), None)
+            .await
+            .unwrap();
+        // The stranger's connection is closed right after login: reads end with an error.
+        let ended = tokio::time::timeout(T, async {
+            loop {
+                if stranger.recv().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "an unregistered key is disconnected");
+        let _member = DerpClient::connect(&url, known, None).await.unwrap();
+        for _ in 0..100 {
+            if derp.connected_clients() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            derp.connected_clients(),
+            1,
+            "only the registered key is connected"
+        );
+        stop.cancel();
     }
 
     #[tokio::test]
