@@ -70,12 +70,14 @@ fn settings() -> ControlSettings {
         magic_dns: true,
         nameservers: vec![],
         search_domains: vec![],
-        derp: Vec::new(),
+        topology: tokio::sync::watch::channel(std::sync::Arc::new(
+            hsd::control::Topology::default(),
+        ))
+        .1,
         auto_approve: true,
         node_key_expiry: None,
         registration_timeout: Duration::from_secs(60),
         ephemeral_inactivity_timeout: Duration::from_secs(60),
-        dial_plan: None,
     }
 }
 

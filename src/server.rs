@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConfigError, NodeApproval};
 use crate::control::{
-    self, ControlDeps, ControlSettings, DerpNodeInfo, DerpRegionInfo, ServerKeys,
+    self, ControlDeps, ControlSettings, DerpNodeInfo, DerpRegionInfo, ServerKeys, Topology,
 };
 use crate::derp::server::DerpServer;
 use crate::presence::Presence;
@@ -204,6 +204,7 @@ impl Server {
                 .clone()
                 .unwrap_or_else(|| cluster_addr.to_string()),
             control_url: server_url.clone(),
+            region_id: Some(config.derp.server.region_id),
         };
         let initial_members: BTreeMap<u64, MemberInfo> = if config.cluster.members.is_empty() {
             BTreeMap::from([(member_id, member.clone())])
@@ -217,6 +218,7 @@ impl Server {
                         name: format!("m{}", m.id),
                         raft_addr: m.address.clone(),
                         control_url: m.control_url.clone().unwrap_or_default(),
+                        region_id: Some(m.region_id.unwrap_or(config.derp.server.region_id)),
                     };
                     (
                         m.id,
@@ -269,14 +271,14 @@ impl Server {
         .map_err(|e| StartError::Raft(Box::new(e)))?;
 
         let metrics = Arc::new(Metrics::new());
-        let derp_regions = config.derp.server.enabled.then(|| {
-            derp_regions(
-                &config,
-                member_id,
-                &server_url,
-                addrs.stun_addr.map(|a| a.port() as i32).unwrap_or(-1),
-            )
-        });
+        let stun_port = addrs.stun_addr.map(|a| a.port() as i32).unwrap_or(-1);
+        let (topology_tx, topology_rx) = tokio::sync::watch::channel(Arc::new(topology(
+            &config,
+            member_id,
+            &server_url,
+            stun_port,
+            None,
+        )));
         let settings = Arc::new(ControlSettings {
             member_id,
             server_url: server_url.clone(),
@@ -284,12 +286,11 @@ impl Server {
             magic_dns: config.dns.magic_dns,
             nameservers: config.dns.nameservers.global.clone(),
             search_domains: config.dns.search_domains.clone(),
-            derp: derp_regions.unwrap_or_default(),
+            topology: topology_rx,
             auto_approve: config.node_approval == NodeApproval::Auto,
             node_key_expiry: (!config.node.expiry.0.is_zero()).then_some(config.node.expiry.0),
             registration_timeout: Duration::from_secs(15 * 60),
             ephemeral_inactivity_timeout: config.ephemeral_node_inactivity_timeout.0,
-            dial_plan: dial_plan(&config, member_id, &server_url),
         });
         let control_deps = ControlDeps {
             cluster: cluster.clone(),
@@ -311,12 +312,23 @@ impl Server {
                     .is_some()
             }));
         }
-        // Every member's relay meshes with every other's, so a client homed on any member
-        // reaches clients homed on the others.
-        let mesh_peers = mesh_peers(&config, member_id);
-        if config.derp.server.enabled && !mesh_peers.is_empty() {
-            derp.start_mesh(mesh_peers);
+        // The DERP map, dial plan and mesh follow the Raft membership (members added with
+        // `hsctl cluster add` included); until this member learns it, the config's list.
+        if config.derp.server.enabled {
+            derp.start_mesh(mesh_peers(&config, member_id));
         }
+        tasks.spawn(follow_membership(
+            TopologyInputs {
+                config: config.clone(),
+                member_id,
+                server_url: server_url.clone(),
+                stun_port,
+            },
+            cluster.clone(),
+            topology_tx,
+            derp.clone(),
+            stop.clone(),
+        ));
 
         let admin_deps = crate::admin::AdminDeps {
             cluster: cluster.clone(),
@@ -441,6 +453,112 @@ fn create_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
     };
     std::fs::create_dir_all(dir).map_err(err)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)
+}
+
+/// What the DERP map, dial plan and mesh are computed from.
+struct TopologyInputs {
+    config: Config,
+    member_id: u64,
+    server_url: String,
+    stun_port: i32,
+}
+
+/// The config with `cluster.members` replaced by the Raft membership, when known.
+fn with_members(config: &Config, members: Option<&BTreeMap<u64, MemberInfo>>) -> Config {
+    let mut config = config.clone();
+    if let Some(members) = members.filter(|m| !m.is_empty()) {
+        let configured = |id: u64| config.cluster.members.iter().find(|m| m.id == id).cloned();
+        config.cluster.members = members
+            .iter()
+            .map(|(id, m)| {
+                // Region names are not replicated; keep the configured ones where known.
+                let known = configured(*id);
+                crate::config::ClusterMemberConfig {
+                    id: *id,
+                    address: m.raft_addr.clone(),
+                    control_url: (!m.control_url.is_empty()).then(|| m.control_url.clone()),
+                    region_id: m.region_id,
+                    region_code: known.as_ref().and_then(|k| k.region_code.clone()),
+                    region_name: known.and_then(|k| k.region_name),
+                }
+            })
+            .collect();
+        if config.cluster.members.len() == 1 {
+            config.cluster.members.clear();
+        }
+    }
+    config
+}
+
+fn topology(
+    config: &Config,
+    member_id: u64,
+    server_url: &str,
+    stun_port: i32,
+    members: Option<&BTreeMap<u64, MemberInfo>>,
+) -> Topology {
+    let config = with_members(config, members);
+    Topology {
+        derp: if config.derp.server.enabled {
+            derp_regions(&config, member_id, server_url, stun_port)
+        } else {
+            Vec::new()
+        },
+        dial_plan: dial_plan(&config, member_id, server_url),
+    }
+}
+
+/// Recomputes the topology whenever the Raft membership changes; meshes with new members.
+async fn follow_membership(
+    inputs: TopologyInputs,
+    cluster: Cluster,
+    tx: tokio::sync::watch::Sender<Arc<Topology>>,
+    derp: Arc<DerpServer>,
+    stop: CancellationToken,
+) {
+    let mut metrics = cluster.metrics();
+    let mut last: Option<BTreeMap<u64, MemberInfo>> = None;
+    loop {
+        let members: BTreeMap<u64, MemberInfo> = metrics
+            .borrow_and_update()
+            .membership_config
+            .nodes()
+            .map(|(id, m)| (*id, m.clone()))
+            .collect();
+        if !members.is_empty() && last.as_ref() != Some(&members) {
+            let t = topology(
+                &inputs.config,
+                inputs.member_id,
+                &inputs.server_url,
+                inputs.stun_port,
+                Some(&members),
+            );
+            if inputs.config.derp.server.enabled {
+                derp.start_mesh(mesh_peers(
+                    &with_members(&inputs.config, Some(&members)),
+                    inputs.member_id,
+                ));
+            }
+            if last.is_some() {
+                tracing::info!(
+                    members = members.len(),
+                    "membership changed; clients get a new DERP map and dial plan"
+                );
+            }
+            tx.send_if_modified(|cur| {
+                let changed = format!("{:?}", cur.as_ref()) != format!("{t:?}");
+                if changed {
+                    *cur = Arc::new(t);
+                }
+                changed
+            });
+            last = Some(members);
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = metrics.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// The cluster's DERP regions, one node per member, this member's region and node first.

@@ -54,8 +54,8 @@ pub struct ControlSettings {
     pub magic_dns: bool,
     pub nameservers: Vec<String>,
     pub search_domains: Vec<String>,
-    /// The DERP regions of the cluster, this member's region first; empty = no relay.
-    pub derp: Vec<DerpRegionInfo>,
+    /// The DERP map and dial plan, derived from the current membership.
+    pub topology: tokio::sync::watch::Receiver<Arc<Topology>>,
     /// New nodes are usable at once (`node_approval: auto`).
     pub auto_approve: bool,
     /// Key expiry for new nodes; `None` = never.
@@ -63,6 +63,14 @@ pub struct ControlSettings {
     /// How long an interactive registration stays open.
     pub registration_timeout: Duration,
     pub ephemeral_inactivity_timeout: Duration,
+}
+
+/// What clients are told about the cluster's shape. Follows Raft membership changes; every
+/// map session sends a fresh full map when it changes.
+#[derive(Clone, Debug, Default)]
+pub struct Topology {
+    /// The DERP regions of the cluster, this member's region and node first; empty = no relay.
+    pub derp: Vec<DerpRegionInfo>,
     /// `ControlDialPlan` naming every member, so a running client whose member dies redials
     /// a survivor (protocol.md §7). `None` for a one-member cluster.
     pub dial_plan: Option<serde_json::Value>,

@@ -189,6 +189,10 @@ impl DerpServer {
             return;
         };
         for url in peers {
+            // Idempotent: called again when membership changes; known peers keep their link.
+            if self.state().links.iter().any(|l| l.url == url) {
+                continue;
+            }
             let (link, rx) = MeshLink::new(url);
             let idx = {
                 let mut st = self.state();

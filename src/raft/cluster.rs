@@ -242,6 +242,7 @@ impl Cluster {
             name: format!("m{id}"),
             raft_addr: address,
             control_url,
+            region_id: None,
         };
         self.leader_op(LeaderOp::AddLearner { id, info })
             .await

@@ -43,6 +43,9 @@ pub struct MemberInfo {
     pub raft_addr: String,
     /// The URL Tailscale clients use for this member.
     pub control_url: String,
+    /// The member's DERP region; `None` = the observing member's own region.
+    #[serde(default)]
+    pub region_id: Option<i32>,
 }
 
 impl std::fmt::Display for MemberInfo {

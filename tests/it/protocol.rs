@@ -338,3 +338,68 @@ fn presence_reaches_streams_on_other_members() {
         );
     });
 }
+
+/// Clients learn membership changes: after `hsctl cluster add`, an open map stream gets a
+/// new DERP map and dial plan that include the new member, without reconnecting.
+#[test]
+fn membership_changes_reach_open_map_streams() {
+    let mut c = TestCluster::start(3, ClusterOpts::default());
+    let key = c.user_with_key("topo", &["--reusable"]);
+    let addr = format!("{}:8080", c.members[0].ip);
+    let rt = rt();
+    let (_client, mut stream) = rt.block_on(async {
+        let mut a = ControlClient::connect(&addr, &keypair().0).await.unwrap();
+        let na = NodeKey(keypair().1);
+        assert_eq!(a.register(&na, &key, "watcher").await.unwrap().0, 200);
+        let mut s = a
+            .map_stream(&na, &DiscoKey(keypair().1), "127.0.0.1:41671")
+            .await
+            .unwrap();
+        let full = s.next_update(T).await.unwrap();
+        assert_eq!(derp_nodes(&full), 3, "{}", full["DERPMap"]);
+        assert_eq!(
+            full["ControlDialPlan"]["Candidates"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
+        (a, s)
+    });
+    let id = c.start_new_member();
+    let ip = c.members[(id - 1) as usize].ip.clone();
+    c.hsctl_json(
+        1,
+        &[
+            "cluster",
+            "add",
+            &id.to_string(),
+            &format!("{ip}:50444"),
+            "--control-url",
+            &format!("http://{ip}:8080"),
+        ],
+    );
+    rt.block_on(async {
+        loop {
+            let v = stream.next_update(T).await.unwrap();
+            if v.get("DERPMap").is_some() && derp_nodes(&v) == 4 {
+                assert_eq!(
+                    v["ControlDialPlan"]["Candidates"].as_array().unwrap().len(),
+                    4
+                );
+                break;
+            }
+        }
+    });
+}
+
+fn derp_nodes(map: &Value) -> usize {
+    map["DERPMap"]["Regions"]
+        .as_object()
+        .map(|r| {
+            r.values()
+                .map(|r| r["Nodes"].as_array().map_or(0, Vec::len))
+                .sum()
+        })
+        .unwrap_or(0)
+}

@@ -38,7 +38,14 @@ impl MapContext<'_> {
         let online = self.presence.is_online(node.id);
         // Until a node reports its home DERP, point at this member's region: its relays
         // mesh, so they reach the node wherever in the region it is homed.
-        let cluster_region = self.settings.derp.first().map(|r| r.region_id).unwrap_or(0);
+        let cluster_region = self
+            .settings
+            .topology
+            .borrow()
+            .derp
+            .first()
+            .map(|r| r.region_id)
+            .unwrap_or(0);
         let home_derp = live
             .as_ref()
             .map(|p| p.home_derp)
@@ -137,7 +144,8 @@ impl MapContext<'_> {
 
     pub fn derp_map(&self) -> Value {
         let mut regions = serde_json::Map::new();
-        for region in &self.settings.derp {
+        let topology = self.settings.topology.borrow().clone();
+        for region in &topology.derp {
             let nodes: Vec<Value> = region
                 .nodes
                 .iter()
@@ -193,7 +201,7 @@ impl MapContext<'_> {
             control_time: Some(Timestamp::now().to_rfc3339()),
             // Stops the client uploading logs to Tailscale's log service.
             debug: Some(json!({ "DisableLogTail": true })),
-            control_dial_plan: self.settings.dial_plan.clone(),
+            control_dial_plan: self.settings.topology.borrow().dial_plan.clone(),
             ..Default::default()
         };
         (response, peer_ids)

@@ -108,10 +108,18 @@ impl Session {
         let mut keepalive_at = Instant::now() + KEEPALIVE_INTERVAL;
 
         let mut end = self.send_full(true).await.err();
+        // A membership change (DERP map, dial plan) is rare: it costs each session one full map.
+        let mut topology = self.deps.settings.topology.clone();
+        topology.mark_unchanged();
+        let mut topology_live = true;
         while end.is_none() {
             let flush_at = self.pending.deadline;
             tokio::select! {
                 () = self.deps.stop.cancelled() => break,
+                changed = topology.changed(), if topology_live => match changed {
+                    Ok(()) => { self.pending.full = true; self.pending.arm(); }
+                    Err(_) => topology_live = false,
+                },
                 () = self.tx.closed() => end = Some(End::ClientGone),
                 batch = changes.recv() => match batch {
                     Ok(batch) => self.note_batch(&batch),
