@@ -192,13 +192,23 @@ impl Presence {
         self.lock().values().filter(|p| p.sessions > 0).count()
     }
 
-    /// Nodes with a live session on this member.
-    pub fn online_nodes(&self) -> Vec<NodeId> {
-        self.lock()
-            .iter()
-            .filter(|(_, p)| p.sessions > 0)
-            .map(|(id, _)| *id)
-            .collect()
+    /// Every online node and the member holding its session: this member's own sessions,
+    /// and what the other members last reported (a member silent for a few seconds counts
+    /// as holding none).
+    pub fn sessions(&self) -> std::collections::BTreeMap<NodeId, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        {
+            let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            for (member, nodes) in remote.iter() {
+                for (id, _) in nodes.iter().filter(|(_, p)| p.sessions > 0) {
+                    out.insert(*id, *member);
+                }
+            }
+        }
+        for (id, p) in self.lock().iter().filter(|(_, p)| p.sessions > 0) {
+            out.insert(*id, p.member);
+        }
+        out
     }
 
     /// This member's own sessions with the version they were read at.
@@ -234,21 +244,36 @@ impl Presence {
             }
         }
         .unwrap_or_default();
-        let local = self.lock().clone();
-        let shadowed = |id: &NodeId| local.get(id).is_some_and(|p| p.sessions > 0);
+        let mut changes = Vec::new();
         for (id, p) in &new {
-            if shadowed(id) {
-                continue;
-            }
             match old.get(id) {
-                None => self.publish(PresenceChange::Online(*id)),
-                Some(o) if o != p => self.publish(PresenceChange::Patched(*id)),
+                None => changes.push(PresenceChange::Online(*id)),
+                Some(o) if o != p => changes.push(PresenceChange::Patched(*id)),
                 Some(_) => {}
             }
         }
-        for id in old.keys() {
-            if !new.contains_key(id) && !shadowed(id) && !self.is_online(*id) {
-                self.publish(PresenceChange::Offline(*id));
+        changes.extend(
+            old.keys()
+                .filter(|id| !new.contains_key(id))
+                .map(|id| PresenceChange::Offline(*id)),
+        );
+        if changes.is_empty() {
+            return;
+        }
+        // A session on this member wins over any report about the same node.
+        let shadowed: std::collections::HashSet<NodeId> = {
+            let local = self.lock();
+            changes
+                .iter()
+                .map(PresenceChange::node)
+                .filter(|id| local.get(id).is_some_and(|p| p.sessions > 0))
+                .collect()
+        };
+        for change in changes {
+            let id = change.node();
+            let still_online = matches!(change, PresenceChange::Offline(_)) && self.is_online(id);
+            if !shadowed.contains(&id) && !still_online {
+                self.publish(change);
             }
         }
     }
@@ -303,7 +328,8 @@ mod tests {
         p.apply_remote(2, vec![(NodeId(5), remote.clone())]);
         assert_eq!(rx.try_recv().unwrap(), PresenceChange::Online(NodeId(5)));
         assert_eq!(p.member_of(NodeId(5)), Some(2));
-        assert!(p.online_nodes().is_empty(), "remote sessions are not local");
+        assert_eq!(p.online_count(), 0, "remote sessions are not local");
+        assert_eq!(p.sessions().get(&NodeId(5)), Some(&2));
         p.apply_remote(2, vec![(NodeId(5), remote.clone())]);
         assert!(
             rx.try_recv().is_err(),

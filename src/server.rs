@@ -277,7 +277,6 @@ impl Server {
             member_id,
             &server_url,
             stun_port,
-            None,
         )));
         let settings = Arc::new(ControlSettings {
             member_id,
@@ -314,9 +313,6 @@ impl Server {
         }
         // The DERP map, dial plan and mesh follow the Raft membership (members added with
         // `hsctl cluster add` included); until this member learns it, the config's list.
-        if config.derp.server.enabled {
-            derp.start_mesh(mesh_peers(&config, member_id));
-        }
         tasks.spawn(follow_membership(
             TopologyInputs {
                 config: config.clone(),
@@ -463,10 +459,11 @@ struct TopologyInputs {
     stun_port: i32,
 }
 
-/// The config with `cluster.members` replaced by the Raft membership, when known.
-fn with_members(config: &Config, members: Option<&BTreeMap<u64, MemberInfo>>) -> Config {
+/// The config with `cluster.members` replaced by the Raft membership, when known (empty =
+/// not yet: the configured list stands in).
+fn with_members(config: &Config, members: &BTreeMap<u64, MemberInfo>) -> Config {
     let mut config = config.clone();
-    if let Some(members) = members.filter(|m| !m.is_empty()) {
+    if !members.is_empty() {
         let configured = |id: u64| config.cluster.members.iter().find(|m| m.id == id).cloned();
         config.cluster.members = members
             .iter()
@@ -490,21 +487,15 @@ fn with_members(config: &Config, members: Option<&BTreeMap<u64, MemberInfo>>) ->
     config
 }
 
-fn topology(
-    config: &Config,
-    member_id: u64,
-    server_url: &str,
-    stun_port: i32,
-    members: Option<&BTreeMap<u64, MemberInfo>>,
-) -> Topology {
-    let config = with_members(config, members);
+/// The DERP map and dial plan for `config`'s members (see `with_members`).
+fn topology(config: &Config, member_id: u64, server_url: &str, stun_port: i32) -> Topology {
     Topology {
         derp: if config.derp.server.enabled {
-            derp_regions(&config, member_id, server_url, stun_port)
+            derp_regions(config, member_id, server_url, stun_port)
         } else {
             Vec::new()
         },
-        dial_plan: dial_plan(&config, member_id, server_url),
+        dial_plan: dial_plan(config, member_id, server_url),
     }
 }
 
@@ -525,28 +516,27 @@ async fn follow_membership(
             .nodes()
             .map(|(id, m)| (*id, m.clone()))
             .collect();
-        if !members.is_empty() && last.as_ref() != Some(&members) {
+        // The first round runs even with no membership yet: the config's list stands in.
+        if last.as_ref() != Some(&members) {
+            let config = with_members(&inputs.config, &members);
             let t = topology(
-                &inputs.config,
+                &config,
                 inputs.member_id,
                 &inputs.server_url,
                 inputs.stun_port,
-                Some(&members),
             );
-            if inputs.config.derp.server.enabled {
-                derp.start_mesh(mesh_peers(
-                    &with_members(&inputs.config, Some(&members)),
-                    inputs.member_id,
-                ));
+            if config.derp.server.enabled {
+                derp.start_mesh(mesh_peers(&config, inputs.member_id));
             }
-            if last.is_some() {
+            if last.as_ref().is_some_and(|l| !l.is_empty()) {
                 tracing::info!(
                     members = members.len(),
                     "membership changed; clients get a new DERP map and dial plan"
                 );
             }
+            // Sessions resend a full map only when what clients see really changed.
             tx.send_if_modified(|cur| {
-                let changed = format!("{:?}", cur.as_ref()) != format!("{t:?}");
+                let changed = **cur != t;
                 if changed {
                     *cur = Arc::new(t);
                 }
@@ -794,7 +784,7 @@ async fn ephemeral_gc(deps: ControlDeps) {
             continue;
         }
         // Sessions on every reachable member, not just this one.
-        let online = deps.cluster.sessions().await;
+        let online = deps.presence.sessions();
         let stale: Vec<_> = view
             .nodes()
             .filter(|n| n.ephemeral && !online.contains_key(&n.id))

@@ -7,7 +7,6 @@
 // `tonic::Status` is the error type of every handler; boxing it would only add noise.
 #![allow(clippy::result_large_err)]
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -70,7 +69,7 @@ impl AdminApi {
         let what = command.name();
         match self.propose(command).await? {
             Outcome::Node(node) => {
-                let sessions = self.sessions().await;
+                let sessions = self.deps.presence.sessions();
                 let mut node = convert::node(&self.view(), &node, &sessions, Timestamp::now());
                 if let Some(user) = user {
                     node.user = user.to_string();
@@ -99,18 +98,6 @@ impl AdminApi {
             })),
             _ => Err(status::unexpected(what)),
         }
-    }
-
-    /// Which member holds each online node's session: the cluster-wide merge, plus this
-    /// member's own sessions in case the merge missed them.
-    async fn sessions(&self) -> BTreeMap<NodeId, u64> {
-        let mut sessions = self.deps.cluster.sessions().await;
-        for node in self.view().nodes() {
-            if let Some(member) = self.deps.presence.member_of(node.id) {
-                sessions.entry(node.id).or_insert(member);
-            }
-        }
-        sessions
     }
 
     async fn membership_reply(
@@ -343,7 +330,7 @@ impl AdminService for AdminApi {
         let request = request.into_inner();
         let view = self.read(request.local).await?;
         let user = user_filter(&view, &request.user)?;
-        let sessions = self.sessions().await;
+        let sessions = self.deps.presence.sessions();
         let now = Timestamp::now();
         let nodes = view
             .nodes()
@@ -360,7 +347,7 @@ impl AdminService for AdminApi {
         let node = view
             .node(id)
             .ok_or_else(|| status::from_rejection(&Rejection::NodeNotFound(id)))?;
-        let sessions = self.sessions().await;
+        let sessions = self.deps.presence.sessions();
         Ok(Response::new(pb::NodeResponse {
             node: Some(convert::node(&view, node, &sessions, Timestamp::now())),
         }))

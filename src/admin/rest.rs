@@ -102,23 +102,19 @@ fn req<T>(t: T) -> tonic::Request<T> {
     tonic::Request::new(t)
 }
 
-/// An RFC 3339 time or a duration from now ("1h", "90d"); absent = none.
+/// An RFC 3339 time, a duration from now ("1h", "90d"), or "never"; absent = none.
 fn expiration(value: Option<&str>) -> Result<Option<prost_types::Timestamp>, ApiError> {
     let Some(text) = value.map(str::trim).filter(|t| !t.is_empty()) else {
         return Ok(None);
     };
-    let at = match chrono::DateTime::parse_from_rfc3339(text) {
-        Ok(t) => t.with_timezone(&chrono::Utc),
-        Err(_) => {
-            let d = crate::config::parse_duration(text).map_err(bad_request)?;
-            chrono::Utc::now()
-                + chrono::Duration::from_std(d).map_err(|e| bad_request(e.to_string()))?
-        }
-    };
-    Ok(Some(prost_types::Timestamp {
-        seconds: at.timestamp(),
-        nanos: at.timestamp_subsec_nanos() as i32,
-    }))
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(Some(prost_types::Timestamp {
+            seconds: t.timestamp(),
+            nanos: t.timestamp_subsec_nanos() as i32,
+        }));
+    }
+    let relative: crate::proto::Expiration = text.parse().map_err(bad_request)?;
+    Ok(relative.to_timestamp())
 }
 
 #[derive(Deserialize, Default)]

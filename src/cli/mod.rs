@@ -288,37 +288,7 @@ async fn dispatch(
     }
 }
 
-/// A relative expiry from the command line (`1h`, `90d`), or `never`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Expiration(pub Option<Duration>);
-
-impl std::str::FromStr for Expiration {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let text = text.trim();
-        if text.eq_ignore_ascii_case("never") || text == "0" {
-            return Ok(Expiration(None));
-        }
-        humantime::parse_duration(text)
-            .map(|d| Expiration(Some(d)))
-            .map_err(|e| format!("{e} (expected a duration like 1h or 90d, or \"never\")"))
-    }
-}
-
-impl Expiration {
-    /// The absolute expiry, counted from now.
-    pub fn to_timestamp(self) -> Option<prost_types::Timestamp> {
-        let d = self.0?;
-        let at = chrono::Duration::from_std(d)
-            .ok()
-            .and_then(|d| chrono::Utc::now().checked_add_signed(d))
-            .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
-        Some(prost_types::Timestamp {
-            seconds: at.timestamp(),
-            nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
-        })
-    }
-}
+pub use crate::proto::Expiration;
 
 /// Comma-separated (and repeated) values with empty entries dropped.
 pub(crate) fn non_empty(values: &[String]) -> Vec<String> {

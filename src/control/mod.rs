@@ -26,7 +26,7 @@ use crate::telemetry::Metrics;
 pub use keys::ServerKeys;
 
 /// One DERP node as the DERPMap advertises it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct DerpNodeInfo {
     pub name: String,
     pub host: String,
@@ -37,7 +37,7 @@ pub struct DerpNodeInfo {
 }
 
 /// The DERP region this cluster advertises.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct DerpRegionInfo {
     pub region_id: i32,
     pub region_code: String,
@@ -67,7 +67,7 @@ pub struct ControlSettings {
 
 /// What clients are told about the cluster's shape. Follows Raft membership changes; every
 /// map session sends a fresh full map when it changes.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Topology {
     /// The DERP regions of the cluster, this member's region and node first; empty = no relay.
     pub derp: Vec<DerpRegionInfo>,

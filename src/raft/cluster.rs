@@ -21,7 +21,7 @@ use super::{
 use crate::presence::Presence;
 use crate::proto::raft::raft_service_server::RaftServiceServer;
 use crate::proto::raft::{CampaignRequest, DrainRequest, MemberStatusReply, MemberStatusRequest};
-use crate::registry::{Command, NodeId, Outcome, Registry, Request, Timestamp};
+use crate::registry::{Command, Outcome, Registry, Request, Timestamp};
 
 /// How long a write keeps looking for a leader before giving up.
 const PROPOSE_DEADLINE: Duration = Duration::from_secs(5);
@@ -582,7 +582,7 @@ impl Cluster {
             .find(|(id, _)| **id == self.inner.id)
             .map(|(_, n)| n.name.clone())
             .unwrap_or_default();
-        let online = self.inner.presence.online_nodes();
+        let clients = self.inner.presence.online_count() as u64;
         MemberStatusReply {
             id: self.inner.id,
             name,
@@ -590,8 +590,7 @@ impl Cluster {
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             leader: m.current_leader,
             term: m.current_term,
-            clients: online.len() as u64,
-            online_nodes: online.into_iter().map(|n| n.0).collect(),
+            clients,
             draining: self.is_draining(),
         }
     }
@@ -599,29 +598,13 @@ impl Cluster {
     /// Asks every other member for its status, concurrently and with a short timeout.
     async fn peer_reports(&self) -> BTreeMap<u64, Option<MemberStatusReply>> {
         let m = self.metrics().borrow().clone();
-        let calls = m
+        let members: BTreeMap<u64, MemberInfo> = m
             .membership_config
             .nodes()
             .filter(|(id, _)| **id != self.inner.id)
-            .map(|(id, node)| {
-                let id = *id;
-                let addr = node.raft_addr.clone();
-                let peers = self.inner.peers.clone();
-                async move {
-                    let reply = async {
-                        let mut client = peers.client(&addr).ok()?;
-                        let mut req = tonic::Request::new(MemberStatusRequest {});
-                        req.set_timeout(STATUS_TIMEOUT);
-                        tokio::time::timeout(STATUS_TIMEOUT, client.member_status(req))
-                            .await
-                            .ok()?
-                            .ok()
-                    }
-                    .await;
-                    (id, reply.map(|r| r.into_inner()))
-                }
-            });
-        futures::future::join_all(calls).await.into_iter().collect()
+            .map(|(id, node)| (*id, node.clone()))
+            .collect();
+        ask_members(&self.inner.peers, &members).await
     }
 
     /// The cluster as this member sees it; works without a leader.
@@ -680,23 +663,6 @@ impl Cluster {
         }
     }
 
-    /// Which member holds each online node's map session, over every reachable member.
-    pub async fn sessions(&self) -> BTreeMap<NodeId, u64> {
-        let mut out: BTreeMap<NodeId, u64> = self
-            .inner
-            .presence
-            .online_nodes()
-            .into_iter()
-            .map(|n| (n, self.inner.id))
-            .collect();
-        for (member, report) in self.peer_reports().await {
-            for node in report.map(|r| r.online_nodes).unwrap_or_default() {
-                out.entry(NodeId(node)).or_insert(member);
-            }
-        }
-        out
-    }
-
     /// Hands leadership away if this member leads (bounded), then stops Raft.
     pub async fn shutdown(&self) {
         let m = self.metrics().borrow().clone();
@@ -721,25 +687,41 @@ async fn cluster_already_running(
     me: u64,
     members: &BTreeMap<u64, MemberInfo>,
 ) -> bool {
-    let calls = members.iter().filter(|(id, _)| **id != me).map(|(_, m)| {
-        let peers = peers.clone();
-        let addr = m.raft_addr.clone();
+    let others: BTreeMap<u64, MemberInfo> = members
+        .iter()
+        .filter(|(id, _)| **id != me)
+        .map(|(id, m)| (*id, m.clone()))
+        .collect();
+    ask_members(peers, &others)
+        .await
+        .values()
+        .flatten()
+        .any(|r| r.term > 0 || r.leader.is_some())
+}
+
+/// Every given member's own status, asked concurrently; `None` where it did not answer
+/// within `STATUS_TIMEOUT`.
+async fn ask_members(
+    peers: &Peers,
+    members: &BTreeMap<u64, MemberInfo>,
+) -> BTreeMap<u64, Option<MemberStatusReply>> {
+    let calls = members.iter().map(|(id, m)| {
+        let (id, addr, peers) = (*id, m.raft_addr.clone(), peers.clone());
         async move {
-            let mut client = peers.client(&addr).ok()?;
-            let mut req = tonic::Request::new(MemberStatusRequest {});
-            req.set_timeout(STATUS_TIMEOUT);
-            let reply = tokio::time::timeout(STATUS_TIMEOUT, client.member_status(req))
-                .await
-                .ok()?
-                .ok()?;
-            let r = reply.into_inner();
-            Some(r.term > 0 || r.leader.is_some())
+            let reply = async {
+                let mut client = peers.client(&addr).ok()?;
+                let mut req = tonic::Request::new(MemberStatusRequest {});
+                req.set_timeout(STATUS_TIMEOUT);
+                tokio::time::timeout(STATUS_TIMEOUT, client.member_status(req))
+                    .await
+                    .ok()?
+                    .ok()
+            }
+            .await;
+            (id, reply.map(|r| r.into_inner()))
         }
     });
-    futures::future::join_all(calls)
-        .await
-        .into_iter()
-        .any(|r| r == Some(true))
+    futures::future::join_all(calls).await.into_iter().collect()
 }
 
 /// A member's Raft address from the membership config.
