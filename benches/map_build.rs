@@ -14,18 +14,18 @@ use hsd::registry::secrets::{self, SecretKind};
 use hsd::registry::*;
 
 fn tailnet(nodes: u32) -> Registry {
-    let mut reg = Registry::new(RegistrySettings::default());
+    let mut reg = Registry::new(ClusterSettings::default());
     let at = Timestamp(1_700_000_000_000);
-    reg.apply(&Request {
+    reg.apply(&Request::single(
         at,
-        command: Command::CreateUser {
+        Command::CreateUser {
             name: "bench".into(),
         },
-    });
+    ));
     let secret = secrets::generate(SecretKind::PreAuth);
-    reg.apply(&Request {
+    reg.apply(&Request::single(
         at,
-        command: Command::CreatePreAuthKey {
+        Command::CreatePreAuthKey {
             user: "bench".into(),
             prefix: secret.prefix.clone(),
             hash: secret.hash,
@@ -34,7 +34,7 @@ fn tailnet(nodes: u32) -> Registry {
             expiration: None,
             tags: vec![],
         },
-    });
+    ));
     for i in 0..nodes {
         let (prefix, hash) =
             secrets::parse(SecretKind::PreAuth, &secret.full).expect("generated key parses");
@@ -42,9 +42,9 @@ fn tailnet(nodes: u32) -> Registry {
         machine[..4].copy_from_slice(&i.to_be_bytes());
         let mut node = machine;
         node[31] = 1;
-        reg.apply(&Request {
+        reg.apply(&Request::single(
             at,
-            command: Command::RegisterNode {
+            Command::RegisterNode {
                 request: NodeRequest {
                     machine_key: MachineKey(machine),
                     node_key: NodeKey(node),
@@ -57,7 +57,7 @@ fn tailnet(nodes: u32) -> Registry {
                 auto_approve: true,
                 expiry: None,
             },
-        });
+        ));
     }
     reg
 }

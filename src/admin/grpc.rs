@@ -16,7 +16,7 @@ use super::{convert, status};
 use crate::proto::admin as pb;
 use crate::proto::admin::admin_service_server::AdminService;
 use crate::registry::secrets::{self, SecretKind};
-use crate::registry::{Command, NodeId, Outcome, Registry, Rejection, Timestamp, names};
+use crate::registry::{Command, Expiry, NodeId, Outcome, Registry, Rejection, Timestamp, names};
 
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -359,11 +359,11 @@ impl AdminService for AdminApi {
     ) -> Reply<pb::NodeResponse> {
         let request = request.into_inner();
         let auth_id = registration_id(&request.key)?;
-        let now = Timestamp::now();
+        // Counted from the leader's stamp when the registration is applied.
         let expiry = self
             .deps
             .node_key_expiry
-            .map(|d| now.plus_millis(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
+            .map(|d| Expiry::AfterMillis(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
         let command = Command::CompleteInteractive {
             auth_id,
             user: request.user.clone(),

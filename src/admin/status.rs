@@ -22,7 +22,9 @@ pub fn rejection_code(rejection: &Rejection) -> Code {
         | Rejection::NodeKeyInUse(_)
         | Rejection::MachineKeyMismatch(_)
         | Rejection::RegistrationCompleted(_)
-        | Rejection::AddressesExhausted(_) => Code::FailedPrecondition,
+        | Rejection::AddressesExhausted(_)
+        | Rejection::SettingsMismatch { .. } => Code::FailedPrecondition,
+        Rejection::SettingsMissing => Code::Unavailable,
     }
 }
 
@@ -32,9 +34,9 @@ pub fn from_rejection(rejection: &Rejection) -> Status {
 
 pub fn from_propose(error: &ProposeError) -> Status {
     match error {
-        ProposeError::NoLeader | ProposeError::Unavailable(_) => {
-            Status::unavailable(error.to_string())
-        }
+        ProposeError::NoLeader
+        | ProposeError::Unavailable(_)
+        | ProposeError::NotAppliedHere { .. } => Status::unavailable(error.to_string()),
         ProposeError::Invalid(_) => Status::invalid_argument(error.to_string()),
     }
 }

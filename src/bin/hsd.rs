@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hsd::config::Config;
-use hsd::server::{Server, StartError};
+use hsd::server::{Failure, Server, StartError};
 
 /// Exit code for a usage or configuration error (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -14,7 +14,7 @@ const EXIT_CONFIG: u8 = 64;
 #[derive(Parser)]
 #[command(
     name = "hsd",
-    version,
+    version = hsd::server::VERSION_LONG,
     about = "Clustered, self-hosted Tailscale control server"
 )]
 struct Args {
@@ -78,6 +78,12 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ClusterCmd {
+    /// Create the keys every member shares (noise_private.key, derp_mesh.key) in DIR,
+    /// keeping any that exist. Copy them to every member.
+    InitKeys {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Create a cluster CA (ca.pem, ca.key) in DIR. Keep ca.key off the members.
     InitCa {
         #[arg(long)]
@@ -101,24 +107,38 @@ enum ClusterCmd {
 fn cluster_command(command: &ClusterCmd) -> ExitCode {
     use hsd::raft::tls;
     let result = match command {
-        ClusterCmd::InitCa { dir } => {
-            tls::init_ca(dir).map(|p| println!("created cluster CA {}", p.display()))
-        }
+        ClusterCmd::InitKeys { dir } => init_keys(dir).map_err(Box::from),
+        ClusterCmd::InitCa { dir } => tls::init_ca(dir)
+            .map(|p| println!("created cluster CA {}", p.display()))
+            .map_err(Box::from),
         ClusterCmd::IssueCert {
             ca_dir,
             member_id,
             out_dir,
             names,
         } => tls::issue_member_cert(ca_dir, *member_id, out_dir, names)
-            .map(|(c, k)| println!("issued {} and {}", c.display(), k.display())),
+            .map(|(c, k)| println!("issued {} and {}", c.display(), k.display()))
+            .map_err(Box::from),
     };
+    let result: Result<(), Box<dyn std::error::Error>> = result;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hsd: {}", error_chain(&e));
+            eprintln!("hsd: {}", error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Creates the shared Noise and mesh keys in `dir` if missing.
+fn init_keys(dir: &std::path::Path) -> Result<(), hsd::control::keys::KeyFileError> {
+    use hsd::control::keys::load_or_generate;
+    for (file, prefix) in [("noise_private.key", "privkey:"), ("derp_mesh.key", "")] {
+        let path = dir.join(file);
+        load_or_generate(&path, prefix)?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -209,18 +229,25 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(config, args.ready_file)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(None) => ExitCode::SUCCESS,
+        // Stopped on its own (storage failure, a listener died, settings disagree): exit
+        // non-zero so systemd or Kubernetes restart it (or, for 78, an operator looks).
+        Ok(Some(failure)) => {
+            eprintln!("hsd: {}", failure.reason);
+            ExitCode::from(failure.exit_code)
+        }
         Err(e) => {
             eprintln!("hsd: {e:#}");
             let is_config = e
                 .downcast_ref::<StartError>()
-                .is_some_and(|s| matches!(s, StartError::Config(_)));
+                .is_some_and(StartError::is_config);
             ExitCode::from(if is_config { EXIT_CONFIG } else { 1 })
         }
     }
 }
 
-async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+/// Runs the member until a signal or a failure; returns the failure, if any.
+async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<Option<Failure>> {
     let server = Server::start(config).await?;
     if let Some(path) = ready_file {
         let json = serde_json::to_vec_pretty(server.addrs())?;
@@ -234,8 +261,7 @@ async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()> 
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        () = server.stopped() => tracing::error!("an essential task stopped the member"),
+        () = server.stopped() => {}
     }
-    server.shutdown().await;
-    Ok(())
+    Ok(server.shutdown().await)
 }

@@ -27,6 +27,25 @@ pub enum KeyFileError {
         "key file {path} does not hold a 32-byte key (expected `{prefix}` and 64 hex characters)"
     )]
     Malformed { path: PathBuf, prefix: &'static str },
+    #[error(
+        "config {key}: {path} does not exist; every member of a multi-member cluster must be given the same key file (create one with `hsd cluster init-keys --dir DIR` and copy it to every member)"
+    )]
+    Missing { key: &'static str, path: PathBuf },
+}
+
+/// Loads a key that must already exist (a key every member of a cluster shares).
+pub fn load_existing(
+    path: &Path,
+    prefix: &'static str,
+    key: &'static str,
+) -> Result<[u8; 32], KeyFileError> {
+    if !path.exists() {
+        return Err(KeyFileError::Missing {
+            key,
+            path: path.into(),
+        });
+    }
+    load_or_generate(path, prefix)
 }
 
 /// Loads a 32-byte secret written as `<prefix><64 hex>`, or creates one if the file does

@@ -23,27 +23,8 @@ use crate::presence::Presence;
 use crate::raft::Cluster;
 use crate::telemetry::Metrics;
 
+pub use crate::derp::region::{DerpNodeInfo, DerpRegionInfo, Topology};
 pub use keys::ServerKeys;
-
-/// One DERP node as the DERPMap advertises it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DerpNodeInfo {
-    pub name: String,
-    pub host: String,
-    pub ipv4: String,
-    pub derp_port: u16,
-    /// -1 disables STUN for this node.
-    pub stun_port: i32,
-}
-
-/// The DERP region this cluster advertises.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DerpRegionInfo {
-    pub region_id: i32,
-    pub region_code: String,
-    pub region_name: String,
-    pub nodes: Vec<DerpNodeInfo>,
-}
 
 /// Control-protocol settings fixed at start.
 #[derive(Clone, Debug)]
@@ -63,17 +44,6 @@ pub struct ControlSettings {
     /// How long an interactive registration stays open.
     pub registration_timeout: Duration,
     pub ephemeral_inactivity_timeout: Duration,
-}
-
-/// What clients are told about the cluster's shape. Follows Raft membership changes; every
-/// map session sends a fresh full map when it changes.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Topology {
-    /// The DERP regions of the cluster, this member's region and node first; empty = no relay.
-    pub derp: Vec<DerpRegionInfo>,
-    /// `ControlDialPlan` naming every member, so a running client whose member dies redials
-    /// a survivor (protocol.md §7). `None` for a one-member cluster.
-    pub dial_plan: Option<serde_json::Value>,
 }
 
 /// What the control handlers need, and nothing more.

@@ -4,6 +4,7 @@
 //! logout, already-registered node, follow-up of an interactive login, key rotation,
 //! pre-auth key, and finally a new interactive login.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Extension;
@@ -18,7 +19,7 @@ use super::{ControlDeps, NoisePeer};
 use crate::raft::ProposeError;
 use crate::registry::secrets::{self, SecretKind};
 use crate::registry::{
-    Command, MachineKey, Node, NodeAuth, NodeRequest, Outcome, Registry, Rejection, Timestamp,
+    Command, Expiry, MachineKey, Node, NodeAuth, NodeRequest, Outcome, Registry, Rejection,
 };
 
 /// Largest register body accepted; real ones are a few KiB.
@@ -173,18 +174,20 @@ fn node_request(machine_key: MachineKey, req: &RegisterRequest) -> NodeRequest {
     }
 }
 
-fn key_expiry(deps: &ControlDeps) -> Option<Timestamp> {
+/// Key expiry of a new node, counted by the state machine from the leader's stamp.
+fn key_expiry(deps: &ControlDeps) -> Option<Expiry> {
     deps.settings
         .node_key_expiry
-        .map(|d| Timestamp::now().plus_millis(d.as_millis().min(i64::MAX as u128) as i64))
+        .map(|d| Expiry::AfterMillis(d.as_millis().min(i64::MAX as u128) as i64))
 }
 
 async fn propose_node(
     deps: &ControlDeps,
     command: Command,
-) -> Result<(Node, Registry), RegisterError> {
+) -> Result<(Node, Arc<Registry>), RegisterError> {
+    // Returns once this member applied the write, so the view holds the node.
     match deps.cluster.propose(command).await? {
-        Outcome::Node(node) => Ok((*node, (*deps.cluster.view()).clone())),
+        Outcome::Node(node) => Ok((*node, deps.cluster.view())),
         Outcome::Rejected(r) => Err(r.into()),
         other => Err(RegisterError::BadRequest(format!(
             "unexpected outcome {other:?}"
@@ -198,7 +201,7 @@ async fn register(
     req: RegisterRequest,
 ) -> Result<(&'static str, RegisterResponse), RegisterError> {
     let view = deps.cluster.view();
-    let now = chrono::Utc::now();
+    let now = deps.cluster.now().to_datetime();
 
     // 1. Logout: an expiry in the past (the client sends 1970-01-01T00:02:03Z).
     if let Some(expiry) = req.expiry {
@@ -232,7 +235,7 @@ async fn register(
         .as_ref()
         .map(|a| a.auth_key.trim())
         .filter(|k| !k.is_empty());
-    let now_ts = Timestamp::now();
+    let now_ts = deps.cluster.now();
 
     // 2. Already registered and not expired, no new credentials: report current state.
     if let Some(node) = view.node_by_key(&req.node_key) {
@@ -306,7 +309,7 @@ async fn register(
         .propose(Command::BeginInteractive {
             auth_id: auth_id.clone(),
             request: node_request(machine_key, &req),
-            expires_at: now_ts.plus_millis(timeout_ms),
+            ttl_ms: timeout_ms,
         })
         .await?
     {

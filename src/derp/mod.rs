@@ -5,6 +5,7 @@
 pub mod client;
 pub mod frame;
 pub mod mesh;
+pub mod region;
 pub mod server;
 pub mod stun;
 

@@ -4,10 +4,14 @@
 //! Every registry write is a `Command` proposed through `Cluster::propose`; a follower
 //! forwards it to the leader. Reads come from the applied `Registry` view of this member.
 
+mod batcher;
 mod cluster;
+mod forward;
+mod membership;
 mod network;
 mod presence_sync;
 mod service;
+mod status;
 mod store;
 pub mod tls;
 
@@ -18,16 +22,16 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::registry::{Change, Outcome, Registry, RegistrySettings, Request};
+use crate::registry::{Change, ClusterSettings, Outcome, Proposal, Registry, Request};
 
-pub use cluster::Cluster;
+pub use cluster::{Cluster, StartError};
 pub use store::StorageError;
 
 openraft::declare_raft_types!(
     /// The Raft types of the registry: a `Request` per log entry, an `Outcome` per reply.
     pub TypeConfig:
         D = Request,
-        R = Outcome,
+        R = Vec<Outcome>,
         NodeId = u64,
         Node = MemberInfo,
 );
@@ -59,7 +63,9 @@ pub struct ClusterOptions {
     pub member_id: u64,
     pub member: MemberInfo,
     pub data_dir: PathBuf,
-    pub settings: RegistrySettings,
+    /// The settings this member's config gives; recorded on the cluster's first start and
+    /// compared with the recorded ones on every start.
+    pub settings: ClusterSettings,
     /// The members of a new cluster. The lowest id initialises it on first start; the
     /// others wait to be contacted. Ignored once the data dir holds a cluster.
     pub initial_members: BTreeMap<u64, MemberInfo>,
@@ -97,6 +103,12 @@ pub enum ProposeError {
     Unavailable(String),
     #[error("{0}")]
     Invalid(String),
+    /// Committed by the leader, but this member has not applied it within the deadline:
+    /// it is cut off or far behind. Re-read through another member.
+    #[error(
+        "committed at log index {index}, but this member has not applied it yet; re-read through another member"
+    )]
+    NotAppliedHere { index: u64 },
 }
 
 /// The role of a member as seen by the answering member.
@@ -149,7 +161,8 @@ pub struct ClusterStatus {
 /// A request a follower sends to the leader.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum LeaderOp {
-    Propose(Request),
+    /// A write; retrying it with the same id is always safe (exactly once).
+    Propose(Proposal),
     AddLearner {
         id: u64,
         info: MemberInfo,
@@ -171,6 +184,11 @@ enum LeaderOp {
 #[derive(Debug, Serialize, Deserialize)]
 enum LeaderReply {
     Done(Outcome),
+    /// A proposal's outcome and the index of the entry that applied it.
+    Applied {
+        outcome: Outcome,
+        index: u64,
+    },
     /// The receiver is not the leader; try this one.
     NotLeader(Option<u64>),
     /// The leader's read index (for `ReadIndex`).

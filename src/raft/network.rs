@@ -185,9 +185,10 @@ impl RaftNetwork<TypeConfig> for PeerLink {
     }
 }
 
-/// Fault injection for partition tests: when `HSD_FAULT_PEER_BLOCKLIST` names a file, calls
-/// to the member addresses listed in it (one per line) fail as if the network dropped
-/// them. Unset (production), this costs one environment lookup per process.
+/// Fault injection for partition tests, compiled only with the `fault-injection` feature
+/// (never in release builds): when `HSD_FAULT_PEER_BLOCKLIST` names a file, calls to the
+/// member addresses listed in it (one per line) fail as if the network dropped them.
+#[cfg(feature = "fault-injection")]
 mod fault {
     use std::path::PathBuf;
     use std::sync::OnceLock;
@@ -200,5 +201,12 @@ mod fault {
             return false;
         };
         std::fs::read_to_string(file).is_ok_and(|list| list.lines().any(|l| l.trim() == addr))
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+mod fault {
+    pub fn blocked(_addr: &str) -> bool {
+        false
     }
 }

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::command::RequestId;
 use super::types::{ApiKeyId, NodeId, PreAuthKeyId, UserId};
 
 /// What a netmap may now need to include. Every member derives the same changes from the
@@ -25,9 +26,15 @@ pub enum Change {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Record {
     Meta,
+    /// The cluster clock (the latest applied stamp).
+    Clock,
+    /// The cluster-wide settings.
+    Settings,
     User(UserId),
     Node(NodeId),
     PreAuthKey(PreAuthKeyId),
     ApiKey(ApiKeyId),
     Pending(String),
+    /// A remembered outcome of a recent write (exactly-once retries).
+    Recent(RequestId),
 }

@@ -4,17 +4,88 @@ use serde::{Deserialize, Serialize};
 
 use super::types::*;
 
-/// One log entry's payload: a command stamped with the proposer's clock, so every member
-/// applies it identically.
+/// Names one logical write across retries. The state machine remembers recent ids and
+/// answers a repeat with the first outcome, so a forward retried after a lost reply is
+/// applied once.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct RequestId(pub u128);
+
+impl RequestId {
+    pub fn random() -> Self {
+        RequestId(rand::random())
+    }
+}
+
+impl std::fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl Serialize for RequestId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for RequestId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        u128::from_str_radix(&text, 16)
+            .map(RequestId)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// One write as a member proposes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub id: RequestId,
+    pub command: Command,
+}
+
+impl Proposal {
+    /// A new write with a fresh id.
+    pub fn new(command: Command) -> Self {
+        Proposal {
+            id: RequestId::random(),
+            command,
+        }
+    }
+}
+
+/// One log entry's payload: the proposals the leader batched into it, stamped with the
+/// leader's clock. `Registry::apply` never reads a clock; it takes this stamp (or the last
+/// applied one, if later), so every member derives the same state and expiry never
+/// follows a proposer's wall clock.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     pub at: Timestamp,
-    pub command: Command,
+    pub proposals: Vec<Proposal>,
+}
+
+impl Request {
+    /// An entry holding one proposal (tests, tools).
+    pub fn single(at: Timestamp, command: Command) -> Self {
+        Request {
+            at,
+            proposals: vec![Proposal::new(command)],
+        }
+    }
 }
 
 impl std::fmt::Display for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.command.name())
+        match self.proposals.as_slice() {
+            [one] => write!(f, "{}", one.command.name()),
+            many => write!(f, "batch of {}", many.len()),
+        }
     }
 }
 
@@ -70,20 +141,21 @@ pub enum Command {
         /// Whether new nodes start approved (config `node_approval`).
         auto_approve: bool,
         /// Key expiry for a new node; `None` = never.
-        expiry: Option<Timestamp>,
+        expiry: Option<Expiry>,
     },
     /// Start an interactive registration; the client waits on `auth_id`.
     BeginInteractive {
         auth_id: String,
         request: NodeRequest,
-        expires_at: Timestamp,
+        /// How long the registration stays open, from the entry's stamp.
+        ttl_ms: i64,
     },
     /// Complete an interactive registration for `user` (`hsctl nodes register`).
     CompleteInteractive {
         auth_id: String,
         user: String,
         auto_approve: bool,
-        expiry: Option<Timestamp>,
+        expiry: Option<Expiry>,
     },
     /// Replace a node's key (`RegisterRequest.OldNodeKey`).
     RotateNodeKey {
@@ -138,6 +210,12 @@ pub enum Command {
     SetPolicy {
         policy: String,
     },
+    /// Records the settings every member must share, on first start. Applied once; a later
+    /// proposal with different settings is refused (the proposing member then refuses to
+    /// run, naming the key that differs).
+    InitSettings {
+        settings: ClusterSettings,
+    },
 }
 
 impl Command {
@@ -169,6 +247,7 @@ impl Command {
             Command::TagNode { .. } => "tag_node",
             Command::SetDns { .. } => "set_dns",
             Command::SetPolicy { .. } => "set_policy",
+            Command::InitSettings { .. } => "init_settings",
         }
     }
 }
@@ -213,9 +292,17 @@ pub enum Rejection {
     RegistrationCompleted(String),
     #[error("address pool {0} is exhausted")]
     AddressesExhausted(String),
+    #[error("the cluster's settings are not recorded yet; retry shortly")]
+    SettingsMissing,
+    #[error("config {key} is {proposed} here but {cluster} in the cluster")]
+    SettingsMismatch {
+        key: String,
+        cluster: String,
+        proposed: String,
+    },
 }
 
-/// The reply to an applied command.
+/// The reply to an applied proposal.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     Done,

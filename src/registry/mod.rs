@@ -12,6 +12,6 @@ pub mod state;
 pub mod types;
 
 pub use change::{Change, Record};
-pub use command::{Command, NodeAuth, Outcome, Rejection, Request};
-pub use state::{Applied, Registry, RegistrySettings, StoreError};
+pub use command::{Command, NodeAuth, Outcome, Proposal, Rejection, Request, RequestId};
+pub use state::{Applied, Registry, StoreError};
 pub use types::*;

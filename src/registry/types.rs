@@ -320,3 +320,72 @@ pub struct DnsSettings {
     pub nameservers: Vec<String>,
     pub search_domains: Vec<String>,
 }
+
+/// A key expiry as a command carries it: an admin's absolute time, or a span the state
+/// machine adds to the entry's stamp (so the leader's clock decides, not the proposer's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Expiry {
+    At(Timestamp),
+    AfterMillis(i64),
+}
+
+impl Expiry {
+    pub fn resolve(self, now: Timestamp) -> Timestamp {
+        match self {
+            Expiry::At(at) => at,
+            Expiry::AfterMillis(ms) => now.plus_millis(ms),
+        }
+    }
+}
+
+/// Settings every member must share: written into the registry on the cluster's first
+/// start and compared with each member's config when it starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    pub prefix_v4: Option<ipnet::Ipv4Net>,
+    pub prefix_v6: Option<ipnet::Ipv6Net>,
+    pub base_domain: String,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            prefix_v4: Some("100.64.0.0/10".parse().expect("valid literal")),
+            prefix_v6: Some("fd7a:115c:a1e0::/48".parse().expect("valid literal")),
+            base_domain: "hsd.internal".into(),
+        }
+    }
+}
+
+impl ClusterSettings {
+    /// The first setting that differs, as (config key, this value, other value).
+    pub fn first_difference(
+        &self,
+        other: &ClusterSettings,
+    ) -> Option<(&'static str, String, String)> {
+        let show = |v: &dyn fmt::Display| v.to_string();
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "unset".into());
+        if self.prefix_v4 != other.prefix_v4 {
+            return Some((
+                "prefixes.v4",
+                opt(self.prefix_v4.map(|p| show(&p))),
+                opt(other.prefix_v4.map(|p| show(&p))),
+            ));
+        }
+        if self.prefix_v6 != other.prefix_v6 {
+            return Some((
+                "prefixes.v6",
+                opt(self.prefix_v6.map(|p| show(&p))),
+                opt(other.prefix_v6.map(|p| show(&p))),
+            ));
+        }
+        if self.base_domain != other.base_domain {
+            return Some((
+                "dns.base_domain",
+                format!("{:?}", self.base_domain),
+                format!("{:?}", other.base_domain),
+            ));
+        }
+        None
+    }
+}

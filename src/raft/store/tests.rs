@@ -1,5 +1,12 @@
+use std::sync::Arc;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{Entry, EntryPayload, LogId, RaftSnapshotBuilder};
+use tokio::sync::{broadcast, watch};
+
 use super::*;
-use crate::registry::{Command, Request, Timestamp};
+use crate::raft::TypeConfig;
+use crate::registry::{Command, Outcome, Registry, Request, Timestamp};
 
 struct Builder;
 
@@ -10,8 +17,7 @@ impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachine, tempfil
         let dir = tempfile::tempdir().expect("tempdir");
         let (view_tx, _) = watch::channel(Arc::new(Registry::default()));
         let (batches, _) = broadcast::channel(16);
-        let (log, sm) =
-            open(dir.path(), RegistrySettings::default(), view_tx, batches).expect("open store");
+        let (log, sm) = open(dir.path(), view_tx, batches).expect("open store");
         Ok((dir, log, sm))
     }
 }
@@ -25,10 +31,7 @@ fn openraft_storage_suite() {
 fn entry(index: u64, command: Command) -> Entry<TypeConfig> {
     Entry {
         log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(Request {
-            at: Timestamp(1_700_000_000_000),
-            command,
-        }),
+        payload: EntryPayload::Normal(Request::single(Timestamp(1_700_000_000_000), command)),
     }
 }
 
@@ -39,8 +42,7 @@ async fn applied_state_survives_reopen() {
     {
         let (view_tx, _) = watch::channel(Arc::new(Registry::default()));
         let (batches, _) = broadcast::channel(16);
-        let (_log, mut sm) =
-            open(dir.path(), RegistrySettings::default(), view_tx, batches).unwrap();
+        let (_log, mut sm) = open(dir.path(), view_tx, batches).unwrap();
         let out = sm
             .apply(vec![
                 entry(
@@ -53,11 +55,11 @@ async fn applied_state_survives_reopen() {
             ])
             .await
             .unwrap();
-        assert!(matches!(out[0], Outcome::User(_)));
+        assert!(matches!(out[0][0], Outcome::User(_)));
     }
     let (view_tx, view_rx) = watch::channel(Arc::new(Registry::default()));
     let (batches, _) = broadcast::channel(16);
-    let (_log, mut sm) = open(dir.path(), RegistrySettings::default(), view_tx, batches).unwrap();
+    let (_log, mut sm) = open(dir.path(), view_tx, batches).unwrap();
     let (applied, _) = sm.applied_state().await.unwrap();
     assert_eq!(applied.map(|l| l.index), Some(2));
     let view = view_rx.borrow().clone();
@@ -70,7 +72,7 @@ async fn snapshot_round_trip() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (view_tx, _) = watch::channel(Arc::new(Registry::default()));
     let (batches, _) = broadcast::channel(16);
-    let (_l1, mut sm1) = open(d1.path(), RegistrySettings::default(), view_tx, batches).unwrap();
+    let (_l1, mut sm1) = open(d1.path(), view_tx, batches).unwrap();
     sm1.apply(vec![entry(
         1,
         Command::CreateUser {
@@ -88,7 +90,7 @@ async fn snapshot_round_trip() {
 
     let (view_tx, view_rx) = watch::channel(Arc::new(Registry::default()));
     let (batches, mut batch_rx) = broadcast::channel(16);
-    let (_l2, mut sm2) = open(d2.path(), RegistrySettings::default(), view_tx, batches).unwrap();
+    let (_l2, mut sm2) = open(d2.path(), view_tx, batches).unwrap();
     sm2.install_snapshot(&snap.meta, snap.snapshot)
         .await
         .unwrap();

@@ -1,4 +1,7 @@
+use std::collections::BTreeSet;
+
 use super::*;
+use crate::registry::command::{Command, NodeAuth, Proposal};
 use crate::registry::secrets::{self, SecretKind};
 
 fn at(ms: i64) -> Timestamp {
@@ -6,7 +9,9 @@ fn at(ms: i64) -> Timestamp {
 }
 
 fn run(reg: &mut Registry, t: i64, command: Command) -> Outcome {
-    reg.apply(&Request { at: at(t), command }).outcome
+    reg.apply(&Request::single(at(t), command))
+        .outcomes
+        .remove(0)
 }
 
 fn key(b: u8) -> [u8; 32] {
@@ -31,7 +36,7 @@ struct Fixture {
 
 /// A registry with user "alice" and one pre-auth key with the given flags.
 fn fixture(reusable: bool, expiration: Option<Timestamp>) -> Fixture {
-    let mut reg = Registry::new(RegistrySettings::default());
+    let mut reg = Registry::new(ClusterSettings::default());
     assert!(matches!(
         run(
             &mut reg,
@@ -92,7 +97,7 @@ fn duplicate_user_is_rejected_and_changes_nothing() {
         out,
         Outcome::Rejected(Rejection::UserExists("alice".into()))
     );
-    assert!(f.reg.same_data(&before));
+    assert!(f.reg.same_entities(&before));
 }
 
 #[test]
@@ -110,7 +115,7 @@ fn single_use_key_registers_one_machine_only() {
         matches!(out, Outcome::Rejected(Rejection::PreAuthKeyUsed(_))),
         "{out:?}"
     );
-    assert!(f.reg.same_data(&before));
+    assert!(f.reg.same_entities(&before));
     // The same machine may log in again with its key (e.g. after a node-key rotation).
     let out = register(&mut f, 12, node_request(1, 13, "a"));
     let Outcome::Node(again) = out else {
@@ -130,7 +135,7 @@ fn expired_key_is_rejected_and_changes_nothing() {
         matches!(out, Outcome::Rejected(Rejection::PreAuthKeyExpired { .. })),
         "{out:?}"
     );
-    assert!(f.reg.same_data(&before));
+    assert!(f.reg.same_entities(&before));
 }
 
 #[test]
@@ -160,15 +165,15 @@ fn addresses_and_names_are_unique_and_deterministic() {
     let mut log = Vec::new();
     for i in 0..50u8 {
         let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &f.key_full).unwrap();
-        log.push(Request {
-            at: at(10 + i as i64),
-            command: Command::RegisterNode {
+        log.push(Request::single(
+            at(10 + i as i64),
+            Command::RegisterNode {
                 request: node_request(100 + i, 200u8.wrapping_add(i), "web"),
                 auth: NodeAuth::PreAuthKey { prefix, hash },
                 auto_approve: true,
                 expiry: None,
             },
-        });
+        ));
     }
     let mut replica = f.reg.clone();
     for req in &log {
@@ -250,17 +255,17 @@ fn rotation_logout_and_ephemeral_removal() {
     );
     assert_eq!(out, Outcome::Removed(vec![tmp.id]));
     assert!(f.reg.node(tmp.id).is_none());
-    // Its address is free again, but ids are never reused.
+    // Neither its id nor (until the pool wraps) its address goes to the next node.
     let Outcome::Node(next) = register(&mut f, 32, node_request(4, 41, "n")) else {
         panic!()
     };
-    assert_eq!(next.ipv4, tmp.ipv4);
+    assert_ne!(next.ipv4, tmp.ipv4);
     assert!(next.id > tmp.id);
 }
 
 #[test]
 fn interactive_registration_completes_once_and_expires() {
-    let mut reg = Registry::new(RegistrySettings::default());
+    let mut reg = Registry::new(ClusterSettings::default());
     run(&mut reg, 0, Command::CreateUser { name: "bob".into() });
     run(
         &mut reg,
@@ -268,7 +273,7 @@ fn interactive_registration_completes_once_and_expires() {
         Command::BeginInteractive {
             auth_id: "abc".into(),
             request: node_request(5, 51, "laptop"),
-            expires_at: at(1000),
+            ttl_ms: 999,
         },
     );
     let out = run(
@@ -349,22 +354,22 @@ fn records_round_trip_through_storage_encoding() {
             expiration: None,
         },
     );
-    let loaded = Registry::from_records(RegistrySettings::default(), f.reg.all_records()).unwrap();
+    let loaded = Registry::from_records(f.reg.all_records()).unwrap();
     assert!(loaded.same_data(&f.reg));
     assert_eq!(loaded.node_by_key(&NodeKey(key(12))).unwrap().hostname, "b");
     // Continuing on the loaded copy allocates exactly as the original would.
     let mut original = f.reg.clone();
     let mut reloaded = loaded;
     let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &f.key_full).unwrap();
-    let req = Request {
-        at: at(20),
-        command: Command::RegisterNode {
+    let req = Request::single(
+        at(20),
+        Command::RegisterNode {
             request: node_request(3, 13, "c"),
             auth: NodeAuth::PreAuthKey { prefix, hash },
             auto_approve: true,
             expiry: None,
         },
-    };
+    );
     original.apply(&req);
     reloaded.apply(&req);
     assert!(original.same_data(&reloaded));
@@ -374,16 +379,16 @@ fn records_round_trip_through_storage_encoding() {
 fn applied_effects_name_every_touched_record() {
     let mut f = fixture(false, None);
     let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &f.key_full).unwrap();
-    let applied = f.reg.apply(&Request {
-        at: at(10),
-        command: Command::RegisterNode {
+    let applied = f.reg.apply(&Request::single(
+        at(10),
+        Command::RegisterNode {
             request: node_request(1, 11, "a"),
             auth: NodeAuth::PreAuthKey { prefix, hash },
             auto_approve: true,
             expiry: None,
         },
-    });
-    let Outcome::Node(node) = applied.outcome else {
+    ));
+    let Outcome::Node(node) = applied.outcomes[0].clone() else {
         panic!()
     };
     assert!(applied.records.contains(&Record::Node(node.id)));
@@ -423,4 +428,228 @@ fn invalid_tags_and_names_are_rejected() {
         },
     );
     assert!(matches!(out, Outcome::Rejected(Rejection::InvalidName(..))));
+}
+
+#[test]
+fn a_repeated_request_id_answers_the_first_outcome_and_changes_nothing() {
+    let mut f = fixture(true, None);
+    let secret = secrets::generate(SecretKind::PreAuth);
+    let proposal = Proposal::new(Command::CreatePreAuthKey {
+        user: "alice".into(),
+        prefix: secret.prefix,
+        hash: secret.hash,
+        reusable: false,
+        ephemeral: false,
+        expiration: None,
+        tags: vec![],
+    });
+    let entry = |t| Request {
+        at: at(t),
+        proposals: vec![proposal.clone()],
+    };
+    let first = f.reg.apply(&entry(10)).outcomes.remove(0);
+    let keys = f.reg.preauth_keys().count();
+    // The retry lands in a later entry (a forward retried after a lost reply).
+    let again = f.reg.apply(&entry(20));
+    assert_eq!(again.outcomes, vec![first]);
+    assert!(again.changes.is_empty());
+    assert_eq!(f.reg.preauth_keys().count(), keys, "applied once");
+    // A user create retried the same way is not "already exists".
+    let create = Proposal::new(Command::CreateUser { name: "bob".into() });
+    let once = f.reg.apply(&Request {
+        at: at(30),
+        proposals: vec![create.clone()],
+    });
+    let twice = f.reg.apply(&Request {
+        at: at(31),
+        proposals: vec![create],
+    });
+    assert!(matches!(once.outcomes[0], Outcome::User(_)));
+    assert_eq!(once.outcomes, twice.outcomes);
+}
+
+#[test]
+fn remembered_outcomes_are_forgotten_after_the_window_and_survive_storage() {
+    let mut reg = Registry::new(ClusterSettings::default());
+    let create = Proposal::new(Command::CreateUser { name: "a".into() });
+    reg.apply(&Request {
+        at: at(0),
+        proposals: vec![create.clone()],
+    });
+    assert_eq!(reg.recent_count(), 1);
+    let loaded = Registry::from_records(reg.all_records()).unwrap();
+    assert!(loaded.same_data(&reg));
+    assert_eq!(loaded.recent_count(), 1);
+    // Eleven minutes later the id is forgotten (the entry itself is remembered anew).
+    run(&mut reg, 11 * 60 * 1000, Command::Noop);
+    assert_eq!(reg.recent_count(), 1);
+    let late = reg.apply(&Request {
+        at: at(11 * 60 * 1000 + 1),
+        proposals: vec![create],
+    });
+    assert_eq!(
+        late.outcomes[0],
+        Outcome::Rejected(Rejection::UserExists("a".into())),
+        "outside the window a repeat is applied as a new write"
+    );
+}
+
+#[test]
+fn the_clock_never_goes_backwards() {
+    let mut reg = Registry::new(ClusterSettings::default());
+    run(&mut reg, 1000, Command::Noop);
+    // A new leader with a slow clock stamps an earlier time: the registry keeps its own.
+    let out = run(
+        &mut reg,
+        10,
+        Command::CreateUser {
+            name: "late".into(),
+        },
+    );
+    let Outcome::User(user) = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(user.created_at, at(1000));
+    assert_eq!(reg.clock(), at(1000));
+}
+
+#[test]
+fn expiry_spans_are_measured_from_the_stamp() {
+    let mut reg = Registry::new(ClusterSettings::default());
+    run(&mut reg, 0, Command::CreateUser { name: "bob".into() });
+    run(
+        &mut reg,
+        500,
+        Command::BeginInteractive {
+            auth_id: "p".into(),
+            request: node_request(5, 51, "laptop"),
+            ttl_ms: 100,
+        },
+    );
+    assert_eq!(reg.pending("p").unwrap().expires_at, at(600));
+    let out = run(
+        &mut reg,
+        550,
+        Command::CompleteInteractive {
+            auth_id: "p".into(),
+            user: "bob".into(),
+            auto_approve: true,
+            expiry: Some(Expiry::AfterMillis(1000)),
+        },
+    );
+    let Outcome::Node(node) = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(node.expiry, Some(at(1550)));
+}
+
+#[test]
+fn settings_are_recorded_once_and_a_different_proposal_names_the_key() {
+    let mut reg = Registry::default();
+    let mut f = ClusterSettings::default();
+    // Without settings a node cannot get addresses.
+    run(&mut reg, 0, Command::CreateUser { name: "u".into() });
+    run(
+        &mut reg,
+        1,
+        Command::BeginInteractive {
+            auth_id: "x".into(),
+            request: node_request(1, 2, "h"),
+            ttl_ms: 60_000,
+        },
+    );
+    let out = run(
+        &mut reg,
+        2,
+        Command::CompleteInteractive {
+            auth_id: "x".into(),
+            user: "u".into(),
+            auto_approve: true,
+            expiry: None,
+        },
+    );
+    assert_eq!(out, Outcome::Rejected(Rejection::SettingsMissing));
+    assert_eq!(
+        run(
+            &mut reg,
+            3,
+            Command::InitSettings {
+                settings: f.clone()
+            }
+        ),
+        Outcome::Done
+    );
+    assert_eq!(
+        run(
+            &mut reg,
+            4,
+            Command::InitSettings {
+                settings: f.clone()
+            }
+        ),
+        Outcome::Done,
+        "the same settings again are fine"
+    );
+    f.prefix_v4 = Some("10.0.0.0/8".parse().unwrap());
+    let out = run(&mut reg, 5, Command::InitSettings { settings: f });
+    let Outcome::Rejected(Rejection::SettingsMismatch {
+        key,
+        cluster,
+        proposed,
+    }) = out
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        (key.as_str(), cluster.as_str(), proposed.as_str()),
+        ("prefixes.v4", "100.64.0.0/10", "10.0.0.0/8")
+    );
+    assert_eq!(reg.settings(), Some(&ClusterSettings::default()));
+}
+
+#[test]
+fn renames_keep_the_name_indexes_right() {
+    let mut f = fixture(true, None);
+    let Outcome::Node(a) = register(&mut f, 10, node_request(1, 11, "web")) else {
+        panic!()
+    };
+    let Outcome::Node(b) = register(&mut f, 11, node_request(2, 12, "web")) else {
+        panic!()
+    };
+    assert_eq!(
+        (a.given_name.as_str(), b.given_name.as_str()),
+        ("web", "web-2")
+    );
+    let out = run(
+        &mut f.reg,
+        12,
+        Command::RenameNode {
+            id: a.id,
+            name: "web-2".into(),
+        },
+    );
+    assert!(matches!(out, Outcome::Rejected(Rejection::InvalidName(..))));
+    run(
+        &mut f.reg,
+        13,
+        Command::RenameNode {
+            id: a.id,
+            name: "db".into(),
+        },
+    );
+    // "web" is free again for a new node.
+    let Outcome::Node(c) = register(&mut f, 14, node_request(3, 13, "web")) else {
+        panic!()
+    };
+    assert_eq!(c.given_name, "web");
+    run(
+        &mut f.reg,
+        15,
+        Command::RenameUser {
+            old: "alice".into(),
+            new: "carol".into(),
+        },
+    );
+    assert!(f.reg.user_by_name("alice").is_none());
+    assert_eq!(f.reg.user_by_name("carol").unwrap().id, a.user);
 }

@@ -35,6 +35,14 @@ pub fn guard() {
         ifaces.iter().all(|i| i == "lo"),
         "integration tests must run in a loopback-only network namespace (use tests/run.sh); interfaces here: {ifaces:?}"
     );
+    let version = Command::new(hsd_bin())
+        .arg("--version")
+        .output()
+        .expect("run hsd --version");
+    assert!(
+        String::from_utf8_lossy(&version.stdout).contains("fault-injection"),
+        "the fault tests need hsd built with `--features fault-injection` (tests/run.sh does that)"
+    );
 }
 
 pub fn hsd_bin() -> &'static str {

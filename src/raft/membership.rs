@@ -1,0 +1,295 @@
+//! Membership: adding a learner, promoting it, removing a member, handing leadership over
+//! and draining a member for maintenance.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use openraft::ChangeMembers;
+use openraft::error::{ClientWriteError, RaftError};
+
+use super::cluster::Cluster;
+use super::forward::FORWARD_TIMEOUT;
+use super::status::member_addr;
+use super::{LeaderOp, LeaderReply, MemberInfo, ProposeError};
+use crate::proto::raft::{CampaignRequest, DrainRequest};
+use crate::registry::Outcome;
+
+/// Pause between a campaigning member's election attempts.
+const CAMPAIGN_RETRY: Duration = Duration::from_millis(60);
+
+/// Turns the leader's heartbeats back on when dropped, whatever path a hand-over takes
+/// (success, error, timeout or cancellation): a leader left silent would let its followers
+/// elect someone else at random.
+struct HeartbeatPause<'a> {
+    raft: &'a super::Raft,
+}
+
+impl<'a> HeartbeatPause<'a> {
+    fn start(raft: &'a super::Raft) -> Self {
+        raft.runtime_config().heartbeat(false);
+        HeartbeatPause { raft }
+    }
+}
+
+impl Drop for HeartbeatPause<'_> {
+    fn drop(&mut self) {
+        self.raft.runtime_config().heartbeat(true);
+    }
+}
+
+impl Cluster {
+    pub async fn add_member(
+        &self,
+        id: u64,
+        address: String,
+        control_url: String,
+    ) -> Result<(), ProposeError> {
+        if id == 0 || address.is_empty() {
+            return Err(ProposeError::Invalid(
+                "a member needs an id above 0 and an address".into(),
+            ));
+        }
+        let info = MemberInfo {
+            name: format!("m{id}"),
+            raft_addr: address,
+            control_url,
+            region_id: None,
+        };
+        self.leader_op(LeaderOp::AddLearner { id, info })
+            .await
+            .map(drop)
+    }
+
+    pub async fn promote_member(&self, id: u64) -> Result<(), ProposeError> {
+        self.leader_op(LeaderOp::Promote { id }).await.map(drop)
+    }
+
+    pub async fn remove_member(&self, id: u64) -> Result<(), ProposeError> {
+        self.leader_op(LeaderOp::Remove { id }).await.map(drop)
+    }
+
+    pub async fn transfer_leader(&self, to: Option<u64>) -> Result<(), ProposeError> {
+        self.leader_op(LeaderOp::TransferLeader { to })
+            .await
+            .map(drop)
+    }
+
+    /// Prepares a member for maintenance: if it leads, leadership moves elsewhere; then
+    /// the member drops its clients (they follow the dial plan and the DERP region to the
+    /// others) and refuses new ones until it restarts. It stays a voting member.
+    pub async fn drain_member(&self, id: u64) -> Result<(), ProposeError> {
+        let m = self.metrics().borrow().clone();
+        let Some(addr) = member_addr(&m, id) else {
+            return Err(ProposeError::Invalid(format!(
+                "member {id} is not in the cluster"
+            )));
+        };
+        if m.current_leader == Some(id) {
+            let to = m.membership_config.voter_ids().find(|v| *v != id);
+            self.transfer_leader(to).await?;
+        }
+        if id == self.inner.id {
+            self.drain_here();
+            return Ok(());
+        }
+        let mut client = self
+            .inner
+            .peers
+            .client(&addr)
+            .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        let mut req = tonic::Request::new(DrainRequest {});
+        req.set_timeout(FORWARD_TIMEOUT);
+        client
+            .drain(req)
+            .await
+            .map(drop)
+            .map_err(|s| ProposeError::Unavailable(format!("member {id}: {}", s.message())))
+    }
+
+    /// Drains this member (see `drain_member`).
+    pub(super) fn drain_here(&self) {
+        if !self.inner.drain.is_cancelled() {
+            tracing::warn!("draining: ending client sessions and refusing new ones until restart");
+            self.inner.drain.cancel();
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.drain.is_cancelled()
+    }
+
+    fn is_member(&self, id: u64) -> bool {
+        self.metrics()
+            .borrow()
+            .membership_config
+            .nodes()
+            .any(|(nid, _)| *nid == id)
+    }
+
+    /// Runs a membership operation on this member, the leader.
+    pub(super) async fn change_membership(&self, op: LeaderOp) -> LeaderReply {
+        let raft = &self.inner.raft;
+        let result = match op {
+            LeaderOp::AddLearner { id, info } => {
+                if self.is_member(id) {
+                    return LeaderReply::Invalid(format!("member {id} is already in the cluster"));
+                }
+                raft.add_learner(id, info, true).await.map(drop)
+            }
+            LeaderOp::Promote { id } => {
+                if !self.is_member(id) {
+                    return LeaderReply::Invalid(format!(
+                        "member {id} is not in the cluster; add it first"
+                    ));
+                }
+                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+                    .map(drop)
+            }
+            LeaderOp::Remove { id } => return self.remove(id).await,
+            LeaderOp::TransferLeader { to } => return self.hand_over(to).await,
+            LeaderOp::Propose(_) | LeaderOp::ReadIndex => {
+                return LeaderReply::Invalid("not a membership operation".into());
+            }
+        };
+        match result {
+            Ok(()) => LeaderReply::Done(Outcome::Done),
+            Err(e) => write_error(e),
+        }
+    }
+
+    async fn remove(&self, id: u64) -> LeaderReply {
+        let raft = &self.inner.raft;
+        if !self.is_member(id) {
+            return LeaderReply::Invalid(format!("member {id} is not in the cluster"));
+        }
+        let voters: BTreeSet<u64> = self
+            .metrics()
+            .borrow()
+            .membership_config
+            .voter_ids()
+            .collect();
+        if voters.contains(&id) {
+            if voters.len() == 1 {
+                return LeaderReply::Invalid("cannot remove the last voting member".into());
+            }
+            if let Err(e) = raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                .await
+            {
+                return write_error(e);
+            }
+        }
+        match raft
+            .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+            .await
+        {
+            Ok(_) => LeaderReply::Done(Outcome::Done),
+            Err(e) => write_error(e),
+        }
+    }
+
+    /// The window a hand-over may take: followers' leader leases must lapse (up to the
+    /// maximum election timeout), then the target campaigns.
+    pub(super) fn hand_over_bound(&self) -> Duration {
+        self.campaign_window() + Duration::from_secs(2)
+    }
+
+    fn campaign_window(&self) -> Duration {
+        self.inner.election_timeout_max * 2
+    }
+
+    /// The voter to hand leadership to: `to`, or the most caught-up other voter.
+    fn hand_over_target(&self, to: Option<u64>) -> Result<u64, Box<LeaderReply>> {
+        let m = self.metrics().borrow().clone();
+        let voters: Vec<u64> = m
+            .membership_config
+            .voter_ids()
+            .filter(|v| *v != self.inner.id)
+            .collect();
+        match to {
+            Some(t) if !voters.contains(&t) => Err(Box::new(LeaderReply::Invalid(format!(
+                "member {t} is not a voter"
+            )))),
+            Some(t) => Ok(t),
+            None => {
+                let progress = m.replication.clone().unwrap_or_default();
+                voters
+                    .iter()
+                    .max_by_key(|v| progress.get(v).copied().flatten().map(|l| l.index))
+                    .copied()
+                    .ok_or_else(|| {
+                        Box::new(LeaderReply::Invalid(
+                            "no other voting member to hand leadership to".into(),
+                        ))
+                    })
+            }
+        }
+    }
+
+    /// Moves leadership from this member (the leader) to `to`, or to the most caught-up
+    /// voter. openraft 0.9 has no transfer call: the leader pauses heartbeats so followers'
+    /// leases lapse, and asks the target to campaign at once.
+    pub(super) async fn hand_over(&self, to: Option<u64>) -> LeaderReply {
+        let m = self.metrics().borrow().clone();
+        if m.current_leader != Some(self.inner.id) {
+            return LeaderReply::NotLeader(m.current_leader);
+        }
+        if to == Some(self.inner.id) {
+            return LeaderReply::Done(Outcome::Done);
+        }
+        let target = match self.hand_over_target(to) {
+            Ok(t) => t,
+            Err(reply) => return *reply,
+        };
+        let Some(addr) = member_addr(&m, target) else {
+            return LeaderReply::Invalid(format!("member {target} has no address"));
+        };
+        tracing::info!(to = target, "handing leadership over");
+        let window = self.campaign_window();
+        let _paused = HeartbeatPause::start(&self.inner.raft);
+        let result = match self.inner.peers.client(&addr) {
+            Ok(mut client) => {
+                let mut req = tonic::Request::new(CampaignRequest {
+                    within_ms: window.as_millis() as u64,
+                });
+                req.set_timeout(window + Duration::from_secs(1));
+                client
+                    .campaign(req)
+                    .await
+                    .map(|r| r.into_inner().became_leader)
+            }
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        };
+        match result {
+            Ok(true) => LeaderReply::Done(Outcome::Done),
+            Ok(false) => LeaderReply::Failed(format!("member {target} did not win the election")),
+            Err(status) => LeaderReply::Failed(format!("member {target}: {}", status.message())),
+        }
+    }
+
+    /// Tries to become leader within `within` (the current leader paused its heartbeats).
+    pub(super) async fn campaign(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            if self.metrics().borrow().current_leader == Some(self.inner.id) {
+                return true;
+            }
+            let _ = self.inner.raft.trigger().elect().await;
+            tokio::time::sleep(CAMPAIGN_RETRY).await;
+        }
+        self.metrics().borrow().current_leader == Some(self.inner.id)
+    }
+}
+
+fn write_error(e: RaftError<u64, ClientWriteError<u64, MemberInfo>>) -> LeaderReply {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            LeaderReply::NotLeader(f.leader_id)
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            LeaderReply::Invalid(e.to_string())
+        }
+        RaftError::Fatal(e) => LeaderReply::Failed(format!("raft stopped: {e}")),
+    }
+}

@@ -1,0 +1,208 @@
+//! The Raft log and vote (`RaftLogStorage`).
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{Entry, LogId, LogState, RaftLogReader, StorageIOError, Vote};
+use rocksdb::{Direction, IteratorMode, WriteBatch};
+
+use super::{
+    CF_LOGS, CF_META, DbError, KEY_COMMITTED, KEY_LAST_PURGED, KEY_VOTE, StorageError, Store,
+    index_key, json,
+};
+use crate::raft::TypeConfig;
+
+/// The Raft log and vote.
+#[derive(Clone)]
+pub struct LogStore {
+    store: Store,
+}
+
+impl LogStore {
+    pub(super) fn new(store: Store) -> Self {
+        LogStore { store }
+    }
+}
+
+fn read_entries(
+    store: &Store,
+    start: u64,
+    end: Bound<u64>,
+) -> Result<Vec<Entry<TypeConfig>>, DbError> {
+    let mut out = Vec::new();
+    let from = index_key(start);
+    let iter = store.db.iterator_cf(
+        store.cf(CF_LOGS),
+        IteratorMode::From(&from, Direction::Forward),
+    );
+    for item in iter {
+        let (k, v) = item?;
+        let index = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+        let inside = match end {
+            Bound::Included(e) => index <= e,
+            Bound::Excluded(e) => index < e,
+            Bound::Unbounded => true,
+        };
+        if !inside {
+            break;
+        }
+        let entry = serde_json::from_slice(&v).map_err(|source| DbError::Decode {
+            key: format!("log entry {index}"),
+            source,
+        })?;
+        out.push(entry);
+    }
+    Ok(out)
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = range.end_bound().cloned();
+        self.store
+            .run(move |s| read_entries(s, start, end))
+            .await
+            .map_err(|e| StorageIOError::read_logs(&e).into())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<openraft::LogState<TypeConfig>, StorageError> {
+        self.store
+            .run(|s| {
+                let last_purged: Option<LogId<u64>> = s.get_json(CF_META, KEY_LAST_PURGED)?;
+                let last = match s.db.iterator_cf(s.cf(CF_LOGS), IteratorMode::End).next() {
+                    None => last_purged,
+                    Some(item) => {
+                        let (_, v) = item?;
+                        let entry: Entry<TypeConfig> =
+                            serde_json::from_slice(&v).map_err(|source| DbError::Decode {
+                                key: "last log entry".into(),
+                                source,
+                            })?;
+                        Some(entry.log_id)
+                    }
+                };
+                Ok(LogState {
+                    last_purged_log_id: last_purged,
+                    last_log_id: last,
+                })
+            })
+            .await
+            .map_err(|e| StorageIOError::read_logs(&e).into())
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
+        let value = json(vote);
+        self.store
+            .run(move |s| {
+                let mut batch = WriteBatch::default();
+                batch.put_cf(s.cf(CF_META), KEY_VOTE, value);
+                s.write(batch, true)
+            })
+            .await
+            .map_err(|e| StorageIOError::write_vote(&e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError> {
+        self.store
+            .run(|s| s.get_json(CF_META, KEY_VOTE))
+            .await
+            .map_err(|e| StorageIOError::read_vote(&e).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError> {
+        // Not synced: losing it only means re-deriving the commit point from the leader.
+        let value = json(&committed);
+        self.store
+            .run(move |s| {
+                let mut batch = WriteBatch::default();
+                batch.put_cf(s.cf(CF_META), KEY_COMMITTED, value);
+                s.write(batch, false)
+            })
+            .await
+            .map_err(|e| StorageIOError::write(&e).into())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError> {
+        self.store
+            .run(|s| s.get_json::<Option<LogId<u64>>>(CF_META, KEY_COMMITTED))
+            .await
+            .map(Option::flatten)
+            .map_err(|e| StorageIOError::read(&e).into())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let encoded: Vec<([u8; 8], Vec<u8>)> = entries
+            .into_iter()
+            .map(|e| (index_key(e.log_id.index), json(&e)))
+            .collect();
+        // Synced before the callback: an acknowledged entry survives a crash.
+        let result = self
+            .store
+            .run(move |s| {
+                let cf = s.cf(CF_LOGS);
+                let mut batch = WriteBatch::default();
+                for (key, value) in encoded {
+                    batch.put_cf(cf, key, value);
+                }
+                s.write(batch, true)
+            })
+            .await;
+        let io = result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| std::io::Error::other(e.to_string()));
+        callback.log_io_completed(io);
+        result.map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
+        self.store
+            .run(move |s| {
+                let cf = s.cf(CF_LOGS);
+                let mut batch = WriteBatch::default();
+                batch.delete_range_cf(cf, index_key(log_id.index), index_key(u64::MAX));
+                batch.delete_cf(cf, index_key(u64::MAX));
+                s.write(batch, true)
+            })
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
+        self.store
+            .run(move |s| {
+                let mut batch = WriteBatch::default();
+                batch.put_cf(s.cf(CF_META), KEY_LAST_PURGED, json(&log_id));
+                batch.delete_range_cf(s.cf(CF_LOGS), index_key(0), index_key(log_id.index + 1));
+                s.write(batch, true)
+            })
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        tracing::debug!(upto = log_id.index, "purged the log");
+        Ok(())
+    }
+}

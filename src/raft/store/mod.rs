@@ -1,0 +1,234 @@
+//! Durable Raft storage on one rocksdb database (`<data_dir>/raft`) with three column
+//! families: `logs` (entries by big-endian index), `meta` (vote, purge point, applied
+//! state, current snapshot) and `sm` (the registry's records).
+//!
+//! Every rocksdb call runs on tokio's blocking pool (`Store::run`), never on the async
+//! workers that also serve map streams and DERP.
+//!
+//! Durability: log appends, votes and snapshots are synced before they are acknowledged.
+//! The state machine writes a batch's records, its last-applied log id and membership in
+//! one `WriteBatch` without its own fsync: all column families share one write-ahead log,
+//! so the next synced write (the next append, vote or snapshot) makes it durable, and until
+//! then the synced log still holds every entry it applied, which a restart re-applies. A
+//! kill -9 loses nothing either way: the WAL write reached the kernel before apply returned.
+
+mod log_store;
+mod state_machine;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use openraft::{LogId, StoredMembership};
+use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+
+use super::{AppliedBatch, MemberInfo};
+use crate::registry::Registry;
+
+pub use log_store::LogStore;
+pub use state_machine::StateMachine;
+
+pub type StorageError = openraft::StorageError<u64>;
+type Membership = StoredMembership<u64, MemberInfo>;
+/// Raw (key, value) pairs of one column family.
+type Records = Vec<(Vec<u8>, Vec<u8>)>;
+
+const CF_LOGS: &str = "logs";
+const CF_META: &str = "meta";
+const CF_SM: &str = "sm";
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+const KEY_APPLIED: &[u8] = b"sm_applied";
+const KEY_MEMBERSHIP: &[u8] = b"sm_membership";
+const KEY_SNAPSHOT_META: &[u8] = b"snapshot_meta";
+const KEY_SNAPSHOT_DATA: &[u8] = b"snapshot_data";
+
+/// Opening the store failed: the data dir is unusable or holds damaged data.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("opening rocksdb at {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("reading stored registry state")]
+    Load(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Opens (or creates) the database and loads the applied registry. Blocking: call it from
+/// a blocking thread.
+pub fn open(
+    dir: &Path,
+    view_tx: watch::Sender<Arc<Registry>>,
+    batches: broadcast::Sender<Arc<AppliedBatch>>,
+) -> Result<(LogStore, StateMachine), OpenError> {
+    let path = dir.join("raft");
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    let cfs =
+        [CF_LOGS, CF_META, CF_SM].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|source| OpenError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let store = Store {
+        db: Arc::new(db),
+        data_dir: dir.to_path_buf(),
+        snapshot_lock: Arc::default(),
+    };
+
+    let load = |e: DbError| OpenError::Load(Box::new(e));
+    let last_applied: Option<LogId<u64>> = store.get_json(CF_META, KEY_APPLIED).map_err(load)?;
+    let membership: Membership = store
+        .get_json(CF_META, KEY_MEMBERSHIP)
+        .map_err(load)?
+        .unwrap_or_default();
+    let records = store.scan(CF_SM).map_err(load)?;
+    let registry = Registry::from_records(records).map_err(|e| OpenError::Load(Box::new(e)))?;
+    view_tx.send_replace(Arc::new(registry.clone()));
+
+    let sm = StateMachine::new(
+        store.clone(),
+        registry,
+        last_applied,
+        membership,
+        view_tx,
+        batches,
+    );
+    Ok((LogStore::new(store), sm))
+}
+
+/// Shared access to the database with JSON helpers.
+#[derive(Clone)]
+struct Store {
+    db: Arc<DB>,
+    data_dir: PathBuf,
+    /// Held while the current snapshot is compared and replaced, so a build that finishes
+    /// late never overwrites a newer snapshot installed meanwhile.
+    snapshot_lock: Arc<Mutex<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DbError {
+    #[error(transparent)]
+    Rocks(#[from] rocksdb::Error),
+    #[error("decoding stored value {key}")]
+    Decode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("storage task failed: {0}")]
+    Task(String),
+    #[cfg(feature = "fault-injection")]
+    #[error("injected storage failure ({0} exists)")]
+    Injected(String),
+}
+
+impl Store {
+    /// Runs blocking storage work off the async workers.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Store) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, DbError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .unwrap_or_else(|e| Err(DbError::Task(e.to_string())))
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column families are created on open")
+    }
+
+    fn get_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        cf: &str,
+        key: &[u8],
+    ) -> Result<Option<T>, DbError> {
+        match self.db.get_cf(self.cf(cf), key)? {
+            None => Ok(None),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| DbError::Decode {
+                        key: String::from_utf8_lossy(key).into_owned(),
+                        source,
+                    })
+            }
+        }
+    }
+
+    fn scan(&self, cf: &str) -> Result<Records, DbError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Writes a batch; `sync` waits for the fsync.
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), DbError> {
+        self.check_injected_failure()?;
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        Ok(self.db.write_opt(batch, &wo)?)
+    }
+
+    /// Test builds only: a file `FAIL_STORAGE` in the data dir makes every write fail, as a
+    /// dying disk would.
+    #[cfg(feature = "fault-injection")]
+    fn check_injected_failure(&self) -> Result<(), DbError> {
+        let marker = self.data_dir.join("FAIL_STORAGE");
+        if marker.exists() {
+            return Err(DbError::Injected(marker.display().to_string()));
+        }
+        Ok(())
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    fn check_injected_failure(&self) -> Result<(), DbError> {
+        let _ = &self.data_dir;
+        Ok(())
+    }
+
+    /// Writes `extra` (an install's registry records, or nothing) and, unless a newer
+    /// snapshot is already stored, `meta`/`data` as the current snapshot, in one synced
+    /// batch. Returns whether the snapshot was stored.
+    fn save_snapshot(
+        &self,
+        meta: &openraft::SnapshotMeta<u64, MemberInfo>,
+        data: &[u8],
+        mut extra: WriteBatch,
+    ) -> Result<bool, DbError> {
+        let _guard = self.snapshot_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let current: Option<openraft::SnapshotMeta<u64, MemberInfo>> =
+            self.get_json(CF_META, KEY_SNAPSHOT_META)?;
+        let newer = current.is_none_or(|c| c.last_log_id <= meta.last_log_id);
+        if newer {
+            extra.put_cf(self.cf(CF_META), KEY_SNAPSHOT_META, json(meta));
+            extra.put_cf(self.cf(CF_META), KEY_SNAPSHOT_DATA, data);
+        }
+        self.write(extra, true)?;
+        Ok(newer)
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("raft types always serialize")
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+#[cfg(test)]
+mod tests;

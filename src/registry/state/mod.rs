@@ -1,0 +1,369 @@
+//! `Registry`: the applied state, `apply`, queries, and the record encoding the state
+//! machine persists.
+//!
+//! Every collection is a persistent map (`imbl`), so cloning the registry to publish an
+//! immutable view after each applied batch costs O(1), and every lookup the control plane
+//! makes per request (node key, machine key, user name, key prefix) has an index.
+
+mod commands;
+mod records;
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use imbl::{HashMap, OrdMap, OrdSet};
+use serde::{Deserialize, Serialize};
+
+use super::change::{Change, Record};
+use super::command::{Outcome, Rejection, Request, RequestId};
+use super::types::*;
+
+/// How long the outcome of a write is remembered, by the entries' stamps: far longer than
+/// any retry of a forward (seconds), so a retried write is always recognised.
+const RECENT_WINDOW_MS: i64 = 10 * 60 * 1000;
+/// At most this many outcomes are remembered; the oldest go first.
+const RECENT_MAX: usize = 100_000;
+
+/// Counters and singletons, stored as one record.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Meta {
+    next_user: u64,
+    next_node: u64,
+    next_preauth: u64,
+    next_api: u64,
+    dns: Option<DnsSettings>,
+    policy: String,
+    /// The last address handed out; allocation continues after it, so a freed address is
+    /// not given to the next node at once (peers may still hold the old node).
+    #[serde(default)]
+    last_v4: Option<Ipv4Addr>,
+    #[serde(default)]
+    last_v6: Option<Ipv6Addr>,
+}
+
+/// A stored record failed to decode: the data dir is damaged or from an incompatible
+/// version. Fatal for the member.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("record {key:?} could not be decoded")]
+    Decode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("unknown record key {0:?}")]
+    UnknownKey(String),
+}
+
+/// The result of applying one log entry.
+#[derive(Debug)]
+pub struct Applied {
+    /// One per proposal, in order.
+    pub outcomes: Vec<Outcome>,
+    pub changes: Vec<Change>,
+    pub records: Vec<Record>,
+}
+
+/// The remembered outcome of a recent write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Recent {
+    at: Timestamp,
+    outcome: Outcome,
+}
+
+/// The whole applied registry. Cloning is O(1) (persistent maps), so the state machine
+/// publishes an immutable view after each batch of applied entries.
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    meta: Arc<Meta>,
+    /// The cluster-wide settings; `None` until the first `InitSettings` is applied.
+    settings: Option<Arc<ClusterSettings>>,
+    /// The latest entry stamp applied: the cluster's clock, which never goes backwards.
+    clock: Timestamp,
+    users: OrdMap<UserId, User>,
+    nodes: OrdMap<NodeId, Arc<Node>>,
+    preauth_keys: OrdMap<PreAuthKeyId, PreAuthKey>,
+    api_keys: OrdMap<ApiKeyId, ApiKey>,
+    pending: OrdMap<String, PendingRegistration>,
+    recent: OrdMap<RequestId, Arc<Recent>>,
+    // Indexes, rebuilt from the records above on load.
+    user_by_name: HashMap<String, UserId>,
+    preauth_by_prefix: HashMap<String, PreAuthKeyId>,
+    api_by_prefix: HashMap<String, ApiKeyId>,
+    node_by_name: HashMap<String, NodeId>,
+    by_node_key: HashMap<NodeKey, NodeId>,
+    by_machine_key: HashMap<MachineKey, NodeId>,
+    pending_by_expiry: OrdSet<(Timestamp, String)>,
+    recent_by_age: OrdSet<(Timestamp, RequestId)>,
+    used_v4: OrdSet<Ipv4Addr>,
+    used_v6: OrdSet<Ipv6Addr>,
+}
+
+/// Accumulates what one entry touched.
+#[derive(Default)]
+struct Effects {
+    changes: Vec<Change>,
+    records: Vec<Record>,
+}
+
+impl Effects {
+    fn node(&mut self, id: NodeId) {
+        self.changes.push(Change::NodeUpserted(id));
+        self.records.push(Record::Node(id));
+    }
+    fn node_removed(&mut self, id: NodeId) {
+        self.changes.push(Change::NodeRemoved(id));
+        self.records.push(Record::Node(id));
+    }
+}
+
+impl Registry {
+    /// A registry whose cluster settings are already recorded (tests, benches, tools);
+    /// members start from `Registry::default()` and learn the settings from the log.
+    pub fn new(settings: ClusterSettings) -> Self {
+        Registry {
+            settings: Some(Arc::new(settings)),
+            ..Default::default()
+        }
+    }
+
+    // ----- queries -----
+
+    /// The cluster-wide settings, once recorded.
+    pub fn settings(&self) -> Option<&ClusterSettings> {
+        self.settings.as_deref()
+    }
+    /// The stamp of the latest applied entry (the cluster's clock as of this view).
+    pub fn clock(&self) -> Timestamp {
+        self.clock
+    }
+    pub fn users(&self) -> impl Iterator<Item = &User> {
+        self.users.values()
+    }
+    pub fn user(&self, id: UserId) -> Option<&User> {
+        self.users.get(&id)
+    }
+    pub fn user_by_name(&self, name: &str) -> Option<&User> {
+        self.user_by_name
+            .get(name)
+            .and_then(|id| self.users.get(id))
+    }
+    pub fn nodes(&self) -> impl Iterator<Item = &Arc<Node>> {
+        self.nodes.values()
+    }
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+    pub fn node(&self, id: NodeId) -> Option<&Arc<Node>> {
+        self.nodes.get(&id)
+    }
+    pub fn node_by_key(&self, key: &NodeKey) -> Option<&Arc<Node>> {
+        self.by_node_key.get(key).and_then(|id| self.nodes.get(id))
+    }
+    pub fn node_by_machine(&self, key: &MachineKey) -> Option<&Arc<Node>> {
+        self.by_machine_key
+            .get(key)
+            .and_then(|id| self.nodes.get(id))
+    }
+    pub fn preauth_keys(&self) -> impl Iterator<Item = &PreAuthKey> {
+        self.preauth_keys.values()
+    }
+    pub fn preauth_key(&self, id: PreAuthKeyId) -> Option<&PreAuthKey> {
+        self.preauth_keys.get(&id)
+    }
+    pub fn preauth_key_by_prefix(&self, prefix: &str) -> Option<&PreAuthKey> {
+        self.preauth_by_prefix
+            .get(prefix)
+            .and_then(|id| self.preauth_keys.get(id))
+    }
+    pub fn api_keys(&self) -> impl Iterator<Item = &ApiKey> {
+        self.api_keys.values()
+    }
+    pub fn api_key_by_prefix(&self, prefix: &str) -> Option<&ApiKey> {
+        self.api_by_prefix
+            .get(prefix)
+            .and_then(|id| self.api_keys.get(id))
+    }
+    pub fn pending(&self, auth_id: &str) -> Option<&PendingRegistration> {
+        self.pending.get(auth_id)
+    }
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+    pub fn dns(&self) -> Option<&DnsSettings> {
+        self.meta.dns.as_ref()
+    }
+    pub fn policy(&self) -> &str {
+        &self.meta.policy
+    }
+    /// Outcomes remembered for retried writes (bounded by time and count).
+    pub fn recent_count(&self) -> usize {
+        self.recent.len()
+    }
+
+    /// Checks a pre-auth key before proposing a registration, so a bad key is refused
+    /// without touching the log. `apply` checks again: the log decides.
+    pub fn check_preauth_key(
+        &self,
+        prefix: &str,
+        hash: &SecretHash,
+        machine: &MachineKey,
+        now: Timestamp,
+    ) -> Result<&PreAuthKey, Rejection> {
+        let key = self
+            .preauth_key_by_prefix(prefix)
+            .filter(|k| k.hash.matches(hash))
+            .ok_or(Rejection::PreAuthKeyNotFound)?;
+        if key.is_expired(now) {
+            return Err(Rejection::PreAuthKeyExpired {
+                prefix: key.prefix.clone(),
+                expired_at: key.expiration.unwrap_or_default(),
+            });
+        }
+        let reauth_same_machine = self
+            .node_by_machine(machine)
+            .is_some_and(|n| n.auth_key == Some(key.id));
+        if key.used && !key.reusable && !reauth_same_machine {
+            return Err(Rejection::PreAuthKeyUsed(key.prefix.clone()));
+        }
+        Ok(key)
+    }
+
+    // ----- apply -----
+
+    /// Applies one log entry. Deterministic: uses only `req` and the current state. Each
+    /// proposal gets an outcome; a refusal is `Outcome::Rejected` and changes nothing; a
+    /// proposal whose id was applied before gets its first outcome again and changes
+    /// nothing.
+    pub fn apply(&mut self, req: &Request) -> Applied {
+        let mut fx = Effects::default();
+        let now = self.advance_clock(req.at, &mut fx);
+        self.expire_pending(now, &mut fx);
+        self.forget_old_outcomes(now, &mut fx);
+        let mut outcomes = Vec::with_capacity(req.proposals.len());
+        for proposal in &req.proposals {
+            if let Some(first) = self.recent.get(&proposal.id) {
+                outcomes.push(first.outcome.clone());
+                continue;
+            }
+            let outcome = self
+                .apply_command(&proposal.command, now, &mut fx)
+                .unwrap_or_else(Outcome::Rejected);
+            self.remember(proposal.id, now, outcome.clone(), &mut fx);
+            outcomes.push(outcome);
+        }
+        Applied {
+            outcomes,
+            changes: fx.changes,
+            records: fx.records,
+        }
+    }
+
+    /// The entry's stamp, or the last applied one if that is later: time never goes
+    /// backwards, even across a leader change to a member with a slower clock.
+    fn advance_clock(&mut self, at: Timestamp, fx: &mut Effects) -> Timestamp {
+        if at > self.clock {
+            self.clock = at;
+            fx.records.push(Record::Clock);
+        }
+        self.clock
+    }
+
+    fn expire_pending(&mut self, now: Timestamp, fx: &mut Effects) {
+        while let Some((at, id)) = self.pending_by_expiry.get_min().cloned() {
+            if at > now {
+                break;
+            }
+            self.remove_pending(&id);
+            fx.records.push(Record::Pending(id.clone()));
+            fx.changes.push(Change::PendingChanged(id));
+        }
+    }
+
+    fn remember(&mut self, id: RequestId, now: Timestamp, outcome: Outcome, fx: &mut Effects) {
+        self.recent
+            .insert(id, Arc::new(Recent { at: now, outcome }));
+        self.recent_by_age.insert((now, id));
+        fx.records.push(Record::Recent(id));
+        while self.recent.len() > RECENT_MAX {
+            let Some((at, oldest)) = self.recent_by_age.get_min().cloned() else {
+                break;
+            };
+            self.recent_by_age.remove(&(at, oldest));
+            self.recent.remove(&oldest);
+            fx.records.push(Record::Recent(oldest));
+        }
+    }
+
+    fn forget_old_outcomes(&mut self, now: Timestamp, fx: &mut Effects) {
+        let horizon = now.plus_millis(-RECENT_WINDOW_MS);
+        while let Some((at, id)) = self.recent_by_age.get_min().cloned() {
+            if at >= horizon {
+                break;
+            }
+            self.recent_by_age.remove(&(at, id));
+            self.recent.remove(&id);
+            fx.records.push(Record::Recent(id));
+        }
+    }
+
+    fn insert_pending(&mut self, pending: PendingRegistration) {
+        self.remove_pending(&pending.auth_id);
+        self.pending_by_expiry
+            .insert((pending.expires_at, pending.auth_id.clone()));
+        self.pending.insert(pending.auth_id.clone(), pending);
+    }
+
+    fn remove_pending(&mut self, auth_id: &str) -> Option<PendingRegistration> {
+        let old = self.pending.remove(auth_id)?;
+        self.pending_by_expiry
+            .remove(&(old.expires_at, old.auth_id.clone()));
+        Some(old)
+    }
+
+    fn unindex(&mut self, node: &Node) {
+        self.by_node_key.remove(&node.node_key);
+        self.by_machine_key.remove(&node.machine_key);
+        if self.node_by_name.get(&node.given_name) == Some(&node.id) {
+            self.node_by_name.remove(&node.given_name);
+        }
+        if let Some(ip) = node.ipv4 {
+            self.used_v4.remove(&ip);
+        }
+        if let Some(ip) = node.ipv6 {
+            self.used_v6.remove(&ip);
+        }
+    }
+
+    fn index(&mut self, node: &Node) {
+        self.by_node_key.insert(node.node_key, node.id);
+        self.by_machine_key.insert(node.machine_key, node.id);
+        self.node_by_name.insert(node.given_name.clone(), node.id);
+        if let Some(ip) = node.ipv4 {
+            self.used_v4.insert(ip);
+        }
+        if let Some(ip) = node.ipv6 {
+            self.used_v6.insert(ip);
+        }
+    }
+
+    /// Whether two registries hold the same data (indexes excluded), for tests and checks.
+    pub fn same_data(&self, other: &Registry) -> bool {
+        self.all_records() == other.all_records()
+    }
+
+    /// Whether two registries hold the same users, nodes, keys and settings, ignoring the
+    /// clock and remembered outcomes (which every applied proposal updates, refused or not).
+    pub fn same_entities(&self, other: &Registry) -> bool {
+        let entities = |r: &Registry| {
+            r.all_records()
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with(b"recent/") && k.as_slice() != b"clock")
+                .collect::<Vec<_>>()
+        };
+        entities(self) == entities(other)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,126 @@
+//! The registry as stored records: one JSON value per key, written by the state machine
+//! for each record an entry touched, and read back on start or from a snapshot.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::{Recent, Registry, StoreError};
+use crate::registry::change::Record;
+use crate::registry::command::RequestId;
+use crate::registry::types::*;
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("registry types always serialize")
+}
+
+impl Registry {
+    /// The storage key and current value of a record (`None` = deleted).
+    pub fn encode_record(&self, record: &Record) -> (Vec<u8>, Option<Vec<u8>>) {
+        match record {
+            Record::Meta => (b"meta".to_vec(), Some(enc(&*self.meta))),
+            Record::Clock => (b"clock".to_vec(), Some(enc(&self.clock))),
+            Record::Settings => (b"settings".to_vec(), self.settings.as_deref().map(enc)),
+            Record::User(id) => (
+                format!("user/{:020}", id.0).into_bytes(),
+                self.users.get(id).map(enc),
+            ),
+            Record::Node(id) => (
+                format!("node/{:020}", id.0).into_bytes(),
+                self.nodes.get(id).map(|n| enc(n.as_ref())),
+            ),
+            Record::PreAuthKey(id) => (
+                format!("preauthkey/{:020}", id.0).into_bytes(),
+                self.preauth_keys.get(id).map(enc),
+            ),
+            Record::ApiKey(id) => (
+                format!("apikey/{:020}", id.0).into_bytes(),
+                self.api_keys.get(id).map(enc),
+            ),
+            Record::Pending(id) => (
+                format!("pending/{id}").into_bytes(),
+                self.pending.get(id).map(enc),
+            ),
+            Record::Recent(id) => (
+                format!("recent/{id}").into_bytes(),
+                self.recent.get(id).map(|r| enc(r.as_ref())),
+            ),
+        }
+    }
+
+    /// Every record, for a snapshot.
+    pub fn all_records(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut records = vec![Record::Meta, Record::Clock, Record::Settings];
+        records.extend(self.users.keys().map(|id| Record::User(*id)));
+        records.extend(self.nodes.keys().map(|id| Record::Node(*id)));
+        records.extend(self.preauth_keys.keys().map(|id| Record::PreAuthKey(*id)));
+        records.extend(self.api_keys.keys().map(|id| Record::ApiKey(*id)));
+        records.extend(self.pending.keys().map(|id| Record::Pending(id.clone())));
+        records.extend(self.recent.keys().map(|id| Record::Recent(*id)));
+        records
+            .iter()
+            .filter_map(|r| {
+                let (k, v) = self.encode_record(r);
+                v.map(|v| (k, v))
+            })
+            .collect()
+    }
+
+    /// Rebuilds a registry from stored records (as written by `encode_record`).
+    pub fn from_records(
+        records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+    ) -> Result<Self, StoreError> {
+        let mut reg = Registry::default();
+        for (key, value) in records {
+            let key = String::from_utf8_lossy(&key).into_owned();
+            reg.load_record(&key, &value)?;
+        }
+        Ok(reg)
+    }
+
+    fn load_record(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        fn de<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StoreError> {
+            serde_json::from_slice(value).map_err(|source| StoreError::Decode {
+                key: key.to_string(),
+                source,
+            })
+        }
+        let (kind, rest) = key.split_once('/').unwrap_or((key, ""));
+        match kind {
+            "meta" => self.meta = Arc::new(de(key, value)?),
+            "clock" => self.clock = de(key, value)?,
+            "settings" => self.settings = Some(Arc::new(de(key, value)?)),
+            "user" => {
+                let u: User = de(key, value)?;
+                self.user_by_name.insert(u.name.clone(), u.id);
+                self.users.insert(u.id, u);
+            }
+            "node" => {
+                let n: Node = de(key, value)?;
+                self.index(&n);
+                self.nodes.insert(n.id, Arc::new(n));
+            }
+            "preauthkey" => {
+                let k: PreAuthKey = de(key, value)?;
+                self.preauth_by_prefix.insert(k.prefix.clone(), k.id);
+                self.preauth_keys.insert(k.id, k);
+            }
+            "apikey" => {
+                let k: ApiKey = de(key, value)?;
+                self.api_by_prefix.insert(k.prefix.clone(), k.id);
+                self.api_keys.insert(k.id, k);
+            }
+            "pending" => self.insert_pending(de(key, value)?),
+            "recent" => {
+                let id = u128::from_str_radix(rest, 16)
+                    .map(RequestId)
+                    .map_err(|_| StoreError::UnknownKey(key.to_string()))?;
+                let r: Recent = de(key, value)?;
+                self.recent_by_age.insert((r.at, id));
+                self.recent.insert(id, Arc::new(r));
+            }
+            _ => return Err(StoreError::UnknownKey(key.to_string())),
+        }
+        Ok(())
+    }
+}

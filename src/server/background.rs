@@ -1,0 +1,143 @@
+//! Background work every member runs: following the Raft membership into the DERP map,
+//! dial plan and mesh; removing inactive ephemeral nodes (leader only); refreshing gauges.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ClusterMemberConfig;
+use crate::control::{ControlDeps, Topology};
+use crate::derp::region::TopologyInputs;
+use crate::derp::server::DerpServer;
+use crate::raft::Cluster;
+use crate::registry::Command;
+use crate::telemetry::Metrics;
+
+/// How often the leader looks for ephemeral nodes to remove.
+const EPHEMERAL_GC_INTERVAL: Duration = Duration::from_secs(10);
+/// How often gauges that mirror Raft state are refreshed.
+const GAUGE_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The current Raft membership as member entries of the config (empty = not known yet).
+fn raft_members(cluster: &Cluster) -> Vec<ClusterMemberConfig> {
+    cluster
+        .metrics()
+        .borrow()
+        .membership_config
+        .nodes()
+        .map(|(id, m)| ClusterMemberConfig {
+            id: *id,
+            address: m.raft_addr.clone(),
+            control_url: (!m.control_url.is_empty()).then(|| m.control_url.clone()),
+            region_id: m.region_id,
+            region_code: None,
+            region_name: None,
+        })
+        .collect()
+}
+
+/// Recomputes the topology whenever the Raft membership changes; meshes with new members.
+pub(super) async fn follow_membership(
+    inputs: TopologyInputs,
+    cluster: Cluster,
+    tx: tokio::sync::watch::Sender<Arc<Topology>>,
+    derp: Arc<DerpServer>,
+    stop: CancellationToken,
+) {
+    let mut metrics = cluster.metrics();
+    let mut last: Option<Vec<ClusterMemberConfig>> = None;
+    loop {
+        metrics.borrow_and_update();
+        let members = raft_members(&cluster);
+        // The first round runs even with no membership yet: the config's list stands in.
+        if last.as_ref() != Some(&members) {
+            let (topology, mesh) = inputs.topology(&members);
+            if inputs.config.derp.server.enabled {
+                derp.start_mesh(mesh);
+            }
+            if last.as_ref().is_some_and(|l| !l.is_empty()) {
+                tracing::info!(
+                    members = members.len(),
+                    "membership changed; clients get a new DERP map and dial plan"
+                );
+            }
+            // Sessions resend a full map only when what clients see really changed.
+            tx.send_if_modified(|cur| {
+                let changed = **cur != topology;
+                if changed {
+                    *cur = Arc::new(topology);
+                }
+                changed
+            });
+            last = Some(members);
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = metrics.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Removes ephemeral nodes that have been offline longer than the inactivity timeout.
+/// Only the leader proposes, so members do not race to delete the same nodes.
+pub(super) async fn ephemeral_gc(deps: ControlDeps) {
+    let mut tick = tokio::time::interval(EPHEMERAL_GC_INTERVAL);
+    loop {
+        tokio::select! {
+            () = deps.stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let is_leader =
+            deps.cluster.metrics().borrow().current_leader == Some(deps.cluster.member_id());
+        if !is_leader {
+            continue;
+        }
+        let timeout_ms = deps.settings.ephemeral_inactivity_timeout.as_millis() as i64;
+        let now = deps.cluster.now();
+        let view = deps.cluster.view();
+        if !view.nodes().any(|n| n.ephemeral) {
+            continue;
+        }
+        // Sessions on every reachable member, not just this one.
+        let online = deps.presence.sessions();
+        let stale: Vec<_> = view
+            .nodes()
+            .filter(|n| n.ephemeral && !online.contains_key(&n.id))
+            .filter(|n| n.last_seen.unwrap_or(n.created_at).plus_millis(timeout_ms) <= now)
+            .map(|n| n.id)
+            .collect();
+        if stale.is_empty() {
+            continue;
+        }
+        match deps
+            .cluster
+            .propose(Command::DeleteNodes { ids: stale.clone() })
+            .await
+        {
+            Ok(_) => tracing::info!(count = stale.len(), "removed inactive ephemeral nodes"),
+            Err(error) => tracing::warn!(%error, "could not remove inactive ephemeral nodes"),
+        }
+    }
+}
+
+pub(super) async fn refresh_gauges(
+    cluster: Cluster,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(GAUGE_REFRESH_INTERVAL);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let m = cluster.metrics().borrow().clone();
+        metrics
+            .raft_applied_index
+            .set(m.last_applied.map(|l| l.index as i64).unwrap_or(0));
+        metrics
+            .raft_is_leader
+            .set(i64::from(m.current_leader == Some(cluster.member_id())));
+    }
+}

@@ -1,0 +1,210 @@
+//! Every socket the member serves: bound before anything starts (a taken port fails the
+//! start at once), then served as essential tasks (one that ends fails the member).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::net::{TcpListener, UdpSocket};
+
+use super::{Lifecycle, StartError, http};
+use crate::admin::AdminDeps;
+use crate::config::{Config, Validated};
+use crate::control::ControlDeps;
+use crate::derp::server::DerpServer;
+use crate::raft::Cluster;
+use crate::telemetry::Metrics;
+
+/// The addresses this member actually bound (port 0 in config becomes a real port here).
+#[derive(Clone, Debug, Serialize)]
+pub struct BoundAddrs {
+    pub member_id: u64,
+    pub server_url: String,
+    pub control_addr: SocketAddr,
+    pub grpc_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub stun_addr: Option<SocketAddr>,
+    pub cluster_addr: SocketAddr,
+    pub socket: PathBuf,
+    pub pid: u32,
+}
+
+pub(super) struct Listeners {
+    control: TcpListener,
+    grpc: Option<TcpListener>,
+    metrics: Option<TcpListener>,
+    stun: Option<UdpSocket>,
+    cluster: TcpListener,
+    unix_socket: PathBuf,
+    unix_socket_mode: u32,
+}
+
+async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+async fn bind_optional(
+    what: &'static str,
+    addr: Option<SocketAddr>,
+) -> Result<Option<TcpListener>, StartError> {
+    match addr {
+        Some(addr) => Ok(Some(bind_tcp(what, addr).await?)),
+        None => Ok(None),
+    }
+}
+
+impl Listeners {
+    pub(super) async fn bind(v: &Validated) -> Result<Listeners, StartError> {
+        let stun = match v.stun_listen_addr {
+            Some(addr) => Some(
+                UdpSocket::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        what: "derp.server.stun_listen_addr",
+                        addr,
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
+        Ok(Listeners {
+            control: bind_tcp("listen_addr", v.listen_addr).await?,
+            grpc: bind_optional("grpc_listen_addr", v.grpc_listen_addr).await?,
+            metrics: bind_optional("metrics_listen_addr", v.metrics_listen_addr).await?,
+            stun,
+            cluster: bind_tcp("cluster.listen_addr", v.cluster_listen_addr).await?,
+            unix_socket: v.unix_socket.clone(),
+            unix_socket_mode: v.unix_socket_mode,
+        })
+    }
+
+    pub(super) fn addrs(&self, config: &Config, v: &Validated) -> BoundAddrs {
+        let local = |l: &TcpListener| l.local_addr().ok();
+        let control_addr = local(&self.control).unwrap_or(v.listen_addr);
+        let server_url = config
+            .server_url
+            .clone()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .unwrap_or_else(|| format!("http://{control_addr}"));
+        BoundAddrs {
+            member_id: config.cluster.member_id,
+            server_url,
+            control_addr,
+            grpc_addr: self.grpc.as_ref().and_then(local),
+            metrics_addr: self.metrics.as_ref().and_then(local),
+            stun_addr: self.stun.as_ref().and_then(|s| s.local_addr().ok()),
+            cluster_addr: local(&self.cluster).unwrap_or(v.cluster_listen_addr),
+            socket: v.unix_socket.clone(),
+            pid: std::process::id(),
+        }
+    }
+
+    /// Serves every listener until the member stops.
+    pub(super) fn serve(
+        self,
+        life: &Lifecycle,
+        cluster: &Cluster,
+        control: ControlDeps,
+        admin: AdminDeps,
+        derp: Arc<DerpServer>,
+        metrics: Arc<Metrics>,
+    ) {
+        let (sup, tasks, stop) = (&life.supervisor, &life.tasks, &life.stop);
+        let app = http::control_router(control, derp.clone())
+            .merge(crate::admin::rest::router(admin.clone()));
+        let control_stop = stop.clone();
+        let listener = self.control;
+        sup.spawn_essential(tasks, "control listener", async move {
+            let serve = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { control_stop.cancelled().await });
+            if let Err(error) = serve.await {
+                tracing::error!(%error, "control listener failed");
+            }
+        });
+        if let Some(listener) = self.metrics {
+            let app = http::metrics_router(metrics, derp);
+            let metrics_stop = stop.clone();
+            sup.spawn_essential(tasks, "metrics listener", async move {
+                let serve = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { metrics_stop.cancelled().await });
+                if let Err(error) = serve.await {
+                    tracing::error!(%error, "metrics listener failed");
+                }
+            });
+        }
+        if let Some(socket) = self.stun {
+            sup.spawn_essential(
+                tasks,
+                "STUN listener",
+                crate::derp::stun::serve(socket, stop.clone()),
+            );
+        }
+        sup.spawn_essential(
+            tasks,
+            "admin unix socket",
+            crate::admin::serve_unix(
+                self.unix_socket,
+                self.unix_socket_mode,
+                admin.clone(),
+                stop.clone(),
+                tasks.clone(),
+            ),
+        );
+        if let Some(listener) = self.grpc {
+            sup.spawn_essential(
+                tasks,
+                "admin gRPC listener",
+                crate::admin::serve_tcp(listener, admin, stop.clone()),
+            );
+        }
+        serve_members(self.cluster, life, cluster);
+    }
+}
+
+/// Member-to-member gRPC (Raft, forwarding, presence). Runs until Raft itself stops, after
+/// client traffic.
+fn serve_members(listener: TcpListener, life: &Lifecycle, cluster: &Cluster) {
+    let service = cluster.grpc_service();
+    let server_tls = cluster.server_tls();
+    let stop = life.raft_stop.clone();
+    life.supervisor
+        .spawn_essential(&life.raft_tasks, "member-to-member listener", async move {
+            let incoming = accept_stream(listener);
+            let mut builder = tonic::transport::Server::builder();
+            if let Some(tls) = server_tls {
+                builder = match builder.tls_config(tls) {
+                    Ok(b) => b,
+                    Err(error) => {
+                        tracing::error!(%error, "member-to-member TLS settings rejected");
+                        return;
+                    }
+                };
+            }
+            let result = builder
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                .await;
+            if let Err(error) = result {
+                tracing::error!(%error, "member-to-member listener failed");
+            }
+        });
+}
+
+/// Adapts a listener to the stream of connections tonic's `serve_with_incoming` takes.
+fn accept_stream(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let conn = listener.accept().await.map(|(stream, _)| {
+            let _ = stream.set_nodelay(true);
+            stream
+        });
+        Some((conn, listener))
+    })
+}

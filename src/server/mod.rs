@@ -1,0 +1,426 @@
+//! The only module that knows every other: loads keys, binds every listener, starts Raft,
+//! the control plane, DERP, STUN, the admin API and metrics, supervises them, and shuts
+//! them down in order.
+
+mod background;
+mod http;
+mod listeners;
+pub mod supervisor;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::AdminDeps;
+use crate::config::{Config, ConfigError, NodeApproval, Validated};
+use crate::control::{self, ControlDeps, ControlSettings, ServerKeys, Topology};
+use crate::derp::region::TopologyInputs;
+use crate::derp::server::DerpServer;
+use crate::presence::Presence;
+use crate::raft::{Cluster, ClusterOptions, MemberInfo};
+use crate::registry::ClusterSettings;
+use crate::telemetry::Metrics;
+
+pub use listeners::BoundAddrs;
+use listeners::Listeners;
+pub use supervisor::Failure;
+use supervisor::Supervisor;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The version as `hsd --version` prints it; test builds say they carry fault hooks.
+pub const VERSION_LONG: &str = if cfg!(feature = "fault-injection") {
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (test build with fault-injection hooks)"
+    )
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("creating data dir {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    KeyFile(#[from] control::keys::KeyFileError),
+    #[error("binding {what} on {addr}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the Raft member")]
+    Raft(#[source] crate::raft::StartError),
+    #[error("loading the member TLS files (cluster.tls)")]
+    Tls(#[from] crate::raft::tls::TlsError),
+}
+
+impl StartError {
+    /// A config problem (restarting will not help): exit with the config code.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            StartError::Config(_)
+                | StartError::KeyFile(control::keys::KeyFileError::Missing { .. })
+                | StartError::Raft(crate::raft::StartError::SettingsMismatch { .. })
+        )
+    }
+}
+
+/// Cancellation tokens and task trackers: client-facing work and the admin API stop first,
+/// Raft and the member-to-member service last.
+struct Lifecycle {
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    /// Client-facing work (control sessions, DERP) stops on `drain` as well as on `stop`;
+    /// the HTTP listener, admin API and Raft keep running while draining.
+    drain: CancellationToken,
+    raft_stop: CancellationToken,
+    raft_tasks: TaskTracker,
+    supervisor: Supervisor,
+}
+
+impl Lifecycle {
+    fn new() -> Self {
+        let stop = CancellationToken::new();
+        Lifecycle {
+            drain: stop.child_token(),
+            supervisor: Supervisor::new(stop.clone()),
+            stop,
+            tasks: TaskTracker::new(),
+            raft_stop: CancellationToken::new(),
+            raft_tasks: TaskTracker::new(),
+        }
+    }
+}
+
+pub struct RunningServer {
+    addrs: BoundAddrs,
+    life: Lifecycle,
+    cluster: Cluster,
+    grace: Duration,
+}
+
+impl RunningServer {
+    pub fn addrs(&self) -> &BoundAddrs {
+        &self.addrs
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// Resolves when the member stops on its own (see `failure`).
+    pub async fn stopped(&self) {
+        self.life.stop.cancelled().await
+    }
+
+    /// Why the member stopped on its own, if it did.
+    pub fn failure(&self) -> Option<Failure> {
+        self.life.supervisor.failure()
+    }
+
+    /// Stops accepting, ends map streams and DERP links (clients move to another member),
+    /// waits for every task within the grace period, then stops Raft and closes storage.
+    /// Returns the failure that stopped the member, if any.
+    pub async fn shutdown(self) -> Option<Failure> {
+        tracing::info!("shutting down");
+        let life = self.life;
+        life.stop.cancel();
+        life.tasks.close();
+        if tokio::time::timeout(self.grace, life.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?self.grace, "tasks still running after the grace period");
+        }
+        self.cluster.shutdown().await;
+        life.raft_stop.cancel();
+        life.raft_tasks.close();
+        if tokio::time::timeout(self.grace, life.raft_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("raft tasks still running after the grace period");
+        }
+        tracing::info!("stopped");
+        life.supervisor.failure()
+    }
+}
+
+pub struct Server;
+
+impl Server {
+    /// Validates config, loads keys, binds every listener, starts every subsystem.
+    pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+        let v = config.validate()?;
+        create_data_dir(&config.data_dir)?;
+        let keys = MemberKeys::load(&config, &v)?;
+        let listeners = Listeners::bind(&v).await?;
+        let addrs = listeners.addrs(&config, &v);
+        let life = Lifecycle::new();
+        let presence = Presence::new(config.cluster.member_id);
+        let cluster = start_cluster(&config, &v, &addrs, &presence, &life).await?;
+        let metrics = Arc::new(Metrics::new());
+        let (topology, derp) = start_derp(&config, &addrs, keys.derp, keys.mesh, &cluster, &life);
+        let control = ControlDeps {
+            cluster: cluster.clone(),
+            presence: presence.clone(),
+            keys: Arc::new(ServerKeys::new(keys.noise)),
+            settings: Arc::new(control_settings(&config, &addrs, topology)),
+            metrics: metrics.clone(),
+            stop: life.drain.clone(),
+            tasks: life.tasks.clone(),
+        };
+        let admin = AdminDeps {
+            cluster: cluster.clone(),
+            presence,
+            auto_approve: control.settings.auto_approve,
+            node_key_expiry: control.settings.node_key_expiry,
+            version: VERSION,
+        };
+        listeners.serve(
+            &life,
+            &cluster,
+            control.clone(),
+            admin,
+            derp.clone(),
+            metrics.clone(),
+        );
+        spawn_background(&life, &cluster, control, metrics);
+        tracing::info!(
+            member.id = addrs.member_id,
+            control = %addrs.control_addr,
+            server_url = %addrs.server_url,
+            version = VERSION,
+            "hsd member started"
+        );
+        Ok(RunningServer {
+            addrs,
+            life,
+            cluster,
+            grace: config.shutdown_grace.0,
+        })
+    }
+}
+
+fn create_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| StartError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)
+}
+
+/// The member's long-lived keys.
+struct MemberKeys {
+    noise: [u8; 32],
+    derp: [u8; 32],
+    mesh: [u8; 32],
+}
+
+impl MemberKeys {
+    /// A one-member cluster generates missing keys on first start. A member of a larger
+    /// cluster must be given the shared Noise and mesh keys: one it generated itself would
+    /// split the cluster (clients pin the Noise key; relays check the mesh key).
+    fn load(config: &Config, v: &Validated) -> Result<MemberKeys, StartError> {
+        use control::keys::{load_existing, load_or_generate};
+        let shared = config.cluster.members.len() > 1;
+        let load_shared = |path: &std::path::Path, prefix, key: &'static str| {
+            if shared {
+                load_existing(path, prefix, key)
+            } else {
+                load_or_generate(path, prefix)
+            }
+        };
+        Ok(MemberKeys {
+            noise: load_shared(&v.noise_key_path, "privkey:", "noise.private_key_path")?,
+            derp: load_or_generate(&v.derp_key_path, "privkey:")?,
+            mesh: load_shared(&v.mesh_key_path, "", "derp.server.mesh_key_path")?,
+        })
+    }
+}
+
+/// This member's Raft identity and the initial members of a new cluster.
+fn members(config: &Config, addrs: &BoundAddrs) -> (MemberInfo, BTreeMap<u64, MemberInfo>) {
+    let member_id = config.cluster.member_id;
+    let member = MemberInfo {
+        name: config
+            .cluster
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("m{member_id}")),
+        raft_addr: config
+            .cluster
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| addrs.cluster_addr.to_string()),
+        control_url: addrs.server_url.clone(),
+        region_id: Some(config.derp.server.region_id),
+    };
+    if config.cluster.members.is_empty() {
+        return (member.clone(), BTreeMap::from([(member_id, member)]));
+    }
+    let initial = config
+        .cluster
+        .members
+        .iter()
+        .map(|m| {
+            let info = if m.id == member_id {
+                member.clone()
+            } else {
+                MemberInfo {
+                    name: format!("m{}", m.id),
+                    raft_addr: m.address.clone(),
+                    control_url: m.control_url.clone().unwrap_or_default(),
+                    region_id: Some(m.region_id.unwrap_or(config.derp.server.region_id)),
+                }
+            };
+            (m.id, info)
+        })
+        .collect();
+    (member, initial)
+}
+
+async fn start_cluster(
+    config: &Config,
+    v: &Validated,
+    addrs: &BoundAddrs,
+    presence: &Presence,
+    life: &Lifecycle,
+) -> Result<Cluster, StartError> {
+    let tls = match (
+        &config.cluster.tls.ca_cert_path,
+        &config.cluster.tls.cert_path,
+        &config.cluster.tls.key_path,
+    ) {
+        (Some(ca), Some(cert), Some(key)) => {
+            Some(crate::raft::tls::MemberTls::load(ca, cert, key)?)
+        }
+        _ => None,
+    };
+    let (member, initial_members) = members(config, addrs);
+    let cluster = Cluster::start(
+        ClusterOptions {
+            member_id: config.cluster.member_id,
+            member,
+            data_dir: config.data_dir.clone(),
+            settings: ClusterSettings {
+                prefix_v4: v.prefix_v4,
+                prefix_v6: v.prefix_v6,
+                base_domain: config.dns.base_domain.clone(),
+            },
+            initial_members,
+            election_timeout_min_ms: config.cluster.election_timeout.0.as_millis() as u64,
+            heartbeat_ms: config.cluster.heartbeat_interval.0.as_millis() as u64,
+            snapshot_every_logs: config.cluster.snapshot_every,
+            presence: presence.clone(),
+            version: VERSION,
+            tls,
+            drain: life.drain.clone(),
+        },
+        life.raft_stop.clone(),
+        life.raft_tasks.clone(),
+    )
+    .await
+    .map_err(StartError::Raft)?;
+    let supervisor = &life.supervisor;
+    life.tasks
+        .spawn(supervisor.clone().watch_raft(cluster.clone()));
+    life.tasks
+        .spawn(supervisor.clone().record_settings(cluster.clone()));
+    Ok(cluster)
+}
+
+/// The DERP relay (verifying clients against the registry) and the topology it and the
+/// control plane follow.
+fn start_derp(
+    config: &Config,
+    addrs: &BoundAddrs,
+    derp_private: [u8; 32],
+    mesh_key: [u8; 32],
+    cluster: &Cluster,
+    life: &Lifecycle,
+) -> (tokio::sync::watch::Receiver<Arc<Topology>>, Arc<DerpServer>) {
+    let inputs = TopologyInputs {
+        config: config.clone(),
+        member_id: config.cluster.member_id,
+        server_url: addrs.server_url.clone(),
+        stun_port: addrs.stun_addr.map(|a| a.port() as i32).unwrap_or(-1),
+    };
+    let (initial, _) = inputs.topology(&[]);
+    let (topology_tx, topology_rx) = tokio::sync::watch::channel(Arc::new(initial));
+    let derp = DerpServer::new(
+        derp_private,
+        Some(mesh_key),
+        life.drain.clone(),
+        life.tasks.clone(),
+    );
+    if config.derp.server.verify_clients {
+        // Only registered nodes may relay through us (headscale's `verify_clients`).
+        let registry = cluster.clone();
+        derp.set_client_verifier(Box::new(move |key| {
+            registry
+                .view()
+                .node_by_key(&crate::registry::NodeKey(*key))
+                .is_some()
+        }));
+    }
+    // The DERP map, dial plan and mesh follow the Raft membership (members added with
+    // `hsctl cluster add` included); until this member learns it, the config's list.
+    life.tasks.spawn(background::follow_membership(
+        inputs,
+        cluster.clone(),
+        topology_tx,
+        derp.clone(),
+        life.stop.clone(),
+    ));
+    (topology_rx, derp)
+}
+
+fn control_settings(
+    config: &Config,
+    addrs: &BoundAddrs,
+    topology: tokio::sync::watch::Receiver<Arc<Topology>>,
+) -> ControlSettings {
+    ControlSettings {
+        member_id: config.cluster.member_id,
+        server_url: addrs.server_url.clone(),
+        base_domain: config.dns.base_domain.clone(),
+        magic_dns: config.dns.magic_dns,
+        nameservers: config.dns.nameservers.global.clone(),
+        search_domains: config.dns.search_domains.clone(),
+        topology,
+        auto_approve: config.node_approval == NodeApproval::Auto,
+        node_key_expiry: (!config.node.expiry.0.is_zero()).then_some(config.node.expiry.0),
+        registration_timeout: Duration::from_secs(15 * 60),
+        ephemeral_inactivity_timeout: config.ephemeral_node_inactivity_timeout.0,
+    }
+}
+
+fn spawn_background(
+    life: &Lifecycle,
+    cluster: &Cluster,
+    control: ControlDeps,
+    metrics: Arc<Metrics>,
+) {
+    life.tasks.spawn(background::ephemeral_gc(control));
+    life.tasks.spawn(background::refresh_gauges(
+        cluster.clone(),
+        metrics,
+        life.stop.clone(),
+    ));
+}
