@@ -165,19 +165,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let sig = Some(meta.signature());
-        let file: SnapshotFile = serde_json::from_slice(&data)
-            .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
-        let records: Vec<(Vec<u8>, Vec<u8>)> = file
-            .records
-            .into_iter()
-            .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
-            .collect();
-        let registry = Registry::from_records(records.clone())
-            .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
-
         let meta_owned = meta.clone();
-        self.store
-            .run(move |s| install_records(s, &meta_owned, &data, records))
+        // Decoding and writing a large snapshot stays off the async workers.
+        let registry = self
+            .store
+            .run(move |s| {
+                let file: SnapshotFile =
+                    serde_json::from_slice(&data).map_err(|source| DbError::Decode {
+                        key: "snapshot".into(),
+                        source,
+                    })?;
+                let records: Vec<(Vec<u8>, Vec<u8>)> = file
+                    .records
+                    .into_iter()
+                    .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
+                    .collect();
+                let registry = Registry::from_records(records.clone())
+                    .map_err(|e| DbError::Task(format!("snapshot records: {e}")))?;
+                install_records(s, &meta_owned, &data, records)?;
+                Ok(registry)
+            })
             .await
             .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
 
@@ -240,23 +247,6 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let records = self
-            .registry
-            .all_records()
-            .into_iter()
-            .map(|(k, v)| {
-                (
-                    String::from_utf8_lossy(&k).into_owned(),
-                    String::from_utf8_lossy(&v).into_owned(),
-                )
-            })
-            .collect();
-        let file = SnapshotFile {
-            last_applied: self.last_applied,
-            membership: self.membership.clone(),
-            records,
-        };
-        let data = json(&file);
         let snapshot_id = match self.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.seq),
             None => format!("0-0-{}", self.seq),
@@ -266,10 +256,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: self.membership.clone(),
             snapshot_id,
         };
-        let (meta_owned, data_owned) = (meta.clone(), data.clone());
-        let stored = self
+        let (registry, meta_owned) = (self.registry.clone(), meta.clone());
+        // Encoding a large registry is CPU and disk work: keep it off the async workers.
+        let (data, stored) = self
             .store
-            .run(move |s| s.save_snapshot(&meta_owned, &data_owned, WriteBatch::default()))
+            .run(move |s| {
+                let data = encode_snapshot(&registry, &meta_owned);
+                let stored = s.save_snapshot(&meta_owned, &data, WriteBatch::default())?;
+                Ok((data, stored))
+            })
             .await
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         if stored {
@@ -282,4 +277,22 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot: Box::new(Cursor::new(data)),
         })
     }
+}
+
+fn encode_snapshot(registry: &Registry, meta: &SnapshotMeta<u64, MemberInfo>) -> Vec<u8> {
+    let records = registry
+        .all_records()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(&k).into_owned(),
+                String::from_utf8_lossy(&v).into_owned(),
+            )
+        })
+        .collect();
+    json(&SnapshotFile {
+        last_applied: meta.last_log_id,
+        membership: meta.last_membership.clone(),
+        records,
+    })
 }
