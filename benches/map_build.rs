@@ -1,6 +1,8 @@
-//! Measures netmap building: a full map for one node in a tailnet of N nodes (what a
-//! reconnecting client costs its member), the zstd framing of it, and one peer's JSON (the
-//! unit of a delta, paid once per watching session per change).
+//! Measures netmap building for tailnets of 100, 1,000 and 10,000 nodes: the full netmap
+//! of one node assembled from the hub's shared peer JSON and framed with zstd (what a
+//! joining or reconnecting client costs its member; target ≤ 3 µs per peer at 1,000), and
+//! one change as a delta (re-encoding the changed peer once and framing the shared delta:
+//! paid once per change, whatever the number of receivers), plus what each receiver adds.
 //!
 //! Run: `cargo bench --bench map_build`
 
@@ -8,7 +10,11 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use hsd::control::ControlSettings;
-use hsd::control::map::build::{MapContext, encode_frame};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use hsd::control::map::build::MapContext;
+use hsd::control::map::hub::{self, ChangeSet, HubState};
 use hsd::presence::Presence;
 use hsd::registry::secrets::{self, SecretKind};
 use hsd::registry::*;
@@ -85,23 +91,50 @@ fn bench(c: &mut Criterion) {
     let presence = Presence::new(1);
     let settings = settings();
     let mut group = c.benchmark_group("map");
-    for size in [10u32, 100, 1000] {
-        let view = tailnet(size);
+    group.sample_size(20);
+    for size in [100u32, 1_000, 10_000] {
+        let view = Arc::new(tailnet(size));
         let me = view.nodes().next().expect("tailnet has nodes").clone();
         let ctx = MapContext {
             view: &view,
             presence: &presence,
             settings: &settings,
         };
-        group.bench_with_input(BenchmarkId::new("full_map", size), &size, |b, _| {
-            b.iter(|| ctx.full_map(&me))
+        let state = HubState::encode_all(&ctx, view.clone());
+        group.bench_with_input(BenchmarkId::new("full_map_zstd", size), &size, |b, _| {
+            b.iter(|| hub::full_frame(&ctx, &state, &me, true))
         });
-        group.bench_with_input(BenchmarkId::new("full_map_framed", size), &size, |b, _| {
-            b.iter(|| encode_frame(&ctx.full_map(&me).0, true))
+        group.bench_with_input(BenchmarkId::new("full_map_json", size), &size, |b, _| {
+            b.iter(|| hub::full_frame(&ctx, &state, &me, false))
         });
-        group.bench_with_input(BenchmarkId::new("peer_json", size), &size, |b, _| {
-            b.iter(|| ctx.node_json(&me, false))
+        let changed = view.nodes().nth(1).expect("two nodes").id;
+        let changes = ChangeSet {
+            nodes: BTreeSet::from([changed]),
+            ..Default::default()
+        };
+        group.bench_with_input(BenchmarkId::new("delta_zstd", size), &size, |b, _| {
+            b.iter(|| {
+                let mut next = state.clone();
+                let delta = next.advance(&ctx, view.clone(), &changes);
+                delta.shared_frame(true)
+            })
         });
+        let mut next = state.clone();
+        let delta = next.advance(&ctx, view.clone(), &changes);
+        delta.shared_frame(true);
+        group.bench_with_input(
+            BenchmarkId::new("delta_per_receiver", size),
+            &size,
+            |b, _| {
+                b.iter(|| {
+                    let sees = delta
+                        .upserted
+                        .iter()
+                        .all(|p| hsd::control::policy::can_see(&view, &me, &p.node));
+                    (sees, delta.shared_frame(true))
+                })
+            },
+        );
     }
     group.finish();
 }

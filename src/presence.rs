@@ -1,22 +1,27 @@
 //! Presence: which nodes hold a live map session on this member right now, with their
-//! endpoints and home DERP region.
+//! endpoints and home DERP region, plus what the other members reported about theirs.
 //!
 //! Per-member soft state, deliberately *not* replicated through Raft: it changes at the rate
 //! clients roam and reconnect, and it dies with the member that holds the session. Each
 //! member owns the entries of its own sessions; `last_seen` is written through Raft once
-//! per disconnect. Changes are published on a bounded broadcast so map sessions can send
-//! `PeersChangedPatch` / online deltas without rebuilding netmaps.
+//! per disconnect. Changes are published on a bounded broadcast (the map hub turns them
+//! into `OnlineChange` / `PeersChangedPatch` deltas) and kept in a bounded change log, so
+//! other members long-poll for what changed since their last poll instead of the whole
+//! table (`raft::presence_sync`).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{broadcast, watch};
 
 use crate::registry::NodeId;
 
-/// How many presence updates may queue for a slow map session before it lags; a lagged
-/// session resynchronises by sending the client a full netmap.
-const PRESENCE_CHANNEL_CAPACITY: usize = 4096;
+/// How many presence changes may queue for the map hub before it lags (it then re-reads
+/// every node's presence).
+const PRESENCE_CHANNEL_CAPACITY: usize = 65_536;
+/// How many local changes are remembered for members polling for deltas; one that fell
+/// further behind gets the whole table.
+const CHANGE_LOG_LEN: usize = 65_536;
 
 /// A node's live state as seen by the member holding its session.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -30,7 +35,8 @@ pub struct NodePresence {
     pub home_derp: i32,
 }
 
-/// A presence fact published to map sessions.
+/// A presence fact published to the map hub: this node's presence changed. Readers take
+/// the current state from `Presence`, so facts published out of order cannot mislead.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PresenceChange {
     Online(NodeId),
@@ -49,14 +55,31 @@ impl PresenceChange {
     }
 }
 
+/// What changed locally since a version: each changed node's entry, or `None` if it no
+/// longer has a session here.
+pub struct LocalChanges {
+    pub version: u64,
+    /// `false`: `entries` is the whole table (the caller fell too far behind).
+    pub delta: bool,
+    pub entries: Vec<(NodeId, Option<NodePresence>)>,
+}
+
+#[derive(Default)]
+struct Local {
+    nodes: HashMap<NodeId, NodePresence>,
+    version: u64,
+    /// (version, node) per local change, oldest first.
+    log: VecDeque<(u64, NodeId)>,
+}
+
 #[derive(Clone)]
 pub struct Presence {
     member: u64,
-    inner: Arc<Mutex<HashMap<NodeId, NodePresence>>>,
+    local: Arc<Mutex<Local>>,
     /// What other members reported about their own sessions (see `raft::presence_sync`).
     remote: Arc<Mutex<HashMap<u64, HashMap<NodeId, NodePresence>>>>,
     tx: broadcast::Sender<PresenceChange>,
-    /// Bumped on every local change, so other members can long-poll for news.
+    /// The local version, so other members can long-poll for news.
     version: watch::Sender<u64>,
 }
 
@@ -66,7 +89,7 @@ impl Presence {
         let (version, _) = watch::channel(0);
         Presence {
             member,
-            inner: Arc::default(),
+            local: Arc::default(),
             remote: Arc::default(),
             tx,
             version,
@@ -77,104 +100,110 @@ impl Presence {
         self.tx.subscribe()
     }
 
-    fn publish(&self, change: PresenceChange) {
+    fn lock(&self) -> MutexGuard<'_, Local> {
+        // Every update below is a few inserts that cannot leave the maps inconsistent, so
+        // recover from poisoning.
+        self.local.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_remote(&self) -> MutexGuard<'_, HashMap<u64, HashMap<NodeId, NodePresence>>> {
+        self.remote.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a local change under the lock (so changes of one node publish in order).
+    fn changed_locally(&self, local: &mut Local, change: PresenceChange) {
+        local.version += 1;
+        local.log.push_back((local.version, change.node()));
+        if local.log.len() > CHANGE_LOG_LEN {
+            local.log.pop_front();
+        }
+        self.version.send_replace(local.version);
         // No receivers is fine: nobody is streaming.
         let _ = self.tx.send(change);
     }
 
-    /// A local session state changed: tell map sessions and long-polling members.
-    fn publish_local(&self, change: PresenceChange) {
-        self.version.send_modify(|v| *v += 1);
-        self.publish(change);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, NodePresence>> {
-        // A panic while holding this lock cannot leave the map inconsistent (every update is
-        // one insert or remove), so recover from poisoning.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A streaming session started. Returns true if the node just came online.
+    /// A streaming session started. Returns true if the node just came online here.
     pub fn session_started(&self, node: NodeId) -> bool {
-        let came_online = {
-            let mut map = self.lock();
-            let entry = map.entry(node).or_insert_with(|| NodePresence {
-                member: self.member,
-                ..Default::default()
-            });
-            entry.sessions += 1;
-            entry.sessions == 1
-        };
+        let mut local = self.lock();
+        let entry = local.nodes.entry(node).or_insert_with(|| NodePresence {
+            member: self.member,
+            ..Default::default()
+        });
+        entry.sessions += 1;
+        let came_online = entry.sessions == 1;
         if came_online {
-            self.publish_local(PresenceChange::Online(node));
+            self.changed_locally(&mut local, PresenceChange::Online(node));
         }
         came_online
     }
 
-    /// A streaming session ended. Returns true if that was the node's last session.
+    /// A streaming session ended. Returns true if that was the node's last session here.
     pub fn session_ended(&self, node: NodeId) -> bool {
-        let went_offline = {
-            let mut map = self.lock();
-            match map.get_mut(&node) {
-                Some(entry) if entry.sessions > 1 => {
-                    entry.sessions -= 1;
-                    false
-                }
-                Some(_) => {
-                    map.remove(&node);
-                    true
-                }
-                None => false,
+        let mut local = self.lock();
+        let went_offline = match local.nodes.get_mut(&node) {
+            Some(entry) if entry.sessions > 1 => {
+                entry.sessions -= 1;
+                false
             }
+            Some(_) => {
+                local.nodes.remove(&node);
+                true
+            }
+            None => false,
         };
         if went_offline {
             // The client may already stream from another member (it moved).
-            let change = if self.is_online(node) {
+            let change = if self.remote_online(node) {
                 PresenceChange::Patched(node)
             } else {
                 PresenceChange::Offline(node)
             };
-            self.publish_local(change);
+            self.changed_locally(&mut local, change);
         }
         went_offline
     }
 
-    /// Records endpoints and home DERP from a lite update; publishes only real changes.
+    /// Records endpoints and home DERP of a node streaming from this member; publishes only
+    /// real changes. Updates for a node without a session here are ignored.
     pub fn update(&self, node: NodeId, endpoints: Option<Vec<String>>, home_derp: Option<i32>) {
-        let changed = {
-            let mut map = self.lock();
-            let entry = map.entry(node).or_insert_with(|| NodePresence {
-                member: self.member,
-                ..Default::default()
-            });
-            let mut changed = false;
-            if let Some(eps) = endpoints
-                && eps != entry.endpoints
-            {
-                entry.endpoints = eps;
-                changed = true;
-            }
-            if let Some(derp) = home_derp
-                && derp != entry.home_derp
-            {
-                entry.home_derp = derp;
-                changed = true;
-            }
-            changed
+        let mut local = self.lock();
+        let Some(entry) = local.nodes.get_mut(&node) else {
+            return;
         };
-        if changed {
-            self.publish_local(PresenceChange::Patched(node));
+        let mut changed = false;
+        if let Some(eps) = endpoints
+            && eps != entry.endpoints
+        {
+            entry.endpoints = eps;
+            changed = true;
         }
+        if let Some(derp) = home_derp
+            && derp != entry.home_derp
+        {
+            entry.home_derp = derp;
+            changed = true;
+        }
+        if changed {
+            self.changed_locally(&mut local, PresenceChange::Patched(node));
+        }
+    }
+
+    fn remote_online(&self, node: NodeId) -> bool {
+        self.lock_remote()
+            .values()
+            .any(|m| m.get(&node).is_some_and(|p| p.sessions > 0))
     }
 
     /// The node's live state: this member's session if it has one, else what the member
     /// holding its session reported.
     pub fn get(&self, node: NodeId) -> Option<NodePresence> {
-        if let Some(p) = self.lock().get(&node).filter(|p| p.sessions > 0) {
+        if let Some(p) = self.lock().nodes.get(&node).filter(|p| p.sessions > 0) {
             return Some(p.clone());
         }
-        let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-        remote.values().find_map(|m| m.get(&node)).cloned()
+        self.lock_remote()
+            .values()
+            .find_map(|m| m.get(&node))
+            .cloned()
     }
 
     /// Online anywhere in the cluster (as far as this member knows).
@@ -189,38 +218,58 @@ impl Presence {
 
     /// Number of nodes with a live session on this member.
     pub fn online_count(&self) -> usize {
-        self.lock().values().filter(|p| p.sessions > 0).count()
+        self.lock().nodes.len()
     }
 
     /// Every online node and the member holding its session: this member's own sessions,
     /// and what the other members last reported (a member silent for a few seconds counts
     /// as holding none).
-    pub fn sessions(&self) -> std::collections::BTreeMap<NodeId, u64> {
-        let mut out = std::collections::BTreeMap::new();
-        {
-            let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-            for (member, nodes) in remote.iter() {
-                for (id, _) in nodes.iter().filter(|(_, p)| p.sessions > 0) {
-                    out.insert(*id, *member);
-                }
+    pub fn sessions(&self) -> BTreeMap<NodeId, u64> {
+        let mut out = BTreeMap::new();
+        for (member, nodes) in self.lock_remote().iter() {
+            for (id, _) in nodes.iter().filter(|(_, p)| p.sessions > 0) {
+                out.insert(*id, *member);
             }
         }
-        for (id, p) in self.lock().iter().filter(|(_, p)| p.sessions > 0) {
-            out.insert(*id, p.member);
+        for id in self.lock().nodes.keys() {
+            out.insert(*id, self.member);
         }
         out
     }
 
-    /// This member's own sessions with the version they were read at.
-    pub fn local_snapshot(&self) -> (u64, Vec<(NodeId, NodePresence)>) {
-        let version = *self.version.borrow();
-        let entries = self
-            .lock()
+    /// What changed locally after version `after`: the changed nodes' current entries, or
+    /// the whole table if `after` is older than the change log.
+    pub fn local_changes_since(&self, after: u64) -> LocalChanges {
+        let local = self.lock();
+        let oldest = local.log.front().map(|(v, _)| *v);
+        let in_log = after <= local.version && oldest.is_none_or(|o| after + 1 >= o);
+        if !in_log {
+            return LocalChanges {
+                version: local.version,
+                delta: false,
+                entries: local
+                    .nodes
+                    .iter()
+                    .map(|(id, p)| (*id, Some(p.clone())))
+                    .collect(),
+            };
+        }
+        let mut changed: Vec<NodeId> = local
+            .log
             .iter()
-            .filter(|(_, p)| p.sessions > 0)
-            .map(|(id, p)| (*id, p.clone()))
+            .filter(|(v, _)| *v > after)
+            .map(|(_, id)| *id)
             .collect();
-        (version, entries)
+        changed.sort_unstable();
+        changed.dedup();
+        LocalChanges {
+            version: local.version,
+            delta: true,
+            entries: changed
+                .into_iter()
+                .map(|id| (id, local.nodes.get(&id).cloned()))
+                .collect(),
+        }
     }
 
     /// Waits until the local version differs from `after` (or `timeout` elapses).
@@ -229,64 +278,80 @@ impl Presence {
         let _ = tokio::time::timeout(timeout, rx.wait_for(|v| *v != after)).await;
     }
 
-    /// Replaces what `member` reported about its sessions, publishing what changed.
-    pub fn apply_remote(&self, member: u64, entries: Vec<(NodeId, NodePresence)>) {
-        let new: HashMap<NodeId, NodePresence> = entries
-            .into_iter()
-            .map(|(id, p)| (id, NodePresence { member, ..p }))
-            .collect();
-        let old = {
-            let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-            if new.is_empty() {
-                remote.remove(&member)
+    /// Applies what `member` reported: its whole table (`delta` false) or the entries that
+    /// changed (`None` = that node has no session there any more). Publishes what changed.
+    pub fn apply_remote(
+        &self,
+        member: u64,
+        delta: bool,
+        entries: Vec<(NodeId, Option<NodePresence>)>,
+    ) {
+        let mut changed = Vec::new();
+        {
+            let mut remote = self.lock_remote();
+            let table = remote.entry(member).or_default();
+            if !delta {
+                let reported: std::collections::HashSet<NodeId> =
+                    entries.iter().map(|(id, _)| *id).collect();
+                let gone: Vec<NodeId> = table
+                    .keys()
+                    .filter(|id| !reported.contains(id))
+                    .copied()
+                    .collect();
+                for id in gone {
+                    table.remove(&id);
+                    changed.push(id);
+                }
+            }
+            for (id, entry) in entries {
+                let entry = entry
+                    .filter(|p| p.sessions > 0)
+                    .map(|p| NodePresence { member, ..p });
+                let before = match &entry {
+                    Some(p) => table.insert(id, p.clone()),
+                    None => table.remove(&id),
+                };
+                if before != entry {
+                    changed.push(id);
+                }
+            }
+            if table.is_empty() {
+                remote.remove(&member);
+            }
+        }
+        let local = self.lock();
+        for id in changed {
+            // A session on this member wins over any report about the same node.
+            if local.nodes.contains_key(&id) {
+                continue;
+            }
+            let change = if self.remote_online(id) {
+                PresenceChange::Patched(id)
             } else {
-                remote.insert(member, new.clone())
-            }
-        }
-        .unwrap_or_default();
-        let mut changes = Vec::new();
-        for (id, p) in &new {
-            match old.get(id) {
-                None => changes.push(PresenceChange::Online(*id)),
-                Some(o) if o != p => changes.push(PresenceChange::Patched(*id)),
-                Some(_) => {}
-            }
-        }
-        changes.extend(
-            old.keys()
-                .filter(|id| !new.contains_key(id))
-                .map(|id| PresenceChange::Offline(*id)),
-        );
-        if changes.is_empty() {
-            return;
-        }
-        // A session on this member wins over any report about the same node.
-        let shadowed: std::collections::HashSet<NodeId> = {
-            let local = self.lock();
-            changes
-                .iter()
-                .map(PresenceChange::node)
-                .filter(|id| local.get(id).is_some_and(|p| p.sessions > 0))
-                .collect()
-        };
-        for change in changes {
-            let id = change.node();
-            let still_online = matches!(change, PresenceChange::Offline(_)) && self.is_online(id);
-            if !shadowed.contains(&id) && !still_online {
-                self.publish(change);
-            }
+                PresenceChange::Offline(id)
+            };
+            let _ = self.tx.send(change);
         }
     }
 
-    /// Forgets a node (it was deleted).
-    pub fn forget(&self, node: NodeId) {
-        self.lock().remove(&node);
+    /// Forgets everything `member` reported (it stopped answering or left the cluster).
+    pub fn forget_member(&self, member: u64) {
+        self.apply_remote(member, false, Vec::new());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn remote(endpoint: &str) -> NodePresence {
+        NodePresence {
+            member: 0,
+            sessions: 1,
+            endpoints: vec![endpoint.into()],
+            home_derp: 900,
+        }
+    }
 
     #[test]
     fn overlapping_sessions_count_once_online() {
@@ -304,8 +369,13 @@ mod tests {
     }
 
     #[test]
-    fn unchanged_endpoints_publish_nothing() {
+    fn unchanged_endpoints_publish_nothing_and_no_session_no_entry() {
         let p = Presence::new(1);
+        p.update(NodeId(2), Some(vec!["127.0.0.1:1".into()]), Some(900));
+        assert!(
+            p.get(NodeId(2)).is_none(),
+            "no session here: nothing recorded"
+        );
         p.session_started(NodeId(1));
         let mut rx = p.subscribe();
         p.update(NodeId(1), Some(vec!["127.0.0.1:41641".into()]), Some(900));
@@ -313,34 +383,67 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap(), PresenceChange::Patched(NodeId(1)));
         assert!(rx.try_recv().is_err());
         assert_eq!(p.get(NodeId(1)).unwrap().home_derp, 900);
+        p.session_ended(NodeId(1));
+        assert_eq!(
+            p.online_count(),
+            0,
+            "an ended session leaves no entry behind"
+        );
     }
 
     #[test]
-    fn remote_sessions_are_merged_and_diffed() {
+    fn members_exchange_only_what_changed() {
+        let p = Presence::new(1);
+        p.session_started(NodeId(1));
+        p.session_started(NodeId(2));
+        let all = p.local_changes_since(u64::MAX);
+        assert!(!all.delta, "an unknown version gets the whole table");
+        assert_eq!(all.entries.len(), 2);
+        let v = all.version;
+        p.update(NodeId(2), Some(vec!["127.0.0.1:2".into()]), None);
+        p.session_ended(NodeId(1));
+        let changes = p.local_changes_since(v);
+        assert!(changes.delta);
+        let mut entries = changes.entries;
+        entries.sort_by_key(|(id, _)| *id);
+        assert_eq!(entries.len(), 2, "two nodes changed, nothing else is sent");
+        assert_eq!(entries[0], (NodeId(1), None));
+        assert_eq!(
+            entries[1].1.as_ref().unwrap().endpoints,
+            vec!["127.0.0.1:2"]
+        );
+        let nothing = p.local_changes_since(changes.version);
+        assert!(nothing.delta && nothing.entries.is_empty());
+    }
+
+    #[test]
+    fn remote_sessions_are_merged_from_tables_and_deltas() {
         let p = Presence::new(1);
         let mut rx = p.subscribe();
-        let remote = NodePresence {
-            member: 0,
-            sessions: 1,
-            endpoints: vec!["127.0.0.2:41641".into()],
-            home_derp: 900,
-        };
-        p.apply_remote(2, vec![(NodeId(5), remote.clone())]);
-        assert_eq!(rx.try_recv().unwrap(), PresenceChange::Online(NodeId(5)));
+        p.apply_remote(2, false, vec![(NodeId(5), Some(remote("127.0.0.2:1")))]);
+        assert_eq!(rx.try_recv().unwrap(), PresenceChange::Patched(NodeId(5)));
         assert_eq!(p.member_of(NodeId(5)), Some(2));
         assert_eq!(p.online_count(), 0, "remote sessions are not local");
         assert_eq!(p.sessions().get(&NodeId(5)), Some(&2));
-        p.apply_remote(2, vec![(NodeId(5), remote.clone())]);
+        p.apply_remote(2, true, vec![(NodeId(5), Some(remote("127.0.0.2:1")))]);
         assert!(
             rx.try_recv().is_err(),
             "an unchanged report publishes nothing"
         );
-        // The node moves here: the local session wins, and losing the remote one is no news.
-        p.session_started(NodeId(5));
-        assert_eq!(p.member_of(NodeId(5)), Some(1));
+        p.apply_remote(2, true, vec![(NodeId(6), Some(remote("127.0.0.2:2")))]);
+        assert_eq!(rx.try_recv().unwrap(), PresenceChange::Patched(NodeId(6)));
+        assert!(
+            p.is_online(NodeId(5)),
+            "a delta keeps what it does not mention"
+        );
+        p.apply_remote(2, true, vec![(NodeId(5), None)]);
+        assert_eq!(rx.try_recv().unwrap(), PresenceChange::Offline(NodeId(5)));
+        // The node moves here: the local session wins, losing the remote one is no news.
+        p.session_started(NodeId(6));
+        assert_eq!(p.member_of(NodeId(6)), Some(1));
         let _ = rx.try_recv();
-        p.apply_remote(2, vec![]);
+        p.forget_member(2);
         assert!(rx.try_recv().is_err());
-        assert!(p.is_online(NodeId(5)));
+        assert!(p.is_online(NodeId(6)));
     }
 }

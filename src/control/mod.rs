@@ -53,6 +53,8 @@ pub struct ControlDeps {
     pub presence: Presence,
     pub keys: Arc<ServerKeys>,
     pub settings: Arc<ControlSettings>,
+    /// This member's netmap fan-out.
+    pub hub: map::hub::HubHandle,
     pub metrics: Arc<Metrics>,
     pub stop: CancellationToken,
     pub tasks: TaskTracker,

@@ -7,8 +7,14 @@
 
 use std::collections::BTreeMap;
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
+
+/// JSON encoded once and shared: a peer as every receiver sees it, a patch, a profile.
+pub type RawJson = Arc<RawValue>;
 
 use crate::registry::{DiscoKey, NodeKey};
 
@@ -134,7 +140,7 @@ pub struct MapRequest {
 }
 
 /// One node as the client sees it (self or peer).
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct NodeJson {
     #[serde(rename = "ID")]
@@ -157,7 +163,8 @@ pub struct NodeJson {
     /// Legacy form of the home region for older clients ("127.3.3.40:<region>").
     #[serde(rename = "DERP", skip_serializing_if = "String::is_empty")]
     pub legacy_derp: String,
-    pub hostinfo: Value,
+    /// The stored Hostinfo, embedded as is (it was JSON-encoded when it was recorded).
+    pub hostinfo: Box<RawValue>,
     pub created: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
@@ -198,17 +205,17 @@ pub struct MapResponse {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub keep_alive: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub node: Option<NodeJson>,
+    pub node: Option<RawJson>,
     #[serde(rename = "DERPMap", skip_serializing_if = "Option::is_none")]
     pub derp_map: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub peers: Option<Vec<NodeJson>>,
+    pub peers: Option<Vec<RawJson>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub peers_changed: Vec<NodeJson>,
+    pub peers_changed: Vec<RawJson>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peers_removed: Vec<u64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub peers_changed_patch: Vec<PeerChange>,
+    pub peers_changed_patch: Vec<RawJson>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub online_change: BTreeMap<String, bool>,
     #[serde(rename = "DNSConfig", skip_serializing_if = "Option::is_none")]
@@ -220,7 +227,7 @@ pub struct MapResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packet_filters: Option<Value>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub user_profiles: Vec<UserProfile>,
+    pub user_profiles: Vec<RawJson>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_time: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

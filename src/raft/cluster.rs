@@ -169,6 +169,14 @@ impl Cluster {
         Timestamp::now().max(self.inner.view.borrow().clock())
     }
 
+    /// The applied registry as consumers follow it.
+    pub fn feed(&self) -> super::RegistryFeed {
+        super::RegistryFeed {
+            view: self.inner.view.clone(),
+            batches: self.inner.batches.clone(),
+        }
+    }
+
     /// Every applied batch, in order, with what it changed.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<AppliedBatch>> {
         self.inner.batches.subscribe()

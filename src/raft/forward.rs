@@ -78,10 +78,15 @@ impl Cluster {
         matches!(read, Ok(Ok(_)))
     }
 
-    /// Sends `op` to the leader and expects `Done`.
+    /// Sends `op` to the leader; when it wrote an entry, returns once this member has
+    /// applied it too (so a membership change is visible in this member's status).
     pub(super) async fn leader_op(&self, op: LeaderOp) -> Result<Outcome, ProposeError> {
         match self.leader_call(op).await? {
             LeaderReply::Done(outcome) => Ok(outcome),
+            LeaderReply::Applied { outcome, index } => {
+                self.wait_applied(index).await?;
+                Ok(outcome)
+            }
             other => Err(unexpected(&other)),
         }
     }

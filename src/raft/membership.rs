@@ -134,7 +134,9 @@ impl Cluster {
                 if self.is_member(id) {
                     return LeaderReply::Invalid(format!("member {id} is already in the cluster"));
                 }
-                raft.add_learner(id, info, true).await.map(drop)
+                raft.add_learner(id, info, true)
+                    .await
+                    .map(|r| r.log_id.index)
             }
             LeaderOp::Promote { id } => {
                 if !self.is_member(id) {
@@ -144,7 +146,7 @@ impl Cluster {
                 }
                 raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
                     .await
-                    .map(drop)
+                    .map(|r| r.log_id.index)
             }
             LeaderOp::Remove { id } => return self.remove(id).await,
             LeaderOp::TransferLeader { to } => return self.hand_over(to).await,
@@ -153,7 +155,10 @@ impl Cluster {
             }
         };
         match result {
-            Ok(()) => LeaderReply::Done(Outcome::Done),
+            Ok(index) => LeaderReply::Applied {
+                outcome: Outcome::Done,
+                index,
+            },
             Err(e) => write_error(e),
         }
     }
@@ -184,7 +189,10 @@ impl Cluster {
             .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
             .await
         {
-            Ok(_) => LeaderReply::Done(Outcome::Done),
+            Ok(r) => LeaderReply::Applied {
+                outcome: Outcome::Done,
+                index: r.log_id.index,
+            },
             Err(e) => write_error(e),
         }
     }

@@ -83,6 +83,20 @@ pub struct ClusterOptions {
     pub drain: tokio_util::sync::CancellationToken,
 }
 
+/// A member's applied registry as consumers follow it: the latest view, and every applied
+/// batch with what it changed (the map hub subscribes to both).
+#[derive(Clone)]
+pub struct RegistryFeed {
+    pub view: tokio::sync::watch::Receiver<Arc<Registry>>,
+    pub batches: tokio::sync::broadcast::Sender<Arc<AppliedBatch>>,
+}
+
+impl RegistryFeed {
+    pub fn view(&self) -> Arc<Registry> {
+        self.view.borrow().clone()
+    }
+}
+
 /// What one apply call changed, published to map sessions after it is durable.
 #[derive(Debug)]
 pub struct AppliedBatch {

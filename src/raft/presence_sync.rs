@@ -42,7 +42,7 @@ pub async fn run(cluster: Cluster, stop: CancellationToken, tasks: TaskTracker) 
             let keep = members.get(id) == Some(addr);
             if !keep {
                 token.cancel();
-                cluster.presence().apply_remote(*id, Vec::new());
+                cluster.presence().forget_member(*id);
             }
             keep
         });
@@ -77,6 +77,7 @@ async fn poll_member(cluster: Cluster, member: u64, addr: String, stop: Cancella
             let mut req = tonic::Request::new(WatchPresenceRequest {
                 after_version: version,
                 wait_ms: POLL_WAIT.as_millis() as u64,
+                deltas: true,
             });
             req.set_timeout(POLL_WAIT + Duration::from_secs(2));
             client
@@ -94,7 +95,7 @@ async fn poll_member(cluster: Cluster, member: u64, addr: String, stop: Cancella
                 version = snapshot.version;
                 last_ok = tokio::time::Instant::now();
                 backoff = Duration::from_millis(100);
-                let entries: Vec<(NodeId, NodePresence)> = snapshot
+                let entries: Vec<(NodeId, Option<NodePresence>)> = snapshot
                     .entries
                     .into_iter()
                     .map(|e| {
@@ -104,16 +105,18 @@ async fn poll_member(cluster: Cluster, member: u64, addr: String, stop: Cancella
                             endpoints: e.endpoints,
                             home_derp: e.home_derp,
                         };
-                        (NodeId(e.node), p)
+                        (NodeId(e.node), (p.sessions > 0).then_some(p))
                     })
                     .collect();
-                holding = !entries.is_empty();
-                cluster.presence().apply_remote(member, entries);
+                holding = true;
+                cluster
+                    .presence()
+                    .apply_remote(member, snapshot.delta, entries);
             }
             _ => {
                 if holding && last_ok.elapsed() >= STALE_AFTER {
                     tracing::info!(member, "member unreachable; its sessions count as offline");
-                    cluster.presence().apply_remote(member, Vec::new());
+                    cluster.presence().forget_member(member);
                     holding = false;
                 }
                 version = u64::MAX;

@@ -76,20 +76,31 @@ impl RaftService for RaftRpc {
             () = presence.wait_local_change(req.get_ref().after_version, wait) => {}
             () = self.cluster.stopping().cancelled() => {}
         }
-        let (version, entries) = presence.local_snapshot();
-        let entries = entries
+        let changes = presence.local_changes_since(req.get_ref().after_version);
+        let delta = changes.delta && req.get_ref().deltas;
+        let changes = if changes.delta && !delta {
+            presence.local_changes_since(u64::MAX)
+        } else {
+            changes
+        };
+        let entries = changes
+            .entries
             .into_iter()
-            .map(|(node, p)| PresenceEntry {
-                node: node.0,
-                endpoints: p.endpoints,
-                home_derp: p.home_derp,
-                sessions: p.sessions,
+            .map(|(node, p)| {
+                let p = p.unwrap_or_default();
+                PresenceEntry {
+                    node: node.0,
+                    endpoints: p.endpoints,
+                    home_derp: p.home_derp,
+                    sessions: p.sessions,
+                }
             })
             .collect();
         Ok(Response::new(PresenceSnapshot {
             member: self.cluster.member_id(),
-            version,
+            version: changes.version,
             entries,
+            delta,
         }))
     }
 

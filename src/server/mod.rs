@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminDeps;
 use crate::config::{Config, ConfigError, NodeApproval, Validated};
+use crate::control::map::hub::MapHub;
 use crate::control::{self, ControlDeps, ControlSettings, ServerKeys, Topology};
 use crate::derp::region::TopologyInputs;
 use crate::derp::server::DerpServer;
@@ -174,11 +175,15 @@ impl Server {
         let cluster = start_cluster(&config, &v, &addrs, &presence, &life).await?;
         let metrics = Arc::new(Metrics::new());
         let (topology, derp) = start_derp(&config, &addrs, keys.derp, keys.mesh, &cluster, &life);
+        let settings = Arc::new(control_settings(&config, &addrs, topology));
+        let (hub, hub_handle) = MapHub::new(cluster.feed(), presence.clone(), settings.clone());
+        life.tasks.spawn(hub.run(life.stop.clone()));
         let control = ControlDeps {
             cluster: cluster.clone(),
             presence: presence.clone(),
             keys: Arc::new(ServerKeys::new(keys.noise)),
-            settings: Arc::new(control_settings(&config, &addrs, topology)),
+            settings,
+            hub: hub_handle,
             metrics: metrics.clone(),
             stop: life.drain.clone(),
             tasks: life.tasks.clone(),

@@ -1,12 +1,18 @@
-//! Builds `MapResponse`s: the full netmap, one node's JSON, and the framing
-//! (`u32 LE length` + one zstd frame) every message on the stream uses.
+//! Builds `MapResponse`s: one node's JSON (a peer's is encoded once per change and shared
+//! by every receiver, see `hub.rs`), the full netmap assembled from those shared pieces,
+//! and the framing (`u32 LE length` + one zstd frame) every message on the stream uses.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use bytes::Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use crate::control::tailcfg::{GO_ZERO_TIME, MapResponse, NodeJson, PeerChange, UserProfile};
+use crate::control::tailcfg::{
+    GO_ZERO_TIME, MapResponse, NodeJson, PeerChange, RawJson, UserProfile,
+};
 use crate::control::{ControlSettings, policy};
 use crate::presence::Presence;
 use crate::registry::{Node, NodeId, Registry, Timestamp, UserId};
@@ -57,10 +63,7 @@ impl MapContext<'_> {
             .into_iter()
             .chain(node.ipv6.map(|ip| format!("{ip}/128")))
             .collect();
-        let hostinfo = serde_json::from_str::<Value>(&node.hostinfo)
-            .ok()
-            .filter(Value::is_object)
-            .unwrap_or_else(|| json!({}));
+        let hostinfo = stored_hostinfo(&node.hostinfo);
         let mut cap_map = BTreeMap::new();
         if is_self {
             cap_map.insert(CAP_DISABLE_CAPTIVE_PORTAL.to_string(), Value::Null);
@@ -102,6 +105,16 @@ impl MapContext<'_> {
         }
     }
 
+    /// A peer's JSON as every receiver sees it.
+    pub fn peer_json(&self, node: &Node) -> RawJson {
+        raw(&self.node_json(node, false))
+    }
+
+    /// A node's own JSON (`MapResponse.Node`).
+    pub fn self_json(&self, node: &Node) -> RawJson {
+        raw(&self.node_json(node, true))
+    }
+
     /// The peers `viewer` may see, sorted by id.
     pub fn visible_peers<'b>(&'b self, viewer: &'b Node) -> impl Iterator<Item = &'b Node> + 'b {
         self.view
@@ -110,15 +123,17 @@ impl MapContext<'_> {
             .filter(move |peer| policy::can_see(self.view, viewer, peer))
     }
 
-    pub fn user_profiles(&self, users: impl IntoIterator<Item = UserId>) -> Vec<UserProfile> {
+    pub fn user_profiles(&self, users: impl IntoIterator<Item = UserId>) -> Vec<RawJson> {
         let ids: BTreeSet<UserId> = users.into_iter().collect();
         ids.into_iter()
             .filter_map(|id| self.view.user(id))
-            .map(|u| UserProfile {
-                id: u.id.0,
-                login_name: u.name.clone(),
-                display_name: u.name.clone(),
-                ..Default::default()
+            .map(|u| {
+                raw(&UserProfile {
+                    id: u.id.0,
+                    login_name: u.name.clone(),
+                    display_name: u.name.clone(),
+                    ..Default::default()
+                })
             })
             .collect()
     }
@@ -178,16 +193,17 @@ impl MapContext<'_> {
         json!({ "Regions": regions, "OmitDefaultRegions": true })
     }
 
-    /// The complete netmap for `node`, and the set of peer ids it contains.
-    pub fn full_map(&self, node: &Node) -> (MapResponse, BTreeSet<NodeId>) {
-        let peers: Vec<NodeJson> = self
-            .visible_peers(node)
-            .map(|p| self.node_json(p, false))
-            .collect();
-        let peer_ids = peers.iter().map(|p| NodeId(p.id)).collect();
-        let users = std::iter::once(node.user).chain(peers.iter().map(|p| UserId(p.user)));
-        let response = MapResponse {
-            node: Some(self.node_json(node, true)),
+    /// The complete netmap for `me` from its peers' shared JSON (`peers`, sorted by id)
+    /// and their owners.
+    pub fn full_map(
+        &self,
+        me: &Node,
+        peers: Vec<RawJson>,
+        owners: BTreeSet<UserId>,
+    ) -> MapResponse {
+        let users = std::iter::once(me.user).chain(owners);
+        MapResponse {
+            node: Some(self.self_json(me)),
             derp_map: Some(self.derp_map()),
             user_profiles: self.user_profiles(users),
             peers: Some(peers),
@@ -197,26 +213,54 @@ impl MapContext<'_> {
             } else {
                 self.settings.base_domain.clone()
             },
-            packet_filters: Some(policy::packet_filters(self.view, node)),
+            packet_filters: Some(policy::packet_filters(self.view, me)),
             control_time: Some(Timestamp::now().to_rfc3339()),
             // Stops the client uploading logs to Tailscale's log service.
             debug: Some(json!({ "DisableLogTail": true })),
             control_dial_plan: self.settings.topology.borrow().dial_plan.clone(),
             ..Default::default()
-        };
-        (response, peer_ids)
+        }
+    }
+
+    /// The complete netmap for `me`, encoding every visible peer now (one-shot polls).
+    pub fn full_map_now(&self, me: &Node) -> MapResponse {
+        let mut owners = BTreeSet::new();
+        let peers = self
+            .visible_peers(me)
+            .map(|p| {
+                owners.insert(p.user);
+                self.peer_json(p)
+            })
+            .collect();
+        self.full_map(me, peers, owners)
     }
 
     /// A patch for a peer whose endpoints or home DERP changed.
-    pub fn peer_patch(&self, id: NodeId) -> PeerChange {
+    pub fn peer_patch(&self, id: NodeId) -> RawJson {
         let live = self.presence.get(id).unwrap_or_default();
-        PeerChange {
+        // Zero and empty mean "unchanged" to the client, so leave unknown fields out.
+        raw(&PeerChange {
             node_id: id.0,
-            derp_region: Some(live.home_derp),
-            endpoints: Some(live.endpoints),
+            derp_region: (live.home_derp > 0).then_some(live.home_derp),
+            endpoints: (!live.endpoints.is_empty()).then_some(live.endpoints),
             ..Default::default()
-        }
+        })
     }
+}
+
+/// Encodes a value once, to be embedded in many messages.
+pub fn raw<T: Serialize>(value: &T) -> RawJson {
+    Arc::from(serde_json::value::to_raw_value(value).expect("map types always serialize"))
+}
+
+/// The stored Hostinfo as raw JSON: it was encoded from a JSON object when recorded, so it
+/// is embedded without parsing; anything else becomes `{}`.
+fn stored_hostinfo(text: &str) -> Box<RawValue> {
+    let looks_like_object = text.starts_with('{') && text.ends_with('}');
+    looks_like_object
+        .then(|| RawValue::from_string(text.to_string()).ok())
+        .flatten()
+        .unwrap_or_else(|| RawValue::from_string("{}".into()).expect("valid JSON"))
 }
 
 /// Frames one message: u32 little-endian length, then one complete zstd frame of JSON.

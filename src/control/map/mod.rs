@@ -1,6 +1,7 @@
 //! `POST /machine/map`: lite updates, one-shot netmaps, and streaming sessions.
 
 pub mod build;
+pub mod hub;
 pub mod session;
 
 use std::sync::Arc;
@@ -75,12 +76,16 @@ pub async fn handle(
     }
 
     record_node_info(&deps, &node, &req).await;
+    if req.stream {
+        // Counted online before its endpoints are recorded, so peers get both at once.
+        deps.presence.session_started(node.id);
+    }
     let home_derp = req
         .hostinfo
         .as_ref()
         .and_then(|h| h.pointer("/NetInfo/PreferredDERP"))
         .and_then(|v| v.as_i64())
-        .map(|v| v as i32);
+        .and_then(|v| i32::try_from(v).ok());
     if !req.endpoints.is_empty() || home_derp.is_some() {
         deps.presence.update(
             node.id,
@@ -104,7 +109,7 @@ pub async fn handle(
             presence: &deps.presence,
             settings: &deps.settings,
         };
-        let (response, _) = ctx.full_map(&node);
+        let response = ctx.full_map_now(&node);
         let frame = build::encode_frame(&response, compress);
         deps.metrics
             .map_responses
@@ -113,7 +118,7 @@ pub async fn handle(
         deps.metrics.map_bytes.inc_by(frame.len() as u64);
         return ([(header::CONTENT_TYPE, "application/octet-stream")], frame).into_response();
     }
-    let rx = session::start(deps.clone(), node.id, compress);
+    let rx = session::start(&deps, node.id, compress);
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
@@ -173,3 +178,6 @@ async fn record_node_info(deps: &ControlDeps, node: &Arc<Node>, req: &MapRequest
         tracing::warn!(node.id = %node.id, %error, "could not record node info");
     }
 }
+
+#[cfg(test)]
+mod tests;

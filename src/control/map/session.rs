@@ -1,7 +1,13 @@
-//! One streaming map session (long poll): a full netmap first, then deltas built from this
-//! member's applied changes and presence, coalesced per short tick, plus keep-alives.
+//! One streaming map session (long poll): a full netmap first, then the hub's deltas
+//! filtered for this node, plus keep-alives.
+//!
+//! The session does O(changed peers) work per delta and usually none at all: when its node
+//! sees every changed peer and is not itself among them, it sends the frame the hub's
+//! first such session encoded. A client that stops reading is back-pressured: once its
+//! queue is full the session stops queuing deltas and sends one full netmap when the
+//! client has drained it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,75 +16,80 @@ use tokio::time::{Instant, sleep_until};
 use tracing::Instrument;
 
 use super::build::{self, MapContext};
-use crate::control::ControlDeps;
-use crate::control::policy;
+use super::hub::{self, Delta, HubHandle, HubState};
 use crate::control::tailcfg::MapResponse;
-use crate::presence::PresenceChange;
-use crate::raft::AppliedBatch;
-use crate::registry::{Change, Command, NodeId, UserId};
+use crate::control::{ControlDeps, ControlSettings, policy};
+use crate::presence::Presence;
+use crate::registry::{Command, NodeId, Registry};
+use crate::telemetry::Metrics;
 
 /// The client abandons a map poll that stays silent for 120 s (watchdogTimeout in
 /// tailscale's controlclient) and expects a keep-alive about once a minute.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(50);
-/// Bursts of changes (a node registering touches several records) go out as one delta.
-const COALESCE_WINDOW: Duration = Duration::from_millis(100);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(50);
 /// Frames queued for a slow client. When full, the session stops queuing deltas and owes
-/// the client a full netmap, sent once the queue drains.
-const SESSION_QUEUE_FRAMES: usize = 16;
+/// the client a full netmap, sent once the queue has room again.
+pub const SESSION_QUEUE_FRAMES: usize = 16;
 
-/// Starts a session for `node`; the returned receiver is the response body.
-pub fn start(deps: ControlDeps, node: NodeId, compress: bool) -> mpsc::Receiver<Bytes> {
-    let (tx, rx) = mpsc::channel(SESSION_QUEUE_FRAMES);
-    // Subscribe before the first netmap is built, so no change falls between the two.
-    let changes = deps.cluster.subscribe();
-    let presence = deps.presence.subscribe();
-    let span = tracing::debug_span!("map", node.id = %node);
-    let tasks = deps.tasks.clone();
-    tasks.spawn(
-        Session {
-            deps,
-            node,
-            compress,
-            tx,
-            sent_peers: BTreeSet::new(),
-            approved: false,
-            pending: Pending::default(),
+/// What a map session uses, and nothing more.
+#[derive(Clone)]
+pub struct SessionDeps {
+    /// This member's applied registry.
+    pub view: tokio::sync::watch::Receiver<Arc<Registry>>,
+    pub hub: HubHandle,
+    pub presence: Presence,
+    pub settings: Arc<ControlSettings>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled to end the session (shutdown or drain).
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+impl SessionDeps {
+    pub fn of(deps: &ControlDeps) -> Self {
+        SessionDeps {
+            view: deps.cluster.watch_view(),
+            hub: deps.hub.clone(),
+            presence: deps.presence.clone(),
+            settings: deps.settings.clone(),
+            metrics: deps.metrics.clone(),
+            stop: deps.stop.clone(),
         }
-        .run(changes, presence)
+    }
+}
+
+/// Starts a session for `node`, which the caller has counted online
+/// (`Presence::session_started`); the returned receiver is the response body. When the
+/// node's last session ends, its last-seen time is written through Raft.
+pub fn start(deps: &ControlDeps, node: NodeId, compress: bool) -> mpsc::Receiver<Bytes> {
+    let (tx, rx) = mpsc::channel(SESSION_QUEUE_FRAMES);
+    let session = Session::new(SessionDeps::of(deps), node, compress, tx);
+    let span = tracing::debug_span!("map", node.id = %node);
+    let cluster = deps.cluster.clone();
+    deps.tasks.spawn(
+        async move {
+            if session.run().await {
+                // One write per disconnect; peers learn LastSeen from the applied change.
+                if let Err(error) = cluster.propose(Command::SetLastSeen { id: node }).await {
+                    tracing::debug!(node.id = %node, %error, "could not record last seen");
+                }
+            }
+        }
         .instrument(span),
     );
     rx
 }
 
-/// What the next delta must cover.
-#[derive(Default)]
-struct Pending {
-    nodes: BTreeSet<NodeId>,
-    online: BTreeMap<NodeId, bool>,
-    patched: BTreeSet<NodeId>,
-    users: bool,
-    /// Something could not be expressed as a delta (lag, policy change): rebuild.
-    full: bool,
-    deadline: Option<Instant>,
-}
-
-impl Pending {
-    fn arm(&mut self) {
-        self.deadline
-            .get_or_insert_with(|| Instant::now() + COALESCE_WINDOW);
-    }
-}
-
-struct Session {
-    deps: ControlDeps,
+pub(super) struct Session {
+    deps: SessionDeps,
     node: NodeId,
     compress: bool,
     tx: mpsc::Sender<Bytes>,
-    /// Peers the client currently has, so removals and visibility changes become deltas.
-    sent_peers: BTreeSet<NodeId>,
     /// Self approval as last sent; a change flips every peer's visibility.
     approved: bool,
-    pending: Pending,
+    /// The hub state the client's netmap reflects; older deltas are skipped.
+    seq: u64,
+    /// A delta was dropped (queue full, or this session lagged the hub): the next frame
+    /// must be a full netmap.
+    owe_full: bool,
 }
 
 enum End {
@@ -87,17 +98,36 @@ enum End {
 }
 
 impl Session {
-    async fn run(
-        mut self,
-        mut changes: broadcast::Receiver<std::sync::Arc<AppliedBatch>>,
-        mut presence: broadcast::Receiver<PresenceChange>,
-    ) {
-        self.deps.presence.session_started(self.node);
+    pub(super) fn new(
+        deps: SessionDeps,
+        node: NodeId,
+        compress: bool,
+        tx: mpsc::Sender<Bytes>,
+    ) -> Self {
+        Session {
+            deps,
+            node,
+            compress,
+            tx,
+            approved: false,
+            seq: 0,
+            owe_full: false,
+        }
+    }
+
+    /// Streams until the client leaves, the node is removed or the member stops. Returns
+    /// whether the node's last-seen time should be recorded.
+    pub(super) async fn run(mut self) -> bool {
         self.deps
             .metrics
             .connected_clients
             .set(self.deps.presence.online_count() as i64);
         tracing::debug!("map stream started");
+        let end = self.stream().await.err();
+        self.finish(end)
+    }
+
+    async fn stream(&mut self) -> Result<(), End> {
         let keepalive_frame = build::encode_frame(
             &MapResponse {
                 keep_alive: true,
@@ -105,34 +135,27 @@ impl Session {
             },
             self.compress,
         );
+        let (mut deltas, state) = self.deps.hub.subscribe();
+        let first = self.full_frame(&state)?;
+        self.tx.send(first).await.map_err(|_| End::ClientGone)?;
         let mut keepalive_at = Instant::now() + KEEPALIVE_INTERVAL;
-
-        let mut end = self.send_full(true).await.err();
-        // A membership change (DERP map, dial plan) is rare: it costs each session one full map.
-        let mut topology = self.deps.settings.topology.clone();
-        topology.mark_unchanged();
-        let mut topology_live = true;
-        while end.is_none() {
-            let flush_at = self.pending.deadline;
+        // Owned handles, so the arms below may borrow the session mutably.
+        let (tx, stop) = (self.tx.clone(), self.deps.stop.clone());
+        loop {
             tokio::select! {
-                () = self.deps.stop.cancelled() => break,
-                changed = topology.changed(), if topology_live => match changed {
-                    Ok(()) => { self.pending.full = true; self.pending.arm(); }
-                    Err(_) => topology_live = false,
+                () = stop.cancelled() => return Ok(()),
+                () = tx.closed() => return Err(End::ClientGone),
+                delta = deltas.recv() => match delta {
+                    Ok(delta) => self.on_delta(&delta)?,
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.owe_full = true,
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
-                () = self.tx.closed() => end = Some(End::ClientGone),
-                batch = changes.recv() => match batch {
-                    Ok(batch) => self.note_batch(&batch),
-                    Err(broadcast::error::RecvError::Lagged(_)) => { self.pending.full = true; self.pending.arm(); }
-                    Err(broadcast::error::RecvError::Closed) => break,
-                },
-                change = presence.recv() => match change {
-                    Ok(change) => self.note_presence(change),
-                    Err(broadcast::error::RecvError::Lagged(_)) => { self.pending.full = true; self.pending.arm(); }
-                    Err(broadcast::error::RecvError::Closed) => break,
-                },
-                () = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => {
-                    end = self.flush().await.err();
+                permit = tx.reserve(), if self.owe_full => {
+                    let permit = permit.map_err(|_| End::ClientGone)?;
+                    let state = self.deps.hub.current();
+                    let frame = self.full_frame(&state)?;
+                    permit.send(frame);
+                    self.owe_full = false;
                     keepalive_at = Instant::now() + KEEPALIVE_INTERVAL;
                 }
                 () = sleep_until(keepalive_at) => {
@@ -144,7 +167,6 @@ impl Session {
                 }
             }
         }
-        self.finish(end).await;
     }
 
     fn count(&self, kind: &str, bytes: usize) {
@@ -156,158 +178,80 @@ impl Session {
         self.deps.metrics.map_bytes.inc_by(bytes as u64);
     }
 
-    fn note_batch(&mut self, batch: &AppliedBatch) {
-        if batch.full_resync {
-            self.pending.full = true;
-        }
-        for change in &batch.changes {
-            match change {
-                Change::NodeUpserted(id) | Change::NodeRemoved(id) => {
-                    self.pending.nodes.insert(*id);
-                }
-                Change::UserChanged(_) => self.pending.users = true,
-                Change::PolicyChanged | Change::DnsChanged => self.pending.full = true,
-                Change::PendingChanged(_) => continue,
-            }
-            self.pending.arm();
-        }
-        if batch.full_resync {
-            self.pending.arm();
-        }
+    /// The full netmap as of this member's latest view, assembled from the hub's shared
+    /// peer JSON (`state`, which may be a tick behind the view: peers it holds in an older
+    /// state are encoded afresh).
+    fn full_frame(&mut self, state: &HubState) -> Result<Bytes, End> {
+        let view = self.deps.view.borrow().clone();
+        let me = view.node(self.node).ok_or(End::NodeRemoved)?;
+        let ctx = MapContext {
+            view: &view,
+            presence: &self.deps.presence,
+            settings: &self.deps.settings,
+        };
+        let frame = hub::full_frame(&ctx, state, me, self.compress);
+        self.approved = me.approved;
+        self.seq = state.seq;
+        self.count("full", frame.len());
+        Ok(frame)
     }
 
-    fn note_presence(&mut self, change: PresenceChange) {
-        let id = change.node();
-        if id == self.node || !self.sent_peers.contains(&id) {
-            return;
-        }
-        match change {
-            PresenceChange::Online(id) => {
-                self.pending.online.insert(id, true);
-            }
-            PresenceChange::Offline(id) => {
-                self.pending.online.insert(id, false);
-            }
-            PresenceChange::Patched(id) => {
-                self.pending.patched.insert(id);
-            }
-        }
-        self.pending.arm();
-    }
-
-    /// Queues a frame. The first netmap waits for room; a delta that finds the queue full
-    /// is dropped and the client is owed a full netmap instead.
-    async fn send(&mut self, frame: Bytes, kind: &str, wait: bool) -> Result<bool, End> {
+    /// Queues a frame unless the queue is full, in which case the client is owed a full
+    /// netmap instead.
+    fn offer(&mut self, frame: Bytes, kind: &str) -> Result<(), End> {
         let len = frame.len();
-        if wait {
-            self.tx.send(frame).await.map_err(|_| End::ClientGone)?;
-        } else {
-            match self.tx.try_send(frame) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => return Ok(false),
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::ClientGone),
+        match self.tx.try_send(frame) {
+            Ok(()) => {
+                self.count(kind, len);
+                Ok(())
             }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.owe_full = true;
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(End::ClientGone),
         }
-        self.count(kind, len);
-        Ok(true)
     }
 
-    async fn send_full(&mut self, wait: bool) -> Result<(), End> {
-        let view = self.deps.cluster.view();
-        let node = view.node(self.node).cloned().ok_or(End::NodeRemoved)?;
-        let ctx = MapContext {
-            view: &view,
-            presence: &self.deps.presence,
-            settings: &self.deps.settings,
-        };
-        let (response, peers) = ctx.full_map(&node);
-        if self
-            .send(build::encode_frame(&response, self.compress), "full", wait)
-            .await?
-        {
-            self.sent_peers = peers;
-            self.approved = node.approved;
-            self.pending = Pending::default();
-        } else {
-            self.retry_later();
-        }
-        Ok(())
-    }
-
-    fn retry_later(&mut self) {
-        self.pending.full = true;
-        self.pending.deadline = Some(Instant::now() + COALESCE_WINDOW);
-    }
-
-    /// Sends what accumulated since the last flush as one delta.
-    async fn flush(&mut self) -> Result<(), End> {
-        let view = self.deps.cluster.view();
-        let me = view.node(self.node).cloned().ok_or(End::NodeRemoved)?;
-        if self.pending.full || me.approved != self.approved {
-            return self.send_full(false).await;
-        }
-        let ctx = MapContext {
-            view: &view,
-            presence: &self.deps.presence,
-            settings: &self.deps.settings,
-        };
-        let pending = std::mem::take(&mut self.pending);
-        let mut response = MapResponse::default();
-        let mut sent_after = self.sent_peers.clone();
-        if pending.nodes.contains(&self.node) {
-            response.node = Some(ctx.node_json(&me, true));
-        }
-        for id in pending.nodes.iter().filter(|id| **id != self.node) {
-            match view.node(*id) {
-                Some(peer) if policy::can_see(&view, &me, peer) => {
-                    response.peers_changed.push(ctx.node_json(peer, false));
-                    sent_after.insert(*id);
-                }
-                _ => {
-                    if sent_after.remove(id) {
-                        response.peers_removed.push(id.0);
-                    }
-                }
-            }
-        }
-        let rebuilt: BTreeSet<u64> = response.peers_changed.iter().map(|p| p.id).collect();
-        for (id, online) in &pending.online {
-            if sent_after.contains(id) && !rebuilt.contains(&id.0) {
-                response.online_change.insert(id.0.to_string(), *online);
-            }
-        }
-        for id in &pending.patched {
-            if sent_after.contains(id) && !rebuilt.contains(&id.0) {
-                response.peers_changed_patch.push(ctx.peer_patch(*id));
-            }
-        }
-        if pending.users || !response.peers_changed.is_empty() {
-            let users = std::iter::once(me.user).chain(
-                sent_after
-                    .iter()
-                    .filter_map(|id| view.node(*id).map(|n| n.user)),
-            );
-            response.user_profiles = ctx.user_profiles(users.collect::<BTreeSet<UserId>>());
-        }
-        if response.is_empty_delta() {
+    /// Turns one hub delta into what this client must receive.
+    fn on_delta(&mut self, delta: &Arc<Delta>) -> Result<(), End> {
+        if delta.state.seq <= self.seq || self.owe_full {
+            // Already in the netmap the client has, or a full netmap is owed anyway.
             return Ok(());
         }
-        if self
-            .send(
-                build::encode_frame(&response, self.compress),
-                "delta",
-                false,
-            )
-            .await?
-        {
-            self.sent_peers = sent_after;
-        } else {
-            self.retry_later();
+        let view = &delta.state.view;
+        let me = view.node(self.node).ok_or(End::NodeRemoved)?;
+        if delta.full || me.approved != self.approved {
+            let frame = self.full_frame(&delta.state)?;
+            return self.offer(frame, "full");
         }
-        Ok(())
+        self.seq = delta.state.seq;
+        let sees = |peer: &crate::registry::Node| policy::can_see(view, me, peer);
+        let frame = if !delta.touches(self.node) && delta.upserted.iter().all(|p| sees(&p.node)) {
+            if delta.is_empty() || delta.only_presence_of(self.node) {
+                return Ok(());
+            }
+            delta.shared_frame(self.compress)
+        } else {
+            let ctx = MapContext {
+                view,
+                presence: &self.deps.presence,
+                settings: &self.deps.settings,
+            };
+            let own = delta
+                .touches(self.node)
+                .then(|| (self.node, ctx.self_json(me)));
+            let response = delta.response(own, sees);
+            if response.is_empty_delta() {
+                return Ok(());
+            }
+            build::encode_frame(&response, self.compress)
+        };
+        self.offer(frame, "delta")
     }
 
-    async fn finish(self, end: Option<End>) {
+    /// Ends the session; true if the node went offline (its last-seen time is news).
+    fn finish(self, end: Option<End>) -> bool {
         let went_offline = self.deps.presence.session_ended(self.node);
         self.deps
             .metrics
@@ -318,17 +262,7 @@ impl Session {
             Some(End::ClientGone) => tracing::debug!("client closed the map stream"),
             None => tracing::debug!("map stream closed by shutdown"),
         }
-        if went_offline && !matches!(end, Some(End::NodeRemoved)) && !self.deps.stop.is_cancelled()
-        {
-            // One write per disconnect; peers learn LastSeen from the applied change.
-            let cluster = self.deps.cluster.clone();
-            let node = self.node;
-            self.deps.tasks.spawn(async move {
-                if let Err(error) = cluster.propose(Command::SetLastSeen { id: node }).await {
-                    tracing::debug!(node.id = %node, %error, "could not record last seen");
-                }
-            });
-        }
+        went_offline && !matches!(end, Some(End::NodeRemoved)) && !self.deps.stop.is_cancelled()
     }
 }
 

@@ -1,0 +1,415 @@
+//! The fan-out of one member: turns applied registry changes and presence changes into
+//! shared deltas, so the cost of a change is paid once per change and once per receiver
+//! that must see it — never once per receiver per peer.
+//!
+//! Every 100 ms tick that saw changes, the hub re-encodes each changed peer's JSON once,
+//! keeps it in the peer cache (from which full netmaps are assembled without encoding), and
+//! broadcasts one `Delta`. Sessions filter it by what their node may see and usually share
+//! one encoded frame per delta (`Delta::shared_frame`).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use imbl::OrdMap;
+use tokio::sync::{broadcast, watch};
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use super::build::{self, MapContext};
+use crate::control::ControlSettings;
+use crate::control::tailcfg::{MapResponse, RawJson};
+use crate::presence::{Presence, PresenceChange};
+use crate::raft::{AppliedBatch, RegistryFeed};
+use crate::registry::{Change, Node, NodeId, Registry, UserId};
+
+/// Bursts of changes (a node registering touches several records) go out as one delta.
+pub const COALESCE_WINDOW: Duration = Duration::from_millis(100);
+/// Deltas a session may fall behind before it must resync with a full netmap.
+const DELTA_CHANNEL_CAPACITY: usize = 256;
+
+/// A peer as every receiver sees it, encoded once per change.
+#[derive(Debug)]
+pub struct PeerEntry {
+    /// The registry state it was encoded from (to spot a cache older than a view).
+    pub node: Arc<Node>,
+    pub json: RawJson,
+}
+
+/// What the hub knows at one point: the registry view and every peer's encoded JSON.
+#[derive(Clone, Default)]
+pub struct HubState {
+    /// Increases by one per delta.
+    pub seq: u64,
+    pub view: Arc<Registry>,
+    pub peers: OrdMap<NodeId, Arc<PeerEntry>>,
+}
+
+/// What changed in one tick, shared by every session.
+#[derive(Default)]
+pub struct Delta {
+    pub state: HubState,
+    /// Peers created or changed (including this session's own node).
+    pub upserted: Vec<Arc<PeerEntry>>,
+    pub removed: Vec<NodeId>,
+    /// Peers whose online state changed, with the new state.
+    pub online: Vec<(NodeId, bool)>,
+    /// Peers whose endpoints or home DERP changed.
+    pub patched: Vec<(NodeId, RawJson)>,
+    /// User profiles every receiver may need (new owners, renamed users).
+    pub profiles: Vec<RawJson>,
+    /// Something no delta expresses (DNS, policy, topology, lost track): send full maps.
+    pub full: bool,
+    /// The frame a session sends when it sees every upserted peer and none is itself:
+    /// built by the first such session, sent by all of them. [plain, zstd].
+    shared: [OnceLock<Bytes>; 2],
+}
+
+impl Delta {
+    /// The delta as one frame for a receiver that sees every upserted peer and is not
+    /// among them.
+    pub fn shared_frame(&self, compress: bool) -> Bytes {
+        self.shared[usize::from(compress)]
+            .get_or_init(|| build::encode_frame(&self.response(None, |_| true), compress))
+            .clone()
+    }
+
+    /// The delta for one receiver: `me` is its own node and new JSON if the delta changes
+    /// it; `visible` says which upserted peers it may see (the others are removed from its
+    /// map, in case it had them).
+    pub fn response(
+        &self,
+        me: Option<(NodeId, RawJson)>,
+        visible: impl Fn(&Node) -> bool,
+    ) -> MapResponse {
+        let me_id = me.as_ref().map(|(id, _)| *id);
+        let mut response = MapResponse {
+            node: me.map(|(_, json)| json),
+            ..Default::default()
+        };
+        let mut rebuilt = BTreeSet::new();
+        for peer in &self.upserted {
+            if Some(peer.node.id) == me_id {
+                continue;
+            }
+            if visible(&peer.node) {
+                response.peers_changed.push(peer.json.clone());
+                rebuilt.insert(peer.node.id);
+            } else {
+                response.peers_removed.push(peer.node.id.0);
+            }
+        }
+        response
+            .peers_removed
+            .extend(self.removed.iter().map(|id| id.0));
+        // A peer sent whole needs no patch; patches for peers a client does not have are
+        // ignored by it (tailscale's mapSession skips unknown node ids).
+        for (id, online) in &self.online {
+            if !rebuilt.contains(id) {
+                response.online_change.insert(id.0.to_string(), *online);
+            }
+        }
+        for (id, patch) in &self.patched {
+            if !rebuilt.contains(id) {
+                response.peers_changed_patch.push(patch.clone());
+            }
+        }
+        response.user_profiles = self.profiles.clone();
+        response
+    }
+
+    /// Whether the delta carries nothing for anyone.
+    pub fn is_empty(&self) -> bool {
+        self.upserted.is_empty()
+            && self.removed.is_empty()
+            && self.online.is_empty()
+            && self.patched.is_empty()
+            && self.profiles.is_empty()
+    }
+
+    /// Whether the delta only reports `id`'s own presence (nothing its client needs: it
+    /// knows whether it is online, and its own endpoints).
+    pub fn only_presence_of(&self, id: NodeId) -> bool {
+        self.upserted.is_empty()
+            && self.removed.is_empty()
+            && self.profiles.is_empty()
+            && self.online.iter().all(|(n, _)| *n == id)
+            && self.patched.iter().all(|(n, _)| *n == id)
+    }
+
+    /// Whether the delta changes this node itself.
+    pub fn touches(&self, id: NodeId) -> bool {
+        self.upserted.iter().any(|p| p.node.id == id)
+    }
+}
+
+/// What sessions subscribe through.
+#[derive(Clone)]
+pub struct HubHandle {
+    state: watch::Receiver<HubState>,
+    deltas: broadcast::Sender<Arc<Delta>>,
+}
+
+impl HubHandle {
+    /// Subscribes to deltas, then reads the current state: no delta falls in between
+    /// (deltas with `seq` at or below the state's are already in it).
+    pub fn subscribe(&self) -> (broadcast::Receiver<Arc<Delta>>, HubState) {
+        let rx = self.deltas.subscribe();
+        (rx, self.current())
+    }
+
+    /// The latest state (O(1): persistent maps).
+    pub fn current(&self) -> HubState {
+        self.state.borrow().clone()
+    }
+}
+
+/// What one delta covers.
+#[derive(Default, Debug)]
+pub struct ChangeSet {
+    /// Nodes created, changed or removed in the registry.
+    pub nodes: BTreeSet<NodeId>,
+    /// Nodes whose presence (online, endpoints, home DERP) changed.
+    pub presence: BTreeSet<NodeId>,
+    /// Users created, renamed or deleted.
+    pub users: BTreeSet<UserId>,
+    /// Something no delta expresses: every session resyncs.
+    pub full: bool,
+}
+
+/// What the next delta must cover, and when it goes out.
+#[derive(Default)]
+struct Pending {
+    changes: ChangeSet,
+    deadline: Option<Instant>,
+}
+
+impl Pending {
+    fn arm(&mut self) {
+        self.deadline
+            .get_or_insert_with(|| Instant::now() + COALESCE_WINDOW);
+    }
+}
+
+impl HubState {
+    /// Encodes every node of `ctx.view` (a member's start).
+    pub fn encode_all(ctx: &MapContext<'_>, view: Arc<Registry>) -> HubState {
+        let peers = view
+            .nodes()
+            .map(|node| (node.id, Arc::new(encode(ctx, node))))
+            .collect();
+        HubState {
+            seq: 0,
+            view,
+            peers,
+        }
+    }
+
+    /// Moves to `ctx.view`, re-encoding each changed peer once, and returns the delta.
+    pub fn advance(
+        &mut self,
+        ctx: &MapContext<'_>,
+        view: Arc<Registry>,
+        changes: &ChangeSet,
+    ) -> Delta {
+        let mut delta = Delta {
+            full: changes.full,
+            ..Default::default()
+        };
+        let mut owners = changes.users.clone();
+        for id in changes.nodes.iter().chain(&changes.presence) {
+            match view.node(*id) {
+                Some(node) => {
+                    let entry = Arc::new(encode(ctx, node));
+                    self.peers.insert(*id, entry.clone());
+                    if changes.nodes.contains(id) {
+                        owners.insert(node.user);
+                        delta.upserted.push(entry);
+                    }
+                }
+                None => {
+                    if self.peers.remove(id).is_some() || changes.nodes.contains(id) {
+                        delta.removed.push(*id);
+                    }
+                }
+            }
+        }
+        delta.removed.sort_unstable();
+        delta.removed.dedup();
+        for id in changes.presence.difference(&changes.nodes) {
+            if view.node(*id).is_some() {
+                delta.online.push((*id, ctx.presence.is_online(*id)));
+                delta.patched.push((*id, ctx.peer_patch(*id)));
+            }
+        }
+        delta.profiles = ctx.user_profiles(owners);
+        self.seq += 1;
+        self.view = view;
+        delta.state = self.clone();
+        delta
+    }
+}
+
+/// The hub task and its handle.
+pub struct MapHub {
+    feed: RegistryFeed,
+    presence: Presence,
+    settings: Arc<ControlSettings>,
+    batches: broadcast::Receiver<Arc<AppliedBatch>>,
+    presence_changes: broadcast::Receiver<PresenceChange>,
+    state: watch::Sender<HubState>,
+    deltas: broadcast::Sender<Arc<Delta>>,
+    pending: Pending,
+}
+
+impl MapHub {
+    /// Builds the peer cache from the current view; `run` keeps it current.
+    pub fn new(
+        feed: RegistryFeed,
+        presence: Presence,
+        settings: Arc<ControlSettings>,
+    ) -> (MapHub, HubHandle) {
+        // Subscribed before the view is read, so no change falls in between.
+        let batches = feed.batches.subscribe();
+        let presence_changes = presence.subscribe();
+        let view = feed.view();
+        let initial = {
+            let ctx = MapContext {
+                view: &view,
+                presence: &presence,
+                settings: &settings,
+            };
+            HubState::encode_all(&ctx, view.clone())
+        };
+        let (state, state_rx) = watch::channel(initial);
+        let (deltas, _) = broadcast::channel(DELTA_CHANNEL_CAPACITY);
+        let handle = HubHandle {
+            state: state_rx,
+            deltas: deltas.clone(),
+        };
+        let hub = MapHub {
+            feed,
+            presence,
+            settings,
+            batches,
+            presence_changes,
+            state,
+            deltas,
+            pending: Pending::default(),
+        };
+        (hub, handle)
+    }
+
+    pub async fn run(mut self, stop: CancellationToken) {
+        let mut topology = self.settings.topology.clone();
+        topology.mark_unchanged();
+        // The topology's sender lives as long as the member; without it nothing changes.
+        let mut topology_live = true;
+        loop {
+            let flush_at = self.pending.deadline;
+            tokio::select! {
+                () = stop.cancelled() => return,
+                batch = self.batches.recv() => match batch {
+                    Ok(batch) => self.note_batch(&batch),
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.lost_track(),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                change = self.presence_changes.recv() => match change {
+                    Ok(change) => { self.pending.changes.presence.insert(change.node()); self.pending.arm(); }
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.lost_track(),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                changed = topology.changed(), if topology_live => match changed {
+                    Ok(()) => { self.pending.changes.full = true; self.pending.arm(); }
+                    Err(_) => topology_live = false,
+                },
+                () = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => self.flush(),
+            }
+        }
+    }
+
+    /// Missed changes: re-encode everything and have every session resync.
+    fn lost_track(&mut self) {
+        let changes = &mut self.pending.changes;
+        changes.full = true;
+        changes.nodes.extend(self.feed.view().nodes().map(|n| n.id));
+        changes
+            .nodes
+            .extend(self.state.borrow().peers.keys().copied());
+        self.pending.arm();
+    }
+
+    fn note_batch(&mut self, batch: &AppliedBatch) {
+        if batch.full_resync {
+            self.lost_track();
+        }
+        for change in &batch.changes {
+            match change {
+                Change::NodeUpserted(id) | Change::NodeRemoved(id) => {
+                    self.pending.changes.nodes.insert(*id);
+                }
+                Change::UserChanged(id) => {
+                    self.pending.changes.users.insert(*id);
+                }
+                Change::PolicyChanged | Change::DnsChanged => self.pending.changes.full = true,
+                Change::PendingChanged(_) => continue,
+            }
+            self.pending.arm();
+        }
+    }
+
+    /// Encodes what changed once and publishes it.
+    fn flush(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        let view = self.feed.view();
+        let ctx = MapContext {
+            view: &view,
+            presence: &self.presence,
+            settings: &self.settings,
+        };
+        let mut state = self.state.borrow().clone();
+        let delta = state.advance(&ctx, view.clone(), &pending.changes);
+        self.state.send_replace(state);
+        // No receivers is fine: nobody is streaming.
+        let _ = self.deltas.send(Arc::new(delta));
+    }
+}
+
+fn encode(ctx: &MapContext<'_>, node: &Arc<Node>) -> PeerEntry {
+    PeerEntry {
+        node: node.clone(),
+        json: ctx.peer_json(node),
+    }
+}
+
+/// The full netmap for `me` as of `state`, as one frame, assembled from the shared peer
+/// JSON.
+pub fn full_frame(ctx: &MapContext<'_>, state: &HubState, me: &Node, compress: bool) -> Bytes {
+    let (peers, owners) = visible_peers(ctx, state, me);
+    build::encode_frame(&ctx.full_map(me, peers, owners), compress)
+}
+
+/// The shared peer JSON of every peer `me` may see, with their owners; a peer the cache
+/// holds in another state than `view` is encoded afresh (the hub sends its change as a
+/// delta soon anyway).
+pub fn visible_peers(
+    ctx: &MapContext<'_>,
+    state: &HubState,
+    me: &Node,
+) -> (Vec<RawJson>, BTreeSet<UserId>) {
+    let mut peers = Vec::new();
+    let mut owners = BTreeSet::new();
+    for peer in ctx.view.nodes() {
+        if !crate::control::policy::can_see(ctx.view, me, peer) {
+            continue;
+        }
+        let json = match state.peers.get(&peer.id) {
+            Some(entry) if Arc::ptr_eq(&entry.node, peer) => entry.json.clone(),
+            _ => ctx.peer_json(peer),
+        };
+        owners.insert(peer.user);
+        peers.push(json);
+    }
+    (peers, owners)
+}

@@ -1,0 +1,312 @@
+//! The hub and map sessions on paused tokio time: coalescing, keep-alives, the full-map
+//! fallback of a stalled reader, and one shared frame per delta.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::hub::MapHub;
+use super::session::{KEEPALIVE_INTERVAL, SESSION_QUEUE_FRAMES, Session, SessionDeps};
+use crate::control::{ControlSettings, Topology};
+use crate::presence::Presence;
+use crate::raft::{AppliedBatch, RegistryFeed};
+use crate::registry::secrets::{self, SecretKind};
+use crate::registry::*;
+use crate::telemetry::Metrics;
+
+/// A registry fed by hand, as a member's state machine would feed it.
+struct Feed {
+    registry: Registry,
+    key: String,
+    view: watch::Sender<Arc<Registry>>,
+    batches: broadcast::Sender<Arc<AppliedBatch>>,
+    clock: i64,
+}
+
+impl Feed {
+    fn new() -> Feed {
+        let mut registry = Registry::new(ClusterSettings::default());
+        let at = Timestamp(1_700_000_000_000);
+        registry.apply(&Request::single(
+            at,
+            Command::CreateUser { name: "u".into() },
+        ));
+        let secret = secrets::generate(SecretKind::PreAuth);
+        registry.apply(&Request::single(
+            at,
+            Command::CreatePreAuthKey {
+                user: "u".into(),
+                prefix: secret.prefix,
+                hash: secret.hash,
+                reusable: true,
+                ephemeral: false,
+                expiration: None,
+                tags: vec![],
+            },
+        ));
+        let (view, _) = watch::channel(Arc::new(registry.clone()));
+        let (batches, _) = broadcast::channel(64);
+        Feed {
+            registry,
+            key: secret.full,
+            view,
+            batches,
+            clock: at.0,
+        }
+    }
+
+    fn registry_feed(&self) -> RegistryFeed {
+        RegistryFeed {
+            view: self.view.subscribe(),
+            batches: self.batches.clone(),
+        }
+    }
+
+    /// Applies a command and publishes the view and its changes.
+    fn apply(&mut self, command: Command) -> Outcome {
+        self.clock += 1;
+        let mut applied = self
+            .registry
+            .apply(&Request::single(Timestamp(self.clock), command));
+        let view = Arc::new(self.registry.clone());
+        self.view.send_replace(view.clone());
+        let _ = self.batches.send(Arc::new(AppliedBatch {
+            last_applied: self.clock as u64,
+            changes: applied.changes,
+            view,
+            full_resync: false,
+        }));
+        applied.outcomes.remove(0)
+    }
+
+    fn register(&mut self, n: u8, host: &str) -> NodeId {
+        let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &self.key).unwrap();
+        let out = self.apply(Command::RegisterNode {
+            request: NodeRequest {
+                machine_key: MachineKey([n; 32]),
+                node_key: NodeKey([n.wrapping_add(100); 32]),
+                hostname: host.into(),
+                hostinfo: format!("{{\"Hostname\":\"{host}\"}}"),
+                request_tags: vec![],
+                ephemeral: false,
+            },
+            auth: NodeAuth::PreAuthKey { prefix, hash },
+            auto_approve: true,
+            expiry: None,
+        });
+        match out {
+            Outcome::Node(node) => node.id,
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+fn settings() -> Arc<ControlSettings> {
+    Arc::new(ControlSettings {
+        member_id: 1,
+        server_url: "http://127.0.0.1:8080".into(),
+        base_domain: "hsd.internal".into(),
+        magic_dns: true,
+        nameservers: vec![],
+        search_domains: vec![],
+        topology: watch::channel(Arc::new(Topology::default())).1,
+        auto_approve: true,
+        node_key_expiry: None,
+        registration_timeout: Duration::from_secs(60),
+        ephemeral_inactivity_timeout: Duration::from_secs(60),
+    })
+}
+
+/// A hub running on `feed`, and what sessions need.
+struct Harness {
+    deps: SessionDeps,
+    stop: CancellationToken,
+}
+
+impl Harness {
+    fn start(feed: &Feed) -> Harness {
+        let presence = Presence::new(1);
+        let settings = settings();
+        let stop = CancellationToken::new();
+        let (hub, handle) = MapHub::new(feed.registry_feed(), presence.clone(), settings.clone());
+        tokio::spawn(hub.run(stop.clone()));
+        Harness {
+            deps: SessionDeps {
+                view: feed.view.subscribe(),
+                hub: handle,
+                presence,
+                settings,
+                metrics: Arc::new(Metrics::new()),
+                stop: stop.clone(),
+            },
+            stop,
+        }
+    }
+
+    fn session(&self, node: NodeId) -> mpsc::Receiver<Bytes> {
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE_FRAMES);
+        self.deps.presence.session_started(node);
+        tokio::spawn(Session::new(self.deps.clone(), node, false, tx).run());
+        rx
+    }
+
+    fn full_maps_sent(&self) -> u64 {
+        self.deps
+            .metrics
+            .map_responses
+            .with_label_values(&["full"])
+            .get()
+    }
+}
+
+fn decode(frame: &Bytes) -> Value {
+    let len = u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize;
+    assert_eq!(frame.len(), 4 + len, "one message per frame");
+    serde_json::from_slice(&frame[4..]).unwrap()
+}
+
+async fn next(rx: &mut mpsc::Receiver<Bytes>) -> Value {
+    decode(&rx.recv().await.expect("the session is streaming"))
+}
+
+fn peer_keys(v: &Value, field: &str) -> Vec<String> {
+    v[field]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| p["Key"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_changes_goes_out_as_one_delta() {
+    let mut feed = Feed::new();
+    let me = feed.register(1, "watcher");
+    let h = Harness::start(&feed);
+    let mut rx = h.session(me);
+    let full = next(&mut rx).await;
+    assert!(full["Peers"].as_array().unwrap().is_empty(), "{full}");
+
+    let t0 = tokio::time::Instant::now();
+    for (n, host) in [(2, "a"), (3, "b"), (4, "c")] {
+        feed.register(n, host);
+    }
+    let delta = next(&mut rx).await;
+    assert!(t0.elapsed() >= super::hub::COALESCE_WINDOW);
+    assert_eq!(peer_keys(&delta, "PeersChanged").len(), 3, "{delta}");
+    assert!(delta.get("Peers").is_none(), "a delta, not a full map");
+    // The next frame is the keep-alive: nothing else was sent for the burst.
+    let keepalive = next(&mut rx).await;
+    assert_eq!(keepalive["KeepAlive"], true, "{keepalive}");
+    assert!(t0.elapsed() >= KEEPALIVE_INTERVAL);
+    h.stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_stream_gets_a_keepalive_about_every_fifty_seconds() {
+    let mut feed = Feed::new();
+    let me = feed.register(1, "quiet");
+    let h = Harness::start(&feed);
+    let mut rx = h.session(me);
+    let t0 = tokio::time::Instant::now();
+    next(&mut rx).await;
+    for _ in 0..3 {
+        let v = next(&mut rx).await;
+        assert_eq!(v, serde_json::json!({ "KeepAlive": true }));
+    }
+    let elapsed = t0.elapsed();
+    // 50 s each, plus up to 9 s of jitter after the first; the client gives up after 120 s.
+    assert!(elapsed >= KEEPALIVE_INTERVAL * 3, "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(3 * 60), "{elapsed:?}");
+    h.stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_reader_is_owed_one_full_map_not_one_per_tick() {
+    let mut feed = Feed::new();
+    let me = feed.register(1, "slow");
+    let h = Harness::start(&feed);
+    let mut rx = h.session(me);
+    // The client reads nothing: one change per tick fills its queue and then some.
+    let extra = SESSION_QUEUE_FRAMES as u8 + 10;
+    for i in 0..extra {
+        feed.register(10 + i, &format!("p{i}"));
+        tokio::time::sleep(super::hub::COALESCE_WINDOW * 2).await;
+    }
+    assert_eq!(
+        h.full_maps_sent(),
+        1,
+        "only the first netmap was built while the client was stalled"
+    );
+    // The client drains its queue: the first netmap and the deltas that fit.
+    let mut drained = Vec::new();
+    for _ in 0..SESSION_QUEUE_FRAMES {
+        drained.push(next(&mut rx).await);
+    }
+    assert!(drained[0].get("Peers").is_some());
+    assert!(drained[1..].iter().all(|f| f.get("Peers").is_none()));
+    // Then one full netmap with every peer, as soon as there is room.
+    let resync = next(&mut rx).await;
+    assert_eq!(
+        resync["Peers"].as_array().map(Vec::len),
+        Some(extra as usize),
+        "{resync}"
+    );
+    assert_eq!(h.full_maps_sent(), 2);
+    h.stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn receivers_share_one_frame_and_a_changed_node_gets_its_own() {
+    let mut feed = Feed::new();
+    let a = feed.register(1, "a");
+    let b = feed.register(2, "b");
+    let c = feed.register(3, "c");
+    let h = Harness::start(&feed);
+    let mut rx_a = h.session(a);
+    let mut rx_b = h.session(b);
+    let mut rx_c = h.session(c);
+    for rx in [&mut rx_a, &mut rx_b, &mut rx_c] {
+        next(rx).await;
+    }
+    // Online changes of the three sessions arrive as one delta for each.
+    let mut seen = Vec::new();
+    for rx in [&mut rx_a, &mut rx_b, &mut rx_c] {
+        seen.push(rx.recv().await.unwrap());
+    }
+    feed.apply(Command::RenameNode {
+        id: c,
+        name: "renamed".into(),
+    });
+    let frame_a = rx_a.recv().await.unwrap();
+    let frame_b = rx_b.recv().await.unwrap();
+    assert_eq!(
+        frame_a.as_ptr(),
+        frame_b.as_ptr(),
+        "a and b see the same delta: one encoding, shared"
+    );
+    let for_a = decode(&frame_a);
+    assert!(
+        for_a["PeersChanged"][0]["Name"]
+            .as_str()
+            .unwrap()
+            .starts_with("renamed.")
+    );
+    assert!(for_a.get("Node").is_none());
+    let for_c = next(&mut rx_c).await;
+    assert!(
+        for_c["Node"]["Name"]
+            .as_str()
+            .unwrap()
+            .starts_with("renamed."),
+        "the renamed node gets its own new self: {for_c}"
+    );
+    assert!(for_c.get("PeersChanged").is_none(), "{for_c}");
+    h.stop.cancel();
+}
