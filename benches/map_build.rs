@@ -14,7 +14,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use hsd::control::map::build::MapContext;
-use hsd::control::map::hub::{self, ChangeSet, HubState};
+use hsd::control::map::full;
+use hsd::control::map::hub::{ChangeSet, HubState};
 use hsd::presence::Presence;
 use hsd::registry::secrets::{self, SecretKind};
 use hsd::registry::*;
@@ -102,10 +103,10 @@ fn bench(c: &mut Criterion) {
         };
         let state = HubState::encode_all(&ctx, view.clone());
         group.bench_with_input(BenchmarkId::new("full_map_zstd", size), &size, |b, _| {
-            b.iter(|| hub::full_frame(&ctx, &state, &me, true))
+            b.iter(|| full::full_message(&ctx, &state, &me, true))
         });
         group.bench_with_input(BenchmarkId::new("full_map_json", size), &size, |b, _| {
-            b.iter(|| hub::full_frame(&ctx, &state, &me, false))
+            b.iter(|| full::full_message(&ctx, &state, &me, false))
         });
         let changed = view.nodes().nth(1).expect("two nodes").id;
         let changes = ChangeSet {

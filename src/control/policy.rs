@@ -26,3 +26,15 @@ pub fn packet_filters(_view: &Registry, node: &Node) -> Value {
         }]
     })
 }
+
+/// Whether every node that `sees_all_shared` has `peer` in its netmap. Such peers are
+/// encoded once into shared blocks that full netmaps are assembled from.
+pub fn seen_by_all(_view: &Registry, peer: &Node) -> bool {
+    peer.approved
+}
+
+/// Whether `viewer` sees exactly the peers `seen_by_all` selects (except itself), so its
+/// full netmap can be assembled from the shared blocks.
+pub fn sees_all_shared(_view: &Registry, viewer: &Node) -> bool {
+    viewer.approved
+}

@@ -267,13 +267,66 @@ fn stored_hostinfo(text: &str) -> Box<RawValue> {
 /// `compress` is false only for clients that did not ask for zstd.
 pub fn encode_frame(response: &MapResponse, compress: bool) -> Bytes {
     let json = serde_json::to_vec(response).expect("map responses always serialize");
-    let body = if compress {
-        zstd::bulk::compress(&json, 1).expect("zstd compression into a Vec cannot fail")
-    } else {
-        json
-    };
+    let body = if compress { zstd_frame(&json) } else { json };
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
     Bytes::from(out)
+}
+
+/// One zstd frame of `data` at the fastest level (what tailscale's own control sends).
+pub fn zstd_frame(data: &[u8]) -> Vec<u8> {
+    zstd::bulk::compress(data, 1).expect("zstd compression into a Vec cannot fail")
+}
+
+/// One message on the map stream as the chunks it is written in: the length prefix, then
+/// the body — one zstd frame, or several that the client decodes as one (tailscale's
+/// `zstdframe.AppendDecode` takes "zero or more frames"). Chunks shared by many receivers
+/// (blocks of peers) are the same memory for all of them.
+#[derive(Clone, Debug, Default)]
+pub struct Message {
+    chunks: Vec<Bytes>,
+}
+
+impl Message {
+    /// A message already framed with its length prefix.
+    pub fn framed(frame: Bytes) -> Message {
+        Message {
+            chunks: vec![frame],
+        }
+    }
+
+    /// A message from body chunks; the length prefix is added here.
+    pub fn from_body(body: Vec<Bytes>) -> Message {
+        let len: usize = body.iter().map(Bytes::len).sum();
+        let mut chunks = Vec::with_capacity(body.len() + 1);
+        chunks.push(Bytes::copy_from_slice(&(len as u32).to_le_bytes()));
+        chunks.extend(body);
+        Message { chunks }
+    }
+
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn into_chunks(self) -> Vec<Bytes> {
+        self.chunks
+    }
+
+    /// The whole message in one buffer (tests, tools).
+    pub fn to_bytes(&self) -> Bytes {
+        if let [one] = self.chunks.as_slice() {
+            return one.clone();
+        }
+        let mut out = Vec::with_capacity(self.len());
+        for c in &self.chunks {
+            out.extend_from_slice(c);
+        }
+        Bytes::from(out)
+    }
 }

@@ -37,13 +37,70 @@ pub struct PeerEntry {
     pub json: RawJson,
 }
 
-/// What the hub knows at one point: the registry view and every peer's encoded JSON.
+/// Node ids per block of shared peers.
+pub const BLOCK_IDS: u64 = 256;
+
+/// The peers of one range of node ids that every node sees (`policy::seen_by_all`), joined
+/// into one JSON fragment and compressed once, lazily, for all full netmaps that include
+/// them. Node ids are never reused and grow, so a block changes only when one of its own
+/// nodes does.
+#[derive(Debug, Default)]
+pub struct PeerBlock {
+    pub entries: Vec<Arc<PeerEntry>>,
+    /// [the peers' JSON joined by commas, one zstd frame of it]
+    encoded: [OnceLock<Bytes>; 2],
+}
+
+impl PeerBlock {
+    fn build(view: &Registry, peers: &OrdMap<NodeId, Arc<PeerEntry>>, block: u64) -> PeerBlock {
+        let range = NodeId(block * BLOCK_IDS)..NodeId((block + 1) * BLOCK_IDS);
+        PeerBlock {
+            entries: peers
+                .range(range)
+                .filter(|(_, e)| crate::control::policy::seen_by_all(view, &e.node))
+                .map(|(_, e)| e.clone())
+                .collect(),
+            encoded: Default::default(),
+        }
+    }
+
+    /// The block's peers as JSON array elements (`compress` false), or a zstd frame of
+    /// them.
+    pub fn bytes(&self, compress: bool) -> Bytes {
+        self.encoded[usize::from(compress)]
+            .get_or_init(|| {
+                let plain = self.encoded[0].get_or_init(|| join_json(&self.entries));
+                if compress {
+                    Bytes::from(build::zstd_frame(plain))
+                } else {
+                    plain.clone()
+                }
+            })
+            .clone()
+    }
+}
+
+/// Peers' JSON joined by commas.
+fn join_json(entries: &[Arc<PeerEntry>]) -> Bytes {
+    let mut out = Vec::with_capacity(entries.iter().map(|e| e.json.get().len() + 1).sum());
+    for (i, e) in entries.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(e.json.get().as_bytes());
+    }
+    Bytes::from(out)
+}
+
+/// What the hub knows at one point: the registry view, every peer's encoded JSON, and the
+/// shared blocks full netmaps are assembled from.
 #[derive(Clone, Default)]
 pub struct HubState {
     /// Increases by one per delta.
     pub seq: u64,
     pub view: Arc<Registry>,
     pub peers: OrdMap<NodeId, Arc<PeerEntry>>,
+    pub blocks: OrdMap<u64, Arc<PeerBlock>>,
 }
 
 /// What changed in one tick, shared by every session.
@@ -195,14 +252,29 @@ impl Pending {
 impl HubState {
     /// Encodes every node of `ctx.view` (a member's start).
     pub fn encode_all(ctx: &MapContext<'_>, view: Arc<Registry>) -> HubState {
-        let peers = view
+        let peers: OrdMap<NodeId, Arc<PeerEntry>> = view
             .nodes()
             .map(|node| (node.id, Arc::new(encode(ctx, node))))
             .collect();
-        HubState {
+        let mut state = HubState {
             seq: 0,
             view,
             peers,
+            blocks: OrdMap::new(),
+        };
+        let all: BTreeSet<u64> = state.peers.keys().map(|id| id.0 / BLOCK_IDS).collect();
+        state.rebuild_blocks(all);
+        state
+    }
+
+    fn rebuild_blocks(&mut self, blocks: BTreeSet<u64>) {
+        for b in blocks {
+            let block = PeerBlock::build(&self.view, &self.peers, b);
+            if block.entries.is_empty() {
+                self.blocks.remove(&b);
+            } else {
+                self.blocks.insert(b, Arc::new(block));
+            }
         }
     }
 
@@ -246,6 +318,18 @@ impl HubState {
         delta.profiles = ctx.user_profiles(owners);
         self.seq += 1;
         self.view = view;
+        let touched = if changes.full {
+            // Visibility may have changed for anyone (a new policy).
+            self.peers.keys().map(|id| id.0 / BLOCK_IDS).collect()
+        } else {
+            changes
+                .nodes
+                .iter()
+                .chain(&changes.presence)
+                .map(|id| id.0 / BLOCK_IDS)
+                .collect()
+        };
+        self.rebuild_blocks(touched);
         delta.state = self.clone();
         delta
     }
@@ -381,13 +465,6 @@ fn encode(ctx: &MapContext<'_>, node: &Arc<Node>) -> PeerEntry {
         node: node.clone(),
         json: ctx.peer_json(node),
     }
-}
-
-/// The full netmap for `me` as of `state`, as one frame, assembled from the shared peer
-/// JSON.
-pub fn full_frame(ctx: &MapContext<'_>, state: &HubState, me: &Node, compress: bool) -> Bytes {
-    let (peers, owners) = visible_peers(ctx, state, me);
-    build::encode_frame(&ctx.full_map(me, peers, owners), compress)
 }
 
 /// The shared peer JSON of every peer `me` may see, with their owners; a peer the cache

@@ -1,6 +1,7 @@
 //! `POST /machine/map`: lite updates, one-shot netmaps, and streaming sessions.
 
 pub mod build;
+pub mod full;
 pub mod hub;
 pub mod session;
 
@@ -11,6 +12,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 
 use super::tailcfg::{self, MapRequest};
 use super::{ControlDeps, NoisePeer};
@@ -119,11 +121,17 @@ pub async fn handle(
         return ([(header::CONTENT_TYPE, "application/octet-stream")], frame).into_response();
     }
     let rx = session::start(&deps, node.id, compress);
+    // Each message goes out as its chunks: shared blocks are written, never copied.
     let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|frame| (Ok::<Bytes, std::convert::Infallible>(frame), rx))
-    });
+        rx.recv().await.map(|message| {
+            let chunks = message.into_chunks().into_iter();
+            (
+                futures::stream::iter(chunks.map(Ok::<Bytes, std::convert::Infallible>)),
+                rx,
+            )
+        })
+    })
+    .flatten();
     (
         [(header::CONTENT_TYPE, "application/octet-stream")],
         Body::from_stream(stream),

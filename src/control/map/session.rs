@@ -10,13 +10,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::{Instant, sleep_until};
 use tracing::Instrument;
 
-use super::build::{self, MapContext};
-use super::hub::{self, Delta, HubHandle, HubState};
+use super::build::{self, MapContext, Message};
+use super::full;
+use super::hub::{Delta, HubHandle, HubState};
 use crate::control::tailcfg::MapResponse;
 use crate::control::{ControlDeps, ControlSettings, policy};
 use crate::presence::Presence;
@@ -59,7 +59,7 @@ impl SessionDeps {
 /// Starts a session for `node`, which the caller has counted online
 /// (`Presence::session_started`); the returned receiver is the response body. When the
 /// node's last session ends, its last-seen time is written through Raft.
-pub fn start(deps: &ControlDeps, node: NodeId, compress: bool) -> mpsc::Receiver<Bytes> {
+pub fn start(deps: &ControlDeps, node: NodeId, compress: bool) -> mpsc::Receiver<Message> {
     let (tx, rx) = mpsc::channel(SESSION_QUEUE_FRAMES);
     let session = Session::new(SessionDeps::of(deps), node, compress, tx);
     let span = tracing::debug_span!("map", node.id = %node);
@@ -82,7 +82,7 @@ pub(super) struct Session {
     deps: SessionDeps,
     node: NodeId,
     compress: bool,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Message>,
     /// Self approval as last sent; a change flips every peer's visibility.
     approved: bool,
     /// The hub state the client's netmap reflects; older deltas are skipped.
@@ -102,7 +102,7 @@ impl Session {
         deps: SessionDeps,
         node: NodeId,
         compress: bool,
-        tx: mpsc::Sender<Bytes>,
+        tx: mpsc::Sender<Message>,
     ) -> Self {
         Session {
             deps,
@@ -128,13 +128,13 @@ impl Session {
     }
 
     async fn stream(&mut self) -> Result<(), End> {
-        let keepalive_frame = build::encode_frame(
+        let keepalive_frame = Message::framed(build::encode_frame(
             &MapResponse {
                 keep_alive: true,
                 ..Default::default()
             },
             self.compress,
-        );
+        ));
         let (mut deltas, state) = self.deps.hub.subscribe();
         let first = self.full_frame(&state)?;
         self.tx.send(first).await.map_err(|_| End::ClientGone)?;
@@ -181,7 +181,7 @@ impl Session {
     /// The full netmap as of this member's latest view, assembled from the hub's shared
     /// peer JSON (`state`, which may be a tick behind the view: peers it holds in an older
     /// state are encoded afresh).
-    fn full_frame(&mut self, state: &HubState) -> Result<Bytes, End> {
+    fn full_frame(&mut self, state: &HubState) -> Result<Message, End> {
         let view = self.deps.view.borrow().clone();
         let me = view.node(self.node).ok_or(End::NodeRemoved)?;
         let ctx = MapContext {
@@ -189,7 +189,7 @@ impl Session {
             presence: &self.deps.presence,
             settings: &self.deps.settings,
         };
-        let frame = hub::full_frame(&ctx, state, me, self.compress);
+        let frame = full::full_message(&ctx, state, me, self.compress);
         self.approved = me.approved;
         self.seq = state.seq;
         self.count("full", frame.len());
@@ -198,7 +198,7 @@ impl Session {
 
     /// Queues a frame unless the queue is full, in which case the client is owed a full
     /// netmap instead.
-    fn offer(&mut self, frame: Bytes, kind: &str) -> Result<(), End> {
+    fn offer(&mut self, frame: Message, kind: &str) -> Result<(), End> {
         let len = frame.len();
         match self.tx.try_send(frame) {
             Ok(()) => {
@@ -231,7 +231,7 @@ impl Session {
             if delta.is_empty() || delta.only_presence_of(self.node) {
                 return Ok(());
             }
-            delta.shared_frame(self.compress)
+            Message::framed(delta.shared_frame(self.compress))
         } else {
             let ctx = MapContext {
                 view,
@@ -245,7 +245,7 @@ impl Session {
             if response.is_empty_delta() {
                 return Ok(());
             }
-            build::encode_frame(&response, self.compress)
+            Message::framed(build::encode_frame(&response, self.compress))
         };
         self.offer(frame, "delta")
     }

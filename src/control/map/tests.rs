@@ -9,6 +9,7 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::build::Message;
 use super::hub::MapHub;
 use super::session::{KEEPALIVE_INTERVAL, SESSION_QUEUE_FRAMES, Session, SessionDeps};
 use crate::control::{ControlSettings, Topology};
@@ -147,7 +148,7 @@ impl Harness {
         }
     }
 
-    fn session(&self, node: NodeId) -> mpsc::Receiver<Bytes> {
+    fn session(&self, node: NodeId) -> mpsc::Receiver<Message> {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE_FRAMES);
         self.deps.presence.session_started(node);
         tokio::spawn(Session::new(self.deps.clone(), node, false, tx).run());
@@ -169,8 +170,13 @@ fn decode(frame: &Bytes) -> Value {
     serde_json::from_slice(&frame[4..]).unwrap()
 }
 
-async fn next(rx: &mut mpsc::Receiver<Bytes>) -> Value {
-    decode(&rx.recv().await.expect("the session is streaming"))
+async fn next(rx: &mut mpsc::Receiver<Message>) -> Value {
+    decode(
+        &rx.recv()
+            .await
+            .expect("the session is streaming")
+            .to_bytes(),
+    )
 }
 
 fn peer_keys(v: &Value, field: &str) -> Vec<String> {
@@ -276,16 +282,15 @@ async fn receivers_share_one_frame_and_a_changed_node_gets_its_own() {
         next(rx).await;
     }
     // Online changes of the three sessions arrive as one delta for each.
-    let mut seen = Vec::new();
     for rx in [&mut rx_a, &mut rx_b, &mut rx_c] {
-        seen.push(rx.recv().await.unwrap());
+        rx.recv().await.unwrap();
     }
     feed.apply(Command::RenameNode {
         id: c,
         name: "renamed".into(),
     });
-    let frame_a = rx_a.recv().await.unwrap();
-    let frame_b = rx_b.recv().await.unwrap();
+    let frame_a = rx_a.recv().await.unwrap().to_bytes();
+    let frame_b = rx_b.recv().await.unwrap().to_bytes();
     assert_eq!(
         frame_a.as_ptr(),
         frame_b.as_ptr(),
@@ -309,4 +314,77 @@ async fn receivers_share_one_frame_and_a_changed_node_gets_its_own() {
     );
     assert!(for_c.get("PeersChanged").is_none(), "{for_c}");
     h.stop.cancel();
+}
+
+#[test]
+fn a_netmap_assembled_from_shared_blocks_equals_one_encoded_for_the_node() {
+    let mut feed = Feed::new();
+    let mut ids = Vec::new();
+    // Enough nodes for three blocks, the watcher in the middle one.
+    for i in 0..600u32 {
+        let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &feed.key).unwrap();
+        let mut machine = [0u8; 32];
+        machine[..4].copy_from_slice(&i.to_be_bytes());
+        let mut node_key = machine;
+        node_key[31] = 1;
+        let out = feed.apply(Command::RegisterNode {
+            request: NodeRequest {
+                machine_key: MachineKey(machine),
+                node_key: NodeKey(node_key),
+                hostname: format!("h{i}"),
+                hostinfo: "{}".into(),
+                request_tags: vec![],
+                ephemeral: false,
+            },
+            auth: NodeAuth::PreAuthKey { prefix, hash },
+            auto_approve: i % 7 != 0, // some unapproved nodes: seen by no one
+            expiry: None,
+        });
+        let Outcome::Node(node) = out else { panic!() };
+        ids.push(node.id);
+    }
+    let view = feed.view.borrow().clone();
+    let presence = Presence::new(1);
+    let settings = settings();
+    let ctx = super::build::MapContext {
+        view: &view,
+        presence: &presence,
+        settings: &settings,
+    };
+    let state = super::hub::HubState::encode_all(&ctx, view.clone());
+    let me = view.node(ids[300]).unwrap().clone();
+    let assembled = super::full::full_message(&ctx, &state, &me, true).to_bytes();
+    let len = u32::from_le_bytes(assembled[..4].try_into().unwrap()) as usize;
+    assert_eq!(assembled.len(), 4 + len);
+    let json = zstd::stream::decode_all(&assembled[4..]).expect("concatenated zstd frames");
+    let assembled: Value = serde_json::from_slice(&json).expect("one JSON document");
+    let direct: Value =
+        serde_json::from_slice(&serde_json::to_vec(&ctx.full_map_now(&me)).unwrap()).unwrap();
+    let ids_of = |v: &Value| {
+        let mut ids: Vec<u64> = v["Peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["ID"].as_u64().unwrap())
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    assert_eq!(ids_of(&assembled), ids_of(&direct));
+    assert!(
+        !ids_of(&assembled).contains(&me.id.0),
+        "a node is not its own peer"
+    );
+    let approved = view.nodes().filter(|n| n.approved).count();
+    assert_eq!(ids_of(&assembled).len(), approved - 1);
+    for field in [
+        "Node",
+        "DERPMap",
+        "DNSConfig",
+        "PacketFilters",
+        "UserProfiles",
+        "Debug",
+    ] {
+        assert_eq!(assembled[field], direct[field], "{field}");
+    }
 }
