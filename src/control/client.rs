@@ -104,7 +104,16 @@ impl ControlClient {
         machine_private: &[u8; 32],
     ) -> Result<ControlClient, ClientError> {
         let server_key = fetch_server_key(addr).await?;
-        let (init, hs) = noise::initiate(&server_key, machine_private, CLIENT_VERSION)?;
+        Self::connect_with_key(addr, &server_key, machine_private).await
+    }
+
+    /// Connects with a server key fetched earlier (every member shares it).
+    pub async fn connect_with_key(
+        addr: &str,
+        server_key: &[u8; 32],
+        machine_private: &[u8; 32],
+    ) -> Result<ControlClient, ClientError> {
+        let (init, hs) = noise::initiate(server_key, machine_private, CLIENT_VERSION)?;
         let mut stream = TcpStream::connect(addr)
             .await
             .map_err(|source| ClientError::Connect {
@@ -125,11 +134,8 @@ impl ControlClient {
         }
         let (_, body) = noise::read_frame(&mut stream).await?;
         let keys = noise::finish_initiation(hs, &body)?;
-        let (app, pump_side) = tokio::io::duplex(64 * 1024);
-        let pump = tokio::spawn(async move {
-            let _ = noise::pump(stream, pump_side, keys).await;
-        });
-        let (sender, conn) = h2::client::handshake(app).await?;
+        let (sender, conn) =
+            h2::client::handshake(super::noise_stream::NoiseStream::new(stream, &keys)).await?;
         let conn = tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -137,7 +143,7 @@ impl ControlClient {
             host: addr.to_string(),
             hostname: String::new(),
             sender,
-            tasks: vec![pump, conn],
+            tasks: vec![conn],
         })
     }
 
@@ -230,13 +236,25 @@ impl ControlClient {
         disco_key: &DiscoKey,
         endpoint: &str,
     ) -> Result<MapStream, ClientError> {
+        self.map_stream_with(node_key, disco_key, endpoint, false)
+            .await
+    }
+
+    /// Opens a streaming `/machine/map`, asking for zstd (as real clients do) or not.
+    pub async fn map_stream_with(
+        &mut self,
+        node_key: &NodeKey,
+        disco_key: &DiscoKey,
+        endpoint: &str,
+        zstd: bool,
+    ) -> Result<MapStream, ClientError> {
         let body = json!({
             "Version": CLIENT_VERSION,
             "NodeKey": node_key.to_text(),
             "DiscoKey": disco_key.to_text(),
             "Stream": true,
             "KeepAlive": true,
-            "Compress": "",
+            "Compress": if zstd { "zstd" } else { "" },
             "Hostinfo": { "Hostname": self.hostname, "OS": "linux" },
             "Endpoints": [endpoint],
             "EndpointTypes": [1],
@@ -250,27 +268,66 @@ impl ControlClient {
         Ok(MapStream {
             recv,
             buf: bytes::BytesMut::new(),
+            zstd,
         })
+    }
+
+    /// A "lite" map update (no stream, no peers): new endpoints, as a client sends after a
+    /// netcheck. Returns the HTTP status.
+    pub async fn lite_update(
+        &mut self,
+        node_key: &NodeKey,
+        disco_key: &DiscoKey,
+        endpoints: &[String],
+    ) -> Result<u16, ClientError> {
+        let body = json!({
+            "Version": CLIENT_VERSION,
+            "NodeKey": node_key.to_text(),
+            "DiscoKey": disco_key.to_text(),
+            "Stream": false,
+            "OmitPeers": true,
+            "Hostinfo": { "Hostname": self.hostname, "OS": "linux" },
+            "Endpoints": endpoints,
+        });
+        let (status, _) = self
+            .post_all("/machine/map", serde_json::to_vec(&body)?)
+            .await?;
+        Ok(status)
     }
 }
 
-/// Length-prefixed (u32 little-endian) JSON map responses.
+/// Length-prefixed (u32 little-endian) JSON map responses, zstd-compressed if asked for.
 pub struct MapStream {
     recv: h2::RecvStream,
     buf: bytes::BytesMut,
+    zstd: bool,
 }
 
 impl MapStream {
     /// The next map response, or an error once `timeout` passes without one.
     pub async fn next(&mut self, timeout: Duration) -> Result<Value, ClientError> {
+        let raw = self.next_raw(timeout).await?;
+        Ok(serde_json::from_slice(&self.decode(&raw)?)?)
+    }
+
+    /// Decompresses a message from `next_raw` (a no-op on an uncompressed stream).
+    pub fn decode(&self, raw: &[u8]) -> Result<Vec<u8>, ClientError> {
+        if self.zstd {
+            Ok(zstd::stream::decode_all(raw)?)
+        } else {
+            Ok(raw.to_vec())
+        }
+    }
+
+    /// The next message as received (compressed on a zstd stream).
+    pub async fn next_raw(&mut self, timeout: Duration) -> Result<bytes::Bytes, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if self.buf.len() >= 4 {
                 let len = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
                 if self.buf.len() >= 4 + len {
                     self.buf.advance(4);
-                    let msg = self.buf.split_to(len);
-                    return Ok(serde_json::from_slice(&msg)?);
+                    return Ok(self.buf.split_to(len).freeze());
                 }
             }
             let chunk = tokio::time::timeout_at(deadline, self.recv.data())

@@ -8,6 +8,7 @@ pub mod client;
 pub mod keys;
 pub mod map;
 pub mod noise;
+pub mod noise_stream;
 pub mod policy;
 pub mod register;
 pub mod tailcfg;

@@ -8,7 +8,7 @@
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::registry::MachineKey;
 
@@ -18,16 +18,16 @@ const PROLOGUE_PREFIX: &str = "Tailscale Control Protocol v";
 const MSG_INITIATION: u8 = 1;
 const MSG_RESPONSE: u8 = 2;
 const MSG_ERROR: u8 = 3;
-const MSG_RECORD: u8 = 4;
+pub(super) const MSG_RECORD: u8 = 4;
 
 /// Whole initiation: u16 version, u8 type, u16 length, 96 bytes of handshake.
 pub const INITIATION_BYTES: usize = 101;
 const INITIATION_PAYLOAD_BYTES: usize = 96;
 const RESPONSE_PAYLOAD_BYTES: usize = 48;
-const FRAME_HEADER_BYTES: usize = 3;
+pub(super) const FRAME_HEADER_BYTES: usize = 3;
 /// Largest frame either side may send (controlbase maxMessageSize).
 pub const MAX_NOISE_FRAME_BYTES: usize = 4096;
-const TAG_BYTES: usize = 16;
+pub(super) const TAG_BYTES: usize = 16;
 /// Largest plaintext per record.
 pub const MAX_PLAINTEXT_BYTES: usize = MAX_NOISE_FRAME_BYTES - FRAME_HEADER_BYTES - TAG_BYTES;
 
@@ -195,7 +195,11 @@ impl CipherState {
         }
     }
 
-    fn next_nonce(&mut self) -> Result<Nonce, NoiseError> {
+    pub(super) fn cipher(&self) -> &ChaCha20Poly1305 {
+        &self.cipher
+    }
+
+    pub(super) fn next_nonce(&mut self) -> Result<Nonce, NoiseError> {
         if self.counter == u64::MAX {
             return Err(NoiseError::NonceExhausted);
         }
@@ -243,57 +247,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<(u8, Vec
     Ok((header[0], body))
 }
 
-/// Moves bytes between the encrypted connection and a plaintext pipe until either side
-/// closes or fails: `net` carries Noise records, `plain` is what HTTP/2 reads and writes.
-pub async fn pump<N, P>(net: N, plain: P, keys: SessionKeys) -> Result<(), NoiseError>
-where
-    N: AsyncRead + AsyncWrite + Unpin,
-    P: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut net_rd, mut net_wr) = tokio::io::split(net);
-    let (mut plain_rd, mut plain_wr) = tokio::io::split(plain);
-    let mut rx = CipherState::new(&keys.receive);
-    let mut tx = CipherState::new(&keys.send);
-
-    let inbound = async {
-        loop {
-            let (kind, body) = match read_frame(&mut net_rd).await {
-                Ok(frame) => frame,
-                Err(NoiseError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-                Err(e) => return Err(e),
-            };
-            if kind != MSG_RECORD {
-                return Err(NoiseError::UnexpectedFrame(kind));
-            }
-            let plaintext = rx.open(body)?;
-            plain_wr.write_all(&plaintext).await?;
-        }
-        plain_wr.shutdown().await?;
-        Ok::<(), NoiseError>(())
-    };
-    let outbound = async {
-        let mut buf = vec![0u8; MAX_PLAINTEXT_BYTES];
-        loop {
-            let n = plain_rd.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            let frame = tx.seal_frame(&buf[..n])?;
-            net_wr.write_all(&frame).await?;
-            net_wr.flush().await?;
-        }
-        net_wr.shutdown().await?;
-        Ok::<(), NoiseError>(())
-    };
-    // Either direction ending ends the connection: HTTP/2 cannot continue half-open.
-    tokio::select! {
-        r = inbound => r,
-        r = outbound => r,
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncWriteExt;
+
     use super::*;
 
     /// A client-side handshake with snow, to test the responder and the record layer.
@@ -427,15 +384,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn pump_moves_bytes_both_ways() {
+    async fn the_stream_speaks_the_record_format_both_ways() {
         let keys_server = SessionKeys {
             receive: [1; 32],
             send: [2; 32],
         };
         let (net_server, mut net_client) = tokio::io::duplex(1 << 16);
-        let (plain_app, plain_pump) = tokio::io::duplex(1 << 16);
-        let pump_task = tokio::spawn(pump(net_server, plain_pump, keys_server));
-        let (mut app_rd, mut app_wr) = tokio::io::split(plain_app);
+        let mut server = crate::control::noise_stream::NoiseStream::new(net_server, &keys_server);
 
         let mut client_tx = CipherState::new(&[1; 32]);
         let mut client_rx = CipherState::new(&[2; 32]);
@@ -447,10 +402,11 @@ mod tests {
                 .unwrap();
         }
         let mut got = vec![0u8; big.len()];
-        app_rd.read_exact(&mut got).await.unwrap();
+        server.read_exact(&mut got).await.unwrap();
         assert_eq!(got, big);
 
-        app_wr.write_all(&big).await.unwrap();
+        server.write_all(&big).await.unwrap();
+        server.flush().await.unwrap();
         let mut received = Vec::new();
         while received.len() < big.len() {
             let (kind, body) = read_frame(&mut net_client).await.unwrap();
@@ -458,7 +414,5 @@ mod tests {
             received.extend(client_rx.open(body).unwrap());
         }
         assert_eq!(received, big);
-        drop(net_client);
-        pump_task.await.unwrap().unwrap();
     }
 }

@@ -12,13 +12,12 @@ use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
 use super::noise::{self, Initiation};
+use super::noise_stream::NoiseStream;
 use super::{ControlDeps, NoisePeer, map, register};
 use crate::util::TrackedExecutor;
 
 const UPGRADE_PROTOCOL: &str = "tailscale-control-protocol";
 const HANDSHAKE_HEADER: &str = "x-tailscale-handshake";
-/// Buffer between the Noise pump and HTTP/2; bounds per-connection memory.
-const PLAINTEXT_PIPE_BYTES: usize = 64 * 1024;
 
 /// `GET /key?v=N`: the server's Noise public key.
 pub async fn key_handler(State(deps): State<ControlDeps>) -> Response {
@@ -129,7 +128,8 @@ where
         tracing::debug!(%error, "client left during the handshake");
         return;
     }
-    let (app_side, pump_side) = tokio::io::duplex(PLAINTEXT_PIPE_BYTES);
+    let noise = NoiseStream::new(stream, &accepted.keys);
+    let violated = noise.violation_flag();
     let service = hyper_util::service::TowerToHyperService::new(noise_router(
         deps.clone(),
         NoisePeer {
@@ -137,16 +137,18 @@ where
         },
     ));
     let conn = hyper::server::conn::http2::Builder::new(TrackedExecutor(deps.tasks.clone()))
-        .serve_connection(TokioIo::new(app_side), service);
+        .serve_connection(TokioIo::new(noise), service);
     tokio::select! {
         result = conn => if let Err(error) = result {
             tracing::debug!(%error, "http/2 over noise ended");
         },
-        result = noise::pump(stream, pump_side, accepted.keys) => if let Err(error) = result {
-            deps.metrics.bad_requests.with_label_values(&["noise"]).inc();
-            tracing::debug!(%error, "noise transport ended");
-        },
         // Dropping the connection makes the client redial, possibly another member.
         () = deps.stop.cancelled() => {}
+    }
+    if violated.load(std::sync::atomic::Ordering::Relaxed) {
+        deps.metrics
+            .bad_requests
+            .with_label_values(&["noise"])
+            .inc();
     }
 }

@@ -1,0 +1,391 @@
+//! The simulated clients: each a machine key and node key, one Noise connection to its
+//! member, a zstd map stream read by its own task, and a redial to another member (as a
+//! real client follows its dial plan) when its member goes away.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use hsd::control::client::{ControlClient, MapStream, fetch_server_key, keypair};
+use hsd::derp::DerpClient;
+use hsd::registry::{DiscoKey, NodeKey};
+use serde_json::Value;
+
+use super::cluster::LocalCluster;
+
+/// How long one step (connect, register, first map) may take before the run fails.
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+/// A stream silent for longer than the server's keep-alive period plus slack is dead.
+const STREAM_SILENCE: Duration = Duration::from_secs(130);
+
+pub struct SimClient {
+    pub idx: usize,
+    machine: [u8; 32],
+    node_private: [u8; 32],
+    pub node_key: NodeKey,
+    disco: DiscoKey,
+    /// The member (index) it streams from now.
+    pub home: AtomicUsize,
+    conn: tokio::sync::Mutex<Option<ControlClient>>,
+}
+
+impl SimClient {
+    fn new(idx: usize, members: usize) -> SimClient {
+        let (machine, _) = keypair();
+        let (node_private, node_public) = keypair();
+        SimClient {
+            idx,
+            machine,
+            node_private,
+            node_key: NodeKey(node_public),
+            disco: DiscoKey(keypair().1),
+            home: AtomicUsize::new(idx % members),
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    fn hostname(&self) -> String {
+        format!("load{}", self.idx)
+    }
+}
+
+/// What to look for in the clients' streams while a probe runs.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// A node joined: its key appears.
+    Join { key: String },
+    /// A node's endpoints changed to include `marker`.
+    Endpoint { id: u64, marker: String },
+    /// A node went offline.
+    Offline { id: u64 },
+    /// A node was deleted.
+    Delete { id: u64 },
+}
+
+/// One probe: when each client first saw its target.
+pub struct Probe {
+    pub target: Target,
+    pub started: Instant,
+    seen: Vec<AtomicBool>,
+    pub count: AtomicUsize,
+    pub latencies: Mutex<Vec<Duration>>,
+}
+
+impl Probe {
+    pub fn new(target: Target, clients: usize) -> Probe {
+        Probe {
+            target,
+            started: Instant::now(),
+            seen: (0..clients).map(|_| AtomicBool::new(false)).collect(),
+            count: AtomicUsize::new(0),
+            latencies: Mutex::default(),
+        }
+    }
+
+    fn saw(&self, idx: usize) {
+        if !self.seen[idx].swap(true, Ordering::SeqCst) {
+            let elapsed = self.started.elapsed();
+            self.latencies.lock().unwrap().push(elapsed);
+            self.count.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The clients' view of a member's death: when it died, and when each client that lost
+/// its stream streamed again (the first time only).
+pub struct Failover {
+    pub killed_at: Instant,
+    pub restreamed: Mutex<Vec<Duration>>,
+    pub counted: Mutex<std::collections::HashSet<usize>>,
+}
+
+/// Shared between the fleet and every client task.
+#[derive(Default)]
+pub struct Events {
+    pub frames: AtomicU64,
+    pub streaming: AtomicUsize,
+    probe: Mutex<Option<Arc<Probe>>>,
+    probing: AtomicBool,
+    failover: Mutex<Option<Arc<Failover>>>,
+}
+
+impl Events {
+    pub fn start_probe(&self, probe: Arc<Probe>) {
+        *self.probe.lock().unwrap() = Some(probe);
+        self.probing.store(true, Ordering::SeqCst);
+    }
+
+    pub fn end_probe(&self) {
+        self.probing.store(false, Ordering::SeqCst);
+        *self.probe.lock().unwrap() = None;
+    }
+
+    pub fn start_failover(&self, failover: Arc<Failover>) {
+        *self.failover.lock().unwrap() = Some(failover);
+    }
+
+    fn restreamed(&self, idx: usize) {
+        let failover = self.failover.lock().unwrap().clone();
+        if let Some(f) = failover
+            && f.counted.lock().unwrap().insert(idx)
+        {
+            f.restreamed.lock().unwrap().push(f.killed_at.elapsed());
+        }
+    }
+
+    fn check(&self, client: &SimClient, stream: &MapStream, raw: &[u8]) {
+        if !self.probing.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(probe) = self.probe.lock().unwrap().clone() else {
+            return;
+        };
+        let Ok(json) = stream.decode(raw) else { return };
+        let Ok(msg) = serde_json::from_slice::<Value>(&json) else {
+            return;
+        };
+        if shows(&probe.target, &msg) {
+            probe.saw(client.idx);
+        }
+    }
+}
+
+fn entries<'a>(msg: &'a Value, field: &str) -> impl Iterator<Item = &'a Value> {
+    msg[field].as_array().into_iter().flatten()
+}
+
+/// Whether a map response carries the probe's target.
+fn shows(target: &Target, msg: &Value) -> bool {
+    let peers = || entries(msg, "PeersChanged").chain(entries(msg, "Peers"));
+    let has_marker = |v: &Value, marker: &str| {
+        v["Endpoints"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|x| x == marker))
+    };
+    match target {
+        Target::Join { key } => peers().any(|p| p["Key"] == key.as_str()),
+        Target::Endpoint { id, marker } => {
+            entries(msg, "PeersChangedPatch").any(|p| p["NodeID"] == *id && has_marker(p, marker))
+                || peers().any(|p| p["ID"] == *id && has_marker(p, marker))
+        }
+        Target::Offline { id } => {
+            msg["OnlineChange"][id.to_string()] == false
+                || peers().any(|p| p["ID"] == *id && p["Online"] == false)
+        }
+        Target::Delete { id } => {
+            entries(msg, "PeersRemoved").any(|r| r == id)
+                || (msg["Peers"].is_array() && !entries(msg, "Peers").any(|p| p["ID"] == *id))
+        }
+    }
+}
+
+pub struct Fleet {
+    pub cluster: Arc<LocalCluster>,
+    pub server_key: [u8; 32],
+    pub auth_key: String,
+    pub clients: Vec<Arc<SimClient>>,
+    pub events: Arc<Events>,
+}
+
+/// Runs `step` for every client, `concurrency` at a time; returns completions per second.
+async fn for_each<F, Fut>(
+    clients: &[Arc<SimClient>],
+    concurrency: usize,
+    step: F,
+) -> anyhow::Result<f64>
+where
+    F: Fn(Arc<SimClient>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(clients.iter().cloned())
+        .map(|c| async {
+            tokio::time::timeout(STEP_TIMEOUT, step(c))
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")))
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+        anyhow::bail!("{failed} of {} clients failed; first: {e:#}", clients.len());
+    }
+    Ok(clients.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+impl Fleet {
+    pub async fn new(
+        cluster: Arc<LocalCluster>,
+        n: usize,
+        auth_key: String,
+    ) -> anyhow::Result<Fleet> {
+        let server_key = fetch_server_key(&cluster.members[0].control_addr)
+            .await
+            .context("fetching the server key")?;
+        let members = cluster.members.len();
+        Ok(Fleet {
+            clients: (0..n)
+                .map(|i| Arc::new(SimClient::new(i, members)))
+                .collect(),
+            cluster,
+            server_key,
+            auth_key,
+            events: Arc::default(),
+        })
+    }
+
+    fn addr(&self, member: usize) -> &str {
+        &self.cluster.members[member].control_addr
+    }
+
+    /// Noise handshakes (and HTTP/2 set-up) for every client; handshakes per second.
+    pub async fn connect_all(&self, concurrency: usize) -> anyhow::Result<f64> {
+        for_each(&self.clients, concurrency, |c| async move {
+            let addr = self.addr(c.home.load(Ordering::SeqCst));
+            let conn = ControlClient::connect_with_key(addr, &self.server_key, &c.machine).await?;
+            *c.conn.lock().await = Some(conn);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Registers every client with the pre-auth key; registrations per second.
+    pub async fn register_all(&self, concurrency: usize) -> anyhow::Result<f64> {
+        for_each(&self.clients, concurrency, |c| async move {
+            let mut guard = c.conn.lock().await;
+            let conn = guard.as_mut().context("not connected")?;
+            let (status, resp) = conn
+                .register(&c.node_key, &self.auth_key, &c.hostname())
+                .await?;
+            anyhow::ensure!(
+                status == 200 && resp["Error"].as_str().unwrap_or("").is_empty(),
+                "register answered {status}: {resp}"
+            );
+            Ok(())
+        })
+        .await
+    }
+
+    /// Opens every client's map stream and waits for its first netmap; first maps per
+    /// second. Each stream is then read by its own task until the run ends.
+    pub async fn stream_all(&self, concurrency: usize) -> anyhow::Result<f64> {
+        for_each(&self.clients, concurrency, |c| async move {
+            let mut conn = c.conn.lock().await.take().context("not connected")?;
+            let mut stream = conn
+                .map_stream_with(&c.node_key, &c.disco, &endpoint(c.idx), true)
+                .await?;
+            stream.next_raw(STEP_TIMEOUT).await?;
+            self.events.streaming.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(follow(
+                c.clone(),
+                conn,
+                stream,
+                self.events.clone(),
+                self.cluster.clone(),
+                self.server_key,
+            ));
+            Ok(())
+        })
+        .await
+    }
+
+    /// One DERP connection per client, to its member's relay.
+    pub async fn connect_derp(&self, concurrency: usize) -> anyhow::Result<f64> {
+        for_each(&self.clients, concurrency, |c| async move {
+            let url = format!("http://{}/derp", self.addr(c.home.load(Ordering::SeqCst)));
+            let mut derp = DerpClient::connect(&url, c.node_private, None)
+                .await
+                .map_err(|e| anyhow::anyhow!("derp: {e}"))?;
+            tokio::spawn(async move { while derp.recv().await.is_ok() {} });
+            Ok(())
+        })
+        .await
+    }
+
+    pub fn streaming(&self) -> usize {
+        self.events.streaming.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no map message arrived for `quiet` (the join storm's deltas settled),
+    /// at most `max`.
+    pub async fn settle(&self, quiet: Duration, max: Duration) {
+        let deadline = Instant::now() + max;
+        let mut last = self.events.frames.load(Ordering::SeqCst);
+        while Instant::now() < deadline {
+            tokio::time::sleep(quiet).await;
+            let now = self.events.frames.load(Ordering::SeqCst);
+            if now == last {
+                return;
+            }
+            last = now;
+        }
+    }
+}
+
+fn endpoint(idx: usize) -> String {
+    format!(
+        "10.{}.{}.{}:41641",
+        100 + idx / 65536,
+        (idx / 256) % 256,
+        idx % 256
+    )
+}
+
+/// Reads one client's stream; when it breaks, redials the next members in turn.
+async fn follow(
+    client: Arc<SimClient>,
+    conn: ControlClient,
+    mut stream: MapStream,
+    events: Arc<Events>,
+    cluster: Arc<LocalCluster>,
+    server_key: [u8; 32],
+) {
+    // The connection carries the stream: it lives as long as the stream is read.
+    let mut _conn = conn;
+    loop {
+        match stream.next_raw(STREAM_SILENCE).await {
+            Ok(raw) => {
+                events.frames.fetch_add(1, Ordering::Relaxed);
+                events.check(&client, &stream, &raw);
+            }
+            Err(_) => {
+                events.streaming.fetch_sub(1, Ordering::SeqCst);
+                (_conn, stream) = redial(&client, &cluster, &server_key).await;
+                events.restreamed(client.idx);
+                events.streaming.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+async fn redial(
+    client: &SimClient,
+    cluster: &LocalCluster,
+    server_key: &[u8; 32],
+) -> (ControlClient, MapStream) {
+    let members = cluster.members.len();
+    let mut member = client.home.load(Ordering::SeqCst);
+    loop {
+        member = (member + 1) % members;
+        let addr = &cluster.members[member].control_addr;
+        let attempt = async {
+            let mut conn =
+                ControlClient::connect_with_key(addr, server_key, &client.machine).await?;
+            let mut stream = conn
+                .map_stream_with(&client.node_key, &client.disco, &endpoint(client.idx), true)
+                .await?;
+            stream.next_raw(Duration::from_secs(30)).await?;
+            anyhow::Ok((conn, stream))
+        };
+        match tokio::time::timeout(Duration::from_secs(30), attempt).await {
+            Ok(Ok(pair)) => {
+                client.home.store(member, Ordering::SeqCst);
+                return pair;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}

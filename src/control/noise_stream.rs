@@ -1,0 +1,274 @@
+//! The ts2021 record layer as a byte stream: `NoiseStream` encrypts what HTTP/2 writes into
+//! Noise records and decrypts records into what it reads, in place, with one frame of
+//! buffer each way. (A plaintext pipe and a pump task would hold two more 64 KiB buffers
+//! per connection — thousands of connections per member make that count.)
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+
+use chacha20poly1305::aead::AeadInPlace;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::noise::{
+    CipherState, FRAME_HEADER_BYTES, MAX_NOISE_FRAME_BYTES, MAX_PLAINTEXT_BYTES, MSG_RECORD,
+    SessionKeys, TAG_BYTES,
+};
+
+/// Sealed bytes buffered before they are written out (h2 writes in bursts of frames).
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+
+/// A Noise transport over `io`. A malformed or forged record fails the stream with
+/// `InvalidData` and sets the shared `violated` flag (for metrics).
+pub struct NoiseStream<IO> {
+    io: IO,
+    rx: CipherState,
+    tx: CipherState,
+    /// Bytes read from `io` not yet consumed: at most one record and the start of the next.
+    rbuf: Vec<u8>,
+    /// The decrypted plaintext of the record at the front of `rbuf`, as a range of it.
+    plain: std::ops::Range<usize>,
+    /// Sealed records not yet written, from `wpos` on.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    violated: Arc<AtomicBool>,
+}
+
+fn invalid(violated: &AtomicBool, what: &str) -> io::Error {
+    violated.store(true, Ordering::Relaxed);
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+impl<IO> NoiseStream<IO> {
+    pub fn new(io: IO, keys: &SessionKeys) -> Self {
+        NoiseStream {
+            io,
+            rx: CipherState::new(&keys.receive),
+            tx: CipherState::new(&keys.send),
+            rbuf: Vec::with_capacity(MAX_NOISE_FRAME_BYTES),
+            plain: 0..0,
+            wbuf: Vec::new(),
+            wpos: 0,
+            violated: Arc::default(),
+        }
+    }
+
+    /// Set once the peer sent something that is not a valid record.
+    pub fn violation_flag(&self) -> Arc<AtomicBool> {
+        self.violated.clone()
+    }
+
+    /// Decrypts the record at the front of `rbuf` if it is complete.
+    fn open_front(&mut self) -> io::Result<bool> {
+        if self.rbuf.len() < FRAME_HEADER_BYTES {
+            return Ok(false);
+        }
+        let len = u16::from_be_bytes([self.rbuf[1], self.rbuf[2]]) as usize;
+        if self.rbuf[0] != MSG_RECORD {
+            return Err(invalid(&self.violated, "not a Noise record"));
+        }
+        if FRAME_HEADER_BYTES + len > MAX_NOISE_FRAME_BYTES || len < TAG_BYTES {
+            return Err(invalid(&self.violated, "bad Noise record length"));
+        }
+        if self.rbuf.len() < FRAME_HEADER_BYTES + len {
+            return Ok(false);
+        }
+        let body = &mut self.rbuf[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len];
+        let (text, tag) = body.split_at_mut(len - TAG_BYTES);
+        let nonce = self
+            .rx
+            .next_nonce()
+            .map_err(|_| invalid(&self.violated, "nonce exhausted"))?;
+        self.rx
+            .cipher()
+            .decrypt_in_place_detached(&nonce, b"", text, chacha20poly1305::Tag::from_slice(tag))
+            .map_err(|_| invalid(&self.violated, "Noise record failed to decrypt"))?;
+        self.plain = FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len - TAG_BYTES;
+        Ok(true)
+    }
+
+    /// Drops the consumed record from the front of `rbuf`.
+    fn consume_front(&mut self) {
+        let record_end = self.plain.end + TAG_BYTES;
+        self.rbuf.drain(..record_end);
+        self.plain = 0..0;
+    }
+
+    /// Seals up to one record's worth of `data` into `wbuf`; returns how much it took.
+    fn seal(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(MAX_PLAINTEXT_BYTES);
+        let nonce = self
+            .tx
+            .next_nonce()
+            .map_err(|_| io::Error::other("nonce exhausted"))?;
+        self.wbuf.push(MSG_RECORD);
+        self.wbuf
+            .extend_from_slice(&((n + TAG_BYTES) as u16).to_be_bytes());
+        let start = self.wbuf.len();
+        self.wbuf.extend_from_slice(&data[..n]);
+        let tag = self
+            .tx
+            .cipher()
+            .encrypt_in_place_detached(&nonce, b"", &mut self.wbuf[start..])
+            .map_err(|_| io::Error::other("sealing a record"))?;
+        self.wbuf.extend_from_slice(&tag);
+        Ok(n)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> NoiseStream<IO> {
+    /// Writes buffered records out; Ready once all are written.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.wpos < self.wbuf.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.wpos += n;
+        }
+        self.wbuf.clear();
+        self.wpos = 0;
+        if self.wbuf.capacity() > 2 * WRITE_BUFFER_BYTES {
+            self.wbuf.shrink_to(WRITE_BUFFER_BYTES);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for NoiseStream<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.plain.is_empty() {
+                let n = this.plain.len().min(buf.remaining());
+                let start = this.plain.start;
+                buf.put_slice(&this.rbuf[start..start + n]);
+                this.plain.start += n;
+                if this.plain.is_empty() {
+                    this.consume_front();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.open_front()? {
+                if this.plain.is_empty() {
+                    // An empty record carries nothing; take the next one.
+                    this.consume_front();
+                }
+                continue;
+            }
+            // Read more of the current record (never more than one record ahead).
+            let have = this.rbuf.len();
+            this.rbuf.resize(MAX_NOISE_FRAME_BYTES, 0);
+            let mut read = ReadBuf::new(&mut this.rbuf[have..]);
+            let polled = Pin::new(&mut this.io).poll_read(cx, &mut read);
+            let got = read.filled().len();
+            this.rbuf.truncate(have + got);
+            ready!(polled)?;
+            if got == 0 {
+                return if have == 0 {
+                    Poll::Ready(Ok(())) // clean end of stream
+                } else {
+                    Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()))
+                };
+            }
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for NoiseStream<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.wbuf.len() - this.wpos >= WRITE_BUFFER_BYTES {
+            ready!(this.poll_drain(cx))?;
+        }
+        let n = this.seal(data)?;
+        if this.wbuf.len() - this.wpos >= WRITE_BUFFER_BYTES {
+            // Start writing; finishing is poll_flush's job.
+            let _ = this.poll_drain(cx)?;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn pair() -> (SessionKeys, SessionKeys) {
+        let (a, b) = ([7u8; 32], [9u8; 32]);
+        (
+            SessionKeys {
+                send: a,
+                receive: b,
+            },
+            SessionKeys {
+                send: b,
+                receive: a,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn large_writes_arrive_intact_across_many_records() {
+        let (ka, kb) = pair();
+        let (x, y) = tokio::io::duplex(1 << 20);
+        let mut a = NoiseStream::new(x, &ka);
+        let mut b = NoiseStream::new(y, &kb);
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let writer = async {
+            a.write_all(&data).await.unwrap();
+            a.shutdown().await.unwrap();
+        };
+        let reader = async {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let ((), got) = tokio::join!(writer, reader);
+        assert_eq!(got, data);
+    }
+
+    #[tokio::test]
+    async fn a_forged_record_fails_the_stream_and_is_flagged() {
+        let (ka, _) = pair();
+        let (x, mut y) = tokio::io::duplex(1 << 16);
+        let mut a = NoiseStream::new(x, &ka);
+        let flag = a.violation_flag();
+        y.write_all(&[MSG_RECORD, 0, 20]).await.unwrap();
+        y.write_all(&[0u8; 20]).await.unwrap();
+        let mut buf = [0u8; 16];
+        let err = a.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(flag.load(Ordering::Relaxed));
+        // An oversized length is refused before its body is read.
+        let (x, mut y) = tokio::io::duplex(1 << 16);
+        let mut a = NoiseStream::new(x, &ka);
+        y.write_all(&[MSG_RECORD, 0xff, 0xff]).await.unwrap();
+        assert_eq!(
+            a.read(&mut buf).await.unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+    }
+}
