@@ -93,13 +93,15 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
     );
     report.handshakes_per_s = fleet.connect_all(args.concurrency).await?;
     eprintln!("load: handshakes {:.0}/s", report.handshakes_per_s);
-    report.registrations_per_s = fleet.register_all(args.concurrency).await?;
-    eprintln!("load: registrations {:.0}/s", report.registrations_per_s);
-    report.streams_per_s = fleet.stream_all(args.concurrency).await?;
+    report.registrations_per_s = fleet.join_all(args.concurrency).await?;
     report.joined = fleet.streaming();
+    report.map_retries = fleet
+        .events
+        .map_retries
+        .load(std::sync::atomic::Ordering::SeqCst);
     eprintln!(
-        "load: {} streaming ({:.0} first maps/s)",
-        report.joined, report.streams_per_s
+        "load: {} joined and streaming ({:.0} registrations with first netmap /s)",
+        report.joined, report.registrations_per_s
     );
     if args.derp {
         fleet.connect_derp(args.concurrency).await?;

@@ -307,8 +307,10 @@ impl Default for ClusterConfig {
             listen_addr: "127.0.0.1:50444".into(),
             advertise_addr: None,
             members: Vec::new(),
-            election_timeout: ConfigDuration(Duration::from_millis(1500)),
-            heartbeat_interval: ConfigDuration(Duration::from_millis(300)),
+            // A dead leader is replaced within about twice this (its lease, then a vote);
+            // heartbeats every 100 ms keep live leaders' leases fresh, as etcd's do.
+            election_timeout: ConfigDuration(Duration::from_millis(300)),
+            heartbeat_interval: ConfigDuration(Duration::from_millis(100)),
             snapshot_every: 5000,
             tls: ClusterTlsConfig::default(),
         }

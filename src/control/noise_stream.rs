@@ -17,8 +17,9 @@ use super::noise::{
     SessionKeys, TAG_BYTES,
 };
 
-/// Sealed bytes buffered before they are written out (h2 writes in bursts of frames).
-const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// Sealed bytes buffered before they are written out. h2 already buffers its frames, so
+/// one record's worth is enough; more would cost every idle connection memory.
+const WRITE_BUFFER_BYTES: usize = MAX_NOISE_FRAME_BYTES;
 
 /// A Noise transport over `io`. A malformed or forged record fails the stream with
 /// `InvalidData` and sets the shared `violated` flag (for metrics).
@@ -131,7 +132,7 @@ impl<IO: AsyncWrite + Unpin> NoiseStream<IO> {
         self.wbuf.clear();
         self.wpos = 0;
         if self.wbuf.capacity() > 2 * WRITE_BUFFER_BYTES {
-            self.wbuf.shrink_to(WRITE_BUFFER_BYTES);
+            self.wbuf = Vec::new();
         }
         Poll::Ready(Ok(()))
     }

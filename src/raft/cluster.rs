@@ -65,6 +65,10 @@ pub(super) struct Inner {
     pub(super) settings: ClusterSettings,
     pub(super) server_tls: Option<tonic::transport::ServerTlsConfig>,
     pub(super) election_timeout_max: Duration,
+    /// Raft's own tasks (shut down after client traffic).
+    pub(super) tasks: TaskTracker,
+    /// A fast leader-loss campaign is pending (see `leader_seems_gone`).
+    pub(super) campaigning: std::sync::atomic::AtomicBool,
     /// Cancelled when Raft stops; ends long polls other members hold open on this one.
     pub(super) stop: CancellationToken,
     pub(super) drain: CancellationToken,
@@ -116,6 +120,8 @@ impl Cluster {
                 settings: opts.settings,
                 server_tls: opts.tls.as_ref().map(|t| t.server.clone()),
                 election_timeout_max: Duration::from_millis(election_min * 2),
+                campaigning: Default::default(),
+                tasks: tasks.clone(),
                 stop: stop.clone(),
                 drain: opts.drain.clone(),
             }),

@@ -16,6 +16,9 @@ use crate::registry::Outcome;
 
 /// Pause between a campaigning member's election attempts.
 const CAMPAIGN_RETRY: Duration = Duration::from_millis(60);
+/// Slack after a dead leader's lease before a follower campaigns; also the step between
+/// followers and the bound of the "is it really gone" check.
+const LEASE_MARGIN: Duration = Duration::from_millis(30);
 
 /// Turns the leader's heartbeats back on when dropped, whatever path a hand-over takes
 /// (success, error, timeout or cancellation): a leader left silent would let its followers
@@ -274,6 +277,65 @@ impl Cluster {
             Ok(false) => LeaderReply::Failed(format!("member {target} did not win the election")),
             Err(status) => LeaderReply::Failed(format!("member {target}: {}", status.message())),
         }
+    }
+
+    /// A call to the leader failed as calls to a dead process fail. Once every follower's
+    /// lease on that leader must have lapsed (its election timeout at most), this member
+    /// checks that the leader still does not answer and campaigns at once, instead of
+    /// waiting out its own election timer on top of the lease. Followers go in member-id
+    /// order, a beat apart, so they do not split the vote. A live leader answers the check
+    /// (and keeps the others' leases fresh), so a false alarm elects no one.
+    pub(super) fn leader_seems_gone(&self, leader: u64) {
+        let m = self.metrics().borrow().clone();
+        if m.current_leader != Some(leader) || leader == self.inner.id {
+            return;
+        }
+        let rank = m
+            .membership_config
+            .voter_ids()
+            .filter(|v| *v != leader)
+            .position(|v| v == self.inner.id);
+        let Some(rank) = rank else { return };
+        if self
+            .inner
+            .campaigning
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let cluster = self.clone();
+        let wait = self.inner.election_timeout_max + LEASE_MARGIN + LEASE_MARGIN * 5 * rank as u32;
+        self.inner.tasks.spawn(async move {
+            tokio::time::sleep(wait).await;
+            if cluster.metrics().borrow().current_leader == Some(leader)
+                && !cluster.answers(leader).await
+            {
+                tracing::info!(
+                    leader,
+                    "the leader is gone; campaigning without waiting out the election timer"
+                );
+                let _ = cluster.inner.raft.trigger().elect().await;
+            }
+            cluster
+                .inner
+                .campaigning
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+
+    /// Whether member `id` answers a status call within a short time.
+    async fn answers(&self, id: u64) -> bool {
+        let Some(addr) = member_addr(&self.metrics().borrow(), id) else {
+            return false;
+        };
+        let Ok(mut client) = self.inner.peers.client(&addr) else {
+            return false;
+        };
+        let mut req = tonic::Request::new(crate::proto::raft::MemberStatusRequest {});
+        req.set_timeout(LEASE_MARGIN * 5);
+        tokio::time::timeout(LEASE_MARGIN * 5, client.member_status(req))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Tries to become leader within `within` (the current leader paused its heartbeats).

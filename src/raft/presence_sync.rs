@@ -80,11 +80,16 @@ async fn poll_member(cluster: Cluster, member: u64, addr: String, stop: Cancella
                 deltas: true,
             });
             req.set_timeout(POLL_WAIT + Duration::from_secs(2));
-            client
-                .watch_presence(req)
-                .await
-                .ok()
-                .map(|r| r.into_inner())
+            match client.watch_presence(req).await {
+                Ok(reply) => Some(reply.into_inner()),
+                Err(status) => {
+                    // Refused or reset (not a slow answer): the member may have died.
+                    if status.code() != tonic::Code::DeadlineExceeded {
+                        cluster.leader_seems_gone(member);
+                    }
+                    None
+                }
+            }
         };
         let reply = tokio::select! {
             () = stop.cancelled() => return,

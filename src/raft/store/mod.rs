@@ -38,6 +38,9 @@ const CF_LOGS: &str = "logs";
 const CF_META: &str = "meta";
 const CF_SM: &str = "sm";
 
+/// Memory all memtables may use together before rocksdb flushes them.
+const MEMTABLE_BUDGET_BYTES: usize = 32 << 20;
+
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
@@ -70,8 +73,15 @@ pub fn open(
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    let cfs =
-        [CF_LOGS, CF_META, CF_SM].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    // The registry lives in memory; rocksdb only needs to absorb writes between flushes.
+    // Its default (64 MiB memtables per column family) would cost more than the registry.
+    opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
+    let cf_options = || {
+        let mut cf = Options::default();
+        cf.set_write_buffer_size(MEMTABLE_BUDGET_BYTES / 4);
+        cf
+    };
+    let cfs = [CF_LOGS, CF_META, CF_SM].map(|name| ColumnFamilyDescriptor::new(name, cf_options()));
     let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|source| OpenError::Open {
         path: path.display().to_string(),
         source,
