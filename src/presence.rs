@@ -18,7 +18,7 @@ use crate::registry::NodeId;
 
 /// How many presence changes may queue for the map hub before it lags (it then re-reads
 /// every node's presence).
-const PRESENCE_CHANNEL_CAPACITY: usize = 65_536;
+const PRESENCE_CHANNEL_CAPACITY: usize = 16_384;
 /// How many local changes are remembered for members polling for deltas; one that fell
 /// further behind gets the whole table.
 const CHANGE_LOG_LEN: usize = 65_536;

@@ -101,6 +101,20 @@ impl LocalCluster {
         .map_err(|e| anyhow::anyhow!("admin socket of member {}: {e}", self.members[i].id))
     }
 
+    /// The leader's index, asking each member in turn until one knows (bounded).
+    pub async fn wait_leader(&self, timeout: Duration) -> Option<usize> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            for i in 0..self.members.len() {
+                if let Some(leader) = self.leader(i).await {
+                    return Some(leader);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
+    }
+
     /// The leader's index, as member `i` sees it.
     pub async fn leader(&self, asking: usize) -> Option<usize> {
         let mut admin = self.admin(asking).await.ok()?;

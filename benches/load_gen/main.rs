@@ -117,7 +117,13 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
     eprintln!("load: propagation {}", report.propagation.summary());
 
     if !args.no_failover {
-        report.failover = Some(probes::failover(&fleet, &cluster).await?);
+        match probes::failover(&fleet, &cluster).await {
+            Ok(f) => report.failover = Some(f),
+            Err(e) => {
+                eprintln!("load: failover phase failed: {e:#}");
+                report.failover_error = Some(format!("{e:#}"));
+            }
+        }
     }
     report.cpu_s_by_member = cluster
         .cpu_seconds()

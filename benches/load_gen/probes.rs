@@ -224,7 +224,10 @@ async fn kill_and_watch(
 
 pub async fn failover(fleet: &Fleet, cluster: &LocalCluster) -> anyhow::Result<FailoverReport> {
     let mut report = FailoverReport::default();
-    let leader = cluster.leader(0).await.context("no leader to kill")?;
+    let leader = cluster
+        .wait_leader(Duration::from_secs(30))
+        .await
+        .context("no leader to kill")?;
     let via = (leader + 1) % cluster.members.len();
     let (resumed, restream, holding) = kill_and_watch(fleet, cluster, leader, via).await?;
     report.writes_resume_s = resumed;

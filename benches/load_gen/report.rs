@@ -90,6 +90,7 @@ pub struct Report {
     pub rss_kib_members: u64,
     pub cpu_s_by_member: Vec<f64>,
     pub failover: Option<FailoverReport>,
+    pub failover_error: Option<String>,
 }
 
 fn round1(x: f64) -> f64 {
@@ -110,6 +111,7 @@ impl Report {
             rss_kib_members: 0,
             cpu_s_by_member: Vec::new(),
             failover: None,
+            failover_error: None,
         }
     }
 
@@ -128,6 +130,7 @@ impl Report {
             "cpu_s_per_member": round1(cpu.iter().sum::<f64>() / cpu.len().max(1) as f64),
             "cpu_s_by_member": cpu.iter().map(|c| round1(*c)).collect::<Vec<_>>(),
             "failover": self.failover.as_ref().map(FailoverReport::json),
+            "failover_error": self.failover_error,
         })
     }
 

@@ -327,7 +327,12 @@ impl MapStream {
                 let len = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
                 if self.buf.len() >= 4 + len {
                     self.buf.advance(4);
-                    return Ok(self.buf.split_to(len).freeze());
+                    let message = self.buf.split_to(len).freeze();
+                    if self.buf.is_empty() && self.buf.capacity() > 64 * 1024 {
+                        // A large netmap passed: do not keep its buffer for small deltas.
+                        self.buf = bytes::BytesMut::new();
+                    }
+                    return Ok(message);
                 }
             }
             let chunk = tokio::time::timeout_at(deadline, self.recv.data())

@@ -48,7 +48,7 @@ impl<IO> NoiseStream<IO> {
             io,
             rx: CipherState::new(&keys.receive),
             tx: CipherState::new(&keys.send),
-            rbuf: Vec::with_capacity(MAX_NOISE_FRAME_BYTES),
+            rbuf: Vec::new(),
             plain: 0..0,
             wbuf: Vec::new(),
             wpos: 0,
@@ -90,11 +90,15 @@ impl<IO> NoiseStream<IO> {
         Ok(true)
     }
 
-    /// Drops the consumed record from the front of `rbuf`.
+    /// Drops the consumed record from the front of `rbuf`; an idle connection keeps no
+    /// buffer at all.
     fn consume_front(&mut self) {
         let record_end = self.plain.end + TAG_BYTES;
         self.rbuf.drain(..record_end);
         self.plain = 0..0;
+        if self.rbuf.is_empty() {
+            self.rbuf = Vec::new();
+        }
     }
 
     /// Seals up to one record's worth of `data` into `wbuf`; returns how much it took.
@@ -129,11 +133,9 @@ impl<IO: AsyncWrite + Unpin> NoiseStream<IO> {
             }
             self.wpos += n;
         }
-        self.wbuf.clear();
+        // Written out: an idle connection keeps no buffer.
+        self.wbuf = Vec::new();
         self.wpos = 0;
-        if self.wbuf.capacity() > 2 * WRITE_BUFFER_BYTES {
-            self.wbuf = Vec::new();
-        }
         Poll::Ready(Ok(()))
     }
 }

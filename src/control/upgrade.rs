@@ -17,6 +17,11 @@ use super::{ControlDeps, NoisePeer, map, register};
 use crate::util::TrackedExecutor;
 
 const UPGRADE_PROTOCOL: &str = "tailscale-control-protocol";
+/// Response bytes HTTP/2 buffers per stream for a client that has not opened its flow
+/// control window for them (hyper's default is 400 KiB). Beyond it the map session's own
+/// bounded queue fills and the client is owed one full netmap: memory per slow client
+/// stays small.
+const SEND_BUFFER_BYTES: usize = 64 * 1024;
 const HANDSHAKE_HEADER: &str = "x-tailscale-handshake";
 
 /// `GET /key?v=N`: the server's Noise public key.
@@ -137,6 +142,7 @@ where
         },
     ));
     let conn = hyper::server::conn::http2::Builder::new(TrackedExecutor(deps.tasks.clone()))
+        .max_send_buf_size(SEND_BUFFER_BYTES)
         .serve_connection(TokioIo::new(noise), service);
     tokio::select! {
         result = conn => if let Err(error) = result {

@@ -22,8 +22,8 @@ use crate::registry::{ClusterSettings, Command, Outcome, Registry, Rejection, Ti
 
 /// Snapshots and catch-up of large registries need more than a heartbeat's time.
 const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 20_000;
-/// Applied batches buffered per map session before it must resync.
-const BATCH_CHANNEL_CAPACITY: usize = 1024;
+/// Applied batches buffered for the map hub before it must resync.
+const BATCH_CHANNEL_CAPACITY: usize = 256;
 /// Pause between attempts to record the cluster settings while no leader answers.
 const SETTINGS_RETRY: Duration = Duration::from_millis(500);
 /// Largest member-to-member message (snapshots of big registries).

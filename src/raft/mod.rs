@@ -102,8 +102,7 @@ impl RegistryFeed {
 pub struct AppliedBatch {
     pub last_applied: u64,
     pub changes: Vec<Change>,
-    pub view: Arc<Registry>,
-    /// The state was replaced by a snapshot: sessions must rebuild from `view`.
+    /// The state was replaced by a snapshot: everything must be rebuilt from the view.
     pub full_resync: bool,
 }
 

@@ -26,8 +26,9 @@ use crate::registry::{Change, Node, NodeId, Registry, UserId};
 
 /// Bursts of changes (a node registering touches several records) go out as one delta.
 pub const COALESCE_WINDOW: Duration = Duration::from_millis(100);
-/// Deltas a session may fall behind before it must resync with a full netmap.
-const DELTA_CHANNEL_CAPACITY: usize = 256;
+/// Deltas a session may fall behind (6 s of ticks) before it must resync with a full
+/// netmap. Each retained delta keeps its state's changed blocks alive.
+const DELTA_CHANNEL_CAPACITY: usize = 64;
 
 /// A peer as every receiver sees it, encoded once per change.
 #[derive(Debug)]
@@ -65,15 +66,15 @@ impl PeerBlock {
     }
 
     /// The block's peers as JSON array elements (`compress` false), or a zstd frame of
-    /// them.
+    /// them. Each form is built once, when first asked for (real clients ask for zstd).
     pub fn bytes(&self, compress: bool) -> Bytes {
         self.encoded[usize::from(compress)]
             .get_or_init(|| {
-                let plain = self.encoded[0].get_or_init(|| join_json(&self.entries));
+                let plain = join_json(&self.entries);
                 if compress {
-                    Bytes::from(build::zstd_frame(plain))
+                    Bytes::from(build::zstd_frame(&plain))
                 } else {
-                    plain.clone()
+                    plain
                 }
             })
             .clone()

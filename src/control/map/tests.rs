@@ -73,12 +73,10 @@ impl Feed {
         let mut applied = self
             .registry
             .apply(&Request::single(Timestamp(self.clock), command));
-        let view = Arc::new(self.registry.clone());
-        self.view.send_replace(view.clone());
+        self.view.send_replace(Arc::new(self.registry.clone()));
         let _ = self.batches.send(Arc::new(AppliedBatch {
             last_applied: self.clock as u64,
             changes: applied.changes,
-            view,
             full_resync: false,
         }));
         applied.outcomes.remove(0)

@@ -64,12 +64,12 @@ impl StateMachine {
 
     /// Publishes the applied state: a new view (O(1): persistent maps) and what changed.
     fn publish(&self, changes: Vec<Change>, full_resync: bool) {
-        let view = Arc::new(self.registry.clone());
-        self.view_tx.send_replace(view.clone());
+        self.view_tx.send_replace(Arc::new(self.registry.clone()));
+        // The batch carries only what changed: the ring buffer of batches would otherwise
+        // keep hundreds of registry versions alive.
         let batch = AppliedBatch {
             last_applied: self.last_applied.map(|l| l.index).unwrap_or(0),
             changes,
-            view,
             full_resync,
         };
         // No receivers is fine: nobody is streaming maps yet.

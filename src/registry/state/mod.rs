@@ -68,7 +68,16 @@ pub struct Applied {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Recent {
     at: Timestamp,
-    outcome: Outcome,
+    outcome: Remembered,
+}
+
+/// An outcome as remembered for a retry: a node by its id (the retry is answered with the
+/// node as it is then — the write happened once, the node may have changed since), any
+/// other outcome whole. Keeps the memory of a burst of registrations small.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Remembered {
+    Node(NodeId),
+    Outcome(Outcome),
 }
 
 /// The whole applied registry. Cloning is O(1) (persistent maps), so the state machine
@@ -243,7 +252,7 @@ impl Registry {
         let mut outcomes = Vec::with_capacity(req.proposals.len());
         for proposal in &req.proposals {
             if let Some(first) = self.recent.get(&proposal.id) {
-                outcomes.push(first.outcome.clone());
+                outcomes.push(self.recall(&first.outcome));
                 continue;
             }
             let outcome = self
@@ -280,7 +289,21 @@ impl Registry {
         }
     }
 
+    fn recall(&self, remembered: &Remembered) -> Outcome {
+        match remembered {
+            Remembered::Node(id) => match self.nodes.get(id) {
+                Some(node) => Outcome::Node(Box::new((**node).clone())),
+                None => Outcome::Rejected(Rejection::NodeNotFound(*id)),
+            },
+            Remembered::Outcome(outcome) => outcome.clone(),
+        }
+    }
+
     fn remember(&mut self, id: RequestId, now: Timestamp, outcome: Outcome, fx: &mut Effects) {
+        let outcome = match outcome {
+            Outcome::Node(node) => Remembered::Node(node.id),
+            other => Remembered::Outcome(other),
+        };
         self.recent
             .insert(id, Arc::new(Recent { at: now, outcome }));
         self.recent_by_age.insert((now, id));
