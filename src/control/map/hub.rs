@@ -104,10 +104,13 @@ pub struct HubState {
     pub blocks: OrdMap<u64, Arc<PeerBlock>>,
 }
 
-/// What changed in one tick, shared by every session.
+/// What changed in one tick, shared by every session. It holds no registry version or hub
+/// state (sessions read the latest): the ring of recent deltas must not keep old versions
+/// of a large tailnet alive.
 #[derive(Default)]
 pub struct Delta {
-    pub state: HubState,
+    /// The hub state this delta leads to (`HubState::seq`).
+    pub seq: u64,
     /// Peers created or changed (including this session's own node).
     pub upserted: Vec<Arc<PeerEntry>>,
     pub removed: Vec<NodeId>,
@@ -331,7 +334,7 @@ impl HubState {
                 .collect()
         };
         self.rebuild_blocks(touched);
-        delta.state = self.clone();
+        delta.seq = self.seq;
         delta
     }
 }

@@ -215,17 +215,20 @@ impl Session {
 
     /// Turns one hub delta into what this client must receive.
     fn on_delta(&mut self, delta: &Arc<Delta>) -> Result<(), End> {
-        if delta.state.seq <= self.seq || self.owe_full {
+        if delta.seq <= self.seq || self.owe_full {
             // Already in the netmap the client has, or a full netmap is owed anyway.
             return Ok(());
         }
-        let view = &delta.state.view;
+        // The latest view: at least as new as the delta (views only move forward).
+        let view = self.deps.view.borrow().clone();
+        let view = &view;
         let me = view.node(self.node).ok_or(End::NodeRemoved)?;
         if delta.full || me.approved != self.approved {
-            let frame = self.full_frame(&delta.state)?;
+            let state = self.deps.hub.current();
+            let frame = self.full_frame(&state)?;
             return self.offer(frame, "full");
         }
-        self.seq = delta.state.seq;
+        self.seq = delta.seq;
         let sees = |peer: &crate::registry::Node| policy::can_see(view, me, peer);
         let frame = if !delta.touches(self.node) && delta.upserted.iter().all(|p| sees(&p.node)) {
             if delta.is_empty() || delta.only_presence_of(self.node) {

@@ -1,7 +1,8 @@
 //! `Registry`: the applied state, `apply`, queries, and the record encoding the state
 //! machine persists.
 //!
-//! Every collection is a persistent map (`imbl`), so cloning the registry to publish an
+//! Every collection is a persistent ordered map (`imbl`; B-trees stay denser than its
+//! hash tries at tens of thousands of entries), so cloning the registry to publish an
 //! immutable view after each applied batch costs O(1), and every lookup the control plane
 //! makes per request (node key, machine key, user name, key prefix) has an index.
 
@@ -11,7 +12,7 @@ mod records;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use imbl::{HashMap, OrdMap, OrdSet};
+use imbl::{OrdMap, OrdSet};
 use serde::{Deserialize, Serialize};
 
 use super::change::{Change, Record};
@@ -96,12 +97,12 @@ pub struct Registry {
     pending: OrdMap<String, PendingRegistration>,
     recent: OrdMap<RequestId, Arc<Recent>>,
     // Indexes, rebuilt from the records above on load.
-    user_by_name: HashMap<String, UserId>,
-    preauth_by_prefix: HashMap<String, PreAuthKeyId>,
-    api_by_prefix: HashMap<String, ApiKeyId>,
-    node_by_name: HashMap<String, NodeId>,
-    by_node_key: HashMap<NodeKey, NodeId>,
-    by_machine_key: HashMap<MachineKey, NodeId>,
+    user_by_name: OrdMap<String, UserId>,
+    preauth_by_prefix: OrdMap<String, PreAuthKeyId>,
+    api_by_prefix: OrdMap<String, ApiKeyId>,
+    node_by_name: OrdMap<String, NodeId>,
+    by_node_key: OrdMap<NodeKey, NodeId>,
+    by_machine_key: OrdMap<MachineKey, NodeId>,
     pending_by_expiry: OrdSet<(Timestamp, String)>,
     recent_by_age: OrdSet<(Timestamp, RequestId)>,
     used_v4: OrdSet<Ipv4Addr>,
