@@ -28,7 +28,7 @@ use crate::registry::{Change, Node, NodeId, Registry, UserId};
 pub const COALESCE_WINDOW: Duration = Duration::from_millis(100);
 /// Deltas a session may fall behind (6 s of ticks) before it must resync with a full
 /// netmap. Each retained delta keeps its state's changed blocks alive.
-const DELTA_CHANNEL_CAPACITY: usize = 64;
+pub const DELTA_CHANNEL_CAPACITY: usize = 64;
 
 /// A peer as every receiver sees it, encoded once per change.
 #[derive(Debug)]
@@ -132,21 +132,21 @@ impl Delta {
     /// among them.
     pub fn shared_frame(&self, compress: bool) -> Bytes {
         self.shared[usize::from(compress)]
-            .get_or_init(|| build::encode_frame(&self.response(None, |_| true), compress))
+            .get_or_init(|| build::encode_frame(&self.response(None, None, |_| true), compress))
             .clone()
     }
 
-    /// The delta for one receiver: `me` is its own node and new JSON if the delta changes
-    /// it; `visible` says which upserted peers it may see (the others are removed from its
-    /// map, in case it had them).
+    /// The delta for one receiver: `me` is its own node (never sent as a peer), `me_json`
+    /// its new JSON if the client must get it; `visible` says which upserted peers it may
+    /// see (the others are removed from its map, in case it had them).
     pub fn response(
         &self,
-        me: Option<(NodeId, RawJson)>,
+        me_id: Option<NodeId>,
+        me_json: Option<RawJson>,
         visible: impl Fn(&Node) -> bool,
     ) -> MapResponse {
-        let me_id = me.as_ref().map(|(id, _)| *id);
         let mut response = MapResponse {
-            node: me.map(|(_, json)| json),
+            node: me_json,
             ..Default::default()
         };
         let mut rebuilt = BTreeSet::new();

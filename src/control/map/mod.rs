@@ -12,7 +12,6 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 
 use super::tailcfg::{self, MapRequest};
 use super::{ControlDeps, NoisePeer};
@@ -120,21 +119,9 @@ pub async fn handle(
         deps.metrics.map_bytes.inc_by(frame.len() as u64);
         return ([(header::CONTENT_TYPE, "application/octet-stream")], frame).into_response();
     }
-    let rx = session::start(&deps, node.id, compress);
-    // Each message goes out as its chunks: shared blocks are written, never copied.
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|message| {
-            let chunks = message.into_chunks().into_iter();
-            (
-                futures::stream::iter(chunks.map(Ok::<Bytes, std::convert::Infallible>)),
-                rx,
-            )
-        })
-    })
-    .flatten();
     (
         [(header::CONTENT_TYPE, "application/octet-stream")],
-        Body::from_stream(stream),
+        Body::from_stream(session::body(&deps, node.id, compress)),
     )
         .into_response()
 }

@@ -1,34 +1,36 @@
 //! One streaming map session (long poll): a full netmap first, then the hub's deltas
 //! filtered for this node, plus keep-alives.
 //!
-//! The session does O(changed peers) work per delta and usually none at all: when its node
-//! sees every changed peer and is not itself among them, it sends the frame the hub's
-//! first such session encoded. A client that stops reading is back-pressured: once its
-//! queue is full the session stops queuing deltas and sends one full netmap when the
-//! client has drained it.
+//! The session *is* the response body: HTTP/2 pulls the next message when it has room to
+//! send it, so a client that stops reading stops the session too — no queue, no task of
+//! its own. While it stands still, the hub's deltas wait in the shared ring; once it
+//! falls further behind than the ring holds, it is owed one full netmap, sent when it
+//! reads again. The session does O(changed peers) work per delta and usually none: when
+//! its node sees every changed peer and is not itself among them, it sends the frame the
+//! hub's first such session encoded.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc};
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::broadcast;
 use tokio::time::{Instant, sleep_until};
-use tracing::Instrument;
+use tokio_util::task::TaskTracker;
 
 use super::build::{self, MapContext, Message};
 use super::full;
 use super::hub::{Delta, HubHandle, HubState};
-use crate::control::tailcfg::MapResponse;
+use crate::control::tailcfg::{MapResponse, RawJson};
 use crate::control::{ControlDeps, ControlSettings, policy};
 use crate::presence::Presence;
+use crate::raft::Cluster;
 use crate::registry::{Command, NodeId, Registry};
 use crate::telemetry::Metrics;
 
 /// The client abandons a map poll that stays silent for 120 s (watchdogTimeout in
 /// tailscale's controlclient) and expects a keep-alive about once a minute.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(50);
-/// Frames queued for a slow client. When full, the session stops queuing deltas and owes
-/// the client a full netmap, sent once the queue has room again.
-pub const SESSION_QUEUE_FRAMES: usize = 16;
 
 /// What a map session uses, and nothing more.
 #[derive(Clone)]
@@ -41,6 +43,9 @@ pub struct SessionDeps {
     pub metrics: Arc<Metrics>,
     /// Cancelled to end the session (shutdown or drain).
     pub stop: tokio_util::sync::CancellationToken,
+    /// Where the node's last-seen time is written when its last session ends (`None` in
+    /// tests without a cluster).
+    pub last_seen: Option<(Cluster, TaskTracker)>,
 }
 
 impl SessionDeps {
@@ -52,119 +57,159 @@ impl SessionDeps {
             settings: deps.settings.clone(),
             metrics: deps.metrics.clone(),
             stop: deps.stop.clone(),
+            last_seen: Some((deps.cluster.clone(), deps.tasks.clone())),
         }
     }
 }
 
-/// Starts a session for `node`, which the caller has counted online
-/// (`Presence::session_started`); the returned receiver is the response body. When the
-/// node's last session ends, its last-seen time is written through Raft.
-pub fn start(deps: &ControlDeps, node: NodeId, compress: bool) -> mpsc::Receiver<Message> {
-    let (tx, rx) = mpsc::channel(SESSION_QUEUE_FRAMES);
-    let session = Session::new(SessionDeps::of(deps), node, compress, tx);
-    let span = tracing::debug_span!("map", node.id = %node);
-    let cluster = deps.cluster.clone();
-    deps.tasks.spawn(
-        async move {
-            if session.run().await {
-                // One write per disconnect; peers learn LastSeen from the applied change.
-                if let Err(error) = cluster.propose(Command::SetLastSeen { id: node }).await {
-                    tracing::debug!(node.id = %node, %error, "could not record last seen");
-                }
-            }
-        }
-        .instrument(span),
-    );
-    rx
+/// The response body of a streaming map request for `node`, which the caller has counted
+/// online (`Presence::session_started`): a stream of byte chunks.
+pub fn body(
+    deps: &ControlDeps,
+    node: NodeId,
+    compress: bool,
+) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
+    let session = Session::new(SessionDeps::of(deps), node, compress);
+    chunks(session.into_stream())
+}
+
+/// Each message as its chunks: shared blocks are written, never copied.
+fn chunks(
+    messages: impl Stream<Item = Message> + Send + 'static,
+) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
+    use futures::StreamExt;
+    messages.flat_map(|m| futures::stream::iter(m.into_chunks().into_iter().map(Ok)))
 }
 
 pub(super) struct Session {
     deps: SessionDeps,
     node: NodeId,
     compress: bool,
-    tx: mpsc::Sender<Message>,
+    deltas: Option<broadcast::Receiver<Arc<Delta>>>,
+    keepalive_at: Instant,
     /// Self approval as last sent; a change flips every peer's visibility.
     approved: bool,
     /// The hub state the client's netmap reflects; older deltas are skipped.
     seq: u64,
-    /// A delta was dropped (queue full, or this session lagged the hub): the next frame
-    /// must be a full netmap.
-    owe_full: bool,
+    /// The node's own JSON as last sent: a delta that touches the node without changing
+    /// what its client sees of itself does not resend it.
+    self_sent: Option<RawJson>,
+    /// How the session ended, once it did.
+    end: Option<End>,
 }
 
+/// What woke the session.
+enum Event {
+    Stop,
+    Delta(Result<Arc<Delta>, broadcast::error::RecvError>),
+    KeepAlive,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum End {
-    ClientGone,
+    Stopped,
     NodeRemoved,
 }
 
 impl Session {
-    pub(super) fn new(
-        deps: SessionDeps,
-        node: NodeId,
-        compress: bool,
-        tx: mpsc::Sender<Message>,
-    ) -> Self {
+    pub(super) fn new(deps: SessionDeps, node: NodeId, compress: bool) -> Self {
+        deps.metrics
+            .connected_clients
+            .set(deps.presence.online_count() as i64);
+        tracing::debug!(node.id = %node, "map stream started");
         Session {
             deps,
             node,
             compress,
-            tx,
+            deltas: None,
+            keepalive_at: Instant::now() + KEEPALIVE_INTERVAL,
             approved: false,
             seq: 0,
-            owe_full: false,
+            self_sent: None,
+            end: None,
         }
     }
 
-    /// Streams until the client leaves, the node is removed or the member stops. Returns
-    /// whether the node's last-seen time should be recorded.
-    pub(super) async fn run(mut self) -> bool {
-        self.deps
-            .metrics
-            .connected_clients
-            .set(self.deps.presence.online_count() as i64);
-        tracing::debug!("map stream started");
-        let end = self.stream().await.err();
-        self.finish(end)
+    /// The session as the stream of messages the body sends; it ends on shutdown, drain
+    /// or the node's removal, and the client leaving drops it.
+    pub(super) fn into_stream(self) -> impl Stream<Item = Message> + Send + 'static {
+        futures::stream::unfold(self, |mut session| async move {
+            let message = session.next_message().await?;
+            Some((message, session))
+        })
     }
 
-    async fn stream(&mut self) -> Result<(), End> {
-        let keepalive_frame = Message::framed(build::encode_frame(
-            &MapResponse {
-                keep_alive: true,
-                ..Default::default()
-            },
-            self.compress,
-        ));
-        let (mut deltas, state) = self.deps.hub.subscribe();
-        let first = self.full_frame(&state)?;
-        self.tx.send(first).await.map_err(|_| End::ClientGone)?;
-        let mut keepalive_at = Instant::now() + KEEPALIVE_INTERVAL;
-        // Owned handles, so the arms below may borrow the session mutably.
-        let (tx, stop) = (self.tx.clone(), self.deps.stop.clone());
+    /// The next message for the client: the first netmap, a delta, a resync or a
+    /// keep-alive. `None` once the session is over.
+    async fn next_message(&mut self) -> Option<Message> {
+        if self.end.is_some() {
+            return None;
+        }
+        if self.deltas.is_none() {
+            let (deltas, state) = self.deps.hub.subscribe();
+            self.deltas = Some(deltas);
+            return self.full(&state, "full");
+        }
         loop {
-            tokio::select! {
-                () = stop.cancelled() => return Ok(()),
-                () = tx.closed() => return Err(End::ClientGone),
-                delta = deltas.recv() => match delta {
-                    Ok(delta) => self.on_delta(&delta)?,
-                    Err(broadcast::error::RecvError::Lagged(_)) => self.owe_full = true,
-                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
-                },
-                permit = tx.reserve(), if self.owe_full => {
-                    let permit = permit.map_err(|_| End::ClientGone)?;
-                    let state = self.deps.hub.current();
-                    let frame = self.full_frame(&state)?;
-                    permit.send(frame);
-                    self.owe_full = false;
-                    keepalive_at = Instant::now() + KEEPALIVE_INTERVAL;
+            let event = {
+                let deltas = self.deltas.as_mut().expect("subscribed above");
+                tokio::select! {
+                    () = self.deps.stop.cancelled() => Event::Stop,
+                    delta = deltas.recv() => Event::Delta(delta),
+                    () = sleep_until(self.keepalive_at) => Event::KeepAlive,
                 }
-                () = sleep_until(keepalive_at) => {
-                    // A full queue already tells the client we are alive soon enough.
-                    if self.tx.try_send(keepalive_frame.clone()).is_ok() {
-                        self.count("keepalive", keepalive_frame.len());
+            };
+            match event {
+                Event::Stop => {
+                    self.end = Some(End::Stopped);
+                    return None;
+                }
+                Event::Delta(Ok(delta)) => match self.on_delta(&delta) {
+                    Ok(Some(message)) => return self.sent(message, "delta"),
+                    Ok(None) => {}
+                    Err(end) => {
+                        self.end = Some(end);
+                        return None;
                     }
-                    keepalive_at = Instant::now() + KEEPALIVE_INTERVAL + jitter();
+                },
+                Event::Delta(Err(broadcast::error::RecvError::Lagged(_))) => {
+                    let state = self.deps.hub.current();
+                    return self.full(&state, "full");
                 }
+                Event::Delta(Err(broadcast::error::RecvError::Closed)) => {
+                    self.end = Some(End::Stopped);
+                    return None;
+                }
+                Event::KeepAlive => {
+                    let message = Message::framed(build::encode_frame(
+                        &MapResponse {
+                            keep_alive: true,
+                            ..Default::default()
+                        },
+                        self.compress,
+                    ));
+                    self.keepalive_at = Instant::now() + KEEPALIVE_INTERVAL + jitter();
+                    self.count("keepalive", message.len());
+                    return Some(message);
+                }
+            }
+        }
+    }
+
+    /// Counts a message and restarts the keep-alive clock.
+    fn sent(&mut self, message: Message, kind: &str) -> Option<Message> {
+        self.count(kind, message.len());
+        self.keepalive_at = Instant::now() + KEEPALIVE_INTERVAL;
+        Some(message)
+    }
+
+    /// A full netmap, or the end of the session if the node is gone.
+    fn full(&mut self, state: &HubState, kind: &str) -> Option<Message> {
+        match self.full_frame(state) {
+            Ok(message) => self.sent(message, kind),
+            Err(end) => {
+                self.end = Some(end);
+                None
             }
         }
     }
@@ -192,80 +237,83 @@ impl Session {
         let frame = full::full_message(&ctx, state, me, self.compress);
         self.approved = me.approved;
         self.seq = state.seq;
-        self.count("full", frame.len());
+        self.self_sent = Some(ctx.self_json(me));
         Ok(frame)
     }
 
-    /// Queues a frame unless the queue is full, in which case the client is owed a full
-    /// netmap instead.
-    fn offer(&mut self, frame: Message, kind: &str) -> Result<(), End> {
-        let len = frame.len();
-        match self.tx.try_send(frame) {
-            Ok(()) => {
-                self.count(kind, len);
-                Ok(())
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.owe_full = true;
-                Ok(())
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(End::ClientGone),
-        }
-    }
-
-    /// Turns one hub delta into what this client must receive.
-    fn on_delta(&mut self, delta: &Arc<Delta>) -> Result<(), End> {
-        if delta.seq <= self.seq || self.owe_full {
-            // Already in the netmap the client has, or a full netmap is owed anyway.
-            return Ok(());
+    /// Turns one hub delta into what this client must receive, if anything.
+    fn on_delta(&mut self, delta: &Arc<Delta>) -> Result<Option<Message>, End> {
+        if delta.seq <= self.seq {
+            // Already in the netmap the client has.
+            return Ok(None);
         }
         // The latest view: at least as new as the delta (views only move forward).
         let view = self.deps.view.borrow().clone();
-        let view = &view;
         let me = view.node(self.node).ok_or(End::NodeRemoved)?;
         if delta.full || me.approved != self.approved {
             let state = self.deps.hub.current();
-            let frame = self.full_frame(&state)?;
-            return self.offer(frame, "full");
+            return self.full_frame(&state).map(Some);
         }
         self.seq = delta.seq;
-        let sees = |peer: &crate::registry::Node| policy::can_see(view, me, peer);
-        let frame = if !delta.touches(self.node) && delta.upserted.iter().all(|p| sees(&p.node)) {
-            if delta.is_empty() || delta.only_presence_of(self.node) {
-                return Ok(());
-            }
-            Message::framed(delta.shared_frame(self.compress))
-        } else {
-            let ctx = MapContext {
-                view,
-                presence: &self.deps.presence,
-                settings: &self.deps.settings,
-            };
-            let own = delta
-                .touches(self.node)
-                .then(|| (self.node, ctx.self_json(me)));
-            let response = delta.response(own, sees);
-            if response.is_empty_delta() {
-                return Ok(());
-            }
-            Message::framed(build::encode_frame(&response, self.compress))
+        let sees = |peer: &crate::registry::Node| policy::can_see(&view, me, peer);
+        let ctx = MapContext {
+            view: &view,
+            presence: &self.deps.presence,
+            settings: &self.deps.settings,
         };
-        self.offer(frame, "delta")
+        let touched = delta.touches(self.node);
+        let me_json = touched.then(|| ctx.self_json(me)).filter(|json| {
+            self.self_sent
+                .as_ref()
+                .is_none_or(|sent| sent.get() != json.get())
+        });
+        if !touched && delta.upserted.iter().all(|p| sees(&p.node)) {
+            if delta.is_empty() || delta.only_presence_of(self.node) {
+                return Ok(None);
+            }
+            return Ok(Some(Message::framed(delta.shared_frame(self.compress))));
+        }
+        if me_json.is_some() {
+            self.self_sent = me_json.clone();
+        }
+        let response = delta.response(Some(self.node), me_json, sees);
+        if response.is_empty_delta() {
+            return Ok(None);
+        }
+        Ok(Some(Message::framed(build::encode_frame(
+            &response,
+            self.compress,
+        ))))
     }
+}
 
-    /// Ends the session; true if the node went offline (its last-seen time is news).
-    fn finish(self, end: Option<End>) -> bool {
+impl Drop for Session {
+    /// The client left, the node was removed, or the member stops: the node goes offline
+    /// here, and when it was its last session its last-seen time is written (once per
+    /// disconnect, not per keep-alive).
+    fn drop(&mut self) {
         let went_offline = self.deps.presence.session_ended(self.node);
         self.deps
             .metrics
             .connected_clients
             .set(self.deps.presence.online_count() as i64);
-        match end {
-            Some(End::NodeRemoved) => tracing::info!("node removed; map stream closed"),
-            Some(End::ClientGone) => tracing::debug!("client closed the map stream"),
-            None => tracing::debug!("map stream closed by shutdown"),
+        let (reason, record) = match self.end {
+            Some(End::NodeRemoved) => ("node removed", false),
+            Some(End::Stopped) => ("member stopping or draining", false),
+            None => ("client closed the stream", true),
+        };
+        tracing::debug!(node.id = %self.node, reason, "map stream ended");
+        if !(went_offline && record) || self.deps.stop.is_cancelled() {
+            return;
         }
-        went_offline && !matches!(end, Some(End::NodeRemoved)) && !self.deps.stop.is_cancelled()
+        if let Some((cluster, tasks)) = self.deps.last_seen.clone() {
+            let node = self.node;
+            tasks.spawn(async move {
+                if let Err(error) = cluster.propose(Command::SetLastSeen { id: node }).await {
+                    tracing::debug!(node.id = %node, %error, "could not record last seen");
+                }
+            });
+        }
     }
 }
 

@@ -5,13 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use serde_json::Value;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::build::Message;
+use super::hub::DELTA_CHANNEL_CAPACITY;
 use super::hub::MapHub;
-use super::session::{KEEPALIVE_INTERVAL, SESSION_QUEUE_FRAMES, Session, SessionDeps};
+use super::session::{KEEPALIVE_INTERVAL, Session, SessionDeps};
 use crate::control::{ControlSettings, Topology};
 use crate::presence::Presence;
 use crate::raft::{AppliedBatch, RegistryFeed};
@@ -141,16 +144,18 @@ impl Harness {
                 settings,
                 metrics: Arc::new(Metrics::new()),
                 stop: stop.clone(),
+                last_seen: None,
             },
             stop,
         }
     }
 
-    fn session(&self, node: NodeId) -> mpsc::Receiver<Message> {
-        let (tx, rx) = mpsc::channel(SESSION_QUEUE_FRAMES);
+    /// A session's messages; reading one is what lets the session make it.
+    fn session(&self, node: NodeId) -> BoxStream<'static, Message> {
         self.deps.presence.session_started(node);
-        tokio::spawn(Session::new(self.deps.clone(), node, false, tx).run());
-        rx
+        Session::new(self.deps.clone(), node, false)
+            .into_stream()
+            .boxed()
     }
 
     fn full_maps_sent(&self) -> u64 {
@@ -168,9 +173,9 @@ fn decode(frame: &Bytes) -> Value {
     serde_json::from_slice(&frame[4..]).unwrap()
 }
 
-async fn next(rx: &mut mpsc::Receiver<Message>) -> Value {
+async fn next(rx: &mut BoxStream<'static, Message>) -> Value {
     decode(
-        &rx.recv()
+        &rx.next()
             .await
             .expect("the session is streaming")
             .to_bytes(),
@@ -237,32 +242,28 @@ async fn a_stalled_reader_is_owed_one_full_map_not_one_per_tick() {
     let me = feed.register(1, "slow");
     let h = Harness::start(&feed);
     let mut rx = h.session(me);
-    // The client reads nothing: one change per tick fills its queue and then some.
-    let extra = SESSION_QUEUE_FRAMES as u8 + 10;
-    for i in 0..extra {
-        feed.register(10 + i, &format!("p{i}"));
+    assert!(next(&mut rx).await.get("Peers").is_some());
+    // The client reads nothing while more deltas pass than the hub's ring holds.
+    let changes = DELTA_CHANNEL_CAPACITY + 10;
+    for i in 0..changes {
+        feed.register(10 + i as u8, &format!("p{i}"));
         tokio::time::sleep(super::hub::COALESCE_WINDOW * 2).await;
     }
     assert_eq!(
         h.full_maps_sent(),
         1,
-        "only the first netmap was built while the client was stalled"
+        "nothing was built for the stalled client"
     );
-    // The client drains its queue: the first netmap and the deltas that fit.
-    let mut drained = Vec::new();
-    for _ in 0..SESSION_QUEUE_FRAMES {
-        drained.push(next(&mut rx).await);
-    }
-    assert!(drained[0].get("Peers").is_some());
-    assert!(drained[1..].iter().all(|f| f.get("Peers").is_none()));
-    // Then one full netmap with every peer, as soon as there is room.
+    // When it reads again it gets one full netmap with every peer...
     let resync = next(&mut rx).await;
     assert_eq!(
         resync["Peers"].as_array().map(Vec::len),
-        Some(extra as usize),
+        Some(changes),
         "{resync}"
     );
     assert_eq!(h.full_maps_sent(), 2);
+    // ...and then it is current: the next message is a keep-alive, not old deltas.
+    assert_eq!(next(&mut rx).await["KeepAlive"], true);
     h.stop.cancel();
 }
 
@@ -281,14 +282,14 @@ async fn receivers_share_one_frame_and_a_changed_node_gets_its_own() {
     }
     // Online changes of the three sessions arrive as one delta for each.
     for rx in [&mut rx_a, &mut rx_b, &mut rx_c] {
-        rx.recv().await.unwrap();
+        rx.next().await.unwrap();
     }
     feed.apply(Command::RenameNode {
         id: c,
         name: "renamed".into(),
     });
-    let frame_a = rx_a.recv().await.unwrap().to_bytes();
-    let frame_b = rx_b.recv().await.unwrap().to_bytes();
+    let frame_a = rx_a.next().await.unwrap().to_bytes();
+    let frame_b = rx_b.next().await.unwrap().to_bytes();
     assert_eq!(
         frame_a.as_ptr(),
         frame_b.as_ptr(),
