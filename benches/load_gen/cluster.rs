@@ -95,7 +95,7 @@ impl LocalCluster {
     pub async fn admin(&self, i: usize) -> anyhow::Result<connect::Client> {
         connect::connect(
             &Target::Socket(self.members[i].socket.clone()),
-            Duration::from_secs(2),
+            Duration::from_secs(5),
         )
         .await
         .map_err(|e| anyhow::anyhow!("admin socket of member {}: {e}", self.members[i].id))

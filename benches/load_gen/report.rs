@@ -61,6 +61,8 @@ impl Propagation {
 
 #[derive(Default)]
 pub struct FailoverReport {
+    /// Why the phase stopped early, if it did.
+    pub error: Option<String>,
     pub writes_resume_s: f64,
     pub restream: Vec<Duration>,
     pub clients_on_victims: usize,
@@ -73,6 +75,7 @@ impl FailoverReport {
             "clients_restream_s": spread(&self.restream, true),
             "clients_on_killed_members": self.clients_on_victims,
             "clients_restreamed": self.restream.len(),
+            "error": self.error,
         })
     }
 }
@@ -90,7 +93,6 @@ pub struct Report {
     pub rss_kib_members: u64,
     pub cpu_s_by_member: Vec<f64>,
     pub failover: Option<FailoverReport>,
-    pub failover_error: Option<String>,
 }
 
 fn round1(x: f64) -> f64 {
@@ -111,7 +113,6 @@ impl Report {
             rss_kib_members: 0,
             cpu_s_by_member: Vec::new(),
             failover: None,
-            failover_error: None,
         }
     }
 
@@ -130,7 +131,6 @@ impl Report {
             "cpu_s_per_member": round1(cpu.iter().sum::<f64>() / cpu.len().max(1) as f64),
             "cpu_s_by_member": cpu.iter().map(|c| round1(*c)).collect::<Vec<_>>(),
             "failover": self.failover.as_ref().map(FailoverReport::json),
-            "failover_error": self.failover_error,
         })
     }
 

@@ -117,6 +117,33 @@ fn expiration(value: Option<&str>) -> Result<Option<prost_types::Timestamp>, Api
     Ok(relative.to_timestamp())
 }
 
+/// Decodes a request body or query as one of the routes would (`which` picks the route),
+/// including the expiration text where the route takes one. Nothing else is done: the
+/// fuzz harness feeds it outside bytes.
+pub fn check_request_input(which: u8, input: &[u8]) -> Result<(), String> {
+    fn body<T: for<'de> Deserialize<'de>>(input: &[u8]) -> Result<T, String> {
+        serde_json::from_slice(input).map_err(|e| e.to_string())
+    }
+    fn query<T: for<'de> Deserialize<'de>>(input: &[u8]) -> Result<T, String> {
+        let text = std::str::from_utf8(input).map_err(|e| e.to_string())?;
+        serde_urlencoded::from_str(text).map_err(|e| e.to_string())
+    }
+    let expires = |text: Option<String>| {
+        expiration(text.as_deref())
+            .map(drop)
+            .map_err(|e| e.0.message().to_string())
+    };
+    match which % 7 {
+        0 => body::<CreateUser>(input).map(drop),
+        1 => expires(body::<CreatePreAuthKey>(input)?.expiration),
+        2 => body::<ExpirePreAuthKey>(input).map(drop),
+        3 => expires(body::<CreateApiKey>(input)?.expiration),
+        4 => body::<ApiKeyPrefix>(input).map(drop),
+        5 => query::<ReadParams>(input).map(drop),
+        _ => query::<RegisterParams>(input).map(drop),
+    }
+}
+
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct ReadParams {

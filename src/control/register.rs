@@ -99,7 +99,9 @@ pub async fn handle(
     }
 }
 
-fn parse(body: &[u8]) -> Result<RegisterRequest, RegisterError> {
+/// Decodes and checks a `RegisterRequest` body (bounded, a known capability version, a
+/// node key) before anything else looks at it.
+pub fn parse(body: &[u8]) -> Result<RegisterRequest, RegisterError> {
     if body.len() > MAX_REGISTER_BODY_BYTES {
         return Err(RegisterError::BadRequest(
             "register request too large".into(),

@@ -25,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use crate::registry::{Change, ClusterSettings, Outcome, Proposal, Registry, Request};
 
 pub use cluster::{Cluster, StartError};
-pub use store::StorageError;
+pub use service::check_member_message;
+pub use store::{StorageError, check_snapshot};
 
 openraft::declare_raft_types!(
     /// The Raft types of the registry: a `Request` per log entry, an `Outcome` per reply.

@@ -13,6 +13,24 @@ use crate::proto::raft::{
     MemberStatusRequest, PresenceEntry, PresenceSnapshot, WatchPresenceRequest,
 };
 
+/// Decodes a member-to-member message body as the service would for `method` (0: append
+/// entries, 1: vote, 2: install snapshot, 3: a forwarded leader operation). For the fuzz
+/// harness: nothing is done with it.
+pub fn check_member_message(method: u8, data: &[u8]) -> Result<(), String> {
+    use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+    fn de<T: serde::de::DeserializeOwned>(data: &[u8]) -> Result<(), String> {
+        serde_json::from_slice::<T>(data)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+    match method % 4 {
+        0 => de::<AppendEntriesRequest<super::TypeConfig>>(data),
+        1 => de::<VoteRequest<u64>>(data),
+        2 => de::<InstallSnapshotRequest<super::TypeConfig>>(data),
+        _ => de::<LeaderOp>(data),
+    }
+}
+
 pub struct RaftRpc {
     pub cluster: Cluster,
 }

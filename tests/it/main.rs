@@ -8,5 +8,6 @@ mod clients;
 mod cluster;
 mod durability;
 mod history;
+mod history_scale;
 mod protocol;
 mod scripts;

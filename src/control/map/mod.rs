@@ -27,35 +27,39 @@ fn refuse(deps: &ControlDeps, status: StatusCode, message: String) -> Response {
     (status, format!("{message}\n")).into_response()
 }
 
+/// Decodes and checks a `MapRequest` body (bounded, JSON, a known capability version)
+/// before anything else looks at it.
+pub fn parse(body: &[u8]) -> Result<MapRequest, (StatusCode, String)> {
+    if body.len() > MAX_MAP_REQUEST_BYTES {
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "map request too large".into(),
+        ));
+    }
+    let req: MapRequest = serde_json::from_slice(body).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("invalid MapRequest JSON: {e}"),
+        )
+    })?;
+    if req.version < tailcfg::MIN_CAPABILITY_VERSION {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("client capability version {} is too old", req.version),
+        ));
+    }
+    Ok(req)
+}
+
 pub async fn handle(
     State(deps): State<ControlDeps>,
     Extension(peer): Extension<NoisePeer>,
     body: Bytes,
 ) -> Response {
-    if body.len() > MAX_MAP_REQUEST_BYTES {
-        return refuse(
-            &deps,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "map request too large".into(),
-        );
-    }
-    let req: MapRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return refuse(
-                &deps,
-                StatusCode::BAD_REQUEST,
-                format!("invalid MapRequest JSON: {e}"),
-            );
-        }
+    let req = match parse(&body) {
+        Ok(req) => req,
+        Err((status, message)) => return refuse(&deps, status, message),
     };
-    if req.version < tailcfg::MIN_CAPABILITY_VERSION {
-        return refuse(
-            &deps,
-            StatusCode::BAD_REQUEST,
-            format!("client capability version {} is too old", req.version),
-        );
-    }
     let view = deps.cluster.view();
     let Some(node) = view.node_by_key(&req.node_key).cloned() else {
         return refuse(

@@ -27,7 +27,7 @@ use super::{AppliedBatch, MemberInfo};
 use crate::registry::Registry;
 
 pub use log_store::LogStore;
-pub use state_machine::StateMachine;
+pub use state_machine::{StateMachine, check_snapshot};
 
 pub type StorageError = openraft::StorageError<u64>;
 type Membership = StoredMembership<u64, MemberInfo>;

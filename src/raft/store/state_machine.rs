@@ -214,6 +214,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
+/// Decodes a snapshot as an install would (its file format, then every record), without
+/// storing anything. For the fuzz harness and offline checks.
+pub fn check_snapshot(data: &[u8]) -> Result<(), String> {
+    let file: SnapshotFile = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+    let records = file
+        .records
+        .into_iter()
+        .map(|(k, v)| (k.into_bytes(), v.into_bytes()));
+    Registry::from_records(records)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// Replaces the stored registry by a snapshot's records, in one synced batch with the
 /// applied position and the snapshot itself.
 fn install_records(

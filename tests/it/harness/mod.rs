@@ -190,6 +190,25 @@ impl Member {
         }
     }
 
+    /// SIGSTOP: the process freezes (a stalled VM, a long GC pause) but keeps its sockets.
+    pub fn pause(&mut self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&mut self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&mut self, sig: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg(sig)
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+
     /// SIGKILL: no chance to flush anything.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -201,6 +220,8 @@ impl Member {
 
 impl Drop for Member {
     fn drop(&mut self) {
+        // A paused process cannot die of SIGKILL until it is continued.
+        self.resume();
         self.kill();
     }
 }
