@@ -259,6 +259,13 @@ impl DerpWriter {
     pub async fn pong(&mut self, data: [u8; 8]) -> Result<(), FrameError> {
         self.write(&Frame::Pong(data)).await
     }
+
+    /// Writes frames already encoded back to back (one syscall for many packets).
+    pub async fn write_encoded(&mut self, frames: &[u8]) -> Result<(), FrameError> {
+        use tokio::io::AsyncWriteExt;
+        self.w.write_all(frames).await?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

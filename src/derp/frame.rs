@@ -337,6 +337,16 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: u32) -> Result<Fra
     Frame::decode(ty, payload)
 }
 
+/// Appends a `ForwardPacket` frame to `out` without building a `Frame` (the mesh's hot
+/// path: one copy of the packet, into a buffer written out for many packets at once).
+pub fn append_forward(out: &mut Vec<u8>, src: &Key, dst: &Key, data: &[u8]) {
+    out.push(FRAME_FORWARD_PACKET);
+    out.extend_from_slice(&((2 * KEY_LEN + data.len()) as u32).to_be_bytes());
+    out.extend_from_slice(src);
+    out.extend_from_slice(dst);
+    out.extend_from_slice(data);
+}
+
 /// Writes one frame and flushes (callers batch by building bigger buffers when they care).
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), FrameError> {
     w.write_all(&f.encode()).await?;

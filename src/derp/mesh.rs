@@ -10,11 +10,13 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::client::{DerpClient, DerpReader, DerpWriter};
-use super::frame::{Frame, FrameError, Key};
+use super::frame::{self, Frame, FrameError, Key};
 use super::server::DerpServer;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Forwarded packets written to a peer in one go, at most (about 45 full-size packets).
+const WRITE_BATCH_BYTES: usize = 64 << 10;
 /// Packets queued for one peer; beyond this they are dropped (best-effort, like UDP).
 const FORWARD_QUEUE: usize = 1024;
 
@@ -134,10 +136,20 @@ async fn run_connected(
         }
     };
     let write = async {
+        let mut buf = Vec::with_capacity(WRITE_BATCH_BYTES);
         loop {
             tokio::select! {
                 f = rx.recv() => match f {
-                    Some(f) => writer.forward(f.src, f.dst, &f.data).await?,
+                    Some(f) => {
+                        // Everything queued goes out in one write, not one per packet.
+                        buf.clear();
+                        frame::append_forward(&mut buf, &f.src, &f.dst, &f.data);
+                        while buf.len() < WRITE_BATCH_BYTES {
+                            let Ok(f) = rx.try_recv() else { break };
+                            frame::append_forward(&mut buf, &f.src, &f.dst, &f.data);
+                        }
+                        writer.write_encoded(&buf).await?;
+                    }
                     None => return Ok::<(), FrameError>(()),
                 },
                 Some(d) = pong_rx.recv() => writer.pong(d).await?,

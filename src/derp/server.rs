@@ -25,6 +25,9 @@ use super::frame::{
 };
 use super::mesh::{Forward, MeshLink};
 
+/// Read and write buffer per connection: a dozen full-size packets each way per syscall,
+/// without costing thousands of idle connections much memory.
+const CONN_BUFFER_BYTES: usize = 16 << 10;
 /// Login (server key → client info → server info) must finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upstream's keepalive period; a jitter of up to 5s spreads the wakeups.
@@ -388,8 +391,8 @@ impl DerpServer {
         IO: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (r, w) = tokio::io::split(io);
-        let mut r = BufReader::with_capacity(64 << 10, r);
-        let mut w = BufWriter::with_capacity(64 << 10, w);
+        let mut r = BufReader::with_capacity(CONN_BUFFER_BYTES, r);
+        let mut w = BufWriter::with_capacity(CONN_BUFFER_BYTES, w);
 
         let login = tokio::select! {
             _ = self.stop.cancelled() => return,
