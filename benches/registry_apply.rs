@@ -82,8 +82,9 @@ fn bench(c: &mut Criterion) {
     let batch = Request {
         at: Timestamp(1_700_000_000_000),
         proposals: (0..256u32)
-            .flat_map(|i| register(&key, 10_000 + i).proposals)
-            .collect(),
+            .flat_map(|i| register(&key, 10_000 + i).proposals.to_vec())
+            .collect::<Vec<_>>()
+            .into(),
     };
     group.bench_function("256_registrations", |b| {
         b.iter_batched(

@@ -49,11 +49,11 @@ impl AdminApi {
         let name = command.name();
         match self.deps.cluster.propose(command).await {
             Ok(Outcome::Rejected(rejection)) => {
-                tracing::info!(command = name, %rejection, "admin write refused");
+                tracing::debug!(command = name, %rejection, "admin write refused");
                 Err(status::from_rejection(&rejection))
             }
             Ok(outcome) => {
-                tracing::info!(command = name, "admin write applied");
+                tracing::debug!(command = name, "admin write applied");
                 Ok(outcome)
             }
             Err(error) => {

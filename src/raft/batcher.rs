@@ -110,6 +110,7 @@ async fn write_entry(raft: &Raft, at: Timestamp, batch: Vec<Queued>) {
     let (proposals, replies): (Vec<Proposal>, Vec<_>) =
         batch.into_iter().map(|q| (q.proposal, q.reply)).unzip();
     let count = proposals.len();
+    let proposals = proposals.into();
     match raft.client_write(Request { at, proposals }).await {
         Ok(resp) => {
             let index = resp.log_id.index;

@@ -58,8 +58,11 @@ pub(super) struct Inner {
     pub(super) raft: Raft,
     pub(super) peers: Peers,
     pub(super) view: watch::Receiver<Arc<Registry>>,
+    /// The last index this member applied.
+    pub(super) applied: watch::Receiver<u64>,
     pub(super) batches: broadcast::Sender<Arc<AppliedBatch>>,
     pub(super) batcher: Batcher,
+    pub(super) forwarder: super::forwarder::Forwarder,
     pub(super) presence: Presence,
     pub(super) version: &'static str,
     pub(super) settings: ClusterSettings,
@@ -83,13 +86,15 @@ impl Cluster {
         tasks: TaskTracker,
     ) -> Result<Cluster, StartError> {
         let (view_tx, view_rx) = watch::channel(Arc::new(Registry::default()));
+        let (applied_tx, applied_rx) = watch::channel(0);
         let (batches, _) = broadcast::channel(BATCH_CHANNEL_CAPACITY);
         let data_dir = opts.data_dir.clone();
         let batches_for_store = batches.clone();
-        let (log_store, state_machine) =
-            tokio::task::spawn_blocking(move || store::open(&data_dir, view_tx, batches_for_store))
-                .await
-                .map_err(|e| StartError::Raft(e.to_string()))??;
+        let (log_store, state_machine) = tokio::task::spawn_blocking(move || {
+            store::open(&data_dir, view_tx, applied_tx, batches_for_store)
+        })
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))??;
         check_recorded_settings(&view_rx.borrow(), &opts.settings)?;
 
         let config = raft_config(&opts)?;
@@ -106,6 +111,13 @@ impl Cluster {
         initialize_if_first(&raft, &peers, &opts).await?;
 
         let batcher = Batcher::start(raft.clone(), view_rx.clone(), stop.clone(), &tasks);
+        let forwarder = super::forwarder::Forwarder::start(
+            opts.member_id,
+            raft.metrics(),
+            peers.clone(),
+            stop.clone(),
+            &tasks,
+        );
         let election_min = opts.election_timeout_min_ms.max(50);
         let cluster = Cluster {
             inner: Arc::new(Inner {
@@ -113,8 +125,10 @@ impl Cluster {
                 raft,
                 peers,
                 view: view_rx,
+                applied: applied_rx,
                 batches,
                 batcher,
+                forwarder,
                 presence: opts.presence,
                 version: opts.version,
                 settings: opts.settings,

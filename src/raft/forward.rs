@@ -34,26 +34,39 @@ impl Cluster {
         self.propose_once(Proposal::new(command)).await
     }
 
-    /// Commits `proposal` exactly once: retries (same id) until the leader answers.
+    /// Commits `proposal` exactly once: batched with concurrent writes (on the leader, or
+    /// forwarded to it together), and if that batch fails, retried on its own (same id)
+    /// until the leader answers.
     pub async fn propose_once(&self, proposal: Proposal) -> Result<Outcome, ProposeError> {
-        match self.leader_call(LeaderOp::Propose(proposal)).await? {
-            LeaderReply::Applied { outcome, index } => {
-                self.wait_applied(index).await?;
-                Ok(outcome)
+        let is_leader = self.metrics().borrow().current_leader == Some(self.inner.id);
+        let batched = if is_leader {
+            let submit = self.inner.batcher.submit(proposal.clone());
+            match tokio::time::timeout(PROPOSE_DEADLINE, submit).await {
+                Ok(done) => done.ok(),
+                // Appended but not committed: a majority is unreachable.
+                Err(_) => return Err(not_committed()),
             }
-            other => Err(unexpected(&other)),
-        }
+        } else {
+            self.inner.forwarder.submit(proposal.clone()).await
+        };
+        let (outcome, index) = match batched {
+            Some(done) => done,
+            None => match self.leader_call(LeaderOp::Propose(proposal)).await? {
+                LeaderReply::Applied { outcome, index } => (outcome, index),
+                other => return Err(unexpected(&other)),
+            },
+        };
+        self.wait_applied(index).await?;
+        Ok(outcome)
     }
 
     /// Waits until this member has applied the entry at `index`.
     async fn wait_applied(&self, index: u64) -> Result<(), ProposeError> {
-        self.inner
-            .raft
-            .wait(Some(APPLY_WAIT))
-            .applied_index_at_least(Some(index), "read your write")
-            .await
-            .map(drop)
-            .map_err(|_| ProposeError::NotAppliedHere { index })
+        let mut applied = self.inner.applied.clone();
+        match tokio::time::timeout(APPLY_WAIT, applied.wait_for(|i| *i >= index)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ProposeError::NotAppliedHere { index }),
+        }
     }
 
     /// The registry for a read: with `local`, this member's applied state as is; without,
@@ -165,6 +178,11 @@ impl Cluster {
                 Err(WriteFailure::NotLeader(leader)) => LeaderReply::NotLeader(leader),
                 Err(WriteFailure::Failed(msg)) => LeaderReply::Failed(msg),
             },
+            LeaderOp::ProposeMany(proposals) => {
+                let submits = proposals.into_iter().map(|p| self.inner.batcher.submit(p));
+                let results = futures::future::join_all(submits).await;
+                LeaderReply::AppliedMany(results.into_iter().map(Result::ok).collect())
+            }
             LeaderOp::ReadIndex => self.read_index().await,
             op => self.change_membership(op).await,
         }

@@ -153,7 +153,7 @@ impl Cluster {
             }
             LeaderOp::Remove { id } => return self.remove(id).await,
             LeaderOp::TransferLeader { to } => return self.hand_over(to).await,
-            LeaderOp::Propose(_) | LeaderOp::ReadIndex => {
+            LeaderOp::Propose(_) | LeaderOp::ProposeMany(_) | LeaderOp::ReadIndex => {
                 return LeaderReply::Invalid("not a membership operation".into());
             }
         };

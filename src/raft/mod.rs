@@ -7,6 +7,7 @@
 mod batcher;
 mod cluster;
 mod forward;
+mod forwarder;
 mod membership;
 mod network;
 mod presence_sync;
@@ -177,6 +178,8 @@ pub struct ClusterStatus {
 enum LeaderOp {
     /// A write; retrying it with the same id is always safe (exactly once).
     Propose(Proposal),
+    /// Writes a member forwards together (see `forwarder.rs`).
+    ProposeMany(Vec<Proposal>),
     AddLearner {
         id: u64,
         info: MemberInfo,
@@ -203,6 +206,9 @@ enum LeaderReply {
         outcome: Outcome,
         index: u64,
     },
+    /// For `ProposeMany`, in order: each write's outcome and index, or `None` where it
+    /// was not applied (the sender retries those on their own).
+    AppliedMany(Vec<Option<(Outcome, u64)>>),
     /// The receiver is not the leader; try this one.
     NotLeader(Option<u64>),
     /// The leader's read index (for `ReadIndex`).

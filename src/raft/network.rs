@@ -139,11 +139,23 @@ impl PeerLink {
         let reply = match reply {
             Ok(r) => r.into_inner(),
             Err(status) => {
+                let slow = matches!(
+                    status.code(),
+                    tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+                );
                 let e = CallError::Status {
                     addr: self.addr.clone(),
                     status: Box::new(status),
                 };
-                return Err(RPCError::Unreachable(Unreachable::new(&e)));
+                // A slow answer is not an unreachable member: openraft backs off from
+                // unreachable ones (no heartbeats meanwhile, so the followers would elect
+                // someone else), and under load an append can outlast the heartbeat
+                // interval openraft allows it.
+                return Err(if slow {
+                    RPCError::Network(NetworkError::new(&e))
+                } else {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                });
             }
         };
         let result: Result<Resp, RaftError<u64, E>> =
@@ -160,6 +172,16 @@ enum Kind {
 }
 
 impl RaftNetwork<TypeConfig> for PeerLink {
+    /// From an unreachable member: retry soon, then less often (openraft's default waits
+    /// half a second every time).
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(
+            (0..)
+                .map(|i: u32| Duration::from_millis(50u64 << i.min(3)))
+                .take(1_000_000),
+        )
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,

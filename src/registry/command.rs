@@ -67,7 +67,9 @@ impl Proposal {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     pub at: Timestamp,
-    pub proposals: Vec<Proposal>,
+    /// Shared: the log keeps recent entries in memory for replication, and copies of an
+    /// entry must not copy its proposals.
+    pub proposals: std::sync::Arc<[Proposal]>,
 }
 
 impl Request {
@@ -75,14 +77,14 @@ impl Request {
     pub fn single(at: Timestamp, command: Command) -> Self {
         Request {
             at,
-            proposals: vec![Proposal::new(command)],
+            proposals: vec![Proposal::new(command)].into(),
         }
     }
 }
 
 impl std::fmt::Display for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.proposals.as_slice() {
+        match &*self.proposals {
             [one] => write!(f, "{}", one.command.name()),
             many => write!(f, "batch of {}", many.len()),
         }

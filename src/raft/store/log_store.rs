@@ -8,20 +8,86 @@ use openraft::{Entry, LogId, LogState, RaftLogReader, StorageIOError, Vote};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use super::{
-    CF_LOGS, CF_META, DbError, KEY_COMMITTED, KEY_LAST_PURGED, KEY_VOTE, StorageError, Store,
-    index_key, json,
+    CF_LOGS, CF_META, DbError, KEY_LAST_PURGED, KEY_VOTE, StorageError, Store, index_key, json,
 };
 use crate::raft::TypeConfig;
+
+/// Entries kept in memory after they are written: replication to followers reads the
+/// recent log, and serving it from memory saves a read and a decode per follower.
+const CACHED_ENTRIES: usize = 4096;
+
+/// The tail of the log, contiguous: `entries[0]` has index `first`.
+#[derive(Default)]
+struct Tail {
+    first: u64,
+    entries: std::collections::VecDeque<Entry<TypeConfig>>,
+}
+
+impl Tail {
+    fn end(&self) -> u64 {
+        self.first + self.entries.len() as u64
+    }
+
+    fn push(&mut self, new: Vec<Entry<TypeConfig>>) {
+        let Some(start) = new.first().map(|e| e.log_id.index) else {
+            return;
+        };
+        if self.entries.is_empty() || start != self.end() {
+            self.entries.clear();
+            self.first = start;
+        }
+        self.entries.extend(new);
+        while self.entries.len() > CACHED_ENTRIES {
+            self.entries.pop_front();
+            self.first += 1;
+        }
+    }
+
+    /// Entries `start..end` if all of them are here.
+    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry<TypeConfig>>> {
+        if start < self.first || end > self.end() || start > end {
+            return None;
+        }
+        let (from, to) = ((start - self.first) as usize, (end - self.first) as usize);
+        Some(self.entries.range(from..to).cloned().collect())
+    }
+
+    /// Forgets entries from `index` on (a truncated log).
+    fn truncate(&mut self, index: u64) {
+        if index <= self.first {
+            self.entries.clear();
+        } else {
+            self.entries.truncate((index - self.first) as usize);
+        }
+    }
+
+    /// Forgets entries up to `index` (a purged log).
+    fn purge(&mut self, index: u64) {
+        while self.first <= index && !self.entries.is_empty() {
+            self.entries.pop_front();
+            self.first += 1;
+        }
+    }
+}
 
 /// The Raft log and vote.
 #[derive(Clone)]
 pub struct LogStore {
     store: Store,
+    tail: std::sync::Arc<std::sync::Mutex<Tail>>,
 }
 
 impl LogStore {
     pub(super) fn new(store: Store) -> Self {
-        LogStore { store }
+        LogStore {
+            store,
+            tail: Default::default(),
+        }
+    }
+
+    fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
+        // Each update is one whole push, truncate or purge: no half-done state to fear.
+        self.tail.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -67,6 +133,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => 0,
         };
         let end = range.end_bound().cloned();
+        let end_exclusive = match end {
+            Bound::Included(e) => e.checked_add(1),
+            Bound::Excluded(e) => Some(e),
+            Bound::Unbounded => None,
+        };
+        if let Some(cached) = end_exclusive.and_then(|e| self.tail().get(start, e)) {
+            return Ok(cached);
+        }
         self.store
             .run(move |s| read_entries(s, start, end))
             .await
@@ -125,25 +199,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| StorageIOError::read_vote(&e).into())
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError> {
-        // Not synced: losing it only means re-deriving the commit point from the leader.
-        let value = json(&committed);
-        self.store
-            .run(move |s| {
-                let mut batch = WriteBatch::default();
-                batch.put_cf(s.cf(CF_META), KEY_COMMITTED, value);
-                s.write(batch, false)
-            })
-            .await
-            .map_err(|e| StorageIOError::write(&e).into())
+    async fn save_committed(&mut self, _committed: Option<LogId<u64>>) -> Result<(), StorageError> {
+        // Not stored: the state machine persists what it applied, and a restarted member
+        // learns the commit point from the leader. (Storing it cost a write per commit.)
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError> {
-        self.store
-            .run(|s| s.get_json::<Option<LogId<u64>>>(CF_META, KEY_COMMITTED))
-            .await
-            .map(Option::flatten)
-            .map_err(|e| StorageIOError::read(&e).into())
+        Ok(None)
     }
 
     async fn append<I>(
@@ -155,9 +218,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
         let encoded: Vec<([u8; 8], Vec<u8>)> = entries
-            .into_iter()
-            .map(|e| (index_key(e.log_id.index), json(&e)))
+            .iter()
+            .map(|e| (index_key(e.log_id.index), json(e)))
             .collect();
         // Synced before the callback: an acknowledged entry survives a crash.
         let result = self
@@ -171,6 +235,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 s.write(batch, true)
             })
             .await;
+        if result.is_ok() {
+            self.tail().push(entries);
+        }
         let io = result
             .as_ref()
             .map(|_| ())
@@ -180,6 +247,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
+        self.tail().truncate(log_id.index);
         self.store
             .run(move |s| {
                 let cf = s.cf(CF_LOGS);
@@ -193,6 +261,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
+        self.tail().purge(log_id.index);
         self.store
             .run(move |s| {
                 let mut batch = WriteBatch::default();

@@ -42,7 +42,6 @@ const CF_SM: &str = "sm";
 const MEMTABLE_BUDGET_BYTES: usize = 32 << 20;
 
 const KEY_VOTE: &[u8] = b"vote";
-const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
 const KEY_APPLIED: &[u8] = b"sm_applied";
 const KEY_MEMBERSHIP: &[u8] = b"sm_membership";
@@ -67,6 +66,7 @@ pub enum OpenError {
 pub fn open(
     dir: &Path,
     view_tx: watch::Sender<Arc<Registry>>,
+    applied_tx: watch::Sender<u64>,
     batches: broadcast::Sender<Arc<AppliedBatch>>,
 ) -> Result<(LogStore, StateMachine), OpenError> {
     let path = dir.join("raft");
@@ -101,6 +101,7 @@ pub fn open(
     let records = store.scan(CF_SM).map_err(load)?;
     let registry = Registry::from_records(records).map_err(|e| OpenError::Load(Box::new(e)))?;
     view_tx.send_replace(Arc::new(registry.clone()));
+    applied_tx.send_replace(last_applied.map(|l| l.index).unwrap_or(0));
 
     let sm = StateMachine::new(
         store.clone(),
@@ -108,6 +109,7 @@ pub fn open(
         last_applied,
         membership,
         view_tx,
+        applied_tx,
         batches,
     );
     Ok((LogStore::new(store), sm))

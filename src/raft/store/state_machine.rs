@@ -29,6 +29,8 @@ pub struct StateMachine {
     last_applied: Option<LogId<u64>>,
     membership: Membership,
     view_tx: watch::Sender<Arc<Registry>>,
+    /// The last applied index, for writers waiting to read their write here.
+    applied_tx: watch::Sender<u64>,
     batches: broadcast::Sender<Arc<AppliedBatch>>,
     snapshot_seq: u64,
 }
@@ -49,6 +51,7 @@ impl StateMachine {
         last_applied: Option<LogId<u64>>,
         membership: Membership,
         view_tx: watch::Sender<Arc<Registry>>,
+        applied_tx: watch::Sender<u64>,
         batches: broadcast::Sender<Arc<AppliedBatch>>,
     ) -> Self {
         StateMachine {
@@ -57,6 +60,7 @@ impl StateMachine {
             last_applied,
             membership,
             view_tx,
+            applied_tx,
             batches,
             snapshot_seq: 0,
         }
@@ -65,10 +69,12 @@ impl StateMachine {
     /// Publishes the applied state: a new view (O(1): persistent maps) and what changed.
     fn publish(&self, changes: Vec<Change>, full_resync: bool) {
         self.view_tx.send_replace(Arc::new(self.registry.clone()));
+        let applied = self.last_applied.map(|l| l.index).unwrap_or(0);
+        self.applied_tx.send_replace(applied);
         // The batch carries only what changed: the ring buffer of batches would otherwise
         // keep hundreds of registry versions alive.
         let batch = AppliedBatch {
-            last_applied: self.last_applied.map(|l| l.index).unwrap_or(0),
+            last_applied: applied,
             changes,
             full_resync,
         };

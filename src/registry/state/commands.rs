@@ -207,8 +207,8 @@ impl Registry {
             name: name.into(),
             created_at: now,
         };
-        self.users.insert(user.id, user.clone());
-        self.user_by_name.insert(user.name.clone(), user.id);
+        self.users.insert(user.id, Arc::new(user.clone()));
+        self.user_by_name.insert(user.name.as_str().into(), user.id);
         fx.records.extend([Record::Meta, Record::User(user.id)]);
         fx.changes.push(Change::UserChanged(user.id));
         Ok(Outcome::User(user))
@@ -225,7 +225,7 @@ impl Registry {
         if self.user_by_name(new).is_some() {
             return Err(Rejection::UserExists(new.into()));
         }
-        let user = self.users.get_mut(&id).expect("looked up above");
+        let user = Arc::make_mut(self.users.get_mut(&id).expect("looked up above"));
         user.name = new.into();
         let user = user.clone();
         self.user_by_name.remove(old);
@@ -241,7 +241,7 @@ impl Registry {
         if owned > 0 {
             return Err(Rejection::UserHasNodes(name.into(), owned));
         }
-        let user = self.users.remove(&id).expect("looked up above");
+        let user = (*self.users.remove(&id).expect("looked up above")).clone();
         self.user_by_name.remove(name);
         fx.records.push(Record::User(id));
         let keys: Vec<PreAuthKeyId> = self
@@ -252,7 +252,7 @@ impl Registry {
             .collect();
         for key in keys {
             if let Some(k) = self.preauth_keys.remove(&key) {
-                self.preauth_by_prefix.remove(&k.prefix);
+                self.preauth_by_prefix.remove(k.prefix.as_str());
             }
             fx.records.push(Record::PreAuthKey(key));
         }
@@ -269,8 +269,9 @@ impl Registry {
         let meta = Arc::make_mut(&mut self.meta);
         meta.next_preauth += 1;
         key.id = PreAuthKeyId(meta.next_preauth);
-        self.preauth_by_prefix.insert(key.prefix.clone(), key.id);
-        self.preauth_keys.insert(key.id, key.clone());
+        self.preauth_by_prefix
+            .insert(key.prefix.as_str().into(), key.id);
+        self.preauth_keys.insert(key.id, Arc::new(key.clone()));
         fx.records
             .extend([Record::Meta, Record::PreAuthKey(key.id)]);
         Ok(Outcome::PreAuthKey(key))
@@ -289,7 +290,7 @@ impl Registry {
             .filter(|k| k.user == user)
             .map(|k| k.id)
             .ok_or(Rejection::PreAuthKeyNotFound)?;
-        let key = self.preauth_keys.get_mut(&id).expect("looked up above");
+        let key = Arc::make_mut(self.preauth_keys.get_mut(&id).expect("looked up above"));
         if !key.is_expired(now) {
             key.expiration = Some(now);
         }
@@ -318,8 +319,9 @@ impl Registry {
             created_at: now,
             last_used: None,
         };
-        self.api_by_prefix.insert(key.prefix.clone(), key.id);
-        self.api_keys.insert(key.id, key.clone());
+        self.api_by_prefix
+            .insert(key.prefix.as_str().into(), key.id);
+        self.api_keys.insert(key.id, Arc::new(key.clone()));
         fx.records.extend([Record::Meta, Record::ApiKey(key.id)]);
         Ok(Outcome::ApiKey(key))
     }
@@ -337,7 +339,7 @@ impl Registry {
         fx: &mut Effects,
     ) -> Result<Outcome, Rejection> {
         let id = self.api_key_id(prefix)?;
-        let key = self.api_keys.get_mut(&id).expect("looked up above");
+        let key = Arc::make_mut(self.api_keys.get_mut(&id).expect("looked up above"));
         if !key.is_expired(now) {
             key.expiration = Some(now);
         }
@@ -347,7 +349,7 @@ impl Registry {
 
     fn delete_api_key(&mut self, prefix: &str, fx: &mut Effects) -> Result<Outcome, Rejection> {
         let id = self.api_key_id(prefix)?;
-        let key = self.api_keys.remove(&id).expect("looked up above");
+        let key = (*self.api_keys.remove(&id).expect("looked up above")).clone();
         self.api_by_prefix.remove(prefix);
         fx.records.push(Record::ApiKey(id));
         Ok(Outcome::ApiKey(key))
@@ -384,10 +386,7 @@ impl Registry {
         };
         let node = self.upsert_node(request, grant, now, fx)?;
         if !key.used {
-            self.preauth_keys
-                .get_mut(&key.id)
-                .expect("checked above")
-                .used = true;
+            Arc::make_mut(self.preauth_keys.get_mut(&key.id).expect("checked above")).used = true;
             fx.records.push(Record::PreAuthKey(key.id));
         }
         Ok(Outcome::Node(Box::new(node)))
@@ -447,7 +446,7 @@ impl Registry {
             expiry: expiry.map(|e| e.resolve(now)),
         };
         let node = self.upsert_node(&pending.request, grant, now, fx)?;
-        self.pending.get_mut(auth_id).expect("looked up above").node = Some(node.id);
+        Arc::make_mut(self.pending.get_mut(auth_id).expect("looked up above")).node = Some(node.id);
         fx.records.push(Record::Pending(auth_id.into()));
         fx.changes.push(Change::PendingChanged(auth_id.into()));
         Ok(Outcome::Node(Box::new(node)))

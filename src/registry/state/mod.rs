@@ -90,20 +90,22 @@ pub struct Registry {
     settings: Option<Arc<ClusterSettings>>,
     /// The latest entry stamp applied: the cluster's clock, which never goes backwards.
     clock: Timestamp,
-    users: OrdMap<UserId, User>,
+    // Values are `Arc`s and string keys `Arc<str>`: a persistent map copies the nodes on
+    // a changed path, and a copy must cost reference counts, not deep clones.
+    users: OrdMap<UserId, Arc<User>>,
     nodes: OrdMap<NodeId, Arc<Node>>,
-    preauth_keys: OrdMap<PreAuthKeyId, PreAuthKey>,
-    api_keys: OrdMap<ApiKeyId, ApiKey>,
-    pending: OrdMap<String, PendingRegistration>,
+    preauth_keys: OrdMap<PreAuthKeyId, Arc<PreAuthKey>>,
+    api_keys: OrdMap<ApiKeyId, Arc<ApiKey>>,
+    pending: OrdMap<Arc<str>, Arc<PendingRegistration>>,
     recent: OrdMap<RequestId, Arc<Recent>>,
     // Indexes, rebuilt from the records above on load.
-    user_by_name: OrdMap<String, UserId>,
-    preauth_by_prefix: OrdMap<String, PreAuthKeyId>,
-    api_by_prefix: OrdMap<String, ApiKeyId>,
-    node_by_name: OrdMap<String, NodeId>,
+    user_by_name: OrdMap<Arc<str>, UserId>,
+    preauth_by_prefix: OrdMap<Arc<str>, PreAuthKeyId>,
+    api_by_prefix: OrdMap<Arc<str>, ApiKeyId>,
+    node_by_name: OrdMap<Arc<str>, NodeId>,
     by_node_key: OrdMap<NodeKey, NodeId>,
     by_machine_key: OrdMap<MachineKey, NodeId>,
-    pending_by_expiry: OrdSet<(Timestamp, String)>,
+    pending_by_expiry: OrdSet<(Timestamp, Arc<str>)>,
     recent_by_age: OrdSet<(Timestamp, RequestId)>,
     used_v4: OrdSet<Ipv4Addr>,
     used_v6: OrdSet<Ipv6Addr>,
@@ -148,15 +150,13 @@ impl Registry {
         self.clock
     }
     pub fn users(&self) -> impl Iterator<Item = &User> {
-        self.users.values()
+        self.users.values().map(|u| &**u)
     }
     pub fn user(&self, id: UserId) -> Option<&User> {
-        self.users.get(&id)
+        self.users.get(&id).map(|u| &**u)
     }
     pub fn user_by_name(&self, name: &str) -> Option<&User> {
-        self.user_by_name
-            .get(name)
-            .and_then(|id| self.users.get(id))
+        self.user_by_name.get(name).and_then(|id| self.user(*id))
     }
     pub fn nodes(&self) -> impl Iterator<Item = &Arc<Node>> {
         self.nodes.values()
@@ -176,26 +176,27 @@ impl Registry {
             .and_then(|id| self.nodes.get(id))
     }
     pub fn preauth_keys(&self) -> impl Iterator<Item = &PreAuthKey> {
-        self.preauth_keys.values()
+        self.preauth_keys.values().map(|k| &**k)
     }
     pub fn preauth_key(&self, id: PreAuthKeyId) -> Option<&PreAuthKey> {
-        self.preauth_keys.get(&id)
+        self.preauth_keys.get(&id).map(|k| &**k)
     }
     pub fn preauth_key_by_prefix(&self, prefix: &str) -> Option<&PreAuthKey> {
         self.preauth_by_prefix
             .get(prefix)
-            .and_then(|id| self.preauth_keys.get(id))
+            .and_then(|id| self.preauth_key(*id))
     }
     pub fn api_keys(&self) -> impl Iterator<Item = &ApiKey> {
-        self.api_keys.values()
+        self.api_keys.values().map(|k| &**k)
     }
     pub fn api_key_by_prefix(&self, prefix: &str) -> Option<&ApiKey> {
         self.api_by_prefix
             .get(prefix)
             .and_then(|id| self.api_keys.get(id))
+            .map(|k| &**k)
     }
     pub fn pending(&self, auth_id: &str) -> Option<&PendingRegistration> {
-        self.pending.get(auth_id)
+        self.pending.get(auth_id).map(|p| &**p)
     }
     pub fn pending_count(&self) -> usize {
         self.pending.len()
@@ -251,7 +252,7 @@ impl Registry {
         self.expire_pending(now, &mut fx);
         self.forget_old_outcomes(now, &mut fx);
         let mut outcomes = Vec::with_capacity(req.proposals.len());
-        for proposal in &req.proposals {
+        for proposal in req.proposals.iter() {
             if let Some(first) = self.recent.get(&proposal.id) {
                 outcomes.push(self.recall(&first.outcome));
                 continue;
@@ -285,8 +286,8 @@ impl Registry {
                 break;
             }
             self.remove_pending(&id);
-            fx.records.push(Record::Pending(id.clone()));
-            fx.changes.push(Change::PendingChanged(id));
+            fx.records.push(Record::Pending(id.to_string()));
+            fx.changes.push(Change::PendingChanged(id.to_string()));
         }
     }
 
@@ -333,23 +334,24 @@ impl Registry {
 
     fn insert_pending(&mut self, pending: PendingRegistration) {
         self.remove_pending(&pending.auth_id);
+        let id: Arc<str> = pending.auth_id.as_str().into();
         self.pending_by_expiry
-            .insert((pending.expires_at, pending.auth_id.clone()));
-        self.pending.insert(pending.auth_id.clone(), pending);
+            .insert((pending.expires_at, id.clone()));
+        self.pending.insert(id, Arc::new(pending));
     }
 
-    fn remove_pending(&mut self, auth_id: &str) -> Option<PendingRegistration> {
+    fn remove_pending(&mut self, auth_id: &str) -> Option<Arc<PendingRegistration>> {
         let old = self.pending.remove(auth_id)?;
         self.pending_by_expiry
-            .remove(&(old.expires_at, old.auth_id.clone()));
+            .remove(&(old.expires_at, old.auth_id.as_str().into()));
         Some(old)
     }
 
     fn unindex(&mut self, node: &Node) {
         self.by_node_key.remove(&node.node_key);
         self.by_machine_key.remove(&node.machine_key);
-        if self.node_by_name.get(&node.given_name) == Some(&node.id) {
-            self.node_by_name.remove(&node.given_name);
+        if self.node_by_name.get(node.given_name.as_str()) == Some(&node.id) {
+            self.node_by_name.remove(node.given_name.as_str());
         }
         if let Some(ip) = node.ipv4 {
             self.used_v4.remove(&ip);
@@ -362,7 +364,8 @@ impl Registry {
     fn index(&mut self, node: &Node) {
         self.by_node_key.insert(node.node_key, node.id);
         self.by_machine_key.insert(node.machine_key, node.id);
-        self.node_by_name.insert(node.given_name.clone(), node.id);
+        self.node_by_name
+            .insert(node.given_name.as_str().into(), node.id);
         if let Some(ip) = node.ipv4 {
             self.used_v4.insert(ip);
         }

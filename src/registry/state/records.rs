@@ -23,7 +23,7 @@ impl Registry {
             Record::Settings => (b"settings".to_vec(), self.settings.as_deref().map(enc)),
             Record::User(id) => (
                 format!("user/{:020}", id.0).into_bytes(),
-                self.users.get(id).map(enc),
+                self.users.get(id).map(|u| enc(u.as_ref())),
             ),
             Record::Node(id) => (
                 format!("node/{:020}", id.0).into_bytes(),
@@ -31,15 +31,15 @@ impl Registry {
             ),
             Record::PreAuthKey(id) => (
                 format!("preauthkey/{:020}", id.0).into_bytes(),
-                self.preauth_keys.get(id).map(enc),
+                self.preauth_keys.get(id).map(|k| enc(k.as_ref())),
             ),
             Record::ApiKey(id) => (
                 format!("apikey/{:020}", id.0).into_bytes(),
-                self.api_keys.get(id).map(enc),
+                self.api_keys.get(id).map(|k| enc(k.as_ref())),
             ),
             Record::Pending(id) => (
                 format!("pending/{id}").into_bytes(),
-                self.pending.get(id).map(enc),
+                self.pending.get(id.as_str()).map(|p| enc(p.as_ref())),
             ),
             Record::Recent(id) => (
                 format!("recent/{id}").into_bytes(),
@@ -55,7 +55,11 @@ impl Registry {
         records.extend(self.nodes.keys().map(|id| Record::Node(*id)));
         records.extend(self.preauth_keys.keys().map(|id| Record::PreAuthKey(*id)));
         records.extend(self.api_keys.keys().map(|id| Record::ApiKey(*id)));
-        records.extend(self.pending.keys().map(|id| Record::Pending(id.clone())));
+        records.extend(
+            self.pending
+                .keys()
+                .map(|id| Record::Pending(id.to_string())),
+        );
         records.extend(self.recent.keys().map(|id| Record::Recent(*id)));
         records
             .iter()
@@ -92,8 +96,8 @@ impl Registry {
             "settings" => self.settings = Some(Arc::new(de(key, value)?)),
             "user" => {
                 let u: User = de(key, value)?;
-                self.user_by_name.insert(u.name.clone(), u.id);
-                self.users.insert(u.id, u);
+                self.user_by_name.insert(u.name.as_str().into(), u.id);
+                self.users.insert(u.id, Arc::new(u));
             }
             "node" => {
                 let n: Node = de(key, value)?;
@@ -102,13 +106,14 @@ impl Registry {
             }
             "preauthkey" => {
                 let k: PreAuthKey = de(key, value)?;
-                self.preauth_by_prefix.insert(k.prefix.clone(), k.id);
-                self.preauth_keys.insert(k.id, k);
+                self.preauth_by_prefix
+                    .insert(k.prefix.as_str().into(), k.id);
+                self.preauth_keys.insert(k.id, Arc::new(k));
             }
             "apikey" => {
                 let k: ApiKey = de(key, value)?;
-                self.api_by_prefix.insert(k.prefix.clone(), k.id);
-                self.api_keys.insert(k.id, k);
+                self.api_by_prefix.insert(k.prefix.as_str().into(), k.id);
+                self.api_keys.insert(k.id, Arc::new(k));
             }
             "pending" => self.insert_pending(de(key, value)?),
             "recent" => {

@@ -445,7 +445,7 @@ fn a_repeated_request_id_answers_the_first_outcome_and_changes_nothing() {
     });
     let entry = |t| Request {
         at: at(t),
-        proposals: vec![proposal.clone()],
+        proposals: vec![proposal.clone()].into(),
     };
     let first = f.reg.apply(&entry(10)).outcomes.remove(0);
     let keys = f.reg.preauth_keys().count();
@@ -458,11 +458,11 @@ fn a_repeated_request_id_answers_the_first_outcome_and_changes_nothing() {
     let create = Proposal::new(Command::CreateUser { name: "bob".into() });
     let once = f.reg.apply(&Request {
         at: at(30),
-        proposals: vec![create.clone()],
+        proposals: vec![create.clone()].into(),
     });
     let twice = f.reg.apply(&Request {
         at: at(31),
-        proposals: vec![create],
+        proposals: vec![create].into(),
     });
     assert!(matches!(once.outcomes[0], Outcome::User(_)));
     assert_eq!(once.outcomes, twice.outcomes);
@@ -474,7 +474,7 @@ fn remembered_outcomes_are_forgotten_after_the_window_and_survive_storage() {
     let create = Proposal::new(Command::CreateUser { name: "a".into() });
     reg.apply(&Request {
         at: at(0),
-        proposals: vec![create.clone()],
+        proposals: vec![create.clone()].into(),
     });
     assert_eq!(reg.recent_count(), 1);
     let loaded = Registry::from_records(reg.all_records()).unwrap();
@@ -485,7 +485,7 @@ fn remembered_outcomes_are_forgotten_after_the_window_and_survive_storage() {
     assert_eq!(reg.recent_count(), 1);
     let late = reg.apply(&Request {
         at: at(11 * 60 * 1000 + 1),
-        proposals: vec![create],
+        proposals: vec![create].into(),
     });
     assert_eq!(
         late.outcomes[0],
