@@ -29,6 +29,8 @@ pub struct Metrics {
     pub registrations: IntCounterVec,
     pub raft_applied_index: IntGauge,
     pub raft_is_leader: IntGauge,
+    pub raft_snapshot_index: IntGauge,
+    pub raft_purged_index: IntGauge,
     pub derp_clients: IntGauge,
     pub derp_packets_relayed: IntCounter,
     pub derp_packets_mesh_forwarded: IntCounter,
@@ -87,6 +89,14 @@ impl Metrics {
                 "Last log index applied on this member",
             ),
             raft_is_leader: gauge("hsd_raft_is_leader", "1 if this member is the Raft leader"),
+            raft_snapshot_index: gauge(
+                "hsd_raft_snapshot_index",
+                "Last log index covered by this member's current snapshot",
+            ),
+            raft_purged_index: gauge(
+                "hsd_raft_purged_index",
+                "Last log index this member has purged (compacted into a snapshot)",
+            ),
             derp_clients: gauge(
                 "hsd_derp_clients",
                 "Clients connected to this member's DERP relay",

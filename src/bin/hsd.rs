@@ -9,7 +9,7 @@ use hsd::config::Config;
 use hsd::server::{Failure, Server, StartError};
 
 /// Exit code for a usage or configuration error (EX_USAGE).
-const EXIT_CONFIG: u8 = 64;
+use hsd::server::supervisor::EXIT_CONFIG;
 
 #[derive(Parser)]
 #[command(
@@ -231,7 +231,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config, args.ready_file)) {
         Ok(None) => ExitCode::SUCCESS,
         // Stopped on its own (storage failure, a listener died, settings disagree): exit
-        // non-zero so systemd or Kubernetes restart it (or, for 78, an operator looks).
+        // non-zero so systemd or Kubernetes restart it (or, for 64, an operator looks).
         Ok(Some(failure)) => {
             eprintln!("hsd: {}", failure.reason);
             ExitCode::from(failure.exit_code)

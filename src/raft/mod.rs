@@ -6,6 +6,7 @@
 
 mod batcher;
 mod cluster;
+mod fault;
 mod forward;
 mod forwarder;
 mod membership;

@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use super::fault;
 use super::{MemberInfo, TypeConfig};
 use crate::proto::raft::Json;
 use crate::proto::raft::raft_service_client::RaftServiceClient;
@@ -204,31 +205,5 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<u64>, Infallible> {
         self.call(Kind::Vote, &rpc, option.hard_ttl()).await
-    }
-}
-
-/// Fault injection for partition tests, compiled only with the `fault-injection` feature
-/// (never in release builds): when `HSD_FAULT_PEER_BLOCKLIST` names a file, calls to the
-/// member addresses listed in it (one per line) fail as if the network dropped them.
-#[cfg(feature = "fault-injection")]
-mod fault {
-    use std::path::PathBuf;
-    use std::sync::OnceLock;
-
-    pub const ENV: &str = "HSD_FAULT_PEER_BLOCKLIST";
-
-    pub fn blocked(addr: &str) -> bool {
-        static FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
-        let Some(file) = FILE.get_or_init(|| std::env::var_os(ENV).map(PathBuf::from)) else {
-            return false;
-        };
-        std::fs::read_to_string(file).is_ok_and(|list| list.lines().any(|l| l.trim() == addr))
-    }
-}
-
-#[cfg(not(feature = "fault-injection"))]
-mod fault {
-    pub fn blocked(_addr: &str) -> bool {
-        false
     }
 }

@@ -65,6 +65,9 @@ impl RaftService for RaftRpc {
     async fn forward(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
         let op: LeaderOp = decode(req.get_ref())?;
         let reply: LeaderReply = self.cluster.run_as_leader(op).await;
+        if super::fault::lose_forward_reply() {
+            return Err(Status::unavailable("fault injection: reply lost"));
+        }
         Ok(Response::new(encode(&reply)))
     }
 

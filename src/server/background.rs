@@ -139,5 +139,8 @@ pub(super) async fn refresh_gauges(
         metrics
             .raft_is_leader
             .set(i64::from(m.current_leader == Some(cluster.member_id())));
+        let index = |l: Option<openraft::LogId<u64>>| l.map(|l| l.index as i64).unwrap_or(0);
+        metrics.raft_snapshot_index.set(index(m.snapshot));
+        metrics.raft_purged_index.set(index(m.purged));
     }
 }

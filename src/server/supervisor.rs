@@ -17,8 +17,9 @@ use crate::raft::Cluster;
 
 /// Exit code for a generic failure.
 pub const EXIT_FAILURE: u8 = 1;
-/// Exit code for a configuration the cluster refuses (EX_CONFIG): restarting will not help.
-pub const EXIT_CONFIG: u8 = 78;
+/// Exit code for a bad configuration, or one the cluster refuses (settings that differ,
+/// a missing shared key): restarting will not help. The same code as `hsd config check`.
+pub const EXIT_CONFIG: u8 = 64;
 
 /// Why the member stopped on its own.
 #[derive(Clone, Debug)]

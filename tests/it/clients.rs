@@ -71,8 +71,15 @@ fn used_and_expired_keys_are_refused() {
             "1s",
         ],
     );
+    let prefix = expired["prefix"].as_str().unwrap().to_string();
     let expired = expired["key"].as_str().unwrap().to_string();
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for("the short key to expire", Duration::from_secs(10), || {
+        let keys = c.hsctl_json(1, &["preauthkeys", "list", "--user", "bob"]);
+        keys.as_array()?
+            .iter()
+            .any(|k| k["expired"] == true && k["prefix"] == prefix.as_str())
+            .then_some(())
+    });
 
     let _first = c.client("first", 1, &once, None, false);
     c.wait_online(1, "first", JOIN);
@@ -84,7 +91,11 @@ fn used_and_expired_keys_are_refused() {
 
     let second = c.client("second", 1, &once, None, false);
     let late = c.client("late", 1, &expired, None, false);
-    std::thread::sleep(Duration::from_secs(10));
+    // Both have tried and been told no.
+    wait_for("both refusals", JOIN, || {
+        let refused = c.members[0].metric("hsd_registrations_total{outcome=\"rejected\"}");
+        (refused >= 2.0).then_some(())
+    });
     let nodes = c.hsctl_json(1, &["nodes", "list"]);
     let names: Vec<&str> = nodes
         .as_array()

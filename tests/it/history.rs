@@ -188,14 +188,29 @@ fn acknowledged_writes_survive_kills_and_restarts() {
         racers, 1,
         "a single-use key is used once cluster-wide: {nodes:?}"
     );
-    let mut ips = BTreeSet::new();
-    for n in nodes {
-        for ip in n["ip_addresses"].as_array().unwrap() {
-            assert!(
-                ips.insert(ip.as_str().unwrap().to_string()),
-                "duplicate address {ip}"
-            );
+    // Every member holds the same nodes with the same addresses, none shared.
+    let addresses = |nodes: &[serde_json::Value]| -> BTreeSet<(String, String)> {
+        let mut ips = BTreeSet::new();
+        for n in nodes {
+            for ip in n["ip_addresses"].as_array().unwrap() {
+                let ip = ip.as_str().unwrap().to_string();
+                assert!(
+                    !ips.iter().any(|(_, seen)| *seen == ip),
+                    "duplicate address {ip}"
+                );
+                ips.insert((n["name"].as_str().unwrap().to_string(), ip));
+            }
         }
+        ips
+    };
+    let on_first = addresses(nodes);
+    for id in 2..=3u64 {
+        let theirs = c.hsctl_json(id, &["nodes", "list"]);
+        assert_eq!(
+            addresses(theirs.as_array().unwrap()),
+            on_first,
+            "member {id} agrees with member 1 on nodes and addresses"
+        );
     }
     drop(clients);
 }

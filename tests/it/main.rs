@@ -7,6 +7,7 @@ mod cli;
 mod clients;
 mod cluster;
 mod durability;
+mod faults;
 mod history;
 mod history_scale;
 mod protocol;

@@ -127,24 +127,7 @@ impl Member {
 
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "member {} already running", self.id);
-        let _ = std::fs::remove_file(self.dir.join("ready.json"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("hsd.log"))
-            .unwrap();
-        let child = Command::new(hsd_bin())
-            .arg("--config")
-            .arg(self.dir.join("config.yaml"))
-            .arg("--ready-file")
-            .arg(self.dir.join("ready.json"))
-            .env("RUST_LOG", "info,hsd=debug")
-            .env("HSD_FAULT_PEER_BLOCKLIST", self.dir.join("blocklist"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn hsd");
-        self.child = Some(child);
+        self.start_process();
         let ready = self.dir.join("ready.json");
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ready.exists() {
@@ -161,6 +144,68 @@ impl Member {
                 self.id,
                 self.log()
             );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn start_process(&mut self) {
+        let _ = std::fs::remove_file(self.dir.join("ready.json"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("hsd.log"))
+            .unwrap();
+        let child = Command::new(hsd_bin())
+            .arg("--config")
+            .arg(self.dir.join("config.yaml"))
+            .arg("--ready-file")
+            .arg(self.dir.join("ready.json"))
+            .env("RUST_LOG", "info,hsd=debug")
+            .env("HSD_FAULT_PEER_BLOCKLIST", self.dir.join("blocklist"))
+            .env(
+                "HSD_FAULT_LOSE_FORWARD_REPLY",
+                self.dir.join("lose-forward-reply"),
+            )
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn hsd");
+        self.child = Some(child);
+    }
+
+    /// Rewrites the member's config file (for its next start).
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let path = self.dir.join("config.yaml");
+        let config = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(path, edit(config)).unwrap();
+    }
+
+    /// Runs the member in the foreground until it exits by itself (it is expected to
+    /// refuse to start); returns its exit code and what it printed.
+    pub fn run_until_exit(&mut self, timeout: Duration) -> (Option<i32>, String) {
+        assert!(self.child.is_none(), "member {} already running", self.id);
+        self.start_process();
+        let code = self.wait_exit(timeout);
+        (code, self.log())
+    }
+
+    /// Waits until the running member exits by itself; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let mut child = self.child.take().expect("member running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "member {} still running after {timeout:?}:\n{}",
+                    self.id,
+                    self.log()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -220,6 +265,17 @@ impl Member {
 
 impl Drop for Member {
     fn drop(&mut self) {
+        // A failing test shows what each member said last.
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!(
+                "--- member {} log (last 40 lines) ---\n{}",
+                self.id,
+                tail.join("\n")
+            );
+        }
         // A paused process cannot die of SIGKILL until it is continued.
         self.resume();
         self.kill();
