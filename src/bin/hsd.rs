@@ -100,6 +100,9 @@ enum ClusterCmd {
         /// Extra names (IPs or DNS names) for the certificate, repeatable.
         #[arg(long = "name")]
         names: Vec<String>,
+        /// How long the certificate is valid; issue a new one before it ends.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        valid_for: std::time::Duration,
     },
 }
 
@@ -116,7 +119,8 @@ fn cluster_command(command: &ClusterCmd) -> ExitCode {
             member_id,
             out_dir,
             names,
-        } => tls::issue_member_cert(ca_dir, *member_id, out_dir, names)
+            valid_for,
+        } => tls::issue_member_cert(ca_dir, *member_id, out_dir, names, *valid_for)
             .map(|(c, k)| println!("issued {} and {}", c.display(), k.display()))
             .map_err(Box::from),
     };

@@ -274,6 +274,15 @@ impl ClusterConfig {
         let listen =
             parse_addr("cluster.listen_addr", &self.listen_addr, false)?.expect("not empty");
         self.tls.validate()?;
+        if self.members.len() > 1 && self.tls.ca_cert_path.is_none() {
+            return Err(invalid(
+                "cluster.tls",
+                "a member of a multi-member cluster needs a certificate from the cluster's CA \
+                 (`hsd cluster init-ca --dir CA`, then `hsd cluster issue-cert --ca-dir CA \
+                 --member-id ID --out-dir DIR` for each member); member-to-member traffic is \
+                 never plaintext",
+            ));
+        }
         if self.member_id == 0 {
             return Err(invalid("cluster.member_id", "must be 1 or more"));
         }

@@ -66,7 +66,7 @@ pub(super) struct Inner {
     pub(super) presence: Presence,
     pub(super) version: &'static str,
     pub(super) settings: ClusterSettings,
-    pub(super) server_tls: Option<tonic::transport::ServerTlsConfig>,
+    pub(super) server_tls: tonic::transport::ServerTlsConfig,
     pub(super) election_timeout_max: Duration,
     /// Raft's own tasks (shut down after client traffic).
     pub(super) tasks: TaskTracker,
@@ -98,7 +98,7 @@ impl Cluster {
         check_recorded_settings(&view_rx.borrow(), &opts.settings)?;
 
         let config = raft_config(&opts)?;
-        let peers = Peers::new(opts.tls.as_ref().map(|t| t.client.clone()));
+        let peers = Peers::new(opts.tls.client.clone());
         let raft = Raft::new(
             opts.member_id,
             Arc::new(config),
@@ -132,7 +132,7 @@ impl Cluster {
                 presence: opts.presence,
                 version: opts.version,
                 settings: opts.settings,
-                server_tls: opts.tls.as_ref().map(|t| t.server.clone()),
+                server_tls: opts.tls.server.clone(),
                 election_timeout_max: Duration::from_millis(election_min * 2),
                 campaigning: Default::default(),
                 tasks: tasks.clone(),
@@ -155,6 +155,18 @@ impl Cluster {
 
     pub fn member_id(&self) -> u64 {
         self.inner.id
+    }
+
+    /// The ids in the current Raft membership (voters and learners); empty before this
+    /// member has joined a cluster.
+    pub fn member_ids(&self) -> Vec<u64> {
+        let m = self.metrics();
+        let m = m.borrow();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     pub(super) fn raft(&self) -> &Raft {
@@ -217,8 +229,8 @@ impl Cluster {
             .map(|e| e.to_string())
     }
 
-    /// The TLS settings the member-to-member service must use (`None` = plaintext).
-    pub fn server_tls(&self) -> Option<tonic::transport::ServerTlsConfig> {
+    /// The TLS settings the member-to-member service must use.
+    pub fn server_tls(&self) -> tonic::transport::ServerTlsConfig {
         self.inner.server_tls.clone()
     }
 

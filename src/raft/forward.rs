@@ -61,7 +61,7 @@ impl Cluster {
     }
 
     /// Waits until this member has applied the entry at `index`.
-    async fn wait_applied(&self, index: u64) -> Result<(), ProposeError> {
+    pub(super) async fn wait_applied(&self, index: u64) -> Result<(), ProposeError> {
         let mut applied = self.inner.applied.clone();
         match tokio::time::timeout(APPLY_WAIT, applied.wait_for(|i| *i >= index)).await {
             Ok(Ok(_)) => Ok(()),

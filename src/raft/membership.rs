@@ -19,6 +19,8 @@ const CAMPAIGN_RETRY: Duration = Duration::from_millis(60);
 /// Slack after a dead leader's lease before a follower campaigns; also the step between
 /// followers and the bound of the "is it really gone" check.
 const LEASE_MARGIN: Duration = Duration::from_millis(30);
+/// How long `cluster add` waits for the new learner to apply what it was sent.
+const LEARNER_APPLY_WAIT: Duration = Duration::from_secs(30);
 
 /// Turns the leader's heartbeats back on when dropped, whatever path a hand-over takes
 /// (success, error, timeout or cancellation): a leader left silent would let its followers
@@ -58,9 +60,44 @@ impl Cluster {
             control_url,
             region_id: None,
         };
-        self.leader_op(LeaderOp::AddLearner { id, info })
-            .await
-            .map(drop)
+        let addr = info.raft_addr.clone();
+        let index = match self.leader_call(LeaderOp::AddLearner { id, info }).await? {
+            LeaderReply::Applied { index, .. } => {
+                self.wait_applied(index).await?;
+                index
+            }
+            LeaderReply::Done(_) => return Ok(()),
+            other => {
+                return Err(ProposeError::Unavailable(format!(
+                    "unexpected leader reply {other:?}"
+                )));
+            }
+        };
+        // openraft returns once the learner's log has caught up; wait until it has also
+        // applied that far, so it can serve reads the moment `cluster add` returns.
+        let deadline = tokio::time::Instant::now() + LEARNER_APPLY_WAIT;
+        loop {
+            let applied = self.member_applied(&addr).await;
+            if applied.is_some_and(|a| a >= index) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ProposeError::Unavailable(format!(
+                    "member {id} was added but has not applied the log within {}s",
+                    LEARNER_APPLY_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last index the member at `addr` has applied, if it answers.
+    async fn member_applied(&self, addr: &str) -> Option<u64> {
+        let mut client = self.inner.peers.client(addr).ok()?;
+        let mut req = tonic::Request::new(crate::proto::raft::MemberStatusRequest {});
+        req.set_timeout(Duration::from_secs(1));
+        let reply = client.member_status(req).await.ok()?;
+        Some(reply.into_inner().last_applied)
     }
 
     pub async fn promote_member(&self, id: u64) -> Result<(), ProposeError> {

@@ -79,8 +79,8 @@ pub struct ClusterOptions {
     /// This member's live sessions, reported to other members for `nodes list`.
     pub presence: crate::presence::Presence,
     pub version: &'static str,
-    /// Mutual TLS for member-to-member gRPC; `None` = plaintext.
-    pub tls: Option<tls::MemberTls>,
+    /// Mutual TLS for member-to-member gRPC (always on).
+    pub tls: tls::MemberTls,
     /// Cancelled to drain this member (`hsctl cluster drain`): the server ends client
     /// sessions and refuses new ones while it stays in the cluster.
     pub drain: tokio_util::sync::CancellationToken,

@@ -29,7 +29,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
-    tls: Option<ClientTlsConfig>,
+    tls: ClientTlsConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +52,8 @@ pub enum CallError {
 }
 
 impl Peers {
-    pub fn new(tls: Option<ClientTlsConfig>) -> Self {
+    /// Calls other members over mutual TLS (there is no plaintext mode).
+    pub fn new(tls: ClientTlsConfig) -> Self {
         Peers {
             channels: Arc::default(),
             tls,
@@ -67,18 +68,14 @@ impl Peers {
         if let Some(ch) = channels.get(addr) {
             return Ok(RaftServiceClient::new(ch.clone()));
         }
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        let endpoint = Endpoint::from_shared(format!("https://{addr}"))
             .map_err(|_| CallError::BadAddress(addr.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5));
-        if let Some(tls) = &self.tls {
-            endpoint = endpoint
-                .tls_config(tls.clone())
-                .map_err(|_| CallError::BadAddress(addr.to_string()))?;
-        }
+            .keep_alive_timeout(Duration::from_secs(5))
+            .tls_config(self.tls.clone())
+            .map_err(|_| CallError::BadAddress(addr.to_string()))?;
         let ch = endpoint.connect_lazy();
         channels.insert(addr.to_string(), ch.clone());
         Ok(RaftServiceClient::new(ch))

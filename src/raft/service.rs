@@ -4,6 +4,9 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+
+use super::TypeConfig;
 use super::cluster::Cluster;
 use super::network::encode;
 use super::{LeaderOp, LeaderReply};
@@ -35,6 +38,55 @@ pub struct RaftRpc {
     pub cluster: Cluster,
 }
 
+impl RaftRpc {
+    /// Admits a caller for Raft, forwarding, presence and leadership calls: its certificate
+    /// (already verified against the cluster CA by TLS) must name a member of the current
+    /// Raft membership — a removed member is refused at once. A member that has not joined
+    /// a cluster yet (no membership) admits any member certificate: it waits to be
+    /// contacted. Returns the caller's id when known.
+    #[allow(clippy::result_large_err)]
+    fn admit<T>(&self, req: &Request<T>) -> Result<Option<u64>, Status> {
+        let certs = req
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("a member certificate is required"))?;
+        let cert = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("a member certificate is required"))?;
+        let members = self.cluster.member_ids();
+        if members.is_empty() {
+            return Ok(None);
+        }
+        match super::tls::member_of(cert, members) {
+            Some(id) => Ok(Some(id)),
+            None => Err(Status::permission_denied(
+                "the certificate names no member of this cluster",
+            )),
+        }
+    }
+
+    /// Admits a Raft message only from the member it claims to come from.
+    #[allow(clippy::result_large_err)]
+    fn admit_raft<T>(
+        &self,
+        req: &Request<Json>,
+        vote: impl Fn(&T) -> Option<u64>,
+    ) -> Result<T, Status>
+    where
+        T: serde::de::DeserializeOwned,
+    {
+        let caller = self.admit(req)?;
+        let rpc: T = decode(req.get_ref())?;
+        if let (Some(caller), Some(claimed)) = (caller, vote(&rpc))
+            && caller != claimed
+        {
+            return Err(Status::permission_denied(format!(
+                "member {caller}'s certificate cannot speak for member {claimed}"
+            )));
+        }
+        Ok(rpc)
+    }
+}
+
 // tonic's handlers return `Status` by value; boxing it here would only add a conversion.
 #[allow(clippy::result_large_err)]
 fn decode<T: serde::de::DeserializeOwned>(req: &Json) -> Result<T, Status> {
@@ -45,24 +97,29 @@ fn decode<T: serde::de::DeserializeOwned>(req: &Json) -> Result<T, Status> {
 #[tonic::async_trait]
 impl RaftService for RaftRpc {
     async fn append_entries(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
-        let rpc = decode(req.get_ref())?;
+        let rpc = self.admit_raft(&req, |r: &AppendEntriesRequest<TypeConfig>| {
+            r.vote.leader_id().voted_for()
+        })?;
         let result = self.cluster.raft().append_entries(rpc).await;
         Ok(Response::new(encode(&result)))
     }
 
     async fn vote(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
-        let rpc = decode(req.get_ref())?;
+        let rpc = self.admit_raft(&req, |r: &VoteRequest<u64>| r.vote.leader_id().voted_for())?;
         let result = self.cluster.raft().vote(rpc).await;
         Ok(Response::new(encode(&result)))
     }
 
     async fn install_snapshot(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
-        let rpc = decode(req.get_ref())?;
+        let rpc = self.admit_raft(&req, |r: &InstallSnapshotRequest<TypeConfig>| {
+            r.vote.leader_id().voted_for()
+        })?;
         let result = self.cluster.raft().install_snapshot(rpc).await;
         Ok(Response::new(encode(&result)))
     }
 
     async fn forward(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
+        self.admit(&req)?;
         let op: LeaderOp = decode(req.get_ref())?;
         let reply: LeaderReply = self.cluster.run_as_leader(op).await;
         if super::fault::lose_forward_reply() {
@@ -71,6 +128,8 @@ impl RaftService for RaftRpc {
         Ok(Response::new(encode(&reply)))
     }
 
+    /// Any holder of a member certificate may ask (a wiped member asks before it knows the
+    /// membership); the answer holds no secrets.
     async fn member_status(
         &self,
         _req: Request<MemberStatusRequest>,
@@ -82,6 +141,7 @@ impl RaftService for RaftRpc {
         &self,
         req: Request<CampaignRequest>,
     ) -> Result<Response<CampaignReply>, Status> {
+        self.admit(&req)?;
         let within = Duration::from_millis(req.get_ref().within_ms.clamp(100, 30_000));
         let became_leader = self.cluster.campaign(within).await;
         Ok(Response::new(CampaignReply { became_leader }))
@@ -91,6 +151,7 @@ impl RaftService for RaftRpc {
         &self,
         req: Request<WatchPresenceRequest>,
     ) -> Result<Response<PresenceSnapshot>, Status> {
+        self.admit(&req)?;
         let wait = Duration::from_millis(req.get_ref().wait_ms.min(30_000));
         let presence = self.cluster.presence();
         tokio::select! {
@@ -125,7 +186,8 @@ impl RaftService for RaftRpc {
         }))
     }
 
-    async fn drain(&self, _req: Request<DrainRequest>) -> Result<Response<DrainReply>, Status> {
+    async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainReply>, Status> {
+        self.admit(&req)?;
         self.cluster.drain_here();
         Ok(Response::new(DrainReply {}))
     }

@@ -1,9 +1,12 @@
-//! Mutual TLS between members: a cluster CA (`hsd cluster init-ca`) signs one certificate
-//! per member (`hsd cluster issue-cert`); every member-to-member call presents its member
-//! certificate and accepts only peers whose certificate that CA signed.
+//! Mutual TLS between members, always on: a cluster CA (`hsd cluster init-ca`, or made in
+//! the data dir on a one-member cluster's first start) signs one certificate per member
+//! (`hsd cluster issue-cert`); every member-to-member call presents its member certificate
+//! and accepts only peers whose certificate that CA signed.
 //!
 //! Every member certificate carries the DNS name `hsd-member`, which clients verify instead
-//! of the address they dial: members move between addresses, the CA is what they trust.
+//! of the address they dial (members move between addresses; the CA is what they trust),
+//! and `member-<id>.hsd-member`, which names the member: the service accepts a peer only
+//! while that id is in the Raft membership, so a removed member is refused at once.
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -20,6 +23,15 @@ const CA_NAME: &str = "hsd cluster CA";
 
 pub const CA_CERT_FILE: &str = "ca.pem";
 pub const CA_KEY_FILE: &str = "ca.key";
+/// Where a one-member cluster keeps the CA and certificate it makes for itself.
+pub const DEFAULT_DIR: &str = "tls";
+/// How long an issued member certificate is valid by default.
+pub const DEFAULT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+
+/// The certificate name that says which member holds it.
+pub fn member_name(member_id: u64) -> String {
+    format!("member-{member_id}.{MEMBER_NAME}")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -104,13 +116,15 @@ pub fn init_ca(dir: &Path) -> Result<PathBuf, TlsError> {
     Ok(cert_path)
 }
 
-/// Issues `out_dir/member-<id>.pem` and `.key`, signed by the CA in `ca_dir`. `extra_names`
-/// (IPs or DNS names) are added beside `hsd-member`, for operators' own tooling.
+/// Issues `out_dir/member-<id>.pem` and `.key`, signed by the CA in `ca_dir`, valid for
+/// `valid_for` from now (re-issue to renew). `extra_names` (IPs or DNS names) are added
+/// beside the member names, for operators' own tooling.
 pub fn issue_member_cert(
     ca_dir: &Path,
     member_id: u64,
     out_dir: &Path,
     extra_names: &[String],
+    valid_for: std::time::Duration,
 ) -> Result<(PathBuf, PathBuf), TlsError> {
     let ca_key_pem = read(&ca_dir.join(CA_KEY_FILE))?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|source| TlsError::Cert {
@@ -129,9 +143,19 @@ pub fn issue_member_cert(
     params
         .distinguished_name
         .push(DnType::CommonName, format!("hsd member {member_id}"));
-    params.subject_alt_names.push(SanType::DnsName(
-        MEMBER_NAME.try_into().expect("valid DNS name"),
-    ));
+    for name in [MEMBER_NAME.to_string(), member_name(member_id)] {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(name.try_into().expect("a valid DNS name")));
+    }
+    let now = chrono::Utc::now();
+    // Capped at a century: X.509 dates end in 9999, and no member key should live longer.
+    let days = (valid_for.as_secs() / 86_400).clamp(1, 36_500) as i64;
+    let until = now + chrono::Duration::days(days);
+    let (y, m, d) = ymd(now - chrono::Duration::days(1));
+    params.not_before = rcgen::date_time_ymd(y, m, d);
+    let (y, m, d) = ymd(until);
+    params.not_after = rcgen::date_time_ymd(y, m, d);
     for name in extra_names {
         let san = match name.parse::<std::net::IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
@@ -172,6 +196,43 @@ pub fn issue_member_cert(
     write_private(&key_path, &key.serialize_pem())?;
     write_private(&cert_path, &cert.pem())?;
     Ok((cert_path, key_path))
+}
+
+/// A day as rcgen takes it: (year, month, day).
+fn ymd(t: chrono::DateTime<chrono::Utc>) -> (i32, u8, u8) {
+    use chrono::Datelike;
+    (t.year(), t.month() as u8, t.day() as u8)
+}
+
+/// Makes the cluster CA and this member's certificate under `data_dir/tls` unless they
+/// exist: the default of a one-member cluster, so its member port is never plaintext.
+/// Returns the CA certificate, member certificate and key paths.
+pub fn provision_default(
+    data_dir: &Path,
+    member_id: u64,
+) -> Result<(PathBuf, PathBuf, PathBuf), TlsError> {
+    let dir = data_dir.join(DEFAULT_DIR);
+    let ca = dir.join(CA_CERT_FILE);
+    if !ca.exists() {
+        init_ca(&dir)?;
+        tracing::info!(ca = %ca.display(), "created the cluster CA for member certificates");
+    }
+    let cert = dir.join(format!("member-{member_id}.pem"));
+    let key = dir.join(format!("member-{member_id}.key"));
+    if !cert.exists() || !key.exists() {
+        issue_member_cert(&dir, member_id, &dir, &[], DEFAULT_VALIDITY)?;
+    }
+    Ok((ca, cert, key))
+}
+
+/// Which of `members` the (CA-verified) certificate `cert` names, if any.
+pub fn member_of(cert: &[u8], members: impl IntoIterator<Item = u64>) -> Option<u64> {
+    let der = rustls::pki_types::CertificateDer::from(cert);
+    let cert = webpki::EndEntityCert::try_from(&der).ok()?;
+    members.into_iter().find(|id| {
+        rustls::pki_types::ServerName::try_from(member_name(*id))
+            .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
+    })
 }
 
 /// This member's TLS settings for both directions of member-to-member gRPC.
@@ -288,10 +349,18 @@ mod tests {
             "never overwrites a CA"
         );
         init_ca(&other_ca).unwrap();
-        let (c1, k1) =
-            issue_member_cert(&ca, 1, &dir.path().join("m1"), &["127.0.0.1".into()]).unwrap();
-        let (c2, k2) = issue_member_cert(&ca, 2, &dir.path().join("m2"), &[]).unwrap();
-        let (c3, k3) = issue_member_cert(&other_ca, 3, &dir.path().join("m3"), &[]).unwrap();
+        let (c1, k1) = issue_member_cert(
+            &ca,
+            1,
+            &dir.path().join("m1"),
+            &["127.0.0.1".into()],
+            DEFAULT_VALIDITY,
+        )
+        .unwrap();
+        let (c2, k2) =
+            issue_member_cert(&ca, 2, &dir.path().join("m2"), &[], DEFAULT_VALIDITY).unwrap();
+        let (c3, k3) =
+            issue_member_cert(&other_ca, 3, &dir.path().join("m3"), &[], DEFAULT_VALIDITY).unwrap();
         let ca_pem = ca.join(CA_CERT_FILE);
         let server_tls = MemberTls::load(&ca_pem, &c1, &k1).unwrap();
 
@@ -328,5 +397,39 @@ mod tests {
         // Plaintext: refused.
         assert!(call(addr, None).await.is_err());
         server.abort();
+    }
+
+    #[test]
+    fn a_certificate_names_its_member_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        init_ca(&ca).unwrap();
+        let (cert, _) = issue_member_cert(&ca, 2, dir.path(), &[], DEFAULT_VALIDITY).unwrap();
+        let pem = std::fs::read(cert).unwrap();
+        let der = rustls_pemfile_der(&pem);
+        assert_eq!(member_of(&der, [1, 2, 3]), Some(2));
+        assert_eq!(member_of(&der, [1, 3, 22]), None, "member 2 only, not 22");
+        assert_eq!(member_of(b"not a certificate", [2]), None);
+    }
+
+    #[test]
+    fn the_default_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = provision_default(dir.path(), 1).unwrap();
+        let ca = std::fs::read(&first.0).unwrap();
+        let second = provision_default(dir.path(), 1).unwrap();
+        assert_eq!(first, second);
+        assert_eq!(
+            std::fs::read(&second.0).unwrap(),
+            ca,
+            "the CA is not replaced"
+        );
+        MemberTls::load(&first.0, &first.1, &first.2).unwrap();
+    }
+
+    fn rustls_pemfile_der(pem: &[u8]) -> Vec<u8> {
+        let text = std::str::from_utf8(pem).unwrap();
+        let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, body).unwrap()
     }
 }

@@ -176,16 +176,13 @@ fn serve_members(listener: TcpListener, life: &Lifecycle, cluster: &Cluster) {
     life.supervisor
         .spawn_essential(&life.raft_tasks, "member-to-member listener", async move {
             let incoming = accept_stream(listener);
-            let mut builder = tonic::transport::Server::builder();
-            if let Some(tls) = server_tls {
-                builder = match builder.tls_config(tls) {
-                    Ok(b) => b,
-                    Err(error) => {
-                        tracing::error!(%error, "member-to-member TLS settings rejected");
-                        return;
-                    }
-                };
-            }
+            let mut builder = match tonic::transport::Server::builder().tls_config(server_tls) {
+                Ok(b) => b,
+                Err(error) => {
+                    tracing::error!(%error, "member-to-member TLS settings rejected");
+                    return;
+                }
+            };
             let result = builder
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled())

@@ -300,6 +300,19 @@ fn members(config: &Config, addrs: &BoundAddrs) -> (MemberInfo, BTreeMap<u64, Me
     (member, initial)
 }
 
+/// The member-to-member TLS settings: from `cluster.tls`, or — for a one-member cluster
+/// without it (validation refuses a larger one) — a CA and certificate this member makes in
+/// its data dir on first start.
+fn member_tls(config: &Config) -> Result<crate::raft::tls::MemberTls, StartError> {
+    use crate::raft::tls;
+    let t = &config.cluster.tls;
+    let (ca, cert, key) = match (&t.ca_cert_path, &t.cert_path, &t.key_path) {
+        (Some(ca), Some(cert), Some(key)) => (ca.clone(), cert.clone(), key.clone()),
+        _ => tls::provision_default(&config.data_dir, config.cluster.member_id)?,
+    };
+    Ok(tls::MemberTls::load(&ca, &cert, &key)?)
+}
+
 async fn start_cluster(
     config: &Config,
     v: &Validated,
@@ -307,16 +320,7 @@ async fn start_cluster(
     presence: &Presence,
     life: &Lifecycle,
 ) -> Result<Cluster, StartError> {
-    let tls = match (
-        &config.cluster.tls.ca_cert_path,
-        &config.cluster.tls.cert_path,
-        &config.cluster.tls.key_path,
-    ) {
-        (Some(ca), Some(cert), Some(key)) => {
-            Some(crate::raft::tls::MemberTls::load(ca, cert, key)?)
-        }
-        _ => None,
-    };
+    let tls = member_tls(config)?;
     let (member, initial_members) = members(config, addrs);
     let cluster = Cluster::start(
         ClusterOptions {

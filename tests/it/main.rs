@@ -12,3 +12,4 @@ mod history;
 mod history_scale;
 mod protocol;
 mod scripts;
+mod security;

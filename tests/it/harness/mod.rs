@@ -78,6 +78,9 @@ pub struct ClusterOpts {
     pub snapshot_every: Option<u64>,
     /// `ephemeral_node_inactivity_timeout` (default 30s).
     pub ephemeral_timeout: Option<&'static str>,
+    /// Leave `cluster.tls` unset, so a one-member cluster makes its own CA and certificate
+    /// (the embedded default). Otherwise every member gets a certificate from the test's CA.
+    pub self_made_tls: bool,
 }
 
 /// One `hsd` process.
@@ -285,12 +288,18 @@ impl Drop for Member {
 /// A set of members sharing one Noise key and one DERP mesh key.
 pub struct TestCluster {
     pub net: u8,
-    pub root: tempfile::TempDir,
+    // Members drop (and print their logs on failure) before `root` removes their files.
     pub members: Vec<Member>,
+    pub root: tempfile::TempDir,
     opts: ClusterOpts,
 }
 
 impl TestCluster {
+    /// The test's cluster CA (`ca.pem`, `ca.key`).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.root.path().join("ca")
+    }
+
     fn ip(&self, i: usize) -> String {
         format!("127.0.{}.{i}", self.net)
     }
@@ -323,6 +332,22 @@ impl TestCluster {
         );
         if let Some(every) = self.opts.snapshot_every {
             yaml.push_str(&format!("  snapshot_every: {every}\n"));
+        }
+        if !self.opts.self_made_tls {
+            let (cert, key) = hsd::raft::tls::issue_member_cert(
+                &self.ca_dir(),
+                i as u64,
+                &dir,
+                &[],
+                hsd::raft::tls::DEFAULT_VALIDITY,
+            )
+            .expect("issue a member certificate");
+            yaml.push_str(&format!(
+                "  tls:\n    ca_cert_path: {}\n    cert_path: {}\n    key_path: {}\n",
+                self.ca_dir().join(hsd::raft::tls::CA_CERT_FILE).display(),
+                cert.display(),
+                key.display()
+            ));
         }
         if listed > 1 {
             yaml.push_str("  members:\n");
@@ -364,6 +389,7 @@ impl TestCluster {
             members: Vec::new(),
             opts,
         };
+        hsd::raft::tls::init_ca(&cluster.ca_dir()).expect("a test cluster CA");
         for i in 1..=n {
             let m = cluster.write_config(i, n);
             cluster.members.push(m);

@@ -1,0 +1,160 @@
+//! No unauthenticated path into the cluster: the member-to-member port is mutual TLS even
+//! on the embedded default, and only current members get in — a removed member's
+//! certificate is refused at once.
+
+use std::path::Path;
+use std::time::Duration;
+
+use hsd::proto::raft::raft_service_client::RaftServiceClient;
+use hsd::proto::raft::{Json, MemberStatusRequest};
+use hsd::raft::tls::{self, MemberTls};
+use tonic::Code;
+use tonic::transport::{ClientTlsConfig, Endpoint};
+
+use crate::harness::{ClusterOpts, TestCluster, wait_for};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A caller of a member's port: plaintext, or presenting the certificate in `cert_dir`.
+struct Caller {
+    addr: String,
+    tls: Option<ClientTlsConfig>,
+}
+
+impl Caller {
+    fn plaintext(addr: &str) -> Caller {
+        Caller {
+            addr: addr.into(),
+            tls: None,
+        }
+    }
+
+    /// Trusting `ca_dir`'s CA, presenting member `id`'s certificate issued by `issuer`.
+    fn member(addr: &str, ca_dir: &Path, issuer: &Path, id: u64, out: &Path) -> Caller {
+        let (cert, key) = tls::issue_member_cert(issuer, id, out, &[], tls::DEFAULT_VALIDITY)
+            .expect("issue a certificate");
+        let t = MemberTls::load(&ca_dir.join(tls::CA_CERT_FILE), &cert, &key).unwrap();
+        Caller {
+            addr: addr.into(),
+            tls: Some(t.client),
+        }
+    }
+
+    async fn client(&self) -> Result<RaftServiceClient<tonic::transport::Channel>, String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut ep = Endpoint::from_shared(format!("{scheme}://{}", self.addr))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5));
+        if let Some(t) = &self.tls {
+            ep = ep.tls_config(t.clone()).unwrap();
+        }
+        let channel = ep.connect().await.map_err(|e| format!("connect: {e}"))?;
+        Ok(RaftServiceClient::new(channel))
+    }
+
+    /// `MemberStatus`: open to any holder of a member certificate.
+    fn status(&self) -> Result<u64, String> {
+        rt().block_on(async {
+            let reply = self
+                .client()
+                .await?
+                .member_status(MemberStatusRequest {})
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+            Ok(reply.into_inner().id)
+        })
+    }
+
+    /// A `Forward` whose body is no leader operation: a member gets `InvalidArgument` (it
+    /// was let in and the body refused), anyone else is stopped before the body is read.
+    fn forward_code(&self) -> Result<Code, String> {
+        rt().block_on(async {
+            let result = self
+                .client()
+                .await?
+                .forward(Json {
+                    data: b"{}".to_vec(),
+                })
+                .await;
+            Ok(match result {
+                Ok(_) => Code::Ok,
+                Err(status) => status.code(),
+            })
+        })
+    }
+}
+
+#[test]
+fn the_member_port_admits_only_current_members() {
+    let mut c = TestCluster::start(3, ClusterOpts::default());
+    let leader = c.wait_leader();
+    let addr = format!("{}:50444", c.member(leader).ip);
+    let scratch = tempfile::tempdir().unwrap();
+    let ca = c.ca_dir();
+
+    // Plaintext, and a certificate from another CA: refused by TLS itself.
+    assert!(Caller::plaintext(&addr).status().is_err());
+    let other_ca = scratch.path().join("other-ca");
+    tls::init_ca(&other_ca).unwrap();
+    let forged = Caller::member(&addr, &ca, &other_ca, 2, &scratch.path().join("forged"));
+    assert!(forged.status().is_err(), "another CA's certificate");
+
+    // A real member gets in.
+    let out = scratch.path().join("m");
+    let three = Caller::member(&addr, &ca, &ca, 3, &out);
+    assert_eq!(three.forward_code(), Ok(Code::InvalidArgument));
+
+    // The cluster CA's certificate for an id that is no member: status only.
+    let stranger = Caller::member(&addr, &ca, &ca, 9, &scratch.path().join("m9"));
+    assert!(
+        stranger.status().is_ok(),
+        "status is open to member certificates"
+    );
+    assert_eq!(stranger.forward_code(), Ok(Code::PermissionDenied));
+
+    // Member 3 is removed: its certificate stops working on every member.
+    let survivor = (1..=3).find(|i| *i != 3 && *i != leader).unwrap_or(leader);
+    c.hsctl_json(survivor, &["cluster", "remove", "3"]);
+    for id in [1u64, 2] {
+        let addr = format!("{}:50444", c.member(id).ip);
+        let three = Caller::member(&addr, &ca, &ca, 3, &out);
+        wait_for(
+            &format!("member {id} refuses the removed member"),
+            Duration::from_secs(10),
+            || (three.forward_code() == Ok(Code::PermissionDenied)).then_some(()),
+        );
+    }
+}
+
+/// The embedded default (one member, no `cluster.tls`): the member makes its own CA and
+/// certificate, and its member port refuses plaintext and other CAs.
+#[test]
+fn the_default_member_port_is_mutual_tls() {
+    let c = TestCluster::start(
+        1,
+        ClusterOpts {
+            self_made_tls: true,
+            ..Default::default()
+        },
+    );
+    let own_ca = c.members[0].dir.join(tls::DEFAULT_DIR);
+    assert!(
+        own_ca.join(tls::CA_CERT_FILE).is_file(),
+        "a CA in the data dir"
+    );
+    let addr = format!("{}:50444", c.members[0].ip);
+    assert!(Caller::plaintext(&addr).status().is_err());
+    let scratch = tempfile::tempdir().unwrap();
+    let test_ca = c.ca_dir();
+    let foreign = Caller::member(&addr, &own_ca, &test_ca, 1, scratch.path());
+    assert!(foreign.status().is_err(), "a certificate from another CA");
+    let own = Caller::member(&addr, &own_ca, &own_ca, 1, &scratch.path().join("own"));
+    assert_eq!(own.status(), Ok(1));
+    c.hsctl_json(1, &["users", "create", "still-works"]);
+}
