@@ -167,6 +167,33 @@ impl DerpServer {
         let _ = self.verifier.set(verify);
     }
 
+    /// Closes the connections of every client the verifier now refuses (a node removed,
+    /// expired, unapproved or with a rotated key); returns how many keys were cut off.
+    pub fn drop_refused_clients(&self) -> usize {
+        let Some(verify) = self.verifier.get() else {
+            return 0;
+        };
+        let keys: Vec<Key> = {
+            let st = self.state();
+            st.clients
+                .iter()
+                .filter(|(_, conns)| conns.iter().any(|c| !c.is_mesh))
+                .map(|(key, _)| *key)
+                .collect()
+        };
+        let refused: Vec<Key> = keys.into_iter().filter(|k| !verify(k)).collect();
+        let st = self.state();
+        for key in &refused {
+            for conn in st.clients.get(key).into_iter().flatten() {
+                if !conn.is_mesh {
+                    conn.close.cancel();
+                }
+            }
+            tracing::info!(client = %short(key), "derp client cut off: its node key is no longer valid");
+        }
+        refused.len()
+    }
+
     /// Packets delivered to clients of this relay, and packets forwarded over the mesh.
     pub fn packet_counts(&self) -> (u64, u64) {
         (
@@ -421,7 +448,7 @@ impl DerpServer {
             && let Some(verify) = self.verifier.get()
             && !verify(&key)
         {
-            tracing::info!(client = %short(&key), ?remote, "derp client refused: not a registered node key");
+            tracing::info!(client = %short(&key), ?remote, "derp client refused: not a valid node key");
             return;
         }
 

@@ -16,6 +16,10 @@ use crate::telemetry::Metrics;
 
 /// How often the leader looks for ephemeral nodes to remove.
 const EPHEMERAL_GC_INTERVAL: Duration = Duration::from_secs(10);
+/// Relay clients are re-checked at most this often after node changes…
+const RELAY_RECHECK_MIN_GAP: Duration = Duration::from_millis(200);
+/// …and at least this often, for keys that expire by time alone.
+const RELAY_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// How often gauges that mirror Raft state are refreshed.
 const GAUGE_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -143,4 +147,38 @@ pub(super) async fn refresh_gauges(
         metrics.raft_snapshot_index.set(index(m.snapshot));
         metrics.raft_purged_index.set(index(m.purged));
     }
+}
+
+/// Cuts relay clients off once their node key stops being valid: after every applied
+/// batch that changed a node (removed, expired, unapproved, key rotated), at most every
+/// `RELAY_RECHECK_MIN_GAP`, and every `RELAY_SWEEP_INTERVAL` for keys that expire by time.
+pub(super) async fn guard_relay(cluster: Cluster, derp: Arc<DerpServer>, stop: CancellationToken) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut batches = cluster.feed().batches.subscribe();
+    let mut sweep = tokio::time::interval(RELAY_SWEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = sweep.tick() => {}
+            batch = batches.recv() => match batch {
+                Ok(batch) if !touches_nodes(&batch) => continue,
+                Err(RecvError::Closed) => return,
+                // Node changes, or missed batches (which may have held some).
+                _ => {
+                    tokio::time::sleep(RELAY_RECHECK_MIN_GAP).await;
+                    while batches.try_recv().is_ok() {}
+                }
+            },
+        }
+        derp.drop_refused_clients();
+    }
+}
+
+fn touches_nodes(batch: &crate::raft::AppliedBatch) -> bool {
+    use crate::registry::Change;
+    batch.full_resync
+        || batch
+            .changes
+            .iter()
+            .any(|c| matches!(c, Change::NodeUpserted(_) | Change::NodeRemoved(_)))
 }

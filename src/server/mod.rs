@@ -379,14 +379,21 @@ fn start_derp(
         life.tasks.clone(),
     );
     if config.derp.server.verify_clients {
-        // Only registered nodes may relay through us (headscale's `verify_clients`).
+        // Only valid node keys may relay through us (headscale's `verify_clients`, plus
+        // expiry and approval), and a key that stops being valid is cut off at once.
         let registry = cluster.clone();
         derp.set_client_verifier(Box::new(move |key| {
+            let now = crate::registry::Timestamp::now();
             registry
                 .view()
                 .node_by_key(&crate::registry::NodeKey(*key))
-                .is_some()
+                .is_some_and(|node| node.approved && !node.is_expired(now))
         }));
+        life.tasks.spawn(background::guard_relay(
+            cluster.clone(),
+            derp.clone(),
+            life.stop.clone(),
+        ));
     }
     // The DERP map, dial plan and mesh follow the Raft membership (members added with
     // `hsctl cluster add` included); until this member learns it, the config's list.

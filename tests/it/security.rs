@@ -158,3 +158,65 @@ fn the_default_member_port_is_mutual_tls() {
     assert_eq!(own.status(), Ok(1));
     c.hsctl_json(1, &["users", "create", "still-works"]);
 }
+
+/// Revocation bites: a node an admin expires gets its own node marked expired, then its
+/// map stream ends, its relay connection is cut and its next map request is refused; a
+/// deleted node loses its relay connection too.
+#[test]
+fn expired_and_deleted_nodes_are_cut_off() {
+    use hsd::control::client::{ClientError, ControlClient, keypair};
+    use hsd::derp::client::DerpClient;
+    use hsd::registry::{DiscoKey, NodeKey};
+
+    let c = TestCluster::start(1, ClusterOpts::default());
+    let key = c.user_with_key("revoke", &["--reusable"]);
+    let addr = format!("{}:8080", c.members[0].ip);
+    let derp_url = format!("http://{addr}/derp");
+    let t = Duration::from_secs(10);
+    rt().block_on(async {
+        let mut nodes = Vec::new();
+        for name in ["expiring", "deleted"] {
+            let (machine, _) = keypair();
+            let (private, public) = keypair();
+            let node = NodeKey(public);
+            let mut control = ControlClient::connect(&addr, &machine).await.unwrap();
+            let (status, resp) = control.register(&node, &key, name).await.unwrap();
+            assert_eq!(status, 200, "{resp}");
+            let mut stream = control
+                .map_stream(&node, &DiscoKey(keypair().1), "127.0.0.1:41800")
+                .await
+                .unwrap();
+            let first = stream.next(t).await.unwrap();
+            let id = first["Node"]["ID"].as_u64().expect("own node id");
+            let derp = DerpClient::connect(&derp_url, private, None).await.unwrap();
+            nodes.push((id, node, control, stream, derp));
+        }
+        let (expiring, deleted) = (nodes[0].0, nodes[1].0);
+
+        c.hsctl_json(1, &["nodes", "expire", &expiring.to_string()]);
+        let (_, node, control, stream, derp) = &mut nodes[0];
+        let mut saw_expired = false;
+        loop {
+            match stream.next(t).await {
+                Ok(m) => saw_expired |= m["Node"]["Expired"] == true,
+                Err(ClientError::StreamEnded) => break,
+                Err(e) => panic!("the stream must end, not: {e}"),
+            }
+        }
+        assert!(saw_expired, "the client was told its key expired");
+        let cut = tokio::time::timeout(t, async { while derp.recv().await.is_ok() {} }).await;
+        assert!(cut.is_ok(), "the expired node's relay connection is closed");
+        let refused = control
+            .map_stream(node, &DiscoKey(keypair().1), "127.0.0.1:41801")
+            .await;
+        match refused {
+            Err(e) => assert!(e.to_string().contains("403"), "{e}"),
+            Ok(mut s) => panic!("an expired node got a map: {:?}", s.next(t).await),
+        }
+
+        c.hsctl_json(1, &["nodes", "delete", &deleted.to_string()]);
+        let derp = &mut nodes[1].4;
+        let cut = tokio::time::timeout(t, async { while derp.recv().await.is_ok() {} }).await;
+        assert!(cut.is_ok(), "the deleted node's relay connection is closed");
+    });
+}

@@ -80,6 +80,18 @@ pub async fn handle(
         );
     }
 
+    // A revoked key (expired by time, an admin or a logout) gets nothing until the node
+    // logs in again.
+    if node.is_expired(crate::registry::Timestamp::now()) {
+        return refuse(
+            &deps,
+            StatusCode::FORBIDDEN,
+            format!(
+                "node key {} has expired; log in again",
+                req.node_key.short()
+            ),
+        );
+    }
     record_node_info(&deps, &node, &req).await;
     if req.stream {
         // Counted online before its endpoints are recorded, so peers get both at once.

@@ -25,7 +25,7 @@ use crate::control::tailcfg::{MapResponse, RawJson};
 use crate::control::{ControlDeps, ControlSettings, policy};
 use crate::presence::Presence;
 use crate::raft::Cluster;
-use crate::registry::{Command, NodeId, Registry};
+use crate::registry::{Command, Node, NodeId, Registry, Timestamp};
 use crate::telemetry::Metrics;
 
 /// The client abandons a map poll that stays silent for 120 s (watchdogTimeout in
@@ -94,6 +94,8 @@ pub(super) struct Session {
     /// The node's own JSON as last sent: a delta that touches the node without changing
     /// what its client sees of itself does not resend it.
     self_sent: Option<RawJson>,
+    /// When the node's key expires (the stream ends then).
+    expires_at: Option<Instant>,
     /// How the session ended, once it did.
     end: Option<End>,
 }
@@ -103,12 +105,16 @@ enum Event {
     Stop,
     Delta(Result<Arc<Delta>, broadcast::error::RecvError>),
     KeepAlive,
+    Expired,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum End {
     Stopped,
     NodeRemoved,
+    /// The node's key expired (by time, an admin or a logout): the client got its own
+    /// node marked expired, and nothing more.
+    Revoked,
 }
 
 impl Session {
@@ -126,6 +132,7 @@ impl Session {
             approved: false,
             seq: 0,
             self_sent: None,
+            expires_at: None,
             end: None,
         }
     }
@@ -157,6 +164,8 @@ impl Session {
                     () = self.deps.stop.cancelled() => Event::Stop,
                     delta = deltas.recv() => Event::Delta(delta),
                     () = sleep_until(self.keepalive_at) => Event::KeepAlive,
+                    () = sleep_until(self.expires_at.unwrap_or(self.keepalive_at)),
+                        if self.expires_at.is_some() => Event::Expired,
                 }
             };
             match event {
@@ -179,6 +188,18 @@ impl Session {
                 Event::Delta(Err(broadcast::error::RecvError::Closed)) => {
                     self.end = Some(End::Stopped);
                     return None;
+                }
+                Event::Expired => {
+                    let view = self.deps.view.borrow().clone();
+                    let Some(me) = view.node(self.node) else {
+                        self.end = Some(End::NodeRemoved);
+                        return None;
+                    };
+                    match self.revoked(&view, me) {
+                        Some(message) => return self.sent(message, "delta"),
+                        // Renewed meanwhile: follow the new expiry.
+                        None => self.expires_at = expiry_instant(me),
+                    }
                 }
                 Event::KeepAlive => {
                     let message = Message::framed(build::encode_frame(
@@ -229,12 +250,16 @@ impl Session {
     fn full_frame(&mut self, state: &HubState) -> Result<Message, End> {
         let view = self.deps.view.borrow().clone();
         let me = view.node(self.node).ok_or(End::NodeRemoved)?;
+        if let Some(last) = self.revoked(&view, me) {
+            return Ok(last);
+        }
         let ctx = MapContext {
             view: &view,
             presence: &self.deps.presence,
             settings: &self.deps.settings,
         };
         let frame = full::full_message(&ctx, state, me, self.compress);
+        self.expires_at = expiry_instant(me);
         self.approved = me.approved;
         self.seq = state.seq;
         self.self_sent = Some(ctx.self_json(me));
@@ -250,6 +275,10 @@ impl Session {
         // The latest view: at least as new as the delta (views only move forward).
         let view = self.deps.view.borrow().clone();
         let me = view.node(self.node).ok_or(End::NodeRemoved)?;
+        if let Some(last) = self.revoked(&view, me) {
+            return Ok(Some(last));
+        }
+        self.expires_at = expiry_instant(me);
         if delta.full || me.approved != self.approved {
             let state = self.deps.hub.current();
             return self.full_frame(&state).map(Some);
@@ -287,6 +316,37 @@ impl Session {
     }
 }
 
+impl Session {
+    /// If the node's key has expired: the last message of the session (the node itself,
+    /// marked expired, so the client asks its user to log in again), and the session ends.
+    fn revoked(&mut self, view: &Registry, me: &Node) -> Option<Message> {
+        if !me.is_expired(Timestamp::now()) {
+            return None;
+        }
+        let ctx = MapContext {
+            view,
+            presence: &self.deps.presence,
+            settings: &self.deps.settings,
+        };
+        let response = MapResponse {
+            node: Some(ctx.self_json(me)),
+            ..Default::default()
+        };
+        self.end = Some(End::Revoked);
+        Some(Message::framed(build::encode_frame(
+            &response,
+            self.compress,
+        )))
+    }
+}
+
+/// When `node`'s key expires, as an instant on this member's clock.
+fn expiry_instant(node: &Node) -> Option<Instant> {
+    let at = node.expiry?;
+    let left = at.0.saturating_sub(Timestamp::now().0).max(0) as u64;
+    Some(Instant::now() + Duration::from_millis(left))
+}
+
 impl Drop for Session {
     /// The client left, the node was removed, or the member stops: the node goes offline
     /// here, and when it was its last session its last-seen time is written (once per
@@ -299,6 +359,7 @@ impl Drop for Session {
             .set(self.deps.presence.online_count() as i64);
         let (reason, record) = match self.end {
             Some(End::NodeRemoved) => ("node removed", false),
+            Some(End::Revoked) => ("node key expired", true),
             Some(End::Stopped) => ("member stopping or draining", false),
             None => ("client closed the stream", true),
         };
