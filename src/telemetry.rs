@@ -29,6 +29,7 @@ pub struct Metrics {
     pub registrations: IntCounterVec,
     pub raft_applied_index: IntGauge,
     pub raft_is_leader: IntGauge,
+    pub limit_refusals: IntCounterVec,
     pub raft_snapshot_index: IntGauge,
     pub raft_purged_index: IntGauge,
     pub derp_clients: IntGauge,
@@ -89,6 +90,11 @@ impl Metrics {
                 "Last log index applied on this member",
             ),
             raft_is_leader: gauge("hsd_raft_is_leader", "1 if this member is the Raft leader"),
+            limit_refusals: counter_vec(
+                "hsd_limit_refusals_total",
+                "Requests refused by a configured limit, by limit",
+                "limit",
+            ),
             raft_snapshot_index: gauge(
                 "hsd_raft_snapshot_index",
                 "Last log index covered by this member's current snapshot",

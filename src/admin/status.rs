@@ -25,6 +25,7 @@ pub fn rejection_code(rejection: &Rejection) -> Code {
         | Rejection::AddressesExhausted(_)
         | Rejection::SettingsMismatch { .. } => Code::FailedPrecondition,
         Rejection::SettingsMissing => Code::Unavailable,
+        Rejection::TooManyPending(_) => Code::ResourceExhausted,
     }
 }
 

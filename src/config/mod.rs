@@ -105,6 +105,29 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// How long SIGTERM may take: drain clients, hand off leadership, flush.
     pub shutdown_grace: ConfigDuration,
+    /// Bounds on what outsiders can make a member hold.
+    pub limits: LimitsConfig,
+}
+
+/// Bounds on input from outside; each refusal is counted in
+/// `hsd_limit_refusals_total{limit}`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Interactive registrations waiting for an admin, cluster-wide (each machine has at
+    /// most one; asking again returns or replaces it).
+    pub max_pending_registrations: u32,
+    /// Largest Hostinfo (JSON bytes) a register or map request may carry.
+    pub max_hostinfo_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_pending_registrations: 1000,
+            max_hostinfo_bytes: 16 * 1024,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -339,6 +362,7 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             cluster: ClusterConfig::default(),
             shutdown_grace: ConfigDuration(Duration::from_secs(30)),
+            limits: LimitsConfig::default(),
         }
     }
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::{
-    ClusterConfig, ClusterTlsConfig, Config, ConfigError, DerpConfig, DnsConfig, LogConfig,
-    PrefixesConfig, Validated, invalid, parse_addr,
+    ClusterConfig, ClusterTlsConfig, Config, ConfigError, DerpConfig, DnsConfig, LimitsConfig,
+    LogConfig, PrefixesConfig, Validated, invalid, parse_addr,
 };
 
 impl Config {
@@ -27,6 +27,7 @@ impl Config {
         }
         self.dns.validate()?;
         self.log.validate()?;
+        self.limits.validate()?;
         if !matches!(self.policy.mode.as_str(), "" | "database" | "file") {
             return Err(invalid(
                 "policy.mode",
@@ -232,6 +233,25 @@ impl LogConfig {
             return Err(invalid(
                 "log.level",
                 format!("{:?}: use trace, debug, info, warn or error", self.level),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_pending_registrations == 0 {
+            return Err(invalid(
+                "limits.max_pending_registrations",
+                "must be 1 or more",
+            ));
+        }
+        // A real client's Hostinfo is a few KiB; below 1 KiB nobody could register.
+        if !(1024..=1 << 20).contains(&self.max_hostinfo_bytes) {
+            return Err(invalid(
+                "limits.max_hostinfo_bytes",
+                "must be between 1024 and 1048576",
             ));
         }
         Ok(())

@@ -45,6 +45,10 @@ pub struct ControlSettings {
     /// How long an interactive registration stays open.
     pub registration_timeout: Duration,
     pub ephemeral_inactivity_timeout: Duration,
+    /// `limits.max_pending_registrations`.
+    pub max_pending_registrations: u32,
+    /// `limits.max_hostinfo_bytes`.
+    pub max_hostinfo_bytes: usize,
 }
 
 /// What the control handlers need, and nothing more.

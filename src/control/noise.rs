@@ -110,6 +110,10 @@ pub fn accept(server_private: &[u8; 32], init: &Initiation) -> Result<Accepted, 
         hs.get_remote_static()
             .ok_or(NoiseError::Handshake(snow::Error::Input))?,
     );
+    // A small-order machine key makes every DH with it predictable: not a machine.
+    if crate::registry::is_low_order_point(&peer) {
+        return Err(NoiseError::Handshake(snow::Error::Input));
+    }
     let mut out = [0u8; 128];
     let n = hs
         .write_message(&[], &mut out)

@@ -121,6 +121,11 @@ pub fn parse(body: &[u8]) -> Result<RegisterRequest, RegisterError> {
             "RegisterRequest has no NodeKey".into(),
         ));
     }
+    if req.node_key.is_low_order() {
+        return Err(RegisterError::BadRequest(
+            "RegisterRequest NodeKey is a small-order point, not a usable key".into(),
+        ));
+    }
     Ok(req)
 }
 
@@ -202,6 +207,7 @@ async fn register(
     machine_key: MachineKey,
     req: RegisterRequest,
 ) -> Result<(&'static str, RegisterResponse), RegisterError> {
+    check_hostinfo_size(deps, req.hostinfo.as_ref())?;
     let view = deps.cluster.view();
     let now = deps.cluster.now().to_datetime();
 
@@ -293,7 +299,14 @@ async fn register(
         return Ok(("preauthkey", node_response(&view, &node)));
     }
 
-    // 6. New interactive login: the admin completes it with `hsctl nodes register`.
+    // 6. Interactive login: the admin completes it with `hsctl nodes register`. A machine
+    // asking again for the same node key gets its open registration back, without a write.
+    if let Some(open) = view.pending_for_machine(&machine_key)
+        && open.request.node_key == req.node_key
+        && open.expires_at > now_ts
+    {
+        return Ok(("interactive", auth_url_response(deps, &open.auth_id)));
+    }
     let auth_id: String = {
         const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
         let mut rng = rand::thread_rng();
@@ -312,19 +325,54 @@ async fn register(
             auth_id: auth_id.clone(),
             request: node_request(machine_key, &req),
             ttl_ms: timeout_ms,
+            max_pending: deps.settings.max_pending_registrations,
         })
         .await?
     {
-        Outcome::Rejected(r) => return Err(r.into()),
+        Outcome::Rejected(r) => {
+            if matches!(r, Rejection::TooManyPending(_)) {
+                deps.metrics
+                    .limit_refusals
+                    .with_label_values(&["max_pending_registrations"])
+                    .inc();
+            }
+            return Err(r.into());
+        }
         _ => tracing::info!(auth.id = %auth_id, "interactive registration started"),
     }
-    Ok((
-        "interactive",
-        RegisterResponse {
-            auth_url: format!("{}/register/{auth_id}", deps.settings.server_url),
-            ..Default::default()
-        },
-    ))
+    Ok(("interactive", auth_url_response(deps, &auth_id)))
+}
+
+fn auth_url_response(deps: &ControlDeps, auth_id: &str) -> RegisterResponse {
+    RegisterResponse {
+        auth_url: format!("{}/register/{auth_id}", deps.settings.server_url),
+        ..Default::default()
+    }
+}
+
+/// Refuses a Hostinfo larger than `limits.max_hostinfo_bytes` (it is replicated and sent
+/// to every peer).
+pub(super) fn check_hostinfo_size(
+    deps: &ControlDeps,
+    hostinfo: Option<&serde_json::Value>,
+) -> Result<(), RegisterError> {
+    let Some(hostinfo) = hostinfo else {
+        return Ok(());
+    };
+    let size = serde_json::to_vec(hostinfo)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    let limit = deps.settings.max_hostinfo_bytes;
+    if size > limit {
+        deps.metrics
+            .limit_refusals
+            .with_label_values(&["max_hostinfo_bytes"])
+            .inc();
+        return Err(RegisterError::BadRequest(format!(
+            "Hostinfo is {size} bytes; this server takes at most {limit} (limits.max_hostinfo_bytes)"
+        )));
+    }
+    Ok(())
 }
 
 /// Waits until the interactive registration named by `Followup` is completed.

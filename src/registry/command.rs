@@ -151,6 +151,11 @@ pub enum Command {
         request: NodeRequest,
         /// How long the registration stays open, from the entry's stamp.
         ttl_ms: i64,
+        /// Refuse when this many registrations are already open (`limits.
+        /// max_pending_registrations` of the proposing member; carried in the entry so
+        /// every member decides alike).
+        #[serde(default = "default_max_pending")]
+        max_pending: u32,
     },
     /// Complete an interactive registration for `user` (`hsctl nodes register`).
     CompleteInteractive {
@@ -254,6 +259,10 @@ impl Command {
     }
 }
 
+fn default_max_pending() -> u32 {
+    1000
+}
+
 /// A state-dependent refusal: data, not a storage error. Nothing was changed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Rejection {
@@ -288,6 +297,8 @@ pub enum Rejection {
     NodeKeyInUse(String),
     #[error("node key {0} belongs to a different machine key")]
     MachineKeyMismatch(String),
+    #[error("{0} interactive registrations are already waiting for an admin; try again later")]
+    TooManyPending(u32),
     #[error("registration {0:?} not found or expired")]
     RegistrationNotFound(String),
     #[error("registration {0:?} was already completed")]

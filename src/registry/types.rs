@@ -50,6 +50,44 @@ pub struct KeyParseError {
     pub prefix: &'static str,
 }
 
+/// The encodings of Curve25519's small-order points (as rejected by libsodium and
+/// others), compared with the unused top bit cleared.
+const LOW_ORDER_POINTS: [[u8; 32]; 7] = [
+    [0; 32],
+    [
+        1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0,
+    ],
+    [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ],
+    [
+        0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef,
+        0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f,
+        0x11, 0x57,
+    ],
+    p_plus(0xec),
+    p_plus(0xed),
+    p_plus(0xee),
+];
+
+/// p - 1, p and p + 1 (p = 2^255 - 19), little-endian: 0xec/0xed/0xee, then 0xff…, 0x7f.
+const fn p_plus(low: u8) -> [u8; 32] {
+    let mut k = [0xff; 32];
+    k[0] = low;
+    k[31] = 0x7f;
+    k
+}
+
+/// Whether `key` encodes a small-order Curve25519 point.
+pub fn is_low_order_point(key: &[u8; 32]) -> bool {
+    let mut k = *key;
+    k[31] &= 0x7f;
+    LOW_ORDER_POINTS.contains(&k)
+}
+
 macro_rules! key_type {
     ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
         $(#[$doc])*
@@ -61,6 +99,12 @@ macro_rules! key_type {
 
             pub fn is_zero(&self) -> bool {
                 self.0 == [0u8; 32]
+            }
+
+            /// A Curve25519 point of small order (all-zero included): Diffie-Hellman with
+            /// it yields a value the other side can predict, so it is never a real key.
+            pub fn is_low_order(&self) -> bool {
+                is_low_order_point(&self.0)
             }
 
             pub fn to_text(&self) -> String {
@@ -387,5 +431,31 @@ impl ClusterSettings {
             ));
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod low_order_tests {
+    use super::*;
+
+    #[test]
+    fn small_order_points_are_recognised_and_real_keys_are_not() {
+        // Every listed point, times a clamped scalar (a multiple of the cofactor), is the
+        // identity: X25519 returns all zeros. That is what makes them useless as keys.
+        let scalar = [0x42u8; 32];
+        for point in LOW_ORDER_POINTS {
+            assert!(is_low_order_point(&point));
+            assert_eq!(
+                x25519_dalek::x25519(scalar, point),
+                [0u8; 32],
+                "{point:02x?}"
+            );
+            let mut high = point;
+            high[31] |= 0x80;
+            assert!(is_low_order_point(&high), "the top bit is ignored");
+        }
+        let real = x25519_dalek::x25519(scalar, x25519_dalek::X25519_BASEPOINT_BYTES);
+        assert!(!is_low_order_point(&real));
+        assert!(NodeKey([0; 32]).is_low_order() && !NodeKey(real).is_low_order());
     }
 }

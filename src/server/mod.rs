@@ -424,6 +424,8 @@ fn control_settings(
         node_key_expiry: (!config.node.expiry.0.is_zero()).then_some(config.node.expiry.0),
         registration_timeout: Duration::from_secs(15 * 60),
         ephemeral_inactivity_timeout: config.ephemeral_node_inactivity_timeout.0,
+        max_pending_registrations: config.limits.max_pending_registrations,
+        max_hostinfo_bytes: config.limits.max_hostinfo_bytes,
     }
 }
 

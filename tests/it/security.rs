@@ -220,3 +220,81 @@ fn expired_and_deleted_nodes_are_cut_off() {
         assert!(cut.is_ok(), "the deleted node's relay connection is closed");
     });
 }
+
+/// Input from outside is bounded: a machine has one open interactive registration (asking
+/// again returns it, without a write), all open ones are capped, a Hostinfo above the
+/// limit and a small-order node key are refused — each refusal counted.
+#[test]
+fn interactive_logins_and_hostinfo_are_bounded() {
+    use hsd::control::client::{CLIENT_VERSION, ControlClient, keypair};
+    use hsd::registry::NodeKey;
+    use serde_json::json;
+
+    let c = TestCluster::start(
+        1,
+        ClusterOpts {
+            extra_yaml: "limits:\n  max_pending_registrations: 2\n  max_hostinfo_bytes: 4096\n"
+                .into(),
+            ..Default::default()
+        },
+    );
+    let addr = format!("{}:8080", c.members[0].ip);
+    rt().block_on(async {
+        // One machine asking three times with one node key: one registration (a new one
+        // would carry a new AuthURL).
+        let mut a = ControlClient::connect(&addr, &keypair().0).await.unwrap();
+        let node = NodeKey(keypair().1);
+        let mut urls = Vec::new();
+        for _ in 0..3 {
+            let (status, resp) = a.register(&node, "", "a").await.unwrap();
+            assert_eq!(status, 200, "{resp}");
+            urls.push(resp["AuthURL"].as_str().expect("an AuthURL").to_string());
+        }
+        assert!(urls.windows(2).all(|w| w[0] == w[1]), "{urls:?}");
+        // A second machine fills the cap of 2; a third is refused.
+        let mut b = ControlClient::connect(&addr, &keypair().0).await.unwrap();
+        let (_, resp) = b.register(&NodeKey(keypair().1), "", "b").await.unwrap();
+        assert!(resp["AuthURL"].is_string(), "{resp}");
+        let mut third = ControlClient::connect(&addr, &keypair().0).await.unwrap();
+        let (status, resp) = third
+            .register(&NodeKey(keypair().1), "", "c")
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{resp}");
+        assert!(
+            resp["AuthURL"].as_str().unwrap_or_default().is_empty(),
+            "{resp}"
+        );
+        assert!(
+            resp["Error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("waiting"),
+            "{resp}"
+        );
+
+        // A Hostinfo over the limit; a small-order node key.
+        let big = json!({
+            "Version": CLIENT_VERSION,
+            "NodeKey": NodeKey(keypair().1).to_text(),
+            "Hostinfo": { "Hostname": "big", "OS": "x".repeat(8000) },
+        });
+        let (status, resp) = third.register_raw(&big).await.unwrap();
+        assert_eq!(status, 400, "{resp}");
+        assert!(
+            resp.to_string().contains("limits.max_hostinfo_bytes"),
+            "{resp}"
+        );
+        let mut low = [0u8; 32];
+        low[0] = 1;
+        let (status, resp) = third.register(&NodeKey(low), "", "low").await.unwrap();
+        assert_eq!(status, 400, "{resp}");
+    });
+    // Both refusals were counted.
+    wait_for("the refusals counted", Duration::from_secs(5), || {
+        let m = &c.members[0];
+        (m.metric("hsd_limit_refusals_total{limit=\"max_pending_registrations\"}") >= 1.0
+            && m.metric("hsd_limit_refusals_total{limit=\"max_hostinfo_bytes\"}") >= 1.0)
+            .then_some(())
+    });
+}

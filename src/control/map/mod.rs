@@ -48,6 +48,13 @@ pub fn parse(body: &[u8]) -> Result<MapRequest, (StatusCode, String)> {
             format!("client capability version {} is too old", req.version),
         ));
     }
+    // A zero disco key means "not sent"; any other small-order point is no key at all.
+    if req.node_key.is_low_order() || (!req.disco_key.is_zero() && req.disco_key.is_low_order()) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "MapRequest carries a small-order point as a key".into(),
+        ));
+    }
     Ok(req)
 }
 
@@ -80,6 +87,9 @@ pub async fn handle(
         );
     }
 
+    if let Err(error) = super::register::check_hostinfo_size(&deps, req.hostinfo.as_ref()) {
+        return refuse(&deps, StatusCode::PAYLOAD_TOO_LARGE, error.to_string());
+    }
     // A revoked key (expired by time, an admin or a logout) gets nothing until the node
     // logs in again.
     if node.is_expired(crate::registry::Timestamp::now()) {

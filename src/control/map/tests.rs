@@ -120,6 +120,8 @@ fn settings() -> Arc<ControlSettings> {
         node_key_expiry: None,
         registration_timeout: Duration::from_secs(60),
         ephemeral_inactivity_timeout: Duration::from_secs(60),
+        max_pending_registrations: 1000,
+        max_hostinfo_bytes: 16 * 1024,
     })
 }
 

@@ -84,7 +84,14 @@ impl Registry {
                 auth_id,
                 request,
                 ttl_ms,
-            } => self.begin_interactive(auth_id, request, now.plus_millis(*ttl_ms), now, fx),
+                max_pending,
+            } => self.begin_interactive(
+                auth_id,
+                request,
+                (now.plus_millis(*ttl_ms), *max_pending),
+                now,
+                fx,
+            ),
             Command::CompleteInteractive {
                 auth_id,
                 user,
@@ -396,7 +403,7 @@ impl Registry {
         &mut self,
         auth_id: &str,
         request: &NodeRequest,
-        expires_at: Timestamp,
+        (expires_at, max_pending): (Timestamp, u32),
         now: Timestamp,
         fx: &mut Effects,
     ) -> Result<Outcome, Rejection> {
@@ -405,6 +412,17 @@ impl Registry {
             .is_some_and(|n| n.machine_key != request.machine_key)
         {
             return Err(Rejection::NodeKeyInUse(request.node_key.short()));
+        }
+        // One open registration per machine: a new one replaces the old (so it does not
+        // count against the cap).
+        let replaced = self.pending_by_machine.get(&request.machine_key).cloned();
+        if self.pending.len() - usize::from(replaced.is_some()) >= max_pending as usize {
+            return Err(Rejection::TooManyPending(max_pending));
+        }
+        if let Some(old) = replaced {
+            self.remove_pending(&old);
+            fx.records.push(Record::Pending(old.to_string()));
+            fx.changes.push(Change::PendingChanged(old.to_string()));
         }
         let pending = PendingRegistration {
             auth_id: auth_id.into(),
@@ -447,6 +465,8 @@ impl Registry {
         };
         let node = self.upsert_node(&pending.request, grant, now, fx)?;
         Arc::make_mut(self.pending.get_mut(auth_id).expect("looked up above")).node = Some(node.id);
+        // Completed: no longer the machine's open registration.
+        self.pending_by_machine.remove(&pending.request.machine_key);
         fx.records.push(Record::Pending(auth_id.into()));
         fx.changes.push(Change::PendingChanged(auth_id.into()));
         Ok(Outcome::Node(Box::new(node)))

@@ -106,6 +106,8 @@ pub struct Registry {
     by_node_key: OrdMap<NodeKey, NodeId>,
     by_machine_key: OrdMap<MachineKey, NodeId>,
     pending_by_expiry: OrdSet<(Timestamp, Arc<str>)>,
+    /// The open (not completed) interactive registration of each machine: at most one.
+    pending_by_machine: OrdMap<MachineKey, Arc<str>>,
     recent_by_age: OrdSet<(Timestamp, RequestId)>,
     used_v4: OrdSet<Ipv4Addr>,
     used_v6: OrdSet<Ipv6Addr>,
@@ -200,6 +202,11 @@ impl Registry {
     }
     pub fn pending_count(&self) -> usize {
         self.pending.len()
+    }
+    /// The machine's open interactive registration, if it has one.
+    pub fn pending_for_machine(&self, machine: &MachineKey) -> Option<&PendingRegistration> {
+        let id = self.pending_by_machine.get(machine)?;
+        self.pending(id)
     }
     pub fn dns(&self) -> Option<&DnsSettings> {
         self.meta.dns.as_ref()
@@ -337,6 +344,10 @@ impl Registry {
         let id: Arc<str> = pending.auth_id.as_str().into();
         self.pending_by_expiry
             .insert((pending.expires_at, id.clone()));
+        if pending.node.is_none() {
+            self.pending_by_machine
+                .insert(pending.request.machine_key, id.clone());
+        }
         self.pending.insert(id, Arc::new(pending));
     }
 
@@ -344,6 +355,14 @@ impl Registry {
         let old = self.pending.remove(auth_id)?;
         self.pending_by_expiry
             .remove(&(old.expires_at, old.auth_id.as_str().into()));
+        let machine = &old.request.machine_key;
+        if self
+            .pending_by_machine
+            .get(machine)
+            .is_some_and(|id| **id == *auth_id)
+        {
+            self.pending_by_machine.remove(machine);
+        }
         Some(old)
     }
 

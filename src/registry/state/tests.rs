@@ -274,6 +274,7 @@ fn interactive_registration_completes_once_and_expires() {
             auth_id: "abc".into(),
             request: node_request(5, 51, "laptop"),
             ttl_ms: 999,
+            max_pending: 1000,
         },
     );
     let out = run(
@@ -524,6 +525,7 @@ fn expiry_spans_are_measured_from_the_stamp() {
             auth_id: "p".into(),
             request: node_request(5, 51, "laptop"),
             ttl_ms: 100,
+            max_pending: 1000,
         },
     );
     assert_eq!(reg.pending("p").unwrap().expires_at, at(600));
@@ -556,6 +558,7 @@ fn settings_are_recorded_once_and_a_different_proposal_names_the_key() {
             auth_id: "x".into(),
             request: node_request(1, 2, "h"),
             ttl_ms: 60_000,
+            max_pending: 1000,
         },
     );
     let out = run(
@@ -652,4 +655,37 @@ fn renames_keep_the_name_indexes_right() {
     );
     assert!(f.reg.user_by_name("alice").is_none());
     assert_eq!(f.reg.user_by_name("carol").unwrap().id, a.user);
+}
+
+#[test]
+fn one_open_interactive_registration_per_machine_and_a_cap_on_all() {
+    let mut reg = Registry::new(ClusterSettings::default());
+    let begin = |auth_id: &str, machine: u8, max_pending: u32| Command::BeginInteractive {
+        auth_id: auth_id.into(),
+        request: node_request(machine, machine, "flood"),
+        ttl_ms: 60_000,
+        max_pending,
+    };
+    // The same machine asking again replaces its registration instead of adding one.
+    run(&mut reg, 1, begin("first", 1, 2));
+    run(&mut reg, 2, begin("again", 1, 2));
+    assert_eq!(reg.pending_count(), 1);
+    assert!(reg.pending("first").is_none());
+    assert_eq!(
+        reg.pending_for_machine(&MachineKey(key(1)))
+            .unwrap()
+            .auth_id,
+        "again"
+    );
+    // Another machine fills the cap; a third is refused and changes nothing.
+    run(&mut reg, 3, begin("other", 2, 2));
+    let refused = run(&mut reg, 4, begin("third", 3, 2));
+    assert!(
+        matches!(refused, Outcome::Rejected(Rejection::TooManyPending(2))),
+        "{refused:?}"
+    );
+    assert_eq!(reg.pending_count(), 2);
+    // At the cap, a machine that already waits may still renew its own.
+    run(&mut reg, 5, begin("renewed", 2, 2));
+    assert_eq!(reg.pending_count(), 2);
 }
