@@ -30,6 +30,7 @@ pub struct Metrics {
     pub raft_applied_index: IntGauge,
     pub raft_is_leader: IntGauge,
     pub limit_refusals: IntCounterVec,
+    pub audit_dropped: IntCounter,
     pub raft_snapshot_index: IntGauge,
     pub raft_purged_index: IntGauge,
     pub derp_clients: IntGauge,
@@ -90,6 +91,10 @@ impl Metrics {
                 "Last log index applied on this member",
             ),
             raft_is_leader: gauge("hsd_raft_is_leader", "1 if this member is the Raft leader"),
+            audit_dropped: counter(
+                "hsd_audit_dropped_total",
+                "Refused admin authentications not recorded because the audit queue was full",
+            ),
             limit_refusals: counter_vec(
                 "hsd_limit_refusals_total",
                 "Requests refused by a configured limit, by limit",

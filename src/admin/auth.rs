@@ -14,11 +14,12 @@ use crate::registry::{Registry, Timestamp};
 #[derive(Clone)]
 pub struct ApiKeyCheck {
     cluster: crate::raft::Cluster,
+    failed: super::audit::FailedAuth,
 }
 
 impl ApiKeyCheck {
-    pub fn new(cluster: crate::raft::Cluster) -> Self {
-        ApiKeyCheck { cluster }
+    pub fn new(cluster: crate::raft::Cluster, failed: super::audit::FailedAuth) -> Self {
+        ApiKeyCheck { cluster, failed }
     }
 }
 
@@ -32,6 +33,14 @@ impl Interceptor for ApiKeyCheck {
             Ok(()) => Ok(request),
             Err(reason) => {
                 tracing::debug!(reason = reason.as_str(), "admin call refused");
+                let from = request
+                    .extensions()
+                    .get::<tonic::transport::server::TcpConnectInfo>()
+                    .and_then(|i| i.remote_addr())
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_else(|| "unknown".into());
+                let actor = format!("{} from {from}", super::audit::bearer_actor(header));
+                self.failed.report(actor, "grpc", reason.as_str());
                 Err(Status::unauthenticated(
                     "a valid API key is required (authorization: Bearer hskey-api-…)",
                 ))

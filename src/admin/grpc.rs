@@ -16,7 +16,9 @@ use super::{convert, status};
 use crate::proto::admin as pb;
 use crate::proto::admin::admin_service_server::AdminService;
 use crate::registry::secrets::{self, SecretKind};
-use crate::registry::{Command, Expiry, NodeId, Outcome, Registry, Rejection, Timestamp, names};
+use crate::registry::{
+    Command, Expiry, NodeId, Outcome, Proposal, Registry, Rejection, Timestamp, names,
+};
 
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -45,9 +47,11 @@ impl AdminApi {
     }
 
     /// Proposes a write; a refusal or a cluster error becomes the matching status.
+    /// Proposes a write in the caller's name: applying it records it in the audit log.
     async fn propose(&self, command: Command) -> Result<Outcome, Status> {
         let name = command.name();
-        match self.deps.cluster.propose(command).await {
+        let proposal = Proposal::by(super::audit::current_actor(), command);
+        match self.deps.cluster.propose_once(proposal).await {
             Ok(Outcome::Rejected(rejection)) => {
                 tracing::debug!(command = name, %rejection, "admin write refused");
                 Err(status::from_rejection(&rejection))
@@ -105,6 +109,18 @@ impl AdminApi {
         result: Result<(), crate::raft::ProposeError>,
         what: &str,
     ) -> Reply<pb::ClusterStatusResponse> {
+        let audit = Command::RecordAudit {
+            actor: super::audit::current_actor(),
+            action: format!("cluster {what}"),
+            target: String::new(),
+            result: match &result {
+                Ok(()) => "ok".into(),
+                Err(error) => error.to_string(),
+            },
+        };
+        if let Err(error) = self.deps.cluster.propose(audit).await {
+            tracing::warn!(%error, "could not record a membership change in the audit log");
+        }
         match result {
             Ok(()) => {
                 tracing::info!(change = what, "cluster membership changed");
@@ -592,6 +608,32 @@ impl AdminService for AdminApi {
             version: self.deps.version.to_string(),
             member_id: self.deps.cluster.member_id(),
         }))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Reply<pb::ListAuditResponse> {
+        let request = request.into_inner();
+        let since = request
+            .since
+            .as_ref()
+            .map(convert::from_timestamp)
+            .unwrap_or_default();
+        let view = self.read(request.local).await?;
+        let records = view
+            .audit_since(since)
+            .filter(|r| request.actor.is_empty() || r.actor == request.actor)
+            .map(|r| pb::AuditRecord {
+                seq: r.seq,
+                time: Some(convert::timestamp(r.at)),
+                actor: r.actor.clone(),
+                action: r.action.clone(),
+                target: r.target.clone(),
+                result: r.result.clone(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListAuditResponse { records }))
     }
 }
 

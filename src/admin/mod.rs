@@ -6,6 +6,7 @@
 //! leader. Uses `registry`, `raft::Cluster`, `presence` and `proto`; never control or DERP
 //! internals.
 
+pub mod audit;
 pub mod auth;
 pub mod convert;
 pub mod grpc;
@@ -36,6 +37,8 @@ pub struct AdminDeps {
     /// Key expiry for nodes registered through `nodes register`; `None` = never.
     pub node_key_expiry: Option<Duration>,
     pub version: &'static str,
+    /// Where refused admin authentications are recorded.
+    pub failed_auth: audit::FailedAuth,
 }
 
 /// Serves the admin API on a unix socket at `path` with file mode `mode`, until `stop`.
@@ -63,6 +66,7 @@ pub async fn serve_unix(
     tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), "admin API listening on unix socket");
     let incoming = accept_stream(UnixAcceptor(listener));
     let result = tonic::transport::Server::builder()
+        .layer(tower_layer::layer_fn(audit::actor_layer))
         .add_service(AdminServiceServer::new(AdminApi::new(deps)))
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await;
@@ -86,9 +90,10 @@ pub async fn serve_tcp(
         Ok(addr) => tracing::info!(listen.addr = %addr, "admin API listening on TCP"),
         Err(error) => tracing::warn!(%error, "admin TCP listener has no local address"),
     }
-    let check = ApiKeyCheck::new(deps.cluster.clone());
+    let check = ApiKeyCheck::new(deps.cluster.clone(), deps.failed_auth.clone());
     let incoming = accept_stream(TcpAcceptor(listener));
     let result = tonic::transport::Server::builder()
+        .layer(tower_layer::layer_fn(audit::actor_layer))
         .add_service(AdminServiceServer::with_interceptor(
             AdminApi::new(deps),
             check,

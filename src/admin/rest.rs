@@ -61,10 +61,12 @@ async fn require_api_key(State(deps): State<AdminDeps>, request: Request, next: 
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok());
+    let actor = super::audit::bearer_actor(header);
     match auth::check_bearer(&deps.cluster.view(), header, Timestamp::now()) {
-        Ok(()) => next.run(request).await,
+        Ok(()) => super::audit::with_actor(actor, next.run(request)).await,
         Err(reason) => {
             tracing::debug!(reason = reason.as_str(), "REST admin call refused");
+            deps.failed_auth.report(actor, "rest", reason.as_str());
             ApiError::from(tonic::Status::unauthenticated(
                 "a valid API key is required (Authorization: Bearer hskey-api-…)",
             ))
@@ -92,6 +94,7 @@ pub fn router(deps: AdminDeps) -> Router {
         .route("/api/v1/node/{id}/approve", post(approve_node))
         .route("/api/v1/node/{id}/rename/{name}", post(rename_node))
         .route("/api/v1/apikey", get(list_api_keys).post(create_api_key))
+        .route("/api/v1/audit", get(list_audit))
         .route("/api/v1/apikey/expire", post(expire_api_key))
         .route("/api/v1/cluster/status", get(cluster_status))
         .with_state(api)
@@ -342,6 +345,36 @@ async fn list_api_keys(State(api): State<AdminApi>, Query(p): Query<ReadParams>)
         .await?;
     Ok(Json(
         json!({ "api_keys": r.into_inner().api_keys.iter().map(json::api_key).collect::<Vec<_>>() }),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct AuditParams {
+    local: bool,
+    /// RFC 3339.
+    since: Option<String>,
+    actor: Option<String>,
+}
+
+async fn list_audit(State(api): State<AdminApi>, Query(p): Query<AuditParams>) -> ApiResult {
+    let since = match p.since.as_deref() {
+        None => None,
+        Some(text) => Some(
+            chrono::DateTime::parse_from_rfc3339(text)
+                .map(|t| super::convert::timestamp(Timestamp(t.timestamp_millis())))
+                .map_err(|_| bad_request(format!("since {text:?} is not an RFC 3339 time")))?,
+        ),
+    };
+    let r = api
+        .list_audit(req(pb::ListAuditRequest {
+            since,
+            actor: p.actor.unwrap_or_default(),
+            local: p.local,
+        }))
+        .await?;
+    Ok(Json(
+        json!({ "records": r.into_inner().records.iter().map(json::audit_record).collect::<Vec<_>>() }),
     ))
 }
 

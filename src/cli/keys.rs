@@ -232,3 +232,62 @@ pub async fn run_apikeys(cmd: &ApiKeysCommand, client: &mut Client) -> Result<Ou
         }
     }
 }
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Admin actions and refused admin authentications, oldest first.
+    List {
+        /// Only records since this long ago (`1h`, `7d`) or this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this actor (`uid:1000`, `apikey:<prefix>`).
+        #[arg(long)]
+        actor: Option<String>,
+    },
+}
+
+pub async fn run_audit(cmd: &AuditCommand, client: &mut Client) -> Result<Output, CliError> {
+    let AuditCommand::List { since, actor } = cmd;
+    let since = since.as_deref().map(parse_since).transpose()?;
+    let records = client
+        .list_audit(pb::ListAuditRequest {
+            since,
+            actor: actor.clone().unwrap_or_default(),
+            local: crate::cli::local_reads(),
+        })
+        .await?
+        .into_inner()
+        .records;
+    let mut table = Table::new(&["TIME", "ACTOR", "ACTION", "TARGET", "RESULT"]);
+    for r in &records {
+        table.row(vec![
+            time_cell(&r.time),
+            r.actor.clone(),
+            r.action.clone(),
+            r.target.clone(),
+            r.result.clone(),
+        ]);
+    }
+    Ok(Output::new(
+        Value::Array(
+            records
+                .iter()
+                .map(crate::proto::json::audit_record)
+                .collect(),
+        ),
+        table.render(),
+    ))
+}
+
+/// `--since`: a duration back from now, or an RFC 3339 time.
+fn parse_since(text: &str) -> Result<prost_types::Timestamp, CliError> {
+    let at = match humantime::parse_duration(text) {
+        Ok(ago) => std::time::SystemTime::now() - ago,
+        Err(_) => humantime::parse_rfc3339_weak(text).map_err(|_| {
+            CliError::usage(format!(
+                "--since {text:?}: give a duration such as 1h or an RFC 3339 time"
+            ))
+        })?,
+    };
+    Ok(prost_types::Timestamp::from(at))
+}

@@ -87,6 +87,9 @@ pub enum Command {
     /// Manage API keys for the TCP admin listener.
     #[command(subcommand, visible_alias = "apikey")]
     Apikeys(keys::ApiKeysCommand),
+    /// The audit log: who did what, when, and how it ended.
+    #[command(subcommand)]
+    Audit(keys::AuditCommand),
     /// Show or replace the ACL policy.
     #[command(subcommand)]
     Policy(cluster::PolicyCommand),
@@ -282,6 +285,7 @@ async fn dispatch(
         Command::Nodes(cmd) => nodes::run(cmd, client).await,
         Command::Auth(nodes::AuthCommand::Register(args)) => nodes::register(args, client).await,
         Command::Apikeys(cmd) => keys::run_apikeys(cmd, client).await,
+        Command::Audit(cmd) => keys::run_audit(cmd, client).await,
         Command::Policy(cmd) => cluster::run_policy(cmd, prepared.policy, client).await,
         Command::Cluster(cmd) => cluster::run(cmd, client).await,
         Command::Version => unreachable!("handled before connecting"),

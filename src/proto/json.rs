@@ -37,6 +37,17 @@ pub fn api_key(k: &pb::ApiKey) -> Value {
     })
 }
 
+pub fn audit_record(r: &pb::AuditRecord) -> Value {
+    json!({
+        "seq": r.seq,
+        "time": time(&r.time),
+        "actor": r.actor,
+        "action": r.action,
+        "target": r.target,
+        "result": r.result,
+    })
+}
+
 pub fn node(n: &pb::Node) -> Value {
     json!({
         "id": n.id,

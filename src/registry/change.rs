@@ -37,4 +37,6 @@ pub enum Record {
     Pending(String),
     /// A remembered outcome of a recent write (exactly-once retries).
     Recent(RequestId),
+    /// An audit log entry, by sequence number.
+    Audit(u64),
 }

@@ -48,6 +48,10 @@ impl<'de> Deserialize<'de> for RequestId {
 pub struct Proposal {
     pub id: RequestId,
     pub command: Command,
+    /// Who asked, for an admin action (`uid:1000`, `apikey:<prefix>`): applying it also
+    /// appends an audit record with the outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
 }
 
 impl Proposal {
@@ -56,6 +60,15 @@ impl Proposal {
         Proposal {
             id: RequestId::random(),
             command,
+            actor: None,
+        }
+    }
+
+    /// A new admin write by `actor`, recorded in the audit log when applied.
+    pub fn by(actor: String, command: Command) -> Self {
+        Proposal {
+            actor: Some(actor),
+            ..Proposal::new(command)
         }
     }
 }
@@ -223,13 +236,48 @@ pub enum Command {
     InitSettings {
         settings: ClusterSettings,
     },
+    /// An audit record that is no registry change (a refused admin authentication).
+    RecordAudit {
+        actor: String,
+        action: String,
+        target: String,
+        result: String,
+    },
 }
 
 impl Command {
+    /// What the command acts on, for the audit log (names and ids, never secrets).
+    pub fn target(&self) -> String {
+        match self {
+            Command::CreateUser { name } | Command::DeleteUser { name } => name.clone(),
+            Command::RenameUser { old, new } => format!("{old} -> {new}"),
+            Command::ApproveNode { id }
+            | Command::ExpireNode { id }
+            | Command::DeleteNode { id } => format!("node {id}"),
+            Command::ExpireApiKey { prefix } | Command::DeleteApiKey { prefix } => {
+                format!("api key {prefix}")
+            }
+            Command::RenameNode { id, name } => format!("node {id} -> {name}"),
+            Command::MoveNode { id, user } => format!("node {id} -> user {user}"),
+            Command::TagNode { id, tags } => format!("node {id} tags {}", tags.join(",")),
+            Command::CreatePreAuthKey { user, prefix, .. }
+            | Command::ExpirePreAuthKey { user, prefix } => {
+                format!("pre-auth key {prefix} of {user}")
+            }
+            Command::CreateApiKey { prefix, .. } => format!("api key {prefix}"),
+            Command::CompleteInteractive { auth_id, user, .. } => {
+                format!("registration {auth_id} for {user}")
+            }
+            Command::RecordAudit { target, .. } => target.clone(),
+            _ => String::new(),
+        }
+    }
+
     /// A stable, secret-free name for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {
             Command::Noop => "noop",
+            Command::RecordAudit { .. } => "record_audit",
             Command::CreateUser { .. } => "create_user",
             Command::RenameUser { .. } => "rename_user",
             Command::DeleteUser { .. } => "delete_user",

@@ -356,6 +356,19 @@ pub struct PendingRegistration {
     pub node: Option<NodeId>,
 }
 
+/// One entry of the audit log: who did what to what, when, and how it ended. Replicated
+/// and append-only (the oldest are dropped past `AUDIT_MAX`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub at: Timestamp,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    /// `ok`, or the refusal's text.
+    pub result: String,
+}
+
 /// DNS settings sent in every netmap.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct DnsSettings {

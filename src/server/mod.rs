@@ -188,12 +188,19 @@ impl Server {
             stop: life.drain.clone(),
             tasks: life.tasks.clone(),
         };
+        let failed_auth = crate::admin::audit::FailedAuth::start(
+            cluster.clone(),
+            metrics.audit_dropped.clone(),
+            life.stop.clone(),
+            &life.tasks,
+        );
         let admin = AdminDeps {
             cluster: cluster.clone(),
             presence,
             auto_approve: control.settings.auto_approve,
             node_key_expiry: control.settings.node_key_expiry,
             version: VERSION,
+            failed_auth,
         };
         listeners.serve(
             &life,

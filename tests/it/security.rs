@@ -298,3 +298,104 @@ fn interactive_logins_and_hostinfo_are_bounded() {
             .then_some(())
     });
 }
+
+/// Every admin write is in the audit log with who made it and how it ended — over the
+/// unix socket (the caller's uid), gRPC and REST with an API key (its prefix) — and so is
+/// every refused admin authentication.
+#[test]
+fn admin_actions_and_refused_logins_are_audited() {
+    use crate::harness::{hsctl, http_request};
+
+    let c = TestCluster::start(1, ClusterOpts::default());
+    let uid = format!("uid:{}", my_uid());
+    c.hsctl_json(1, &["users", "create", "alice"]);
+    let duplicate = c.hsctl(1, &["users", "create", "alice"]);
+    assert!(!duplicate.status.success());
+    let api = c.hsctl_json(1, &["apikeys", "create"]);
+    let (key, prefix) = (
+        api["key"].as_str().unwrap(),
+        api["prefix"].as_str().unwrap(),
+    );
+    let grpc = format!("{}:50443", c.members[0].ip);
+    let out = hsctl(&[
+        "--address",
+        &grpc,
+        "--api-key",
+        key,
+        "users",
+        "create",
+        "bob",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wrong = format!("{}x", &key[..key.len() - 1]);
+    let denied = hsctl(&["--address", &grpc, "--api-key", &wrong, "users", "list"]);
+    assert!(!denied.status.success());
+    let http = format!("{}:8080", c.members[0].ip);
+    let (status, _) = http_request(
+        &http,
+        "POST",
+        "/api/v1/user",
+        Some(key),
+        Some(r#"{"name":"carol"}"#),
+    );
+    assert_eq!(status, 200);
+    let (status, _) = http_request(
+        &http,
+        "GET",
+        "/api/v1/user",
+        Some("hskey-api-nope-nope"),
+        None,
+    );
+    assert_eq!(status, 401);
+
+    let by_key = format!("apikey:{prefix}");
+    let expected = [
+        (uid.as_str(), "create_user", "alice", "ok"),
+        (uid.as_str(), "create_user", "alice", "already exists"),
+        (uid.as_str(), "create_apikey", prefix, "ok"),
+        (by_key.as_str(), "create_user", "bob", "ok"),
+        (by_key.as_str(), "authenticate (grpc)", "", "refused"),
+        (by_key.as_str(), "create_user", "carol", "ok"),
+        ("anonymous", "authenticate (rest)", "", "refused"),
+    ];
+    let records = wait_for("every action recorded", Duration::from_secs(10), || {
+        let records = c.hsctl_json(1, &["audit", "list", "--since", "1h"]);
+        (records.as_array()?.len() >= expected.len()).then_some(records)
+    });
+    let records = records.as_array().unwrap();
+    for (actor, action, target, result) in expected {
+        assert!(
+            records
+                .iter()
+                .any(|r| r["actor"].as_str().unwrap().starts_with(actor)
+                    && r["action"] == action
+                    && r["target"].as_str().unwrap().contains(target)
+                    && r["result"].as_str().unwrap().contains(result)
+                    && r["time"].is_string()),
+            "no record of {actor} {action} {target} → {result}: {records:#?}"
+        );
+    }
+    // Filters, and the same log over REST.
+    let mine = c.hsctl_json(1, &["audit", "list", "--actor", &by_key]);
+    assert!(
+        mine.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["actor"] == by_key.as_str())
+    );
+    let (status, body) = http_request(&http, "GET", "/api/v1/audit", Some(key), None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"create_user\""), "{body}");
+}
+
+/// This process's uid, as the member sees the unix-socket peer.
+fn my_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    // A file this process creates is owned by its effective uid.
+    let probe = tempfile::NamedTempFile::new().unwrap();
+    probe.as_file().metadata().unwrap().uid()
+}

@@ -117,6 +117,25 @@ impl Registry {
                 n.hostinfo = hostinfo.clone();
                 n.disco_key = *disco_key;
             }),
+            Command::RecordAudit {
+                actor,
+                action,
+                target,
+                result,
+            } => {
+                self.append_audit(
+                    AuditRecord {
+                        seq: 0,
+                        at: now,
+                        actor: actor.clone(),
+                        action: action.clone(),
+                        target: target.clone(),
+                        result: result.clone(),
+                    },
+                    fx,
+                );
+                Ok(Outcome::Done)
+            }
             Command::SetLastSeen { id } => self.edit_node(*id, fx, |n| n.last_seen = Some(now)),
             Command::ApproveNode { id } => self.edit_node(*id, fx, |n| n.approved = true),
             Command::ExpireNode { id } => self.edit_node(*id, fx, |n| {

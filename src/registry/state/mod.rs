@@ -24,6 +24,8 @@ use super::types::*;
 const RECENT_WINDOW_MS: i64 = 10 * 60 * 1000;
 /// At most this many outcomes are remembered; the oldest go first.
 const RECENT_MAX: usize = 100_000;
+/// The audit log keeps this many records; older ones are dropped (about 30 MiB).
+pub const AUDIT_MAX: usize = 100_000;
 
 /// Counters and singletons, stored as one record.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +100,8 @@ pub struct Registry {
     api_keys: OrdMap<ApiKeyId, Arc<ApiKey>>,
     pending: OrdMap<Arc<str>, Arc<PendingRegistration>>,
     recent: OrdMap<RequestId, Arc<Recent>>,
+    audit: OrdMap<u64, Arc<AuditRecord>>,
+    next_audit: u64,
     // Indexes, rebuilt from the records above on load.
     user_by_name: OrdMap<Arc<str>, UserId>,
     preauth_by_prefix: OrdMap<Arc<str>, PreAuthKeyId>,
@@ -203,6 +207,13 @@ impl Registry {
     pub fn pending_count(&self) -> usize {
         self.pending.len()
     }
+    /// Audit records from `since` on (oldest first).
+    pub fn audit_since(&self, since: Timestamp) -> impl Iterator<Item = &AuditRecord> {
+        self.audit
+            .values()
+            .map(|r| &**r)
+            .filter(move |r| r.at >= since)
+    }
     /// The machine's open interactive registration, if it has one.
     pub fn pending_for_machine(&self, machine: &MachineKey) -> Option<&PendingRegistration> {
         let id = self.pending_by_machine.get(machine)?;
@@ -267,6 +278,9 @@ impl Registry {
             let outcome = self
                 .apply_command(&proposal.command, now, &mut fx)
                 .unwrap_or_else(Outcome::Rejected);
+            if let Some(actor) = &proposal.actor {
+                self.audit_action(actor, &proposal.command, &outcome, now, &mut fx);
+            }
             self.remember(proposal.id, now, outcome.clone(), &mut fx);
             outcomes.push(outcome);
         }
@@ -295,6 +309,46 @@ impl Registry {
             self.remove_pending(&id);
             fx.records.push(Record::Pending(id.to_string()));
             fx.changes.push(Change::PendingChanged(id.to_string()));
+        }
+    }
+
+    /// Appends an admin action to the audit log, dropping the oldest past `AUDIT_MAX`.
+    fn audit_action(
+        &mut self,
+        actor: &str,
+        command: &crate::registry::command::Command,
+        outcome: &Outcome,
+        now: Timestamp,
+        fx: &mut Effects,
+    ) {
+        let result = match outcome {
+            Outcome::Rejected(r) => r.to_string(),
+            _ => "ok".into(),
+        };
+        self.append_audit(
+            AuditRecord {
+                seq: 0,
+                at: now,
+                actor: actor.into(),
+                action: command.name().into(),
+                target: command.target(),
+                result,
+            },
+            fx,
+        );
+    }
+
+    fn append_audit(&mut self, mut record: AuditRecord, fx: &mut Effects) {
+        record.seq = self.next_audit;
+        self.next_audit += 1;
+        fx.records.push(Record::Audit(record.seq));
+        self.audit.insert(record.seq, Arc::new(record));
+        while self.audit.len() > AUDIT_MAX {
+            let Some((oldest, _)) = self.audit.get_min().map(|(k, v)| (*k, v.clone())) else {
+                break;
+            };
+            self.audit.remove(&oldest);
+            fx.records.push(Record::Audit(oldest));
         }
     }
 

@@ -45,6 +45,10 @@ impl Registry {
                 format!("recent/{id}").into_bytes(),
                 self.recent.get(id).map(|r| enc(r.as_ref())),
             ),
+            Record::Audit(seq) => (
+                format!("audit/{seq:020}").into_bytes(),
+                self.audit.get(seq).map(|r| enc(r.as_ref())),
+            ),
         }
     }
 
@@ -61,6 +65,7 @@ impl Registry {
                 .map(|id| Record::Pending(id.to_string())),
         );
         records.extend(self.recent.keys().map(|id| Record::Recent(*id)));
+        records.extend(self.audit.keys().map(|seq| Record::Audit(*seq)));
         records
             .iter()
             .filter_map(|r| {
@@ -123,6 +128,11 @@ impl Registry {
                 let r: Recent = de(key, value)?;
                 self.recent_by_age.insert((r.at, id));
                 self.recent.insert(id, Arc::new(r));
+            }
+            "audit" => {
+                let r: AuditRecord = de(key, value)?;
+                self.next_audit = self.next_audit.max(r.seq + 1);
+                self.audit.insert(r.seq, Arc::new(r));
             }
             _ => return Err(StoreError::UnknownKey(key.to_string())),
         }

@@ -689,3 +689,29 @@ fn one_open_interactive_registration_per_machine_and_a_cap_on_all() {
     run(&mut reg, 5, begin("renewed", 2, 2));
     assert_eq!(reg.pending_count(), 2);
 }
+
+#[test]
+fn admin_writes_are_audited_once_with_their_outcome() {
+    let mut reg = Registry::new(ClusterSettings::default());
+    let create = Proposal::by("uid:7".into(), Command::CreateUser { name: "ann".into() });
+    let again = Proposal::by("uid:7".into(), Command::CreateUser { name: "ann".into() });
+    for (t, proposal) in [(1, create.clone()), (2, create), (3, again)] {
+        reg.apply(&Request {
+            at: at(t),
+            proposals: vec![proposal].into(),
+        });
+    }
+    let log: Vec<_> = reg.audit_since(Timestamp(0)).collect();
+    // The retried id is not recorded twice; the second, refused create is.
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(
+        (log[0].actor.as_str(), log[0].action.as_str()),
+        ("uid:7", "create_user")
+    );
+    assert_eq!(log[0].result, "ok");
+    assert!(log[1].result.contains("already exists"), "{log:?}");
+    assert!(log[0].seq < log[1].seq);
+    // Records survive the storage encoding.
+    let restored = Registry::from_records(reg.all_records()).unwrap();
+    assert_eq!(restored.audit_since(Timestamp(0)).count(), 2);
+}
