@@ -39,6 +39,10 @@ const PACKET_QUEUE: usize = 256;
 /// Control frames (pongs, presence) queued per client. Watchers that overflow are
 /// disconnected so they resync on reconnect rather than silently missing updates.
 const CONTROL_QUEUE: usize = 4096;
+/// A mesh peer's control queue: on `WatchConns` it is sent one frame per client of this
+/// relay at once, so it must hold the whole client list (bounded channels reserve no
+/// memory for unused slots; about 60 bytes per queued frame).
+const MESH_CONTROL_QUEUE: usize = 1 << 18;
 /// Sent in FrameRestarting on shutdown: reconnect soon, and give up on this node after a while
 /// so the client moves to another cluster member.
 const RESTART_RECONNECT_IN_MS: u32 = 200;
@@ -454,7 +458,11 @@ impl DerpServer {
 
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (ptx, prx) = mpsc::channel(PACKET_QUEUE);
-        let (ctx, crx) = mpsc::channel(CONTROL_QUEUE);
+        let (ctx, crx) = mpsc::channel(if is_mesh {
+            MESH_CONTROL_QUEUE
+        } else {
+            CONTROL_QUEUE
+        });
         let close = self.stop.child_token();
         let handle = ConnHandle {
             id,
@@ -926,6 +934,53 @@ mod tests {
         let r = get("/derp", "Upgrade: DERP\r\nConnection: Upgrade\r\n").await;
         assert!(r.starts_with("HTTP/1.1 101"), "{r}");
         assert!(r.to_ascii_lowercase().contains("derp-version: 2"), "{r}");
+        stop.cancel();
+        tasks.close();
+        tokio::time::timeout(T, tasks.wait()).await.unwrap();
+    }
+
+    /// A mesh peer watching a relay with more clients than a client's control queue holds
+    /// gets every one of them (the mesh used to break past 4,096 clients per member).
+    #[tokio::test]
+    async fn a_mesh_watcher_gets_a_large_client_list() {
+        const CLIENTS: usize = CONTROL_QUEUE + 1000;
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let mesh: Key = rand::random();
+        let (server, url) = start(Some(mesh), &stop, &tasks).await;
+        let mut keep = Vec::new();
+        for i in 0..CLIENTS {
+            let (packets, prx) = mpsc::channel(1);
+            let (control, crx) = mpsc::channel(1);
+            keep.push((prx, crx));
+            let key: Key = rand::random();
+            server.register(
+                key,
+                ConnHandle {
+                    id: 1_000_000 + i as u64,
+                    is_mesh: false,
+                    addr: None,
+                    packets,
+                    control,
+                    close: CancellationToken::new(),
+                },
+            );
+        }
+        let mut watcher = DerpClient::connect(&url, rand::random(), Some(mesh))
+            .await
+            .unwrap();
+        watcher.watch_conns().await.unwrap();
+        let mut present = 0;
+        tokio::time::timeout(T, async {
+            while present < CLIENTS {
+                match watcher.recv().await.expect("the watcher stays connected") {
+                    Frame::PeerPresent { .. } => present += 1,
+                    _ => continue,
+                }
+            }
+        })
+        .await
+        .expect("every client announced");
         stop.cancel();
         tasks.close();
         tokio::time::timeout(T, tasks.wait()).await.unwrap();
