@@ -119,6 +119,9 @@ pub struct LimitsConfig {
     pub max_pending_registrations: u32,
     /// Largest Hostinfo (JSON bytes) a register or map request may carry.
     pub max_hostinfo_bytes: usize,
+    /// A connection to the control port that has not sent a whole request head within
+    /// this is closed (slow clients holding connections open).
+    pub http_header_timeout: ConfigDuration,
 }
 
 impl Default for LimitsConfig {
@@ -126,6 +129,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_pending_registrations: 1000,
             max_hostinfo_bytes: 16 * 1024,
+            http_header_timeout: ConfigDuration(Duration::from_secs(10)),
         }
     }
 }

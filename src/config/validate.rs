@@ -247,6 +247,12 @@ impl LimitsConfig {
                 "must be 1 or more",
             ));
         }
+        if self.http_header_timeout.0 < Duration::from_millis(100) {
+            return Err(invalid(
+                "limits.http_header_timeout",
+                "must be at least 100ms",
+            ));
+        }
         // A real client's Hostinfo is a few KiB; below 1 KiB nobody could register.
         if !(1024..=1 << 20).contains(&self.max_hostinfo_bytes) {
             return Err(invalid(

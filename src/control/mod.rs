@@ -49,6 +49,8 @@ pub struct ControlSettings {
     pub max_pending_registrations: u32,
     /// `limits.max_hostinfo_bytes`.
     pub max_hostinfo_bytes: usize,
+    /// `limits.http_header_timeout`: a request head must arrive within this.
+    pub http_header_timeout: Duration,
 }
 
 /// What the control handlers need, and nothing more.

@@ -111,3 +111,61 @@ pub(super) fn metrics_router(metrics: Arc<Metrics>, derp: Arc<DerpServer>) -> Ro
         }),
     )
 }
+
+/// Serves `app` on `listener` until `stop`, like `axum::serve` but with a bound on how
+/// long a connection may take to send its request head (HTTP/1.1 and the HTTP/2 preface),
+/// so slow clients cannot hold connections open. Upgrades (ts2021, DERP) work as before;
+/// each connection is a task in `tasks`.
+pub(super) async fn serve_bounded(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_timeout: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    loop {
+        let (stream, remote) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(v) => v,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off, do not spin.
+                    tracing::warn!(%error, "control listener accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(remote));
+            tower_service::Service::call(&mut app.clone(), req)
+        });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(None);
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => if let Err(error) = result {
+                    tracing::debug!(%error, ?remote, "control connection ended");
+                },
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}

@@ -113,20 +113,15 @@ impl Listeners {
         metrics: Arc<Metrics>,
     ) {
         let (sup, tasks, stop) = (&life.supervisor, &life.tasks, &life.stop);
+        let header_timeout = control.settings.http_header_timeout;
         let app = http::control_router(control, derp.clone())
             .merge(crate::admin::rest::router(admin.clone()));
-        let control_stop = stop.clone();
         let listener = self.control;
-        sup.spawn_essential(tasks, "control listener", async move {
-            let serve = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { control_stop.cancelled().await });
-            if let Err(error) = serve.await {
-                tracing::error!(%error, "control listener failed");
-            }
-        });
+        sup.spawn_essential(
+            tasks,
+            "control listener",
+            http::serve_bounded(listener, app, header_timeout, stop.clone(), tasks.clone()),
+        );
         if let Some(listener) = self.metrics {
             let app = http::metrics_router(metrics, derp);
             let metrics_stop = stop.clone();

@@ -433,6 +433,7 @@ fn control_settings(
         ephemeral_inactivity_timeout: config.ephemeral_node_inactivity_timeout.0,
         max_pending_registrations: config.limits.max_pending_registrations,
         max_hostinfo_bytes: config.limits.max_hostinfo_bytes,
+        http_header_timeout: config.limits.http_header_timeout.0,
     }
 }
 

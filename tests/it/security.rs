@@ -399,3 +399,46 @@ fn my_uid() -> u32 {
     let probe = tempfile::NamedTempFile::new().unwrap();
     probe.as_file().metadata().unwrap().uid()
 }
+
+/// A client that never finishes its request head is disconnected after
+/// `limits.http_header_timeout`; others are served meanwhile.
+#[test]
+fn a_slow_request_head_is_cut_off() {
+    use std::io::{Read, Write};
+    let c = TestCluster::start(
+        1,
+        ClusterOpts {
+            extra_yaml: "limits:\n  http_header_timeout: 500ms\n".into(),
+            ..Default::default()
+        },
+    );
+    let addr = format!("{}:8080", c.members[0].ip);
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (status, _) = crate::harness::http_get(&addr, "/health", Duration::from_secs(5)).unwrap();
+    assert_eq!(status, 200, "others are served");
+    let mut buf = [0u8; 512];
+    let mut got = Vec::new();
+    // The server answers 408 or just closes; either way the read ends, well before 10 s.
+    loop {
+        match slow.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("the slow connection was not closed: {e}"),
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    let head = String::from_utf8_lossy(&got);
+    assert!(
+        head.is_empty() || head.starts_with("HTTP/1.1 408"),
+        "{head}"
+    );
+}

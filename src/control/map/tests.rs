@@ -122,6 +122,7 @@ fn settings() -> Arc<ControlSettings> {
         ephemeral_inactivity_timeout: Duration::from_secs(60),
         max_pending_registrations: 1000,
         max_hostinfo_bytes: 16 * 1024,
+        http_header_timeout: Duration::from_secs(10),
     })
 }
 

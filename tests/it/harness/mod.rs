@@ -266,18 +266,37 @@ impl Member {
     }
 }
 
+impl Member {
+    /// For a failing test: whether the member still runs, its last warnings and lines.
+    fn report(&mut self) {
+        let state = match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(Some(status))) => format!("exited: {status}"),
+            Some(Ok(None)) => "running".into(),
+            _ => "not running".into(),
+        };
+        let log = self.log();
+        let notable: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.starts_with("hsd:"))
+            .filter(|l| !l.contains("openraft"))
+            .collect();
+        let notable = &notable[notable.len().saturating_sub(15)..];
+        let tail: Vec<&str> = log.lines().rev().take(25).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        eprintln!(
+            "--- member {} ({state}): last warnings ---\n{}\n--- last lines ---\n{}",
+            self.id,
+            notable.join("\n"),
+            tail.join("\n")
+        );
+    }
+}
+
 impl Drop for Member {
     fn drop(&mut self) {
         // A failing test shows what each member said last.
         if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            eprintln!(
-                "--- member {} log (last 40 lines) ---\n{}",
-                self.id,
-                tail.join("\n")
-            );
+            self.report();
         }
         // A paused process cannot die of SIGKILL until it is continued.
         self.resume();
