@@ -48,22 +48,17 @@ pub struct AdminDeps {
 /// a live process and is left alone. Errors are logged, never fatal for the member.
 /// Connections are driven by tonic's own tasks; `tasks` is kept for symmetry with the
 /// other listeners (tonic's graceful shutdown waits for them before this returns).
+/// Serves the admin API on `listener` (bound at `path` by `bind_unix`), removing the socket
+/// file when it stops.
 pub async fn serve_unix(
+    listener: tokio::net::UnixListener,
     path: PathBuf,
-    mode: u32,
     deps: AdminDeps,
     stop: CancellationToken,
     tasks: TaskTracker,
 ) {
     let _ = tasks;
-    let listener = match bind_unix(&path, mode).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            tracing::error!(%error, socket = %path.display(), "admin unix socket not served");
-            return;
-        }
-    };
-    tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), "admin API listening on unix socket");
+    tracing::info!(socket = %path.display(), "admin API listening on unix socket");
     let incoming = accept_stream(UnixAcceptor(listener));
     let result = tonic::transport::Server::builder()
         .layer(tower_layer::layer_fn(audit::actor_layer))
@@ -106,7 +101,7 @@ pub async fn serve_tcp(
 }
 
 #[derive(Debug, thiserror::Error)]
-enum BindError {
+pub enum BindError {
     #[error("another process is serving {0}")]
     InUse(String),
     #[error("removing stale socket {path}")]
@@ -130,7 +125,9 @@ enum BindError {
     },
 }
 
-async fn bind_unix(
+/// Binds the admin unix socket with `mode`, replacing a stale socket file but never one a
+/// running process serves.
+pub async fn bind_unix(
     path: &std::path::Path,
     mode: u32,
 ) -> Result<tokio::net::UnixListener, BindError> {

@@ -36,8 +36,9 @@ pub(super) struct Listeners {
     metrics: Option<TcpListener>,
     stun: Option<UdpSocket>,
     cluster: TcpListener,
+    /// Bound before the member reports ready, so `hsctl` never finds a stale socket file.
+    unix: tokio::net::UnixListener,
     unix_socket: PathBuf,
-    unix_socket_mode: u32,
 }
 
 async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -76,8 +77,10 @@ impl Listeners {
             metrics: bind_optional("metrics_listen_addr", v.metrics_listen_addr).await?,
             stun,
             cluster: bind_tcp("cluster.listen_addr", v.cluster_listen_addr).await?,
+            unix: crate::admin::bind_unix(&v.unix_socket, v.unix_socket_mode)
+                .await
+                .map_err(StartError::AdminSocket)?,
             unix_socket: v.unix_socket.clone(),
-            unix_socket_mode: v.unix_socket_mode,
         })
     }
 
@@ -144,8 +147,8 @@ impl Listeners {
             tasks,
             "admin unix socket",
             crate::admin::serve_unix(
+                self.unix,
                 self.unix_socket,
-                self.unix_socket_mode,
                 admin.clone(),
                 stop.clone(),
                 tasks.clone(),

@@ -63,6 +63,8 @@ pub enum StartError {
     },
     #[error("starting the Raft member")]
     Raft(#[source] crate::raft::StartError),
+    #[error("the admin unix socket (unix_socket)")]
+    AdminSocket(#[source] crate::admin::BindError),
     #[error("loading the member TLS files (cluster.tls)")]
     Tls(#[from] crate::raft::tls::TlsError),
 }
