@@ -13,6 +13,7 @@ pub mod policy;
 pub mod register;
 pub mod tailcfg;
 pub mod upgrade;
+mod x25519;
 
 use std::sync::Arc;
 use std::time::Duration;
