@@ -9,7 +9,7 @@ use hsd::derp::client::DerpClient;
 use hsd::derp::frame::Frame;
 use hsd::registry::{DiscoKey, NodeKey};
 
-use crate::harness::{ClusterOpts, TestCluster, wait_for};
+use crate::harness::{ClusterOpts, TestCluster, rt, wait_for};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -162,13 +162,6 @@ fn a_follower_reads_its_own_writes() {
         .expect("a packet through the follower's relay");
         assert_eq!(&received[..], b"hello");
     });
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// The leader applies a forwarded write but its reply is lost: the follower retries with

@@ -7,16 +7,9 @@ use hsd::control::client::{ControlClient, keypair};
 use hsd::registry::{DiscoKey, NodeKey};
 use serde_json::Value;
 
-use crate::harness::{ClusterOpts, TestCluster};
+use crate::harness::{ClusterOpts, TestCluster, rt};
 
 const T: Duration = Duration::from_secs(10);
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 #[test]
 fn bad_register_input_is_refused_and_changes_nothing() {

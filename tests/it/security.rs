@@ -11,14 +11,7 @@ use hsd::raft::tls::{self, MemberTls};
 use tonic::Code;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 
-use crate::harness::{ClusterOpts, TestCluster, wait_for};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use crate::harness::{ClusterOpts, TestCluster, rt, wait_for};
 
 /// A caller of a member's port: plaintext, or presenting the certificate in `cert_dir`.
 struct Caller {

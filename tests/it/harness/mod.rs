@@ -54,6 +54,14 @@ pub fn hsctl_bin() -> &'static str {
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+/// A single-threaded runtime for a test's async client code.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a test runtime")
+}
+
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
@@ -194,7 +202,23 @@ impl Member {
 
     /// Waits until the running member exits by itself; returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let mut child = self.child.take().expect("member running");
+        self.wait_child(timeout, "still running")
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let pid = self.child.as_ref()?.id();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        self.wait_child(Duration::from_secs(30), "did not stop after SIGTERM")
+    }
+
+    /// Waits for the member's process to exit; kills it and fails the test (saying
+    /// `what`) after `timeout`.
+    fn wait_child(&mut self, timeout: Duration, what: &str) -> Option<i32> {
+        let mut child = self.child.take()?;
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -204,32 +228,7 @@ impl Member {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
-                    "member {} still running after {timeout:?}:\n{}",
-                    self.id,
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGTERM, then wait for a clean exit; returns the exit code.
-    pub fn stop(&mut self) -> Option<i32> {
-        let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "member {} did not stop within 30 s after SIGTERM:\n{}",
+                    "member {} {what} within {timeout:?}:\n{}",
                     self.id,
                     self.log()
                 );
