@@ -249,9 +249,11 @@ impl Registry {
                 expired_at: key.expiration.unwrap_or_default(),
             });
         }
+        // The machine that used a single-use key may present it again (a client that lost
+        // its state re-registers), but not to revive a node that was expired or logged out.
         let reauth_same_machine = self
             .node_by_machine(machine)
-            .is_some_and(|n| n.auth_key == Some(key.id));
+            .is_some_and(|n| n.auth_key == Some(key.id) && !n.is_expired(now));
         if key.used && !key.reusable && !reauth_same_machine {
             return Err(Rejection::PreAuthKeyUsed(key.prefix.clone()));
         }

@@ -124,6 +124,13 @@ fn single_use_key_registers_one_machine_only() {
     assert_eq!(again.id, node.id);
     assert_eq!(again.ipv4, node.ipv4);
     assert_eq!(f.reg.node_count(), 1);
+    // Once the node is expired (by an admin, or a logout), the used key cannot revive it.
+    run(&mut f.reg, 13, Command::ExpireNode { id: node.id });
+    let out = register(&mut f, 14, node_request(1, 14, "a"));
+    assert!(
+        matches!(out, Outcome::Rejected(Rejection::PreAuthKeyUsed(_))),
+        "{out:?}"
+    );
 }
 
 #[test]
