@@ -73,3 +73,28 @@ pub struct ControlDeps {
 pub struct NoisePeer {
     pub machine_key: crate::registry::MachineKey,
 }
+
+/// Refuses a Hostinfo larger than `limits.max_hostinfo_bytes` (it is replicated and sent
+/// to every peer).
+pub(crate) fn check_hostinfo_size(
+    deps: &ControlDeps,
+    hostinfo: Option<&serde_json::Value>,
+) -> Result<(), String> {
+    let Some(hostinfo) = hostinfo else {
+        return Ok(());
+    };
+    let size = serde_json::to_vec(hostinfo)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    let limit = deps.settings.max_hostinfo_bytes;
+    if size > limit {
+        deps.metrics
+            .limit_refusals
+            .with_label_values(&["max_hostinfo_bytes"])
+            .inc();
+        return Err(format!(
+            "Hostinfo is {size} bytes; this server takes at most {limit} (limits.max_hostinfo_bytes)"
+        ));
+    }
+    Ok(())
+}

@@ -207,7 +207,7 @@ async fn register(
     machine_key: MachineKey,
     req: RegisterRequest,
 ) -> Result<(&'static str, RegisterResponse), RegisterError> {
-    check_hostinfo_size(deps, req.hostinfo.as_ref())?;
+    super::check_hostinfo_size(deps, req.hostinfo.as_ref()).map_err(RegisterError::BadRequest)?;
     let view = deps.cluster.view();
     let now = deps.cluster.now().to_datetime();
 
@@ -348,31 +348,6 @@ fn auth_url_response(deps: &ControlDeps, auth_id: &str) -> RegisterResponse {
         auth_url: format!("{}/register/{auth_id}", deps.settings.server_url),
         ..Default::default()
     }
-}
-
-/// Refuses a Hostinfo larger than `limits.max_hostinfo_bytes` (it is replicated and sent
-/// to every peer).
-pub(super) fn check_hostinfo_size(
-    deps: &ControlDeps,
-    hostinfo: Option<&serde_json::Value>,
-) -> Result<(), RegisterError> {
-    let Some(hostinfo) = hostinfo else {
-        return Ok(());
-    };
-    let size = serde_json::to_vec(hostinfo)
-        .map(|v| v.len())
-        .unwrap_or(usize::MAX);
-    let limit = deps.settings.max_hostinfo_bytes;
-    if size > limit {
-        deps.metrics
-            .limit_refusals
-            .with_label_values(&["max_hostinfo_bytes"])
-            .inc();
-        return Err(RegisterError::BadRequest(format!(
-            "Hostinfo is {size} bytes; this server takes at most {limit} (limits.max_hostinfo_bytes)"
-        )));
-    }
-    Ok(())
 }
 
 /// Waits until the interactive registration named by `Followup` is completed.

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -77,25 +77,9 @@ async fn run(
 ) {
     let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT));
     let mut clock = Timestamp::default();
-    loop {
-        let first = tokio::select! {
-            () = stop.cancelled() => return,
-            next = rx.recv() => match next {
-                Some(q) => q,
-                None => return,
-            },
-        };
-        // Wait for room first: proposals arriving meanwhile join this entry.
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_PROPOSALS {
-            match rx.try_recv() {
-                Ok(q) => batch.push(q),
-                Err(_) => break,
-            }
-        }
+    while let Some((permit, batch)) =
+        next_batch(&mut rx, &in_flight, MAX_BATCH_PROPOSALS, &stop).await
+    {
         // The leader's clock, never behind what it (or an earlier leader) stamped.
         clock = Timestamp::now().max(clock).max(view.borrow().clock());
         let raft = raft.clone();
@@ -104,6 +88,31 @@ async fn run(
             drop(permit);
         });
     }
+}
+
+/// The next batch from `rx`, once one of `in_flight`'s permits is free: the first item
+/// waited for, then whatever queued meanwhile (at most `max`). Waiting for room before
+/// draining lets items that arrive meanwhile join the batch. `None` once `stop` fires or
+/// every sender is gone.
+pub(super) async fn next_batch<T>(
+    rx: &mut mpsc::Receiver<T>,
+    in_flight: &Arc<Semaphore>,
+    max: usize,
+    stop: &CancellationToken,
+) -> Option<(OwnedSemaphorePermit, Vec<T>)> {
+    let first = tokio::select! {
+        () = stop.cancelled() => return None,
+        next = rx.recv() => next?,
+    };
+    let permit = in_flight.clone().acquire_owned().await.ok()?;
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+    Some((permit, batch))
 }
 
 async fn write_entry(raft: &Raft, at: Timestamp, batch: Vec<Queued>) {

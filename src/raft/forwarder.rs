@@ -9,6 +9,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::batcher::next_batch;
 use super::forward::FORWARD_TIMEOUT;
 use super::network::{Peers, decode, encode};
 use super::status::member_addr;
@@ -66,24 +67,7 @@ async fn run(
     tasks: TaskTracker,
 ) {
     let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
-    loop {
-        let first = tokio::select! {
-            () = stop.cancelled() => return,
-            next = rx.recv() => match next {
-                Some(q) => q,
-                None => return,
-            },
-        };
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(q) => batch.push(q),
-                Err(_) => break,
-            }
-        }
+    while let Some((permit, batch)) = next_batch(&mut rx, &in_flight, MAX_BATCH, &stop).await {
         let leader = {
             let m = metrics.borrow();
             m.current_leader

@@ -87,8 +87,8 @@ pub async fn handle(
         );
     }
 
-    if let Err(error) = super::register::check_hostinfo_size(&deps, req.hostinfo.as_ref()) {
-        return refuse(&deps, StatusCode::PAYLOAD_TOO_LARGE, error.to_string());
+    if let Err(message) = super::check_hostinfo_size(&deps, req.hostinfo.as_ref()) {
+        return refuse(&deps, StatusCode::PAYLOAD_TOO_LARGE, message);
     }
     // A revoked key (expired by time, an admin or a logout) gets nothing until the node
     // logs in again.
