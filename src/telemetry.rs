@@ -30,6 +30,7 @@ pub struct Metrics {
     pub raft_applied_index: IntGauge,
     pub raft_is_leader: IntGauge,
     pub limit_refusals: IntCounterVec,
+    pub tls_reloads: IntCounterVec,
     pub audit_dropped: IntCounter,
     pub raft_snapshot_index: IntGauge,
     pub raft_purged_index: IntGauge,
@@ -99,6 +100,11 @@ impl Metrics {
                 "hsd_limit_refusals_total",
                 "Requests refused by a configured limit, by limit",
                 "limit",
+            ),
+            tls_reloads: counter_vec(
+                "hsd_tls_reloads_total",
+                "Control-port TLS certificate reloads, by result (ok, failed)",
+                "result",
             ),
             raft_snapshot_index: gauge(
                 "hsd_raft_snapshot_index",

@@ -75,9 +75,14 @@ pub enum NodeApproval {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Public URL clients use to reach this member (`http://host:port`). Default: derived
-    /// from the bound `listen_addr`.
+    /// Public URL clients use to reach this member (`http://host:port`, `https://…` when
+    /// this member serves TLS). Default: derived from the bound `listen_addr`.
     pub server_url: Option<String>,
+    /// PEM certificate chain for TLS on the control port (with `/derp`), as headscale
+    /// names it. Reloaded on SIGHUP and when the file changes. Needs `tls_key_path`.
+    pub tls_cert_path: Option<PathBuf>,
+    /// PEM private key for `tls_cert_path`.
+    pub tls_key_path: Option<PathBuf>,
     /// Control HTTP: `/key`, `/ts2021`, `/derp`, `/health`, …
     pub listen_addr: String,
     pub metrics_listen_addr: String,
@@ -348,6 +353,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             server_url: None,
+            tls_cert_path: None,
+            tls_key_path: None,
             listen_addr: "127.0.0.1:8080".into(),
             metrics_listen_addr: "127.0.0.1:9090".into(),
             grpc_listen_addr: "127.0.0.1:50443".into(),
@@ -504,6 +511,12 @@ ephemeral_node_inactivity_timeout: 30m
             ("server_url: ftp://x", "server_url"),
             ("unix_socket_permission: '999'", "unix_socket_permission"),
             ("dns: {base_domain: 'a..b'}", "dns.base_domain"),
+            ("tls_cert_path: /c.pem", "tls_key_path"),
+            ("tls_key_path: /c.key", "tls_cert_path"),
+            (
+                "{server_url: 'http://a:1', tls_cert_path: /c, tls_key_path: /k}",
+                "server_url",
+            ),
         ] {
             let err = check(yaml).unwrap_err();
             assert!(err.contains(key), "{yaml}: {err}");

@@ -20,6 +20,7 @@ impl Config {
         let stun_listen_addr = self.derp.validate()?;
         let cluster_listen_addr = self.cluster.validate()?;
         validate_server_url(self.server_url.as_deref())?;
+        self.validate_control_tls()?;
         let (prefix_v4, prefix_v6) = self.prefixes.validate()?;
         let unix_socket_mode = self.validate_unix_socket()?;
         if self.data_dir.as_os_str().is_empty() {
@@ -51,6 +52,23 @@ impl Config {
             ),
             mesh_key_path: self.in_data_dir(&self.derp.server.mesh_key_path, "derp_mesh.key"),
         })
+    }
+
+    /// Both TLS files or neither; a member that serves TLS is reached over https.
+    fn validate_control_tls(&self) -> Result<(), ConfigError> {
+        match (&self.tls_cert_path, &self.tls_key_path) {
+            (None, None) => return Ok(()),
+            (Some(_), None) => return Err(invalid("tls_key_path", "needed with tls_cert_path")),
+            (None, Some(_)) => return Err(invalid("tls_cert_path", "needed with tls_key_path")),
+            (Some(_), Some(_)) => {}
+        }
+        match &self.server_url {
+            Some(url) if !url.starts_with("https://") => Err(invalid(
+                "server_url",
+                format!("{url:?} must be https:// when tls_cert_path is set"),
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn validate_unix_socket(&self) -> Result<u32, ConfigError> {

@@ -1,11 +1,13 @@
-//! Minimal async DERP client over plain TCP (http:// URLs only): enough for mesh links
-//! between cluster members and for tests.
+//! Minimal async DERP client over TCP or TLS (`http://` and `https://` URLs): enough for
+//! mesh links between cluster members and for tests. TLS trusts the system's roots and
+//! `SSL_CERT_FILE`, as Go clients do.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::frame::{
     self, ClientInfo, FRAME_SERVER_INFO, FRAME_SERVER_KEY, Frame, FrameError, Key, MAX_FRAME_LEN,
@@ -17,8 +19,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("unsupported DERP url {0:?} (only http://host:port/path)")]
+    #[error("unsupported DERP url {0:?} (only http(s)://host[:port][/path])")]
     BadUrl(String),
+    #[error("TLS to {addr}: {source}")]
+    Tls {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("connect to {addr}: {source}")]
     Connect {
         addr: String,
@@ -32,14 +39,19 @@ pub enum ClientError {
     Frame(#[from] FrameError),
 }
 
+/// A byte stream to a DERP server: TCP, or TLS over TCP.
+trait Conn: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Conn for T {}
+type BoxConn = Box<dyn Conn>;
+
 /// Receiving half of a DERP connection.
 pub struct DerpReader {
-    r: BufReader<OwnedReadHalf>,
+    r: BufReader<ReadHalf<BoxConn>>,
 }
 
 /// Sending half of a DERP connection.
 pub struct DerpWriter {
-    w: OwnedWriteHalf,
+    w: WriteHalf<BoxConn>,
 }
 
 /// A logged-in DERP connection.
@@ -50,11 +62,28 @@ pub struct DerpClient {
     server_public: Key,
 }
 
-/// Splits `http://host[:port][/path]` into (`host:port`, host header, path).
-fn parse_url(url: &str) -> Result<(String, String, String), ClientError> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| ClientError::BadUrl(url.into()))?;
+/// A DERP URL taken apart.
+#[derive(Debug, PartialEq, Eq)]
+struct Target {
+    tls: bool,
+    /// `host:port` to connect to.
+    addr: String,
+    /// The `Host` header: the URL's authority.
+    authority: String,
+    /// The name the TLS certificate must carry (an IP literal is checked against IP names).
+    host: String,
+    path: String,
+}
+
+/// Splits `http(s)://host[:port][/path]` (path default `/derp`).
+fn parse_url(url: &str) -> Result<Target, ClientError> {
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        (false, rest)
+    } else {
+        return Err(ClientError::BadUrl(url.into()));
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/derp"),
@@ -68,12 +97,69 @@ fn parse_url(url: &str) -> Result<(String, String, String), ClientError> {
             && p.bytes().all(|c| c.is_ascii_digit())
             && (!h.starts_with('[') || h.ends_with(']'))
     });
-    let addr = if has_port {
-        authority.to_string()
+    let (addr, host) = if has_port {
+        let (host, _) = authority.rsplit_once(':').expect("has a port");
+        (authority.to_string(), host)
     } else {
-        format!("{authority}:80")
+        let port = if tls { 443 } else { 80 };
+        (format!("{authority}:{port}"), authority)
     };
-    Ok((addr, authority.to_string(), path.to_string()))
+    Ok(Target {
+        tls,
+        addr,
+        authority: authority.to_string(),
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        path: path.to_string(),
+    })
+}
+
+/// TLS settings for DERP over https: the system's roots plus `SSL_CERT_FILE`/`SSL_CERT_DIR`.
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    let config = CONFIG.get_or_init(|| {
+        crate::raft::tls::install_crypto_provider();
+        let mut roots = rustls::RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        for error in &found.errors {
+            tracing::warn!(%error, "reading trusted certificates for DERP over TLS");
+        }
+        let (added, ignored) = roots.add_parsable_certificates(found.certs);
+        tracing::debug!(added, ignored, "trusted certificates for DERP over TLS");
+        Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    });
+    tokio_rustls::TlsConnector::from(config.clone())
+}
+
+/// Connects to `target`, with TLS when its URL is https.
+async fn dial(target: &Target) -> Result<BoxConn, ClientError> {
+    let stream = TcpStream::connect(&target.addr)
+        .await
+        .map_err(|source| ClientError::Connect {
+            addr: target.addr.clone(),
+            source,
+        })?;
+    let _ = stream.set_nodelay(true);
+    if !target.tls {
+        return Ok(Box::new(stream));
+    }
+    let tls_error = |source| ClientError::Tls {
+        addr: target.addr.clone(),
+        source,
+    };
+    let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+        .map_err(|e| tls_error(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let stream = tls_connector()
+        .connect(name, stream)
+        .await
+        .map_err(tls_error)?;
+    Ok(Box::new(stream))
 }
 
 impl DerpClient {
@@ -97,18 +183,12 @@ impl DerpClient {
         private: Key,
         mesh_key: Option<Key>,
     ) -> Result<DerpClient, ClientError> {
-        let (addr, host, path) = parse_url(url)?;
-        let stream = TcpStream::connect(&addr)
-            .await
-            .map_err(|source| ClientError::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
-        let _ = stream.set_nodelay(true);
-        let (r, mut w) = stream.into_split();
+        let target = parse_url(url)?;
+        let (r, mut w) = tokio::io::split(dial(&target).await?);
         let mut r = BufReader::new(r);
         let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n",
+            target.path, target.authority
         );
         w.write_all(req.as_bytes())
             .await
@@ -274,17 +354,30 @@ mod tests {
 
     #[test]
     fn urls() {
-        let (a, h, p) = parse_url("http://127.0.0.2:8080/derp").unwrap();
+        let t = parse_url("http://127.0.0.2:8080/derp").unwrap();
         assert_eq!(
-            (a.as_str(), h.as_str(), p.as_str()),
-            ("127.0.0.2:8080", "127.0.0.2:8080", "/derp")
+            (
+                t.tls,
+                t.addr.as_str(),
+                t.authority.as_str(),
+                t.path.as_str()
+            ),
+            (false, "127.0.0.2:8080", "127.0.0.2:8080", "/derp")
         );
-        let (a, _, p) = parse_url("http://example.com").unwrap();
-        assert_eq!((a.as_str(), p.as_str()), ("example.com:80", "/derp"));
-        let (a, _, _) = parse_url("http://[::1]:9/derp").unwrap();
-        assert_eq!(a, "[::1]:9");
-        let (a, _, _) = parse_url("http://[::1]/derp").unwrap();
-        assert_eq!(a, "[::1]:80");
-        assert!(parse_url("https://x/derp").is_err());
+        let t = parse_url("http://example.com").unwrap();
+        assert_eq!(
+            (t.addr.as_str(), t.path.as_str()),
+            ("example.com:80", "/derp")
+        );
+        assert_eq!(parse_url("http://[::1]:9/derp").unwrap().addr, "[::1]:9");
+        assert_eq!(parse_url("http://[::1]/derp").unwrap().addr, "[::1]:80");
+        let t = parse_url("https://relay.example.com/derp").unwrap();
+        assert_eq!(
+            (t.tls, t.addr.as_str(), t.host.as_str()),
+            (true, "relay.example.com:443", "relay.example.com")
+        );
+        let t = parse_url("https://[::1]:8443").unwrap();
+        assert_eq!((t.addr.as_str(), t.host.as_str()), ("[::1]:8443", "::1"));
+        assert!(parse_url("ftp://x/derp").is_err());
     }
 }

@@ -112,18 +112,26 @@ pub(super) fn metrics_router(metrics: Arc<Metrics>, derp: Arc<DerpServer>) -> Ro
     )
 }
 
+/// What a control connection must do before it is served.
+pub(super) struct Bounds {
+    /// Time allowed for the TLS handshake and then for the request head.
+    pub header_timeout: std::time::Duration,
+    /// TLS on the control port, when configured.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
 /// Serves `app` on `listener` until `stop`, like `axum::serve` but with a bound on how
-/// long a connection may take to send its request head (HTTP/1.1 and the HTTP/2 preface),
-/// so slow clients cannot hold connections open. Upgrades (ts2021, DERP) work as before;
-/// each connection is a task in `tasks`.
+/// long a connection may take to finish its TLS handshake and send its request head
+/// (HTTP/1.1 and the HTTP/2 preface), so slow clients cannot hold connections open.
+/// Upgrades (ts2021, DERP) work as before; each connection is a task in `tasks`.
 pub(super) async fn serve_bounded(
     listener: tokio::net::TcpListener,
     app: Router,
-    header_timeout: std::time::Duration,
+    bounds: Bounds,
     stop: tokio_util::sync::CancellationToken,
     tasks: tokio_util::task::TaskTracker,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let header_timeout = bounds.header_timeout;
     loop {
         let (stream, remote) = tokio::select! {
             () = stop.cancelled() => return,
@@ -139,33 +147,55 @@ pub(super) async fn serve_bounded(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
-            req.extensions_mut()
-                .insert(axum::extract::ConnectInfo(remote));
-            tower_service::Service::call(&mut app.clone(), req)
-        });
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .keep_alive_interval(None);
         let stop = stop.clone();
+        let tls = bounds.tls.clone();
         tasks.spawn(async move {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => if let Err(error) = result {
-                    tracing::debug!(%error, ?remote, "control connection ended");
-                },
-                () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+            let Some(acceptor) = tls else {
+                return serve_connection(stream, remote, app, header_timeout, stop).await;
+            };
+            match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(stream, remote, app, header_timeout, stop).await,
+                Ok(Err(error)) => tracing::debug!(%error, ?remote, "control TLS handshake failed"),
+                Err(_) => tracing::debug!(?remote, "control TLS handshake timed out"),
             }
         });
+    }
+}
+
+/// One control connection, plain or TLS, until it ends or the member stops.
+async fn serve_connection<IO>(
+    stream: IO,
+    remote: std::net::SocketAddr,
+    app: Router,
+    header_timeout: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(remote));
+        tower_service::Service::call(&mut app.clone(), req)
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(None);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => if let Err(error) = result {
+            tracing::debug!(%error, ?remote, "control connection ended");
+        },
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::net::{TcpListener, UdpSocket};
 
+use super::control_tls::ControlTls;
 use super::{Lifecycle, StartError, http};
 use crate::admin::AdminDeps;
 use crate::config::{Config, Validated};
@@ -32,6 +33,8 @@ pub struct BoundAddrs {
 
 pub(super) struct Listeners {
     control: TcpListener,
+    /// TLS for `control`, when configured.
+    control_tls: Option<ControlTls>,
     grpc: Option<TcpListener>,
     metrics: Option<TcpListener>,
     stun: Option<UdpSocket>,
@@ -58,7 +61,10 @@ async fn bind_optional(
 }
 
 impl Listeners {
-    pub(super) async fn bind(v: &Validated) -> Result<Listeners, StartError> {
+    pub(super) async fn bind(
+        v: &Validated,
+        control_tls: Option<ControlTls>,
+    ) -> Result<Listeners, StartError> {
         let stun = match v.stun_listen_addr {
             Some(addr) => Some(
                 UdpSocket::bind(addr)
@@ -73,6 +79,7 @@ impl Listeners {
         };
         Ok(Listeners {
             control: bind_tcp("listen_addr", v.listen_addr).await?,
+            control_tls,
             grpc: bind_optional("grpc_listen_addr", v.grpc_listen_addr).await?,
             metrics: bind_optional("metrics_listen_addr", v.metrics_listen_addr).await?,
             stun,
@@ -91,7 +98,14 @@ impl Listeners {
             .server_url
             .clone()
             .map(|u| u.trim_end_matches('/').to_string())
-            .unwrap_or_else(|| format!("http://{control_addr}"));
+            .unwrap_or_else(|| {
+                let scheme = if config.tls_cert_path.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{control_addr}")
+            });
         BoundAddrs {
             member_id: config.cluster.member_id,
             server_url,
@@ -119,11 +133,19 @@ impl Listeners {
         let header_timeout = control.settings.http_header_timeout;
         let app = http::control_router(control, derp.clone())
             .merge(crate::admin::rest::router(admin.clone()));
-        let listener = self.control;
+        let acceptor = self.control_tls.as_ref().map(ControlTls::acceptor);
+        if let Some(tls) = self.control_tls {
+            let reloads = metrics.tls_reloads.clone();
+            tasks.spawn(tls.watch(reloads, stop.clone()));
+        }
+        let bounded = http::Bounds {
+            header_timeout,
+            tls: acceptor,
+        };
         sup.spawn_essential(
             tasks,
             "control listener",
-            http::serve_bounded(listener, app, header_timeout, stop.clone(), tasks.clone()),
+            http::serve_bounded(self.control, app, bounded, stop.clone(), tasks.clone()),
         );
         if let Some(listener) = self.metrics {
             let app = http::metrics_router(metrics, derp);

@@ -3,6 +3,7 @@
 //! them down in order.
 
 mod background;
+mod control_tls;
 mod http;
 mod listeners;
 pub mod supervisor;
@@ -67,6 +68,8 @@ pub enum StartError {
     AdminSocket(#[source] crate::admin::BindError),
     #[error("loading the member TLS files (cluster.tls)")]
     Tls(#[from] crate::raft::tls::TlsError),
+    #[error("loading the control port's TLS files (tls_cert_path, tls_key_path)")]
+    ControlTls(#[from] control_tls::ControlTlsError),
 }
 
 impl StartError {
@@ -76,6 +79,7 @@ impl StartError {
             self,
             StartError::Config(_)
                 | StartError::KeyFile(control::keys::KeyFileError::Missing { .. })
+                | StartError::ControlTls(_)
                 | StartError::Raft(crate::raft::StartError::SettingsMismatch { .. })
         )
     }
@@ -169,8 +173,12 @@ impl Server {
     pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         let v = config.validate()?;
         create_data_dir(&config.data_dir)?;
+        let control_tls = match (&config.tls_cert_path, &config.tls_key_path) {
+            (Some(cert), Some(key)) => Some(control_tls::ControlTls::load(cert, key)?),
+            _ => None,
+        };
         let keys = MemberKeys::load(&config, &v)?;
-        let listeners = Listeners::bind(&v).await?;
+        let listeners = Listeners::bind(&v, control_tls).await?;
         let addrs = listeners.addrs(&config, &v);
         let life = Lifecycle::new();
         let presence = Presence::new(config.cluster.member_id);

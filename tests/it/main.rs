@@ -6,6 +6,7 @@ mod harness;
 mod cli;
 mod clients;
 mod cluster;
+mod control_tls;
 mod durability;
 mod faults;
 mod history;

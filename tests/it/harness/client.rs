@@ -21,6 +21,9 @@ pub struct ClientOpts {
     /// Relay every packet through DERP (no direct UDP path).
     pub force_derp: bool,
     pub ephemeral: bool,
+    /// The CA that signed the members' control certificates (`SSL_CERT_FILE`): the client
+    /// then speaks DERP over TLS, as in production. Without it DERP is plain HTTP.
+    pub ca_file: Option<PathBuf>,
 }
 
 pub struct TsClient {
@@ -106,12 +109,19 @@ impl TsClient {
             .env("TS_NO_LOGS_NO_SUPPORT", "true")
             .env("TS_PANIC_IF_HIT_MAIN_CONTROL", "1")
             .env("TS_ASSUME_NETWORK_UP_FOR_TEST", "1")
-            // Our DERP relays speak plain HTTP on loopback.
-            .env("TS_DEBUG_USE_DERP_HTTP", "1")
             .env("TS_DISABLE_PORTMAPPER", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        match &self.opts.ca_file {
+            Some(ca) => {
+                cmd.env("SSL_CERT_FILE", ca);
+            }
+            // Members without TLS serve DERP over plain HTTP, which needs this debug knob.
+            None => {
+                cmd.env("TS_DEBUG_USE_DERP_HTTP", "1");
+            }
+        }
         if self.opts.force_derp {
             cmd.env("TS_DEBUG_ALWAYS_USE_DERP", "1");
         }

@@ -89,6 +89,10 @@ pub struct ClusterOpts {
     /// Leave `cluster.tls` unset, so a one-member cluster makes its own CA and certificate
     /// (the embedded default). Otherwise every member gets a certificate from the test's CA.
     pub self_made_tls: bool,
+    /// Serve the control port (and DERP) over TLS with certificates from a test web CA
+    /// (`web_ca_dir`), as a production member does; clients and members trust that CA
+    /// through `SSL_CERT_FILE`, and no client sets `TS_DEBUG_USE_DERP_HTTP`.
+    pub control_tls: bool,
 }
 
 /// One `hsd` process.
@@ -96,12 +100,19 @@ pub struct Member {
     pub id: u64,
     pub ip: String,
     pub dir: PathBuf,
+    /// The web CA this member's control certificate comes from, when it serves TLS.
+    pub web_ca: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl Member {
     pub fn control_url(&self) -> String {
-        format!("http://{}:8080", self.ip)
+        let scheme = if self.web_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}:8080", self.ip)
     }
 
     pub fn grpc_addr(&self) -> String {
@@ -166,7 +177,12 @@ impl Member {
             .append(true)
             .open(self.dir.join("hsd.log"))
             .unwrap();
-        let child = Command::new(hsd_bin())
+        let mut cmd = Command::new(hsd_bin());
+        if let Some(ca) = &self.web_ca {
+            // The DERP mesh dials the other members over https.
+            cmd.env("SSL_CERT_FILE", ca);
+        }
+        let child = cmd
             .arg("--config")
             .arg(self.dir.join("config.yaml"))
             .arg("--ready-file")
@@ -318,6 +334,31 @@ impl TestCluster {
         self.root.path().join("ca")
     }
 
+    /// The test's web CA (`ca.pem`, `ca.key`), which issues control-port certificates
+    /// when `control_tls` is set.
+    pub fn web_ca_dir(&self) -> PathBuf {
+        self.root.path().join("webca")
+    }
+
+    /// Issues member `id` a new control-port certificate and key from the web CA and
+    /// writes them over the member's files; returns the new certificate's DER.
+    pub fn rotate_control_cert(&self, id: u64) -> Vec<u8> {
+        let m = &self.members[(id - 1) as usize];
+        let fresh = self.root.path().join(format!("rotated-{id}"));
+        let (cert, key) = hsd::raft::tls::issue_member_cert(
+            &self.web_ca_dir(),
+            id,
+            &fresh,
+            std::slice::from_ref(&m.ip),
+            Duration::from_secs(86_400),
+        )
+        .expect("issue a control certificate");
+        let web = m.dir.join("web");
+        std::fs::copy(&key, web.join(format!("member-{id}.key"))).unwrap();
+        std::fs::copy(&cert, web.join(format!("member-{id}.pem"))).unwrap();
+        pem_der(&std::fs::read_to_string(cert).unwrap())
+    }
+
     fn ip(&self, i: usize) -> String {
         format!("127.0.{}.{i}", self.net)
     }
@@ -328,8 +369,13 @@ impl TestCluster {
         std::fs::create_dir_all(&dir).unwrap();
         let keys = self.root.path().join("keys");
         let a = self.ip(i);
+        let scheme = if self.opts.control_tls {
+            "https"
+        } else {
+            "http"
+        };
         let mut yaml = format!(
-            "server_url: http://{a}:8080\n\
+            "server_url: {scheme}://{a}:8080\n\
              listen_addr: {a}:8080\n\
              grpc_listen_addr: {a}:50443\n\
              metrics_listen_addr: {a}:9090\n\
@@ -371,15 +417,32 @@ impl TestCluster {
             yaml.push_str("  members:\n");
             for m in 1..=listed {
                 let ip = self.ip(m);
-                yaml.push_str(&format!("    - {{ id: {m}, address: \"{ip}:50444\", control_url: \"http://{ip}:8080\" }}\n"));
+                yaml.push_str(&format!("    - {{ id: {m}, address: \"{ip}:50444\", control_url: \"{scheme}://{ip}:8080\" }}\n"));
             }
         }
+        let web_ca = self.opts.control_tls.then(|| {
+            let (cert, key) = hsd::raft::tls::issue_member_cert(
+                &self.web_ca_dir(),
+                i as u64,
+                &dir.join("web"),
+                std::slice::from_ref(&a),
+                Duration::from_secs(86_400),
+            )
+            .expect("issue a control certificate");
+            yaml.push_str(&format!(
+                "tls_cert_path: {}\ntls_key_path: {}\n",
+                cert.display(),
+                key.display()
+            ));
+            self.web_ca_dir().join(hsd::raft::tls::CA_CERT_FILE)
+        });
         yaml.push_str(&self.opts.extra_yaml);
         std::fs::write(dir.join("config.yaml"), yaml).unwrap();
         Member {
             id: i as u64,
             ip: a,
             dir,
+            web_ca,
             child: None,
         }
     }
@@ -408,6 +471,9 @@ impl TestCluster {
             opts,
         };
         hsd::raft::tls::init_ca(&cluster.ca_dir()).expect("a test cluster CA");
+        if cluster.opts.control_tls {
+            hsd::raft::tls::init_ca(&cluster.web_ca_dir()).expect("a test web CA");
+        }
         for i in 1..=n {
             let m = cluster.write_config(i, n);
             cluster.members.push(m);
@@ -549,6 +615,7 @@ impl TestCluster {
             auth_key: Some(key.to_string()),
             upstream,
             force_derp,
+            ca_file: self.members[(member - 1) as usize].web_ca.clone(),
             ..Default::default()
         })
     }
@@ -642,6 +709,20 @@ pub fn http_request(
 }
 
 /// Free TCP port on 127.0.0.1 for a client's local listener.
+/// The DER bytes of the first certificate in a PEM text.
+pub fn pem_der(pem: &str) -> Vec<u8> {
+    use base64::Engine;
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("base64 PEM body")
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
