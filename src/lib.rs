@@ -8,6 +8,7 @@
 //! - `derp`      DERP relay, mesh between members, STUN.
 //! - `admin`     gRPC admin API (unix socket and TCP with API keys).
 //! - `cli`       hsctl.
+//! - `limit`     rate limits keyed by source, node or DERP key.
 //! - `server`    builds, binds, spawns and shuts down everything.
 #![forbid(unsafe_code)]
 
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod derp;
+pub mod limit;
 pub mod presence;
 pub mod proto;
 pub mod raft;

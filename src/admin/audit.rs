@@ -95,6 +95,8 @@ where
 pub struct FailedAuth {
     tx: mpsc::Sender<Command>,
     dropped: prometheus::IntCounter,
+    /// Failures per source address (`limits.failed_admin_auth_per_minute`).
+    per_source: std::sync::Arc<crate::limit::RateLimiter<std::net::IpAddr>>,
 }
 
 impl FailedAuth {
@@ -102,6 +104,7 @@ impl FailedAuth {
     pub fn start(
         cluster: crate::raft::Cluster,
         dropped: prometheus::IntCounter,
+        per_source: crate::limit::RateLimiter<std::net::IpAddr>,
         stop: CancellationToken,
         tasks: &tokio_util::task::TaskTracker,
     ) -> FailedAuth {
@@ -120,11 +123,39 @@ impl FailedAuth {
                 }
             }
         });
-        FailedAuth { tx, dropped }
+        FailedAuth {
+            tx,
+            dropped,
+            per_source: std::sync::Arc::new(per_source),
+        }
     }
 
-    /// Records that `actor` (from `source`) was refused on `surface` (`grpc`, `rest`).
-    pub fn report(&self, actor: String, surface: &str, reason: &str) {
+    /// `None` while `source` may still try a key; otherwise the refusal to send without
+    /// checking it: it failed too often lately.
+    pub fn refusal_for(&self, source: Option<std::net::IpAddr>) -> Option<tonic::Status> {
+        let source = source?;
+        if self.per_source.has_budget(&source) {
+            return None;
+        }
+        let secs = self.per_source.retry_after(&source).as_secs().max(1);
+        Some(tonic::Status::resource_exhausted(format!(
+            "too many failed authentications from {source}; retry in {secs}s (limits.{})",
+            self.per_source.name()
+        )))
+    }
+
+    /// Records that `actor` was refused on `surface` (`grpc`, `rest`), and spends one of
+    /// `source`'s tries.
+    pub fn report(
+        &self,
+        actor: String,
+        surface: &str,
+        reason: &str,
+        source: Option<std::net::IpAddr>,
+    ) {
+        if let Some(source) = source {
+            self.per_source.allow(&source);
+        }
         let command = Command::RecordAudit {
             actor,
             action: format!("authenticate ({surface})"),

@@ -25,6 +25,14 @@ impl ApiKeyCheck {
 
 impl Interceptor for ApiKeyCheck {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let source = request
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|i| i.remote_addr())
+            .map(|a| a.ip());
+        if let Some(refusal) = self.failed.refusal_for(source) {
+            return Err(refusal);
+        }
         let header = request
             .metadata()
             .get("authorization")
@@ -33,14 +41,9 @@ impl Interceptor for ApiKeyCheck {
             Ok(()) => Ok(request),
             Err(reason) => {
                 tracing::debug!(reason = reason.as_str(), "admin call refused");
-                let from = request
-                    .extensions()
-                    .get::<tonic::transport::server::TcpConnectInfo>()
-                    .and_then(|i| i.remote_addr())
-                    .map(|a| a.ip().to_string())
-                    .unwrap_or_else(|| "unknown".into());
+                let from = source.map_or_else(|| "unknown".into(), |ip| ip.to_string());
                 let actor = format!("{} from {from}", super::audit::bearer_actor(header));
-                self.failed.report(actor, "grpc", reason.as_str());
+                self.failed.report(actor, "grpc", reason.as_str(), source);
                 Err(Status::unauthenticated(
                     "a valid API key is required (authorization: Bearer hskey-api-…)",
                 ))

@@ -39,6 +39,8 @@ pub struct AdminDeps {
     pub version: &'static str,
     /// Where refused admin authentications are recorded.
     pub failed_auth: audit::FailedAuth,
+    /// HTTP/2 streams per admin connection (`limits.max_concurrent_streams`).
+    pub max_concurrent_streams: u32,
 }
 
 /// Serves the admin API on a unix socket at `path` with file mode `mode`, until `stop`.
@@ -61,6 +63,7 @@ pub async fn serve_unix(
     tracing::info!(socket = %path.display(), "admin API listening on unix socket");
     let incoming = accept_stream(UnixAcceptor(listener));
     let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(deps.max_concurrent_streams)
         .layer(tower_layer::layer_fn(audit::actor_layer))
         .add_service(AdminServiceServer::new(AdminApi::new(deps)))
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
@@ -88,6 +91,7 @@ pub async fn serve_tcp(
     let check = ApiKeyCheck::new(deps.cluster.clone(), deps.failed_auth.clone());
     let incoming = accept_stream(TcpAcceptor(listener));
     let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(deps.max_concurrent_streams)
         .layer(tower_layer::layer_fn(audit::actor_layer))
         .add_service(AdminServiceServer::with_interceptor(
             AdminApi::new(deps),

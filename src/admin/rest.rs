@@ -42,6 +42,7 @@ impl IntoResponse for ApiError {
             Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let body = json!({ "code": self.0.code() as i32, "message": self.0.message() });
@@ -57,6 +58,13 @@ fn bad_request(message: impl Into<String>) -> ApiError {
 
 /// Every route requires a valid, unexpired API key.
 async fn require_api_key(State(deps): State<AdminDeps>, request: Request, next: Next) -> Response {
+    let source = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
+    if let Some(refusal) = deps.failed_auth.refusal_for(source) {
+        return ApiError::from(refusal).into_response();
+    }
     let header = request
         .headers()
         .get("authorization")
@@ -66,7 +74,8 @@ async fn require_api_key(State(deps): State<AdminDeps>, request: Request, next: 
         Ok(()) => super::audit::with_actor(actor, next.run(request)).await,
         Err(reason) => {
             tracing::debug!(reason = reason.as_str(), "REST admin call refused");
-            deps.failed_auth.report(actor, "rest", reason.as_str());
+            deps.failed_auth
+                .report(actor, "rest", reason.as_str(), source);
             ApiError::from(tonic::Status::unauthenticated(
                 "a valid API key is required (Authorization: Bearer hskey-api-…)",
             ))

@@ -135,7 +135,9 @@ pub fn exit_code(code: tonic::Code) -> u8 {
     match code {
         Code::Ok => EXIT_OK,
         // A client-side timeout surfaces as Cancelled ("Timeout expired").
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => EXIT_UNAVAILABLE,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted => {
+            EXIT_UNAVAILABLE
+        }
         Code::Unauthenticated | Code::PermissionDenied => EXIT_NOPERM,
         _ => EXIT_FAILURE,
     }

@@ -142,6 +142,7 @@ fn usage_errors_exit_64_and_help_exits_0() {
 fn grpc_statuses_map_to_exit_codes() {
     assert_eq!(exit_code(Code::Unavailable), EXIT_UNAVAILABLE);
     assert_eq!(exit_code(Code::DeadlineExceeded), EXIT_UNAVAILABLE);
+    assert_eq!(exit_code(Code::ResourceExhausted), EXIT_UNAVAILABLE);
     assert_eq!(exit_code(Code::Unauthenticated), EXIT_NOPERM);
     assert_eq!(exit_code(Code::PermissionDenied), EXIT_NOPERM);
     assert_eq!(exit_code(Code::NotFound), EXIT_FAILURE);

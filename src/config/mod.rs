@@ -127,6 +127,24 @@ pub struct LimitsConfig {
     /// A connection to the control port that has not sent a whole request head within
     /// this is closed (slow clients holding connections open).
     pub http_header_timeout: ConfigDuration,
+    /// A control-port connection that moves no bytes either way for this long is closed
+    /// (map streams and DERP send keep-alives well within it). `0` disables.
+    pub idle_timeout: ConfigDuration,
+    /// Control-port connections one source address may hold open at once. `0`: no cap.
+    pub max_connections_per_source: u32,
+    /// Concurrent HTTP/2 streams per connection: the control port, inside each Noise
+    /// connection, and the admin gRPC listeners.
+    pub max_concurrent_streams: u32,
+    /// Register requests per source address per minute (a burst of this many, then
+    /// refilled over the minute). `0`: no limit.
+    pub registrations_per_minute: u32,
+    /// Failed admin authentications (gRPC and REST) per source address per minute; once
+    /// spent, the source is refused without its key being checked until it refills.
+    pub failed_admin_auth_per_minute: u32,
+    /// Map requests (streams, Hostinfo and endpoint updates) per node per minute.
+    pub node_updates_per_minute: u32,
+    /// DERP connections per client key per minute.
+    pub derp_connects_per_minute: u32,
 }
 
 impl Default for LimitsConfig {
@@ -135,6 +153,13 @@ impl Default for LimitsConfig {
             max_pending_registrations: 1000,
             max_hostinfo_bytes: 16 * 1024,
             http_header_timeout: ConfigDuration(Duration::from_secs(10)),
+            idle_timeout: ConfigDuration(Duration::from_secs(300)),
+            max_connections_per_source: 4096,
+            max_concurrent_streams: 100,
+            registrations_per_minute: 300,
+            failed_admin_auth_per_minute: 10,
+            node_updates_per_minute: 120,
+            derp_connects_per_minute: 60,
         }
     }
 }

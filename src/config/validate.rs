@@ -278,6 +278,20 @@ impl LimitsConfig {
                 "must be between 1024 and 1048576",
             ));
         }
+        let idle = self.idle_timeout.0;
+        if !idle.is_zero() && idle < Duration::from_secs(90) {
+            // Map keep-alives come about every minute; a shorter timeout cuts live clients.
+            return Err(invalid(
+                "limits.idle_timeout",
+                "must be 0 (off) or at least 90s",
+            ));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err(invalid(
+                "limits.max_concurrent_streams",
+                "must be 1 or more",
+            ));
+        }
         Ok(())
     }
 }

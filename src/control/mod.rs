@@ -15,12 +15,16 @@ pub mod tailcfg;
 pub mod upgrade;
 mod x25519;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::limit::RateLimiter;
 use crate::presence::Presence;
 use crate::raft::Cluster;
 use crate::telemetry::Metrics;
@@ -64,14 +68,57 @@ pub struct ControlDeps {
     /// This member's netmap fan-out.
     pub hub: map::hub::HubHandle,
     pub metrics: Arc<Metrics>,
+    pub limits: Arc<ControlLimits>,
     pub stop: CancellationToken,
     pub tasks: TaskTracker,
+}
+
+/// Rate limits on what clients ask of this member (`limits.*`).
+pub struct ControlLimits {
+    /// Register requests per source address.
+    pub registrations: RateLimiter<IpAddr>,
+    /// Map requests per node.
+    pub node_updates: RateLimiter<crate::registry::NodeId>,
+    /// HTTP/2 streams per Noise connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl ControlLimits {
+    pub fn new(limits: &crate::config::LimitsConfig, metrics: &Metrics) -> Self {
+        let refusals = metrics.limit_refusals.clone();
+        ControlLimits {
+            registrations: RateLimiter::new(
+                "registrations_per_minute",
+                limits.registrations_per_minute,
+                refusals.clone(),
+            ),
+            node_updates: RateLimiter::new(
+                "node_updates_per_minute",
+                limits.node_updates_per_minute,
+                refusals,
+            ),
+            max_concurrent_streams: limits.max_concurrent_streams,
+        }
+    }
+}
+
+/// A 429 naming the limit and when to come back.
+pub(crate) fn rate_limited(what: &str, limit: &str, retry_after: Duration) -> Response {
+    let secs = retry_after.as_secs().max(1);
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(axum::http::header::RETRY_AFTER, secs.to_string())],
+        format!("too many {what}; retry in {secs}s (limits.{limit})\n"),
+    )
+        .into_response()
 }
 
 /// The peer of one Noise connection, attached to every request inside it.
 #[derive(Clone, Copy, Debug)]
 pub struct NoisePeer {
     pub machine_key: crate::registry::MachineKey,
+    /// The TCP peer's address, when known (rate limits per source).
+    pub source: Option<IpAddr>,
 }
 
 /// Refuses a Hostinfo larger than `limits.max_hostinfo_bytes` (it is replicated and sent

@@ -59,6 +59,17 @@ pub async fn handle(
     Extension(peer): Extension<NoisePeer>,
     body: Bytes,
 ) -> Response {
+    if let Some(source) = peer.source
+        && !deps.limits.registrations.allow(&source)
+    {
+        tracing::info!(%source, "registration refused: rate limit");
+        let wait = deps.limits.registrations.retry_after(&source);
+        return super::rate_limited(
+            "registrations from this address",
+            deps.limits.registrations.name(),
+            wait,
+        );
+    }
     let result = match parse(&body) {
         Ok(req) => register(&deps, peer.machine_key, req).await,
         Err(e) => Err(e),

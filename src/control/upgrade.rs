@@ -93,6 +93,10 @@ pub async fn ts2021_handler(State(deps): State<ControlDeps>, mut req: Request) -
             );
         }
     };
+    let source = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
     let on_upgrade = hyper::upgrade::on(&mut req);
     let span = tracing::debug_span!("noise", machine.key = %accepted.peer.short(), client.version = init.version);
     deps.metrics.noise_connections.inc();
@@ -101,7 +105,11 @@ pub async fn ts2021_handler(State(deps): State<ControlDeps>, mut req: Request) -
         async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    serve_noise_connection(conn_deps, TokioIo::new(upgraded), accepted).await
+                    let peer = NoisePeer {
+                        machine_key: accepted.peer,
+                        source,
+                    };
+                    serve_noise_connection(conn_deps, TokioIo::new(upgraded), accepted, peer).await
                 }
                 Err(error) => tracing::debug!(%error, "upgrade did not complete"),
             }
@@ -125,8 +133,12 @@ fn noise_router(deps: ControlDeps, peer: NoisePeer) -> Router {
         .with_state(deps)
 }
 
-async fn serve_noise_connection<S>(deps: ControlDeps, mut stream: S, accepted: noise::Accepted)
-where
+async fn serve_noise_connection<S>(
+    deps: ControlDeps,
+    mut stream: S,
+    accepted: noise::Accepted,
+    peer: NoisePeer,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     if let Err(error) = stream.write_all(&accepted.response).await {
@@ -135,14 +147,10 @@ where
     }
     let noise = NoiseStream::new(stream, &accepted.keys);
     let violated = noise.violation_flag();
-    let service = hyper_util::service::TowerToHyperService::new(noise_router(
-        deps.clone(),
-        NoisePeer {
-            machine_key: accepted.peer,
-        },
-    ));
+    let service = hyper_util::service::TowerToHyperService::new(noise_router(deps.clone(), peer));
     let conn = hyper::server::conn::http2::Builder::new(TrackedExecutor(deps.tasks.clone()))
         .max_send_buf_size(SEND_BUFFER_BYTES)
+        .max_concurrent_streams(deps.limits.max_concurrent_streams)
         .serve_connection(TokioIo::new(noise), service);
     tokio::select! {
         result = conn => if let Err(error) = result {

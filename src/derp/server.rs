@@ -24,6 +24,7 @@ use super::frame::{
     PROTOCOL_VERSION, ServerInfo,
 };
 use super::mesh::{Forward, MeshLink};
+use crate::limit::RateLimiter;
 
 /// Read and write buffer per connection: a dozen full-size packets each way per syscall,
 /// without costing thousands of idle connections much memory.
@@ -111,6 +112,8 @@ pub struct DerpServer {
     state: Mutex<State>,
     /// Decides whether a (non-mesh) client key may use this relay; unset = anyone.
     verifier: std::sync::OnceLock<ClientVerifier>,
+    /// Connections per client key (`limits.derp_connects_per_minute`); unset = no limit.
+    connect_limit: std::sync::OnceLock<RateLimiter<Key>>,
     /// Packets handed to a local client (from a local sender or from the mesh).
     relayed_local: AtomicU64,
     /// Packets sent to another member's relay for a client homed there.
@@ -142,6 +145,7 @@ impl DerpServer {
             next_id: AtomicU64::new(1),
             state: Mutex::new(State::default()),
             verifier: std::sync::OnceLock::new(),
+            connect_limit: std::sync::OnceLock::new(),
             relayed_local: AtomicU64::new(0),
             forwarded_to_mesh: AtomicU64::new(0),
         })
@@ -169,6 +173,11 @@ impl DerpServer {
     /// Set once, before serving.
     pub fn set_client_verifier(&self, verify: ClientVerifier) {
         let _ = self.verifier.set(verify);
+    }
+
+    /// Limits how often one client key may connect. Set once, before serving.
+    pub fn set_connect_limit(&self, limit: RateLimiter<Key>) {
+        let _ = self.connect_limit.set(limit);
     }
 
     /// Closes the connections of every client the verifier now refuses (a node removed,
@@ -448,6 +457,13 @@ impl DerpServer {
             }
             _ => false,
         };
+        if !is_mesh
+            && let Some(limit) = self.connect_limit.get()
+            && !limit.allow(&key)
+        {
+            tracing::info!(client = %short(&key), ?remote, "derp client refused: reconnecting too often (limits.derp_connects_per_minute)");
+            return;
+        }
         if !is_mesh
             && let Some(verify) = self.verifier.get()
             && !verify(&key)

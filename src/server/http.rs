@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{any, get};
 
+use super::conn_guard::{IdleIo, SourceCounter};
 use crate::control::{self, ControlDeps};
 use crate::derp::server::DerpServer;
 use crate::telemetry::Metrics;
@@ -112,10 +113,18 @@ pub(super) fn metrics_router(metrics: Arc<Metrics>, derp: Arc<DerpServer>) -> Ro
     )
 }
 
-/// What a control connection must do before it is served.
+/// What bounds a control connection, from `limits.*`.
 pub(super) struct Bounds {
     /// Time allowed for the TLS handshake and then for the request head.
     pub header_timeout: std::time::Duration,
+    /// A connection silent this long is closed (zero: never).
+    pub idle_timeout: std::time::Duration,
+    /// Open connections per source address.
+    pub sources: SourceCounter,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// `hsd_limit_refusals_total`.
+    pub refusals: prometheus::IntCounterVec,
     /// TLS on the control port, when configured.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -132,6 +141,7 @@ pub(super) async fn serve_bounded(
     tasks: tokio_util::task::TaskTracker,
 ) {
     let header_timeout = bounds.header_timeout;
+    let http2_streams = bounds.max_concurrent_streams;
     loop {
         let (stream, remote) = tokio::select! {
             () = stop.cancelled() => return,
@@ -145,16 +155,32 @@ pub(super) async fn serve_bounded(
                 }
             },
         };
+        let Some(slot) = bounds.sources.admit(remote.ip()) else {
+            bounds
+                .refusals
+                .with_label_values(&["max_connections_per_source"])
+                .inc();
+            tracing::debug!(
+                ?remote,
+                "control connection refused: too many from this source"
+            );
+            continue;
+        };
         let _ = stream.set_nodelay(true);
+        let stream = IdleIo::new(stream, bounds.idle_timeout, Some(slot));
         let app = app.clone();
         let stop = stop.clone();
         let tls = bounds.tls.clone();
+        let limits = ConnLimits {
+            header_timeout,
+            http2_streams,
+        };
         tasks.spawn(async move {
             let Some(acceptor) = tls else {
-                return serve_connection(stream, remote, app, header_timeout, stop).await;
+                return serve_connection(stream, remote, app, limits, stop).await;
             };
             match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => serve_connection(stream, remote, app, header_timeout, stop).await,
+                Ok(Ok(stream)) => serve_connection(stream, remote, app, limits, stop).await,
                 Ok(Err(error)) => tracing::debug!(%error, ?remote, "control TLS handshake failed"),
                 Err(_) => tracing::debug!(?remote, "control TLS handshake timed out"),
             }
@@ -162,12 +188,19 @@ pub(super) async fn serve_bounded(
     }
 }
 
+/// The HTTP-level bounds of one connection.
+#[derive(Clone, Copy)]
+struct ConnLimits {
+    header_timeout: std::time::Duration,
+    http2_streams: u32,
+}
+
 /// One control connection, plain or TLS, until it ends or the member stops.
 async fn serve_connection<IO>(
     stream: IO,
     remote: std::net::SocketAddr,
     app: Router,
-    header_timeout: std::time::Duration,
+    limits: ConnLimits,
     stop: tokio_util::sync::CancellationToken,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -182,10 +215,11 @@ async fn serve_connection<IO>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(limits.header_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_streams)
         .keep_alive_interval(None);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);

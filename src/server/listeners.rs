@@ -8,10 +8,11 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::net::{TcpListener, UdpSocket};
 
+use super::conn_guard::SourceCounter;
 use super::control_tls::ControlTls;
 use super::{Lifecycle, StartError, http};
 use crate::admin::AdminDeps;
-use crate::config::{Config, Validated};
+use crate::config::{Config, LimitsConfig, Validated};
 use crate::control::ControlDeps;
 use crate::derp::server::DerpServer;
 use crate::raft::Cluster;
@@ -35,6 +36,8 @@ pub(super) struct Listeners {
     control: TcpListener,
     /// TLS for `control`, when configured.
     control_tls: Option<ControlTls>,
+    /// `limits.*`: what bounds each control connection.
+    limits: LimitsConfig,
     grpc: Option<TcpListener>,
     metrics: Option<TcpListener>,
     stun: Option<UdpSocket>,
@@ -62,6 +65,7 @@ async fn bind_optional(
 
 impl Listeners {
     pub(super) async fn bind(
+        config: &Config,
         v: &Validated,
         control_tls: Option<ControlTls>,
     ) -> Result<Listeners, StartError> {
@@ -80,6 +84,7 @@ impl Listeners {
         Ok(Listeners {
             control: bind_tcp("listen_addr", v.listen_addr).await?,
             control_tls,
+            limits: config.limits.clone(),
             grpc: bind_optional("grpc_listen_addr", v.grpc_listen_addr).await?,
             metrics: bind_optional("metrics_listen_addr", v.metrics_listen_addr).await?,
             stun,
@@ -130,18 +135,20 @@ impl Listeners {
         metrics: Arc<Metrics>,
     ) {
         let (sup, tasks, stop) = (&life.supervisor, &life.tasks, &life.stop);
-        let header_timeout = control.settings.http_header_timeout;
+        let bounded = http::Bounds {
+            header_timeout: control.settings.http_header_timeout,
+            idle_timeout: self.limits.idle_timeout.0,
+            sources: SourceCounter::new(self.limits.max_connections_per_source),
+            max_concurrent_streams: self.limits.max_concurrent_streams,
+            refusals: metrics.limit_refusals.clone(),
+            tls: self.control_tls.as_ref().map(ControlTls::acceptor),
+        };
         let app = http::control_router(control, derp.clone())
             .merge(crate::admin::rest::router(admin.clone()));
-        let acceptor = self.control_tls.as_ref().map(ControlTls::acceptor);
         if let Some(tls) = self.control_tls {
             let reloads = metrics.tls_reloads.clone();
             tasks.spawn(tls.watch(reloads, stop.clone()));
         }
-        let bounded = http::Bounds {
-            header_timeout,
-            tls: acceptor,
-        };
         sup.spawn_essential(
             tasks,
             "control listener",

@@ -3,6 +3,7 @@
 //! them down in order.
 
 mod background;
+mod conn_guard;
 mod control_tls;
 mod http;
 mod listeners;
@@ -178,13 +179,18 @@ impl Server {
             _ => None,
         };
         let keys = MemberKeys::load(&config, &v)?;
-        let listeners = Listeners::bind(&v, control_tls).await?;
+        let listeners = Listeners::bind(&config, &v, control_tls).await?;
         let addrs = listeners.addrs(&config, &v);
         let life = Lifecycle::new();
         let presence = Presence::new(config.cluster.member_id);
         let cluster = start_cluster(&config, &v, &addrs, &presence, &life).await?;
         let metrics = Arc::new(Metrics::new());
         let (topology, derp) = start_derp(&config, &addrs, keys.derp, keys.mesh, &cluster, &life);
+        derp.set_connect_limit(crate::limit::RateLimiter::new(
+            "derp_connects_per_minute",
+            config.limits.derp_connects_per_minute,
+            metrics.limit_refusals.clone(),
+        ));
         let settings = Arc::new(control_settings(&config, &addrs, topology));
         let (hub, hub_handle) = MapHub::new(cluster.feed(), presence.clone(), settings.clone());
         life.tasks.spawn(hub.run(life.stop.clone()));
@@ -195,12 +201,18 @@ impl Server {
             settings,
             hub: hub_handle,
             metrics: metrics.clone(),
+            limits: Arc::new(control::ControlLimits::new(&config.limits, &metrics)),
             stop: life.drain.clone(),
             tasks: life.tasks.clone(),
         };
         let failed_auth = crate::admin::audit::FailedAuth::start(
             cluster.clone(),
             metrics.audit_dropped.clone(),
+            crate::limit::RateLimiter::new(
+                "failed_admin_auth_per_minute",
+                config.limits.failed_admin_auth_per_minute,
+                metrics.limit_refusals.clone(),
+            ),
             life.stop.clone(),
             &life.tasks,
         );
@@ -211,6 +223,7 @@ impl Server {
             node_key_expiry: control.settings.node_key_expiry,
             version: VERSION,
             failed_auth,
+            max_concurrent_streams: config.limits.max_concurrent_streams,
         };
         listeners.serve(
             &life,

@@ -435,3 +435,149 @@ fn a_slow_request_head_is_cut_off() {
         "{head}"
     );
 }
+
+/// Floods are refused per source, per node and per relay key, each refusal counted: too
+/// many connections from one address, registrations from one address, map requests from
+/// one node, DERP reconnects of one key, failed admin logins from one address (after
+/// which even a good key from there waits).
+#[test]
+fn floods_are_rate_limited_per_source_node_and_key() {
+    use std::io::Read;
+
+    use crate::harness::{hsctl, http_request};
+    use hsd::control::client::{ControlClient, keypair};
+    use hsd::derp::client::DerpClient;
+    use hsd::registry::{DiscoKey, NodeKey};
+
+    let c = TestCluster::start(
+        1,
+        ClusterOpts {
+            extra_yaml: "limits:\n  max_connections_per_source: 6\n  registrations_per_minute: 3\n  node_updates_per_minute: 3\n  derp_connects_per_minute: 2\n  failed_admin_auth_per_minute: 2\n"
+                .into(),
+            ..Default::default()
+        },
+    );
+    let m = &c.members[0];
+    let addr = format!("{}:8080", m.ip);
+    let refusals =
+        |limit: &str| m.metric(&format!("hsd_limit_refusals_total{{limit=\"{limit}\"}}"));
+
+    // Six idle connections are held; the seventh is closed at once.
+    let held: Vec<std::net::TcpStream> = (0..6)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    wait_for(
+        "the seventh connection refused",
+        Duration::from_secs(10),
+        || {
+            let mut extra = std::net::TcpStream::connect(&addr).ok()?;
+            extra.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            matches!(extra.read(&mut [0u8; 1]), Ok(0)).then_some(())
+        },
+    );
+    assert!(refusals("max_connections_per_source") >= 1.0);
+    drop(held);
+
+    let key = c.user_with_key("flood", &["--reusable"]);
+    rt().block_on(async {
+        // Three registrations from this address, then 429 with the limit named.
+        let mut registered = Vec::new();
+        for i in 0..4 {
+            let mut control = ControlClient::connect(&addr, &keypair().0).await.unwrap();
+            let (private, public) = keypair();
+            let node = NodeKey(public);
+            let (status, resp) = control
+                .register(&node, &key, &format!("f{i}"))
+                .await
+                .unwrap();
+            if i < 3 {
+                assert_eq!(status, 200, "{resp}");
+                registered.push((control, node, private));
+            } else {
+                assert_eq!(status, 429, "{resp}");
+                assert!(
+                    resp.to_string().contains("limits.registrations_per_minute"),
+                    "{resp}"
+                );
+            }
+        }
+        // One node: three map requests, then 429; another node is unaffected.
+        let (control, node, private) = &mut registered[0];
+        let private = *private;
+        for i in 0..3 {
+            let status = control
+                .lite_update(
+                    node,
+                    &DiscoKey(keypair().1),
+                    &[format!("127.0.0.1:{}", 41000 + i)],
+                )
+                .await
+                .unwrap();
+            assert_eq!(status, 200);
+        }
+        let status = control
+            .lite_update(node, &DiscoKey(keypair().1), &[])
+            .await
+            .unwrap();
+        assert_eq!(status, 429);
+        let (other, other_node, _) = &mut registered[1];
+        assert_eq!(
+            other
+                .lite_update(other_node, &DiscoKey(keypair().1), &[])
+                .await
+                .unwrap(),
+            200
+        );
+
+        // One relay key: two connections a minute; the third is closed after login.
+        let derp_url = format!("http://{addr}/derp");
+        let _first = DerpClient::connect(&derp_url, private, None).await.unwrap();
+        let _second = DerpClient::connect(&derp_url, private, None).await.unwrap();
+        let mut third = DerpClient::connect(&derp_url, private, None).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            while third.recv().await.is_ok() {}
+        })
+        .await;
+        assert!(closed.is_ok(), "the third connection of one key is closed");
+    });
+
+    // Two wrong API keys from this address; then even a good one is refused for a while,
+    // over REST and gRPC alike.
+    let good = c.hsctl_json(1, &["apikeys", "create"])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for _ in 0..2 {
+        let (status, _) = http_request(
+            &addr,
+            "GET",
+            "/api/v1/user",
+            Some("hskey-api-nope-nope"),
+            None,
+        );
+        assert_eq!(status, 401);
+    }
+    let (status, body) = http_request(&addr, "GET", "/api/v1/user", Some(&good), None);
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("too many failed authentications"), "{body}");
+    let grpc = c.members[0].grpc_addr();
+    let out = hsctl(&["--address", &grpc, "--api-key", &good, "users", "list"]);
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("limits.failed_admin_auth_per_minute"));
+    // The unix socket is not a network source: the admin there is never locked out.
+    c.hsctl_json(1, &["users", "list"]);
+
+    for limit in [
+        "registrations_per_minute",
+        "node_updates_per_minute",
+        "derp_connects_per_minute",
+        "failed_admin_auth_per_minute",
+    ] {
+        assert!(refusals(limit) >= 1.0, "{limit} refusals counted");
+    }
+}

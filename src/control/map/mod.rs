@@ -86,7 +86,15 @@ pub async fn handle(
             ),
         );
     }
-
+    if !deps.limits.node_updates.allow(&node.id) {
+        tracing::info!(node.id = %node.id, "map request refused: rate limit");
+        let wait = deps.limits.node_updates.retry_after(&node.id);
+        return super::rate_limited(
+            "map requests from this node",
+            deps.limits.node_updates.name(),
+            wait,
+        );
+    }
     if let Err(message) = super::check_hostinfo_size(&deps, req.hostinfo.as_ref()) {
         return refuse(&deps, StatusCode::PAYLOAD_TOO_LARGE, message);
     }
