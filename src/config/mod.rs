@@ -124,6 +124,9 @@ pub struct LimitsConfig {
     pub max_pending_registrations: u32,
     /// Largest Hostinfo (JSON bytes) a register or map request may carry.
     pub max_hostinfo_bytes: usize,
+    /// Most endpoints (`ip:port` candidates) a map request may carry; each is at most
+    /// 64 bytes.
+    pub max_endpoints: usize,
     /// A connection to the control port that has not sent a whole request head within
     /// this is closed (slow clients holding connections open).
     pub http_header_timeout: ConfigDuration,
@@ -152,6 +155,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_pending_registrations: 1000,
             max_hostinfo_bytes: 16 * 1024,
+            max_endpoints: 64,
             http_header_timeout: ConfigDuration(Duration::from_secs(10)),
             idle_timeout: ConfigDuration(Duration::from_secs(300)),
             max_connections_per_source: 4096,

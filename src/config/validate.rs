@@ -278,6 +278,12 @@ impl LimitsConfig {
                 "must be between 1024 and 1048576",
             ));
         }
+        if !(4..=1024).contains(&self.max_endpoints) {
+            return Err(invalid(
+                "limits.max_endpoints",
+                "must be between 4 and 1024",
+            ));
+        }
         let idle = self.idle_timeout.0;
         if !idle.is_zero() && idle < Duration::from_secs(90) {
             // Map keep-alives come about every minute; a shorter timeout cuts live clients.

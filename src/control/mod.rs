@@ -81,6 +81,8 @@ pub struct ControlLimits {
     pub node_updates: RateLimiter<crate::registry::NodeId>,
     /// HTTP/2 streams per Noise connection.
     pub max_concurrent_streams: u32,
+    /// Endpoints per map request.
+    pub max_endpoints: usize,
 }
 
 impl ControlLimits {
@@ -98,8 +100,38 @@ impl ControlLimits {
                 refusals,
             ),
             max_concurrent_streams: limits.max_concurrent_streams,
+            max_endpoints: limits.max_endpoints,
         }
     }
+}
+
+/// Longest endpoint text accepted (`[v6 address%zone]:port` fits easily).
+const MAX_ENDPOINT_BYTES: usize = 64;
+
+/// Refuses more endpoints than `limits.max_endpoints`, or an overlong one: they are kept
+/// in presence, copied to every member and sent to every peer.
+pub(crate) fn check_endpoints(deps: &ControlDeps, endpoints: &[String]) -> Result<(), String> {
+    let limit = deps.limits.max_endpoints;
+    let refuse = |message: String| {
+        deps.metrics
+            .limit_refusals
+            .with_label_values(&["max_endpoints"])
+            .inc();
+        Err(message)
+    };
+    if endpoints.len() > limit {
+        return refuse(format!(
+            "{} endpoints; this server takes at most {limit} (limits.max_endpoints)",
+            endpoints.len()
+        ));
+    }
+    if let Some(long) = endpoints.iter().find(|e| e.len() > MAX_ENDPOINT_BYTES) {
+        return refuse(format!(
+            "an endpoint of {} bytes; at most {MAX_ENDPOINT_BYTES} each",
+            long.len()
+        ));
+    }
+    Ok(())
 }
 
 /// A 429 naming the limit and when to come back.

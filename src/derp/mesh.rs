@@ -96,6 +96,11 @@ pub(crate) async fn run_link(
                     Err(error) => tracing::warn!(peer = %link.url, %error, "derp mesh link broke"),
                 }
             }
+            // Warn on the first failure and then at the slowest retry pace, so a member
+            // that stays down is visible without a line per attempt.
+            Err(error) if backoff == BACKOFF_MIN || backoff == BACKOFF_MAX => {
+                tracing::warn!(peer = %link.url, %error, retry_in = ?backoff, "derp mesh connect failed");
+            }
             Err(error) => {
                 tracing::debug!(peer = %link.url, %error, retry_in = ?backoff, "derp mesh connect failed");
             }

@@ -452,7 +452,7 @@ fn floods_are_rate_limited_per_source_node_and_key() {
     let c = TestCluster::start(
         1,
         ClusterOpts {
-            extra_yaml: "limits:\n  max_connections_per_source: 6\n  registrations_per_minute: 3\n  node_updates_per_minute: 3\n  derp_connects_per_minute: 2\n  failed_admin_auth_per_minute: 2\n"
+            extra_yaml: "limits:\n  max_connections_per_source: 6\n  registrations_per_minute: 3\n  node_updates_per_minute: 3\n  derp_connects_per_minute: 2\n  failed_admin_auth_per_minute: 2\n  max_endpoints: 4\n"
                 .into(),
             ..Default::default()
         },
@@ -529,6 +529,15 @@ fn floods_are_rate_limited_per_source_node_and_key() {
             200
         );
 
+        // Five endpoints where four are allowed: 413, naming the limit.
+        let (third_client, third_node, _) = &mut registered[2];
+        let five: Vec<String> = (0..5).map(|i| format!("127.0.0.1:{}", 42000 + i)).collect();
+        let status = third_client
+            .lite_update(third_node, &DiscoKey(keypair().1), &five)
+            .await
+            .unwrap();
+        assert_eq!(status, 413);
+
         // One relay key: two connections a minute; the third is closed after login.
         let derp_url = format!("http://{addr}/derp");
         let _first = DerpClient::connect(&derp_url, private, None).await.unwrap();
@@ -577,6 +586,7 @@ fn floods_are_rate_limited_per_source_node_and_key() {
         "node_updates_per_minute",
         "derp_connects_per_minute",
         "failed_admin_auth_per_minute",
+        "max_endpoints",
     ] {
         assert!(refusals(limit) >= 1.0, "{limit} refusals counted");
     }

@@ -95,7 +95,9 @@ pub async fn handle(
             wait,
         );
     }
-    if let Err(message) = super::check_hostinfo_size(&deps, req.hostinfo.as_ref()) {
+    if let Err(message) = super::check_hostinfo_size(&deps, req.hostinfo.as_ref())
+        .and_then(|()| super::check_endpoints(&deps, &req.endpoints))
+    {
         return refuse(&deps, StatusCode::PAYLOAD_TOO_LARGE, message);
     }
     // A revoked key (expired by time, an admin or a logout) gets nothing until the node
