@@ -126,3 +126,74 @@ fn cluster_scripts_up_member_down() {
         "{after}"
     );
 }
+
+/// The Kubernetes example gives each member pod its own certificate and key and nothing
+/// of the others' (nor the CA key), and its member config is one `hsd` accepts.
+#[test]
+fn the_kubernetes_example_keeps_each_key_to_its_member() {
+    use serde::Deserialize;
+    use serde_yaml::Value;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("deploy/kubernetes/hsd.yaml")).unwrap();
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .collect();
+    let kind = |d: &Value| d["kind"].as_str().unwrap_or_default().to_string();
+    let config = docs
+        .iter()
+        .find(|d| kind(d) == "ConfigMap")
+        .and_then(|d| d["data"]["config.yaml"].as_str())
+        .expect("the member config");
+    let sets: Vec<&Value> = docs.iter().filter(|d| kind(d) == "StatefulSet").collect();
+    assert_eq!(sets.len(), 3, "one StatefulSet per member");
+    for set in sets {
+        let pod = &set["spec"]["template"]["spec"];
+        let args: Vec<&str> = pod["containers"][0]["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let id = args[args.iter().position(|a| *a == "--member-id").unwrap() + 1];
+        assert_eq!(set["spec"]["replicas"].as_u64(), Some(1));
+        let mut secrets: Vec<&str> = pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v["secret"]["secretName"].as_str())
+            .collect();
+        secrets.sort();
+        // The shared keys, and this member's certificate and key: no other member's.
+        assert_eq!(secrets, ["hsd-keys", &format!("hsd-member-{id}")]);
+    }
+    // The member config validates, with a member's flags as the pods pass them (and the
+    // mounted files where the pod has them).
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().display().to_string();
+    for file in ["member/ca.pem", "member/member.pem", "member/member.key"] {
+        let path = dir.path().join("etc/hsd").join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, "").unwrap();
+    }
+    let config = config
+        .replace("/etc/hsd/", &format!("{base}/etc/hsd/"))
+        .replace("/var/lib/hsd", &format!("{base}/data"));
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(hsd_bin())
+        .args([
+            "--config",
+            path.to_str().unwrap(),
+            "--member-id",
+            "2",
+            "config",
+            "check",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
