@@ -112,6 +112,27 @@ pub struct Config {
     pub shutdown_grace: ConfigDuration,
     /// Bounds on what outsiders can make a member hold.
     pub limits: LimitsConfig,
+    pub audit: AuditConfig,
+}
+
+/// How long the replicated audit log keeps records. The leader prunes by its own values,
+/// so give every member the same ones.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Records older than this are dropped; `0` keeps them up to `max_records`.
+    pub retention: ConfigDuration,
+    /// Most records kept (the oldest go first); at most 100000.
+    pub max_records: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            retention: ConfigDuration(Duration::from_secs(365 * 86_400)),
+            max_records: 100_000,
+        }
+    }
 }
 
 /// Bounds on input from outside; each refusal is counted in
@@ -403,6 +424,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             shutdown_grace: ConfigDuration(Duration::from_secs(30)),
             limits: LimitsConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }

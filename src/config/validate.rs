@@ -29,6 +29,13 @@ impl Config {
         self.dns.validate()?;
         self.log.validate()?;
         self.limits.validate()?;
+        let cap = crate::registry::AUDIT_MAX as u64;
+        if !(1..=cap).contains(&self.audit.max_records) {
+            return Err(invalid(
+                "audit.max_records",
+                format!("must be between 1 and {cap}"),
+            ));
+        }
         if !matches!(self.policy.mode.as_str(), "" | "database" | "file") {
             return Err(invalid(
                 "policy.mode",

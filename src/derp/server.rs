@@ -112,6 +112,9 @@ pub struct DerpServer {
     state: Mutex<State>,
     /// Decides whether a (non-mesh) client key may use this relay; unset = anyone.
     verifier: std::sync::OnceLock<ClientVerifier>,
+    /// Decides whether a peer holding the mesh key may mesh (its DERP key must be a
+    /// current member's); unset = the mesh key suffices.
+    mesh_verifier: std::sync::OnceLock<ClientVerifier>,
     /// Connections per client key (`limits.derp_connects_per_minute`); unset = no limit.
     connect_limit: std::sync::OnceLock<RateLimiter<Key>>,
     /// Packets handed to a local client (from a local sender or from the mesh).
@@ -146,6 +149,7 @@ impl DerpServer {
             state: Mutex::new(State::default()),
             verifier: std::sync::OnceLock::new(),
             connect_limit: std::sync::OnceLock::new(),
+            mesh_verifier: std::sync::OnceLock::new(),
             relayed_local: AtomicU64::new(0),
             forwarded_to_mesh: AtomicU64::new(0),
         })
@@ -173,6 +177,31 @@ impl DerpServer {
     /// Set once, before serving.
     pub fn set_client_verifier(&self, verify: ClientVerifier) {
         let _ = self.verifier.set(verify);
+    }
+
+    /// Closes mesh connections the mesh verifier now refuses (a member was removed);
+    /// returns how many peers were cut off.
+    pub fn drop_refused_mesh_peers(&self) -> usize {
+        let Some(verify) = self.mesh_verifier.get() else {
+            return 0;
+        };
+        let st = self.state();
+        let mut refused = 0;
+        for (key, conns) in st.clients.iter() {
+            if conns.iter().any(|c| c.is_mesh) && !verify(key) {
+                refused += 1;
+                for conn in conns.iter().filter(|c| c.is_mesh) {
+                    conn.close.cancel();
+                }
+                tracing::warn!(peer = %short(key), "derp mesh peer cut off: no longer a member");
+            }
+        }
+        refused
+    }
+
+    /// Only mesh peers `verify` accepts may mesh. Set once, before serving.
+    pub fn set_mesh_verifier(&self, verify: ClientVerifier) {
+        let _ = self.mesh_verifier.set(verify);
     }
 
     /// Limits how often one client key may connect. Set once, before serving.
@@ -457,6 +486,13 @@ impl DerpServer {
             }
             _ => false,
         };
+        if is_mesh
+            && let Some(verify) = self.mesh_verifier.get()
+            && !verify(&key)
+        {
+            tracing::warn!(peer = %short(&key), ?remote, "derp mesh peer refused: it holds the mesh key, but its DERP key is no current member's");
+            return;
+        }
         if !is_mesh
             && let Some(limit) = self.connect_limit.get()
             && !limit.allow(&key)

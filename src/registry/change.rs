@@ -39,4 +39,6 @@ pub enum Record {
     Recent(RequestId),
     /// An audit log entry, by sequence number.
     Audit(u64),
+    /// A member's DERP public key, by member id.
+    MemberDerpKey(u64),
 }

@@ -243,6 +243,19 @@ pub enum Command {
         target: String,
         result: String,
     },
+    /// Drops audit records older than `before`, then the oldest beyond `keep_at_most`
+    /// (`audit.retention`, `audit.max_records`; proposed by the leader).
+    PruneAudit {
+        before: Timestamp,
+        keep_at_most: u64,
+    },
+    /// Pins the DERP key a member's relay uses, so the other relays accept its mesh
+    /// connection only with that key and only while it is a member (proposed by the
+    /// member itself on start).
+    SetMemberDerpKey {
+        member: u64,
+        key: [u8; 32],
+    },
 }
 
 impl Command {
@@ -278,6 +291,8 @@ impl Command {
         match self {
             Command::Noop => "noop",
             Command::RecordAudit { .. } => "record_audit",
+            Command::PruneAudit { .. } => "prune_audit",
+            Command::SetMemberDerpKey { .. } => "set_member_derp_key",
             Command::CreateUser { .. } => "create_user",
             Command::RenameUser { .. } => "rename_user",
             Command::DeleteUser { .. } => "delete_user",

@@ -13,5 +13,5 @@ pub mod types;
 
 pub use change::{Change, Record};
 pub use command::{Command, NodeAuth, Outcome, Proposal, Rejection, Request, RequestId};
-pub use state::{Applied, Registry, StoreError};
+pub use state::{AUDIT_MAX, Applied, Registry, StoreError};
 pub use types::*;

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ClusterMemberConfig;
+use crate::config::{AuditConfig, ClusterMemberConfig};
 use crate::control::{ControlDeps, Topology};
 use crate::derp::region::TopologyInputs;
 use crate::derp::server::DerpServer;
 use crate::raft::Cluster;
-use crate::registry::Command;
+use crate::registry::{Command, Timestamp};
 use crate::telemetry::Metrics;
 
 /// How often the leader looks for ephemeral nodes to remove.
@@ -20,6 +20,11 @@ const EPHEMERAL_GC_INTERVAL: Duration = Duration::from_secs(10);
 const RELAY_RECHECK_MIN_GAP: Duration = Duration::from_millis(200);
 /// …and at least this often, for keys that expire by time alone.
 const RELAY_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the leader checks the audit log against `audit.*`.
+const AUDIT_PRUNE_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a member checks that its DERP key is pinned (sooner while it is not).
+const DERP_PIN_RECHECK: Duration = Duration::from_secs(30);
+const DERP_PIN_RETRY: Duration = Duration::from_secs(1);
 /// How often gauges that mirror Raft state are refreshed.
 const GAUGE_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -60,6 +65,7 @@ pub(super) async fn follow_membership(
             if inputs.config.derp.server.enabled {
                 derp.start_mesh(mesh);
             }
+            derp.drop_refused_mesh_peers();
             if last.as_ref().is_some_and(|l| !l.is_empty()) {
                 tracing::info!(
                     members = members.len(),
@@ -181,4 +187,66 @@ fn touches_nodes(batch: &crate::raft::AppliedBatch) -> bool {
             .changes
             .iter()
             .any(|c| matches!(c, Change::NodeUpserted(_) | Change::NodeRemoved(_)))
+}
+
+/// Keeps the audit log within `audit.retention` and `audit.max_records` (leader only).
+pub(super) async fn prune_audit(cluster: Cluster, audit: AuditConfig, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(AUDIT_PRUNE_INTERVAL);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if cluster.metrics().borrow().current_leader != Some(cluster.member_id()) {
+            continue;
+        }
+        let retention_ms = i64::try_from(audit.retention.0.as_millis()).unwrap_or(i64::MAX);
+        let before = if retention_ms == 0 {
+            Timestamp(i64::MIN)
+        } else {
+            cluster.now().plus_millis(-retention_ms)
+        };
+        let (count, oldest) = cluster.view().audit_extent();
+        let too_old = oldest.is_some_and(|at| at < before);
+        if !too_old && count as u64 <= audit.max_records {
+            continue;
+        }
+        let prune = Command::PruneAudit {
+            before,
+            keep_at_most: audit.max_records,
+        };
+        if let Err(error) = cluster.propose(prune).await {
+            tracing::warn!(%error, "could not prune the audit log");
+        }
+    }
+}
+
+/// Pins this member's DERP key in the registry, so the other members' relays accept its
+/// mesh connection (and nobody else's with the mesh key alone).
+pub(super) async fn pin_derp_key(cluster: Cluster, key: [u8; 32], stop: CancellationToken) {
+    let me = cluster.member_id();
+    loop {
+        let pinned = cluster.view().member_derp_key(me) == Some(&key);
+        let wait = if pinned {
+            DERP_PIN_RECHECK
+        } else {
+            match cluster
+                .propose(Command::SetMemberDerpKey { member: me, key })
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!("pinned this member's DERP key for the mesh");
+                    DERP_PIN_RECHECK
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "could not pin the DERP key yet; retrying");
+                    DERP_PIN_RETRY
+                }
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
 }

@@ -234,6 +234,11 @@ impl Server {
             metrics.clone(),
         );
         spawn_background(&life, &cluster, control, metrics);
+        life.tasks.spawn(background::prune_audit(
+            cluster.clone(),
+            config.audit.clone(),
+            life.stop.clone(),
+        ));
         tracing::info!(
             member.id = addrs.member_id,
             control = %addrs.control_addr,
@@ -408,6 +413,12 @@ fn start_derp(
         life.drain.clone(),
         life.tasks.clone(),
     );
+    derp.set_mesh_verifier(mesh_verifier(cluster.clone()));
+    life.tasks.spawn(background::pin_derp_key(
+        cluster.clone(),
+        derp.public_key(),
+        life.stop.clone(),
+    ));
     if config.derp.server.verify_clients {
         // Only valid node keys may relay through us (headscale's `verify_clients`, plus
         // expiry and approval), and a key that stops being valid is cut off at once.
@@ -435,6 +446,24 @@ fn start_derp(
         life.stop.clone(),
     ));
     (topology_rx, derp)
+}
+
+/// A mesh peer must present the DERP key a current member pinned. A member that has not
+/// pinned one (still starting, or running an older release during an upgrade) is taken on
+/// the mesh key alone until it does.
+fn mesh_verifier(cluster: Cluster) -> crate::derp::server::ClientVerifier {
+    Box::new(move |key| {
+        let view = cluster.view();
+        let mut unpinned = false;
+        for id in cluster.member_ids() {
+            match view.member_derp_key(id) {
+                Some(k) if k == key => return true,
+                Some(_) => {}
+                None => unpinned = true,
+            }
+        }
+        unpinned
+    })
 }
 
 fn control_settings(

@@ -591,3 +591,84 @@ fn floods_are_rate_limited_per_source_node_and_key() {
         assert!(refusals(limit) >= 1.0, "{limit} refusals counted");
     }
 }
+
+/// The DERP mesh takes only current members: a peer holding the mesh key but not a
+/// member's pinned DERP key is refused, and a removed member's mesh links are cut.
+#[test]
+fn the_derp_mesh_admits_only_current_members() {
+    use hsd::derp::client::DerpClient;
+
+    let mut c = TestCluster::start(3, ClusterOpts::default());
+    let pinned = "pinned this member's DERP key for the mesh";
+    wait_for(
+        "every member pinned its DERP key",
+        Duration::from_secs(30),
+        || {
+            c.members
+                .iter()
+                .all(|m| m.log().contains(pinned))
+                .then_some(())
+        },
+    );
+    let mut mesh_key = [0u8; 32];
+    let text = std::fs::read_to_string(c.root.path().join("keys/mesh.key")).unwrap();
+    hex::decode_to_slice(text.trim(), &mut mesh_key).unwrap();
+    let url = format!("http://{}:8080/derp", c.members[0].ip);
+    rt().block_on(async {
+        let mut stranger = DerpClient::connect(&url, rand::random(), Some(mesh_key))
+            .await
+            .unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            while stranger.recv().await.is_ok() {}
+        })
+        .await;
+        assert!(closed.is_ok(), "a stranger with the mesh key is refused");
+    });
+    assert!(c.members[0].log().contains("derp mesh peer refused"));
+
+    let leader = c.wait_leader();
+    let removed = if leader == 3 { 2 } else { 3 };
+    let out = c.hsctl(leader, &["cluster", "remove", &removed.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for m in c.members.iter().filter(|m| m.id != removed) {
+        wait_for(
+            &format!("member {} to cut the removed member's mesh link", m.id),
+            Duration::from_secs(30),
+            || {
+                m.log()
+                    .contains("derp mesh peer cut off: no longer a member")
+                    .then_some(())
+            },
+        );
+    }
+}
+
+/// The audit log keeps at most `audit.max_records` (the oldest go first).
+#[test]
+fn the_audit_log_is_pruned_to_its_configured_size() {
+    let c = TestCluster::start(
+        1,
+        ClusterOpts {
+            extra_yaml: "audit:\n  max_records: 3\n".into(),
+            ..Default::default()
+        },
+    );
+    for i in 1..=6 {
+        c.hsctl_json(1, &["users", "create", &format!("u{i}")]);
+    }
+    let records = wait_for("the log pruned to 3", Duration::from_secs(30), || {
+        let records = c.hsctl_json(1, &["audit", "list", "--since", "1h"]);
+        (records.as_array()?.len() == 3).then_some(records)
+    });
+    let targets: Vec<&str> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(targets, ["u4", "u5", "u6"]);
+}

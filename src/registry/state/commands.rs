@@ -136,6 +136,17 @@ impl Registry {
                 );
                 Ok(Outcome::Done)
             }
+            Command::PruneAudit {
+                before,
+                keep_at_most,
+            } => {
+                self.prune_audit(*before, *keep_at_most, fx);
+                Ok(Outcome::Done)
+            }
+            Command::SetMemberDerpKey { member, key } => {
+                self.set_member_derp_key(*member, *key, fx);
+                Ok(Outcome::Done)
+            }
             Command::SetLastSeen { id } => self.edit_node(*id, fx, |n| n.last_seen = Some(now)),
             Command::ApproveNode { id } => self.edit_node(*id, fx, |n| n.approved = true),
             Command::ExpireNode { id } => self.edit_node(*id, fx, |n| {

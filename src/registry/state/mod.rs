@@ -102,6 +102,8 @@ pub struct Registry {
     recent: OrdMap<RequestId, Arc<Recent>>,
     audit: OrdMap<u64, Arc<AuditRecord>>,
     next_audit: u64,
+    /// Each member's DERP public key, as the member pinned it.
+    member_derp_keys: OrdMap<u64, [u8; 32]>,
     // Indexes, rebuilt from the records above on load.
     user_by_name: OrdMap<Arc<str>, UserId>,
     preauth_by_prefix: OrdMap<Arc<str>, PreAuthKeyId>,
@@ -213,6 +215,14 @@ impl Registry {
             .values()
             .map(|r| &**r)
             .filter(move |r| r.at >= since)
+    }
+    /// The number of audit records and the time of the oldest.
+    pub fn audit_extent(&self) -> (usize, Option<Timestamp>) {
+        (self.audit.len(), self.audit.get_min().map(|(_, r)| r.at))
+    }
+    /// The DERP key member `id` pinned, if it has.
+    pub fn member_derp_key(&self, id: u64) -> Option<&[u8; 32]> {
+        self.member_derp_keys.get(&id)
     }
     /// The machine's open interactive registration, if it has one.
     pub fn pending_for_machine(&self, machine: &MachineKey) -> Option<&PendingRegistration> {
@@ -351,6 +361,25 @@ impl Registry {
             };
             self.audit.remove(&oldest);
             fx.records.push(Record::Audit(oldest));
+        }
+    }
+
+    /// Drops audit records older than `before`, then the oldest beyond `keep_at_most`.
+    fn prune_audit(&mut self, before: Timestamp, keep_at_most: u64, fx: &mut Effects) {
+        while let Some((seq, at)) = self.audit.get_min().map(|(k, r)| (*k, r.at)) {
+            let over = self.audit.len() as u64 > keep_at_most;
+            if at >= before && !over {
+                break;
+            }
+            self.audit.remove(&seq);
+            fx.records.push(Record::Audit(seq));
+        }
+    }
+
+    fn set_member_derp_key(&mut self, member: u64, key: [u8; 32], fx: &mut Effects) {
+        if self.member_derp_keys.get(&member) != Some(&key) {
+            self.member_derp_keys.insert(member, key);
+            fx.records.push(Record::MemberDerpKey(member));
         }
     }
 

@@ -49,6 +49,10 @@ impl Registry {
                 format!("audit/{seq:020}").into_bytes(),
                 self.audit.get(seq).map(|r| enc(r.as_ref())),
             ),
+            Record::MemberDerpKey(id) => (
+                format!("memberderp/{id:020}").into_bytes(),
+                self.member_derp_keys.get(id).map(|k| enc(&hex::encode(k))),
+            ),
         }
     }
 
@@ -66,6 +70,11 @@ impl Registry {
         );
         records.extend(self.recent.keys().map(|id| Record::Recent(*id)));
         records.extend(self.audit.keys().map(|seq| Record::Audit(*seq)));
+        records.extend(
+            self.member_derp_keys
+                .keys()
+                .map(|id| Record::MemberDerpKey(*id)),
+        );
         records
             .iter()
             .filter_map(|r| {
@@ -133,6 +142,16 @@ impl Registry {
                 let r: AuditRecord = de(key, value)?;
                 self.next_audit = self.next_audit.max(r.seq + 1);
                 self.audit.insert(r.seq, Arc::new(r));
+            }
+            "memberderp" => {
+                let id: u64 = rest
+                    .parse()
+                    .map_err(|_| StoreError::UnknownKey(key.to_string()))?;
+                let text: String = de(key, value)?;
+                let mut k = [0u8; 32];
+                hex::decode_to_slice(&text, &mut k)
+                    .map_err(|_| StoreError::UnknownKey(key.to_string()))?;
+                self.member_derp_keys.insert(id, k);
             }
             _ => return Err(StoreError::UnknownKey(key.to_string())),
         }

@@ -722,3 +722,77 @@ fn admin_writes_are_audited_once_with_their_outcome() {
     let restored = Registry::from_records(reg.all_records()).unwrap();
     assert_eq!(restored.audit_since(Timestamp(0)).count(), 2);
 }
+
+#[test]
+fn audit_pruning_drops_by_age_then_by_count_and_survives_a_reload() {
+    let mut reg = Registry::new(ClusterSettings::default());
+    for i in 0..10 {
+        run(
+            &mut reg,
+            i * 1000,
+            Command::RecordAudit {
+                actor: "a".into(),
+                action: format!("act{i}"),
+                target: String::new(),
+                result: "ok".into(),
+            },
+        );
+    }
+    assert_eq!(reg.audit_extent().0, 10);
+    // Older than t=3000 goes (three records), then the count cap keeps the newest five.
+    run(
+        &mut reg,
+        20_000,
+        Command::PruneAudit {
+            before: at(3000),
+            keep_at_most: 100,
+        },
+    );
+    assert_eq!(reg.audit_extent(), (7, Some(at(3000))));
+    run(
+        &mut reg,
+        21_000,
+        Command::PruneAudit {
+            before: at(0),
+            keep_at_most: 5,
+        },
+    );
+    let actions: Vec<String> = reg.audit_since(at(0)).map(|r| r.action.clone()).collect();
+    assert_eq!(actions, ["act5", "act6", "act7", "act8", "act9"]);
+    let loaded = Registry::from_records(reg.all_records()).unwrap();
+    assert_eq!(loaded.audit_extent(), reg.audit_extent());
+}
+
+#[test]
+fn member_derp_keys_are_pinned_replaced_and_stored() {
+    let mut reg = Registry::new(ClusterSettings::default());
+    assert_eq!(reg.member_derp_key(2), None);
+    run(
+        &mut reg,
+        0,
+        Command::SetMemberDerpKey {
+            member: 2,
+            key: key(7),
+        },
+    );
+    run(
+        &mut reg,
+        1,
+        Command::SetMemberDerpKey {
+            member: 3,
+            key: key(8),
+        },
+    );
+    // A member whose data was wiped has a new key: it replaces the old one.
+    run(
+        &mut reg,
+        2,
+        Command::SetMemberDerpKey {
+            member: 2,
+            key: key(9),
+        },
+    );
+    let loaded = Registry::from_records(reg.all_records()).unwrap();
+    assert_eq!(loaded.member_derp_key(2), Some(&key(9)));
+    assert_eq!(loaded.member_derp_key(3), Some(&key(8)));
+}
