@@ -82,6 +82,7 @@ pub async fn serve_unix(
 pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     deps: AdminDeps,
+    guard: crate::limit::conn::ConnGuard,
     stop: CancellationToken,
 ) {
     match listener.local_addr() {
@@ -89,7 +90,7 @@ pub async fn serve_tcp(
         Err(error) => tracing::warn!(%error, "admin TCP listener has no local address"),
     }
     let check = ApiKeyCheck::new(deps.cluster.clone(), deps.failed_auth.clone());
-    let incoming = accept_stream(TcpAcceptor(listener));
+    let incoming = accept_stream(TcpAcceptor { listener, guard });
     let result = tonic::transport::Server::builder()
         .max_concurrent_streams(deps.max_concurrent_streams)
         .layer(tower_layer::layer_fn(audit::actor_layer))
@@ -181,13 +182,21 @@ impl Acceptor for UnixAcceptor {
     }
 }
 
-struct TcpAcceptor(tokio::net::TcpListener);
+/// Admin TCP connections, bounded like the control port's (per source, idle).
+struct TcpAcceptor {
+    listener: tokio::net::TcpListener,
+    guard: crate::limit::conn::ConnGuard,
+}
 impl Acceptor for TcpAcceptor {
-    type Io = tokio::net::TcpStream;
+    type Io = crate::limit::conn::IdleIo<tokio::net::TcpStream>;
     async fn accept(&self) -> std::io::Result<Self::Io> {
-        let (stream, _) = self.0.accept().await?;
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
+        loop {
+            let (stream, remote) = self.listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            if let Some(io) = self.guard.admit(stream, remote.ip()) {
+                return Ok(io);
+            }
+        }
     }
 }
 

@@ -15,6 +15,8 @@ use super::server::DerpServer;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A link up at least this long counts as healthy: its next failure retries quickly.
+const STABLE_LINK: Duration = Duration::from_secs(10);
 /// Forwarded packets written to a peer in one go, at most (about 45 full-size packets).
 const WRITE_BATCH_BYTES: usize = 64 << 10;
 /// Packets queued for one peer; beyond this they are dropped (best-effort, like UDP).
@@ -76,7 +78,7 @@ pub(crate) async fn run_link(
         };
         match conn {
             Ok(client) => {
-                backoff = BACKOFF_MIN;
+                let up_since = tokio::time::Instant::now();
                 tracing::info!(peer = %link.url, "derp mesh link up");
                 link.connected.store(true, Ordering::Relaxed);
                 // Packets queued while down were for routes we no longer trust; drop them.
@@ -94,6 +96,11 @@ pub(crate) async fn run_link(
                 match result {
                     Ok(()) => tracing::warn!(peer = %link.url, "derp mesh link closed"),
                     Err(error) => tracing::warn!(peer = %link.url, %error, "derp mesh link broke"),
+                }
+                // A link that held is retried at once; one the peer drops right after
+                // login (it refuses us, or is restarting) keeps backing off.
+                if up_since.elapsed() >= STABLE_LINK {
+                    backoff = BACKOFF_MIN;
                 }
             }
             // Warn on the first failure and then at the slowest retry pace, so a member

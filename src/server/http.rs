@@ -9,9 +9,9 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{any, get};
 
-use super::conn_guard::{IdleIo, SourceCounter};
 use crate::control::{self, ControlDeps};
 use crate::derp::server::DerpServer;
+use crate::limit::conn::ConnGuard;
 use crate::telemetry::Metrics;
 
 #[derive(Clone)]
@@ -117,14 +117,10 @@ pub(super) fn metrics_router(metrics: Arc<Metrics>, derp: Arc<DerpServer>) -> Ro
 pub(super) struct Bounds {
     /// Time allowed for the TLS handshake and then for the request head.
     pub header_timeout: std::time::Duration,
-    /// A connection silent this long is closed (zero: never).
-    pub idle_timeout: std::time::Duration,
-    /// Open connections per source address.
-    pub sources: SourceCounter,
+    /// Connections per source address and the idle timeout.
+    pub guard: ConnGuard,
     /// HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
-    /// `hsd_limit_refusals_total`.
-    pub refusals: prometheus::IntCounterVec,
     /// TLS on the control port, when configured.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -155,19 +151,10 @@ pub(super) async fn serve_bounded(
                 }
             },
         };
-        let Some(slot) = bounds.sources.admit(remote.ip()) else {
-            bounds
-                .refusals
-                .with_label_values(&["max_connections_per_source"])
-                .inc();
-            tracing::debug!(
-                ?remote,
-                "control connection refused: too many from this source"
-            );
+        let _ = stream.set_nodelay(true);
+        let Some(stream) = bounds.guard.admit(stream, remote.ip()) else {
             continue;
         };
-        let _ = stream.set_nodelay(true);
-        let stream = IdleIo::new(stream, bounds.idle_timeout, Some(slot));
         let app = app.clone();
         let stop = stop.clone();
         let tls = bounds.tls.clone();

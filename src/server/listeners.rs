@@ -8,13 +8,13 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::net::{TcpListener, UdpSocket};
 
-use super::conn_guard::SourceCounter;
 use super::control_tls::ControlTls;
 use super::{Lifecycle, StartError, http};
 use crate::admin::AdminDeps;
 use crate::config::{Config, LimitsConfig, Validated};
 use crate::control::ControlDeps;
 use crate::derp::server::DerpServer;
+use crate::limit::conn::ConnGuard;
 use crate::raft::Cluster;
 use crate::telemetry::Metrics;
 
@@ -135,12 +135,11 @@ impl Listeners {
         metrics: Arc<Metrics>,
     ) {
         let (sup, tasks, stop) = (&life.supervisor, &life.tasks, &life.stop);
+        let guard = ConnGuard::new(&self.limits, metrics.limit_refusals.clone());
         let bounded = http::Bounds {
             header_timeout: control.settings.http_header_timeout,
-            idle_timeout: self.limits.idle_timeout.0,
-            sources: SourceCounter::new(self.limits.max_connections_per_source),
+            guard: guard.clone(),
             max_concurrent_streams: self.limits.max_concurrent_streams,
-            refusals: metrics.limit_refusals.clone(),
             tls: self.control_tls.as_ref().map(ControlTls::acceptor),
         };
         let app = http::control_router(control, derp.clone())
@@ -187,7 +186,7 @@ impl Listeners {
             sup.spawn_essential(
                 tasks,
                 "admin gRPC listener",
-                crate::admin::serve_tcp(listener, admin, stop.clone()),
+                crate::admin::serve_tcp(listener, admin, guard, stop.clone()),
             );
         }
         serve_members(self.cluster, life, cluster);

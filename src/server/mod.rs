@@ -3,7 +3,6 @@
 //! them down in order.
 
 mod background;
-mod conn_guard;
 mod control_tls;
 mod http;
 mod listeners;

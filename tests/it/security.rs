@@ -462,21 +462,25 @@ fn floods_are_rate_limited_per_source_node_and_key() {
     let refusals =
         |limit: &str| m.metric(&format!("hsd_limit_refusals_total{{limit=\"{limit}\"}}"));
 
-    // Six idle connections are held; the seventh is closed at once.
-    let held: Vec<std::net::TcpStream> = (0..6)
-        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
-        .collect();
-    wait_for(
-        "the seventh connection refused",
-        Duration::from_secs(10),
-        || {
-            let mut extra = std::net::TcpStream::connect(&addr).ok()?;
-            extra.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            matches!(extra.read(&mut [0u8; 1]), Ok(0)).then_some(())
-        },
-    );
-    assert!(refusals("max_connections_per_source") >= 1.0);
-    drop(held);
+    // Six idle connections are held; the seventh is closed at once — on the control
+    // port and on the admin gRPC port alike.
+    for port in [8080, 50443] {
+        let addr = format!("{}:{port}", m.ip);
+        let held: Vec<std::net::TcpStream> = (0..6)
+            .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+            .collect();
+        wait_for(
+            &format!("the seventh connection to {port} refused"),
+            Duration::from_secs(10),
+            || {
+                let mut extra = std::net::TcpStream::connect(&addr).ok()?;
+                extra.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                matches!(extra.read(&mut [0u8; 1]), Ok(0)).then_some(())
+            },
+        );
+        drop(held);
+    }
+    assert!(refusals("max_connections_per_source") >= 2.0);
 
     let key = c.user_with_key("flood", &["--reusable"]);
     rt().block_on(async {

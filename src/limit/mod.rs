@@ -4,6 +4,8 @@
 //! without spending (a source that failed authentication too often is refused before its
 //! key is checked) and the key set must stay bounded without a sweeper task.
 
+pub mod conn;
+
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;

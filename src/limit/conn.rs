@@ -1,6 +1,7 @@
-//! Per-connection bounds on the control port: how many connections one source address may
-//! hold open, and how long a connection may stay silent. Both outlive HTTP: a Noise or
-//! DERP upgrade keeps the same socket, so its guard and idle timer go with it.
+//! Per-connection bounds on the control port and the admin TCP port: how many connections
+//! one source address may hold open, and how long a connection may stay silent. Both
+//! outlive HTTP: a Noise or DERP upgrade keeps the same socket, so its slot and idle timer
+//! go with it.
 
 use std::collections::HashMap;
 use std::io;
@@ -13,22 +14,62 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+/// Admits connections: the per-source cap (`limits.max_connections_per_source`) and the
+/// idle timeout (`limits.idle_timeout`), refusals counted.
+#[derive(Clone)]
+pub struct ConnGuard {
+    sources: SourceCounter,
+    idle: Duration,
+    refusals: prometheus::IntCounterVec,
+}
+
+impl ConnGuard {
+    pub fn new(limits: &crate::config::LimitsConfig, refusals: prometheus::IntCounterVec) -> Self {
+        ConnGuard {
+            sources: SourceCounter::new(limits.max_connections_per_source),
+            idle: limits.idle_timeout.0,
+            refusals,
+        }
+    }
+
+    /// The stream, bounded, or `None` (counted) when its source is at the cap.
+    pub fn admit<S>(&self, stream: S, source: IpAddr) -> Option<IdleIo<S>> {
+        let Some(slot) = self.sources.admit(source) else {
+            self.refusals
+                .with_label_values(&["max_connections_per_source"])
+                .inc();
+            tracing::debug!(%source, "connection refused: too many from this source");
+            return None;
+        };
+        Some(IdleIo::new(stream, self.idle, Some(slot)))
+    }
+}
+
+/// The admin gRPC listener learns the caller's address through this (rate limits).
+impl tonic::transport::server::Connected for IdleIo<tokio::net::TcpStream> {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
 /// Open connections per source address, capped.
 #[derive(Clone)]
-pub(super) struct SourceCounter {
+pub struct SourceCounter {
     max: u32,
     open: Arc<Mutex<HashMap<IpAddr, u32>>>,
 }
 
 /// One admitted connection; dropping it frees the slot.
-pub(super) struct SourceSlot {
+pub struct SourceSlot {
     source: IpAddr,
     open: Arc<Mutex<HashMap<IpAddr, u32>>>,
 }
 
 impl SourceCounter {
     /// `max == 0`: no cap.
-    pub(super) fn new(max: u32) -> Self {
+    pub fn new(max: u32) -> Self {
         SourceCounter {
             max,
             open: Arc::default(),
@@ -36,7 +77,7 @@ impl SourceCounter {
     }
 
     /// A slot for one more connection from `source`, or `None` at the cap.
-    pub(super) fn admit(&self, source: IpAddr) -> Option<SourceSlot> {
+    pub fn admit(&self, source: IpAddr) -> Option<SourceSlot> {
         let mut open = self.open.lock().expect("source counter lock");
         let count = open.entry(source).or_insert(0);
         if self.max != 0 && *count >= self.max {
@@ -66,7 +107,7 @@ impl Drop for SourceSlot {
 /// The timer is polled with every pending read, so it works for any reader (hyper, an
 /// upgraded Noise or DERP connection) without a task of its own. It also holds the
 /// connection's `SourceSlot`.
-pub(super) struct IdleIo<S> {
+pub struct IdleIo<S> {
     inner: S,
     idle: Option<Duration>,
     timer: Pin<Box<Sleep>>,
@@ -75,7 +116,7 @@ pub(super) struct IdleIo<S> {
 
 impl<S> IdleIo<S> {
     /// `idle == 0` disables the timeout.
-    pub(super) fn new(inner: S, idle: Duration, slot: Option<SourceSlot>) -> Self {
+    pub fn new(inner: S, idle: Duration, slot: Option<SourceSlot>) -> Self {
         let idle = (!idle.is_zero()).then_some(idle);
         // Far in the future when disabled; never polled to completion then.
         let first = Instant::now() + idle.unwrap_or(Duration::from_secs(86_400 * 365));
