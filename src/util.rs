@@ -18,20 +18,43 @@ where
     }
 }
 
-/// Writes `contents` to `path` atomically (temporary file + rename) with mode 0600.
+/// Writes `contents` to `path` atomically with mode 0600: a new temporary file with a
+/// random name beside it (created exclusively, so a planted symlink is never followed),
+/// synced, then renamed over `path`.
 pub fn write_private_file(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    // tempfile creates the file O_EXCL with mode 0600.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".hsd-write-")
+        .tempfile_in(dir)?;
+    tmp.write_all(contents)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn private_files_replace_a_planted_symlink_and_are_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        let key = dir.path().join("noise.key");
+        std::os::unix::fs::symlink(&victim, &key).unwrap();
+        super::write_private_file(&key, b"secret").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+        let meta = std::fs::symlink_metadata(&key).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read(&key).unwrap(), b"secret");
+        // Nothing left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
-    std::fs::rename(&tmp, path)
 }

@@ -153,17 +153,30 @@ pub async fn bind_unix(
         // The data dir normally exists already; create it for a socket configured elsewhere.
         let _ = std::fs::create_dir_all(parent);
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(|source| BindError::Bind {
+    // Bound under a private name, given its mode, then renamed into place: no moment
+    // exists in which the socket at `path` has the process umask's looser mode.
+    let staging = path.with_extension(format!("binding-{}", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
+    let listener = tokio::net::UnixListener::bind(&staging).map_err(|source| BindError::Bind {
         path: shown.clone(),
         source,
     })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
-        BindError::Mode {
-            path: shown,
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
+        .map_err(|source| BindError::Mode {
+            path: shown.clone(),
             mode,
             source,
-        }
-    })?;
+        })
+        .and_then(|()| {
+            std::fs::rename(&staging, path).map_err(|source| BindError::Bind {
+                path: shown,
+                source,
+            })
+        });
+    if let Err(error) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(error);
+    }
     Ok(listener)
 }
 
