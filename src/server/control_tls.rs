@@ -60,6 +60,9 @@ pub(super) struct ControlTls {
     cert_path: PathBuf,
     key_path: PathBuf,
     loaded: PemPair,
+    /// The last pair that failed to load: polling does not retry (or warn about) it
+    /// again until the files change; SIGHUP does.
+    refused: Option<PemPair>,
     served: Arc<Served>,
 }
 
@@ -73,6 +76,7 @@ impl ControlTls {
             cert_path: cert_path.to_path_buf(),
             key_path: key_path.to_path_buf(),
             loaded,
+            refused: None,
             served: Arc::new(Served(RwLock::new(Arc::new(key)))),
         })
     }
@@ -110,11 +114,16 @@ impl ControlTls {
 
     fn reload(&mut self, forced: bool, reloads: &IntCounterVec) {
         let outcome = read_pair(&self.cert_path, &self.key_path).and_then(|pair| {
-            if pair == self.loaded {
+            if pair == self.loaded || (!forced && self.refused.as_ref() == Some(&pair)) {
                 return Ok(None);
             }
-            let key = certified_key(&pair, &self.cert_path, &self.key_path)?;
-            Ok(Some((pair, key)))
+            match certified_key(&pair, &self.cert_path, &self.key_path) {
+                Ok(key) => Ok(Some((pair, key))),
+                Err(error) => {
+                    self.refused = Some(pair);
+                    Err(error)
+                }
+            }
         });
         match outcome {
             Ok(None) if forced => tracing::info!("SIGHUP: control TLS files unchanged"),
@@ -122,6 +131,7 @@ impl ControlTls {
             Ok(Some((pair, key))) => {
                 *self.served.0.write().expect("certificate lock") = Arc::new(key);
                 self.loaded = pair;
+                self.refused = None;
                 reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(cert = %self.cert_path.display(), "control TLS certificate reloaded");
             }
@@ -234,6 +244,11 @@ mod tests {
         tls.reload(false, &reloads);
         assert_eq!(served_name(&tls), first);
         assert_eq!(reloads.with_label_values(&["failed"]).get(), 1);
+        // Polling does not retry the same bad pair; SIGHUP does.
+        tls.reload(false, &reloads);
+        assert_eq!(reloads.with_label_values(&["failed"]).get(), 1);
+        tls.reload(true, &reloads);
+        assert_eq!(reloads.with_label_values(&["failed"]).get(), 2);
         // The key arrives: the new pair is served.
         std::fs::copy(&k2, &k1).unwrap();
         tls.reload(false, &reloads);

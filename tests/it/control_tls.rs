@@ -115,6 +115,14 @@ fn a_bad_tls_pair_refuses_the_start_and_a_bad_rotation_keeps_serving() {
             .log()
             .contains("still serving the previous certificate")
     );
+    // Polling leaves the same bad pair alone; SIGHUP tries it again.
+    let failed = "hsd_tls_reloads_total{result=\"failed\"}";
+    let before = c.members[0].metric(failed);
+    c.member(1).signal("-HUP");
+    wait_for("SIGHUP to retry the pair", Duration::from_secs(20), || {
+        (c.members[0].metric(failed) > before).then_some(())
+    });
+    assert_eq!(served_cert(&c.members[0].ip, &ca), good);
 
     // The same mismatch at start is a configuration error naming the files.
     c.member(1).stop();

@@ -263,7 +263,7 @@ impl Member {
         self.signal("-CONT");
     }
 
-    fn signal(&mut self, sig: &str) {
+    pub fn signal(&mut self, sig: &str) {
         if let Some(child) = &self.child {
             let _ = Command::new("kill")
                 .arg(sig)
