@@ -35,6 +35,7 @@ pub struct Metrics {
     pub raft_snapshot_index: IntGauge,
     pub raft_purged_index: IntGauge,
     pub derp_clients: IntGauge,
+    pub derp_mesh_links_up: IntGauge,
     pub derp_packets_relayed: IntCounter,
     pub derp_packets_mesh_forwarded: IntCounter,
     pub bad_requests: IntCounterVec,
@@ -117,6 +118,10 @@ impl Metrics {
             derp_clients: gauge(
                 "hsd_derp_clients",
                 "Clients connected to this member's DERP relay",
+            ),
+            derp_mesh_links_up: gauge(
+                "hsd_derp_mesh_links_up",
+                "This relay's mesh links to other members that are up",
             ),
             derp_packets_relayed: counter(
                 "hsd_derp_packets_relayed_total",

@@ -104,6 +104,9 @@ pub(super) fn metrics_router(metrics: Arc<Metrics>, derp: Arc<DerpServer>) -> Ro
             let derp = derp.clone();
             async move {
                 metrics.derp_clients.set(derp.connected_clients() as i64);
+                metrics
+                    .derp_mesh_links_up
+                    .set(derp.mesh_peers_connected() as i64);
                 let (relayed, forwarded) = derp.packet_counts();
                 Metrics::mirror_counter(&metrics.derp_packets_relayed, relayed);
                 Metrics::mirror_counter(&metrics.derp_packets_mesh_forwarded, forwarded);

@@ -449,12 +449,14 @@ fn start_derp(
 
 /// A mesh peer must present the DERP key a current member pinned. A member that has not
 /// pinned one (still starting, or running an older release during an upgrade) is taken on
-/// the mesh key alone until it does.
+/// the mesh key alone until it does, and so is everyone while this member has not learned
+/// the membership yet (it has no clients to protect then).
 fn mesh_verifier(cluster: Cluster) -> crate::derp::server::ClientVerifier {
     Box::new(move |key| {
         let view = cluster.view();
-        let mut unpinned = false;
-        for id in cluster.member_ids() {
+        let members = cluster.member_ids();
+        let mut unpinned = members.is_empty();
+        for id in members {
             match view.member_derp_key(id) {
                 Some(k) if k == key => return true,
                 Some(_) => {}

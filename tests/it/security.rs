@@ -630,25 +630,45 @@ fn the_derp_mesh_admits_only_current_members() {
     });
     assert!(c.members[0].log().contains("derp mesh peer refused"));
 
+    // Every relay's links to the other two are up.
+    wait_for("the mesh formed", Duration::from_secs(30), || {
+        c.members
+            .iter()
+            .all(|m| m.metric("hsd_derp_mesh_links_up") == 2.0)
+            .then_some(())
+    });
     let leader = c.wait_leader();
     let removed = if leader == 3 { 2 } else { 3 };
+    let logged: Vec<usize> = c.members.iter().map(|m| m.log().len()).collect();
     let out = c.hsctl(leader, &["cluster", "remove", &removed.to_string()]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The others cut its link (or refuse its redial, had it just dropped): it meshes no more.
     for m in c.members.iter().filter(|m| m.id != removed) {
+        let since = logged[(m.id - 1) as usize];
         wait_for(
-            &format!("member {} to cut the removed member's mesh link", m.id),
+            &format!("member {} to refuse the removed member's mesh link", m.id),
             Duration::from_secs(30),
             || {
-                m.log()
-                    .contains("derp mesh peer cut off: no longer a member")
-                    .then_some(())
+                let log = m.log();
+                let new = &log[since..];
+                (new.contains("derp mesh peer cut off: no longer a member")
+                    || new.contains("derp mesh peer refused"))
+                .then_some(())
             },
         );
     }
+    wait_for(
+        "the removed member's links down",
+        Duration::from_secs(30),
+        || {
+            (c.members[(removed - 1) as usize].metric("hsd_derp_mesh_links_up") == 0.0)
+                .then_some(())
+        },
+    );
 }
 
 /// The audit log keeps at most `audit.max_records` (the oldest go first).
