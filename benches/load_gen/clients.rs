@@ -379,6 +379,8 @@ async fn redial(
         let attempt = async {
             let mut conn =
                 ControlClient::connect_with_key(addr, server_key, &client.machine).await?;
+            // The same Hostinfo as before, as a real client sends after a reconnect.
+            conn.set_hostname(&client.hostname());
             let mut stream = conn
                 .map_stream_with(&client.node_key, &client.disco, &endpoint(client.idx), true)
                 .await?;

@@ -179,6 +179,12 @@ impl ControlClient {
         Ok((status, out))
     }
 
+    /// The hostname map requests carry in their Hostinfo (set by `register`; a client that
+    /// reconnects without registering again sets it so its Hostinfo stays the same).
+    pub fn set_hostname(&mut self, hostname: &str) {
+        self.hostname = hostname.to_string();
+    }
+
     /// `/machine/register` with a pre-auth key; returns (HTTP status, response JSON or text).
     pub async fn register(
         &mut self,

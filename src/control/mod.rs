@@ -69,6 +69,8 @@ pub struct ControlDeps {
     pub hub: map::hub::HubHandle,
     pub metrics: Arc<Metrics>,
     pub limits: Arc<ControlLimits>,
+    /// Hostinfo writes in flight, one per node.
+    pub node_info_writes: Arc<map::NodeInfoWrites>,
     pub stop: CancellationToken,
     pub tasks: TaskTracker,
 }

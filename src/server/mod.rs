@@ -201,6 +201,7 @@ impl Server {
             hub: hub_handle,
             metrics: metrics.clone(),
             limits: Arc::new(control::ControlLimits::new(&config.limits, &metrics)),
+            node_info_writes: Arc::default(),
             stop: life.drain.clone(),
             tasks: life.tasks.clone(),
         };

@@ -149,18 +149,32 @@ fn a_follower_reads_its_own_writes() {
         }
         let (to, _, _, _) = &nodes[1];
         let to = *to;
-        nodes[0].1.send(to, b"hello").await.unwrap();
+        // A relay, like UDP, may drop a packet sent the instant its receiver logs in
+        // (before the relay has registered it): resend until one arrives.
+        let (_, mut receiver, _, _) = nodes.remove(1);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let reader = tokio::spawn(async move {
+            while let Ok(frame) = receiver.recv().await {
+                if let Frame::RecvPacket { data, .. } = frame {
+                    let _ = tx.send(data).await;
+                }
+            }
+        });
+        let sender = &mut nodes[0].1;
         let received = tokio::time::timeout(T, async {
             loop {
-                match nodes[1].1.recv().await.expect("the relay keeps the node") {
-                    Frame::RecvPacket { data, .. } => return data,
-                    _ => continue,
+                sender.send(to, b"hello").await.unwrap();
+                if let Ok(Some(data)) =
+                    tokio::time::timeout(Duration::from_millis(500), rx.recv()).await
+                {
+                    return data;
                 }
             }
         })
         .await
         .expect("a packet through the follower's relay");
         assert_eq!(&received[..], b"hello");
+        reader.abort();
     });
 }
 

@@ -294,7 +294,8 @@ impl HubState {
             ..Default::default()
         };
         let mut owners = changes.users.clone();
-        for id in changes.nodes.iter().chain(&changes.presence) {
+        // Each node once, even when both its record and its presence changed this tick.
+        for id in changes.nodes.union(&changes.presence) {
             match view.node(*id) {
                 Some(node) => {
                     let entry = Arc::new(encode(ctx, node));

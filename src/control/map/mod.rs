@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::tailcfg::{self, MapRequest};
 use super::{ControlDeps, NoisePeer};
-use crate::registry::{Command, Node};
+use crate::registry::{Command, Node, NodeId};
 use build::MapContext;
 
 /// Largest map request accepted; real ones carry a Hostinfo of a few KiB.
@@ -112,7 +112,7 @@ pub async fn handle(
             ),
         );
     }
-    record_node_info(&deps, &node, &req).await;
+    record_node_info(&deps, &node, &req);
     if req.stream {
         // Counted online before its endpoints are recorded, so peers get both at once.
         deps.presence.session_started(node.id);
@@ -174,13 +174,64 @@ pub fn stable_hostinfo(hostinfo: &serde_json::Value) -> String {
 }
 
 /// Writes Hostinfo and disco key through Raft, but only when they changed: a client sends
-/// them on every poll, and an unchanged value must not grow the log.
-async fn record_node_info(deps: &ControlDeps, node: &Arc<Node>, req: &MapRequest) {
+/// them on every poll, and an unchanged value must not grow the log. The write runs in the
+/// background, at most one per node at a time: a map stream never waits for Raft (after a
+/// member dies, thousands of clients reconnect while the cluster may be electing).
+fn record_node_info(deps: &ControlDeps, node: &Arc<Node>, req: &MapRequest) {
+    let Some(command) = node_info_change(node, req) else {
+        return;
+    };
+    let Some(claim) = deps.node_info_writes.claim(node.id) else {
+        return;
+    };
+    let cluster = deps.cluster.clone();
+    deps.tasks.spawn(async move {
+        let id = claim.node;
+        if let Err(error) = cluster.propose(command).await {
+            // The map works with the old values; the next poll retries.
+            tracing::warn!(node.id = %id, %error, "could not record node info");
+        }
+        drop(claim);
+    });
+}
+
+/// Nodes whose Hostinfo write is in flight on this member.
+#[derive(Default)]
+pub struct NodeInfoWrites(std::sync::Mutex<std::collections::HashSet<NodeId>>);
+
+/// One node's in-flight write; dropping it lets the next poll write again.
+struct NodeInfoClaim {
+    node: NodeId,
+    writes: Arc<NodeInfoWrites>,
+}
+
+impl NodeInfoWrites {
+    fn claim(self: &Arc<Self>, node: NodeId) -> Option<NodeInfoClaim> {
+        let fresh = self.0.lock().expect("node info writes").insert(node);
+        fresh.then(|| NodeInfoClaim {
+            node,
+            writes: self.clone(),
+        })
+    }
+}
+
+impl Drop for NodeInfoClaim {
+    fn drop(&mut self) {
+        self.writes
+            .0
+            .lock()
+            .expect("node info writes")
+            .remove(&self.node);
+    }
+}
+
+/// The `UpdateNodeInfo` a map request calls for, if its Hostinfo or disco key changed.
+fn node_info_change(node: &Arc<Node>, req: &MapRequest) -> Option<Command> {
     let hostinfo = req.hostinfo.as_ref().map(stable_hostinfo);
     let hostinfo_changed = hostinfo.as_ref().is_some_and(|h| *h != node.hostinfo);
     let disco_changed = !req.disco_key.is_zero() && req.disco_key != node.disco_key;
     if !hostinfo_changed && !disco_changed {
-        return;
+        return None;
     }
     let hostinfo = hostinfo.unwrap_or_else(|| node.hostinfo.clone());
     let hostname = req
@@ -195,19 +246,12 @@ async fn record_node_info(deps: &ControlDeps, node: &Arc<Node>, req: &MapRequest
     } else {
         req.disco_key
     };
-    if let Err(error) = deps
-        .cluster
-        .propose(Command::UpdateNodeInfo {
-            id: node.id,
-            hostname,
-            hostinfo,
-            disco_key,
-        })
-        .await
-    {
-        // The map still works with the old values; the next poll retries.
-        tracing::warn!(node.id = %node.id, %error, "could not record node info");
-    }
+    Some(Command::UpdateNodeInfo {
+        id: node.id,
+        hostname,
+        hostinfo,
+        disco_key,
+    })
 }
 
 #[cfg(test)]

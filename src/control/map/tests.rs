@@ -390,3 +390,18 @@ fn a_netmap_assembled_from_shared_blocks_equals_one_encoded_for_the_node() {
         assert_eq!(assembled[field], direct[field], "{field}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_node_changed_and_online_in_one_tick_is_sent_once() {
+    let mut feed = Feed::new();
+    let me = feed.register(1, "watcher");
+    let h = Harness::start(&feed);
+    let mut rx = h.session(me);
+    next(&mut rx).await;
+    // Its record and its presence change within one coalescing window.
+    let other = feed.register(2, "both");
+    h.deps.presence.session_started(other);
+    let delta = next(&mut rx).await;
+    assert_eq!(peer_keys(&delta, "PeersChanged").len(), 1, "{delta}");
+    h.stop.cancel();
+}
