@@ -199,24 +199,35 @@ fn serve_members(listener: TcpListener, life: &Lifecycle, cluster: &Cluster) {
     let service = cluster.grpc_service();
     let server_tls = cluster.server_tls();
     let stop = life.raft_stop.clone();
-    life.supervisor
-        .spawn_essential(&life.raft_tasks, "member-to-member listener", async move {
-            let incoming = accept_stream(listener);
-            let mut builder = match tonic::transport::Server::builder().tls_config(server_tls) {
-                Ok(b) => b,
-                Err(error) => {
-                    tracing::error!(%error, "member-to-member TLS settings rejected");
-                    return;
-                }
-            };
-            let result = builder
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, stop.cancelled())
-                .await;
-            if let Err(error) = result {
-                tracing::error!(%error, "member-to-member listener failed");
+    // Re-registered with the Raft runtime's reactor, so accepting does not wait on the
+    // client-facing runtime.
+    let listener = listener.into_std();
+    let serve = life.raft_runtime.run(async move {
+        let listener = match listener.and_then(TcpListener::from_std) {
+            Ok(l) => l,
+            Err(error) => {
+                tracing::error!(%error, "member-to-member listener could not move to the Raft runtime");
+                return;
             }
-        });
+        };
+        let incoming = accept_stream(listener);
+        let mut builder = match tonic::transport::Server::builder().tls_config(server_tls) {
+            Ok(b) => b,
+            Err(error) => {
+                tracing::error!(%error, "member-to-member TLS settings rejected");
+                return;
+            }
+        };
+        let result = builder
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled())
+            .await;
+        if let Err(error) = result {
+            tracing::error!(%error, "member-to-member listener failed");
+        }
+    });
+    life.supervisor
+        .spawn_essential(&life.raft_tasks, "member-to-member listener", serve);
 }
 
 /// Adapts a listener to the stream of connections tonic's `serve_with_incoming` takes.

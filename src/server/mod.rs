@@ -66,6 +66,8 @@ pub enum StartError {
     Raft(#[source] crate::raft::StartError),
     #[error("the admin unix socket (unix_socket)")]
     AdminSocket(#[source] crate::admin::BindError),
+    #[error("starting the Raft runtime")]
+    Runtime(#[source] std::io::Error),
     #[error("loading the member TLS files (cluster.tls)")]
     Tls(#[from] crate::raft::tls::TlsError),
     #[error("loading the control port's TLS files (tls_cert_path, tls_key_path)")]
@@ -95,20 +97,64 @@ struct Lifecycle {
     drain: CancellationToken,
     raft_stop: CancellationToken,
     raft_tasks: TaskTracker,
+    /// Raft, its storage and the member-to-member service run on a runtime of their own,
+    /// so heartbeats and elections keep time while thousands of clients reconnect.
+    raft_runtime: RaftRuntime,
     supervisor: Supervisor,
 }
 
+/// The Raft runtime's one worker thread; shut down without blocking when dropped (a
+/// runtime dropped inside another's async context would panic).
+struct RaftRuntime(Option<tokio::runtime::Runtime>);
+
+impl RaftRuntime {
+    fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("hsd-raft")
+            .enable_all()
+            .build()?;
+        Ok(RaftRuntime(Some(runtime)))
+    }
+
+    /// `task` run on the Raft runtime, as a future the caller awaits anywhere; a panic in
+    /// it resumes in the caller (so the supervisor sees it).
+    fn run<T: Send + 'static>(
+        &self,
+        task: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> impl std::future::Future<Output = T> + Send + 'static {
+        let runtime = self.0.as_ref().expect("running until dropped");
+        let handle = runtime.spawn(task);
+        async move {
+            match handle.await {
+                Ok(value) => value,
+                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                Err(error) => panic!("raft runtime task cancelled: {error}"),
+            }
+        }
+    }
+}
+
+impl Drop for RaftRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 impl Lifecycle {
-    fn new() -> Self {
+    fn new() -> Result<Self, StartError> {
         let stop = CancellationToken::new();
-        Lifecycle {
+        Ok(Lifecycle {
             drain: stop.child_token(),
             supervisor: Supervisor::new(stop.clone()),
             stop,
             tasks: TaskTracker::new(),
             raft_stop: CancellationToken::new(),
             raft_tasks: TaskTracker::new(),
-        }
+            raft_runtime: RaftRuntime::start().map_err(StartError::Runtime)?,
+        })
     }
 }
 
@@ -180,7 +226,7 @@ impl Server {
         let keys = MemberKeys::load(&config, &v)?;
         let listeners = Listeners::bind(&config, &v, control_tls).await?;
         let addrs = listeners.addrs(&config, &v);
-        let life = Lifecycle::new();
+        let life = Lifecycle::new()?;
         let presence = Presence::new(config.cluster.member_id);
         let cluster = start_cluster(&config, &v, &addrs, &presence, &life).await?;
         let metrics = Arc::new(Metrics::new());
@@ -357,30 +403,34 @@ async fn start_cluster(
 ) -> Result<Cluster, StartError> {
     let tls = member_tls(config)?;
     let (member, initial_members) = members(config, addrs);
-    let cluster = Cluster::start(
-        ClusterOptions {
-            member_id: config.cluster.member_id,
-            member,
-            data_dir: config.data_dir.clone(),
-            settings: ClusterSettings {
-                prefix_v4: v.prefix_v4,
-                prefix_v6: v.prefix_v6,
-                base_domain: config.dns.base_domain.clone(),
+    // Started on the Raft runtime: openraft, the batcher, the forwarder and presence
+    // exchange spawn their tasks there.
+    let cluster = life
+        .raft_runtime
+        .run(Cluster::start(
+            ClusterOptions {
+                member_id: config.cluster.member_id,
+                member,
+                data_dir: config.data_dir.clone(),
+                settings: ClusterSettings {
+                    prefix_v4: v.prefix_v4,
+                    prefix_v6: v.prefix_v6,
+                    base_domain: config.dns.base_domain.clone(),
+                },
+                initial_members,
+                election_timeout_min_ms: config.cluster.election_timeout.0.as_millis() as u64,
+                heartbeat_ms: config.cluster.heartbeat_interval.0.as_millis() as u64,
+                snapshot_every_logs: config.cluster.snapshot_every,
+                presence: presence.clone(),
+                version: VERSION,
+                tls,
+                drain: life.drain.clone(),
             },
-            initial_members,
-            election_timeout_min_ms: config.cluster.election_timeout.0.as_millis() as u64,
-            heartbeat_ms: config.cluster.heartbeat_interval.0.as_millis() as u64,
-            snapshot_every_logs: config.cluster.snapshot_every,
-            presence: presence.clone(),
-            version: VERSION,
-            tls,
-            drain: life.drain.clone(),
-        },
-        life.raft_stop.clone(),
-        life.raft_tasks.clone(),
-    )
-    .await
-    .map_err(StartError::Raft)?;
+            life.raft_stop.clone(),
+            life.raft_tasks.clone(),
+        ))
+        .await
+        .map_err(StartError::Raft)?;
     let supervisor = &life.supervisor;
     life.tasks
         .spawn(supervisor.clone().watch_raft(cluster.clone()));
