@@ -23,6 +23,8 @@ const STREAM_SILENCE: Duration = Duration::from_secs(130);
 pub struct SimClient {
     pub idx: usize,
     machine: [u8; 32],
+    /// Where the client's dial plan puts each surviving member (`dial_seed`).
+    dial_seed: u64,
     node_private: [u8; 32],
     pub node_key: NodeKey,
     disco: DiscoKey,
@@ -33,11 +35,12 @@ pub struct SimClient {
 
 impl SimClient {
     fn new(idx: usize, members: usize) -> SimClient {
-        let (machine, _) = keypair();
+        let (machine, machine_public) = keypair();
         let (node_private, node_public) = keypair();
         SimClient {
             idx,
             machine,
+            dial_seed: hsd::derp::region::dial_seed(&machine_public),
             node_private,
             node_key: NodeKey(node_public),
             disco: DiscoKey(keypair().1),
@@ -371,10 +374,15 @@ async fn redial(
     cluster: &LocalCluster,
     server_key: &[u8; 32],
 ) -> (ControlClient, MapStream) {
-    let members = cluster.members.len();
-    let mut member = client.home.load(Ordering::SeqCst);
+    // The order the server's dial plan gives this machine: its member's others, rotated.
+    let home = client.home.load(Ordering::SeqCst);
+    let others: Vec<usize> = (0..cluster.members.len()).filter(|i| *i != home).collect();
+    let order: Vec<usize> = hsd::derp::region::dial_order(&others, client.dial_seed)
+        .copied()
+        .collect();
+    let mut tries = order.iter().cycle();
     loop {
-        member = (member + 1) % members;
+        let member = *tries.next().expect("at least one other member");
         let addr = &cluster.members[member].control_addr;
         let attempt = async {
             let mut conn =

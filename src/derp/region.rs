@@ -31,9 +31,53 @@ pub struct DerpRegionInfo {
 pub struct Topology {
     /// The DERP regions of the cluster, this member's region and node first; empty = no relay.
     pub derp: Vec<DerpRegionInfo>,
-    /// `ControlDialPlan` naming every member, so a running client whose member dies redials
-    /// a survivor (protocol.md §7). `None` for a one-member cluster.
-    pub dial_plan: Option<serde_json::Value>,
+    /// The members' addresses for the `ControlDialPlan`, this member's first, so a running
+    /// client whose member dies redials a survivor (protocol.md §7). Empty for a
+    /// one-member cluster. Each node gets them in its own order (`dial_plan_for`).
+    pub dial_ips: Vec<String>,
+}
+
+impl Topology {
+    /// The `ControlDialPlan` for the machine with `dial_seed` (`dial_seed`): this member
+    /// first, then the others rotated by the seed, so that when a member dies its clients
+    /// spread over the survivors instead of all redialing the same one.
+    pub fn dial_plan_for(&self, seed: u64) -> Option<serde_json::Value> {
+        let (own, others) = self.dial_ips.split_first()?;
+        if others.is_empty() {
+            return None;
+        }
+        let order = std::iter::once(own).chain(dial_order(others, seed));
+        let count = self.dial_ips.len();
+        let candidates: Vec<serde_json::Value> = order
+            .enumerate()
+            .map(|(i, ip)| {
+                serde_json::json!({
+                    "IP": ip,
+                    "DialStartDelaySec": 0.25 * i as f64,
+                    "DialTimeoutSec": 2.0,
+                    "Priority": (count - i) as i64,
+                })
+            })
+            .collect();
+        Some(serde_json::json!({ "Candidates": candidates }))
+    }
+}
+
+/// The other members in the order a client tries them after its own: rotated by its
+/// machine's `dial_seed`. (The load generator redials in this order too.)
+pub fn dial_order<T>(others: &[T], seed: u64) -> impl Iterator<Item = &T> {
+    let shift = if others.is_empty() {
+        0
+    } else {
+        (seed % others.len() as u64) as usize
+    };
+    others[shift..].iter().chain(&others[..shift])
+}
+
+/// A machine's place in the dial order, from its public machine key (stable across node
+/// key rotations; spread evenly because keys are random).
+pub fn dial_seed(machine_key: &[u8; 32]) -> u64 {
+    u64::from_le_bytes(machine_key[..8].try_into().expect("8 bytes"))
 }
 
 /// What the topology is computed from, fixed at start.
@@ -100,7 +144,7 @@ pub fn topology(config: &Config, member_id: u64, server_url: &str, stun_port: i3
         } else {
             Vec::new()
         },
-        dial_plan: dial_plan(config, member_id, server_url),
+        dial_ips: dial_ips(config, member_id, server_url),
     }
 }
 
@@ -192,34 +236,22 @@ fn mesh_peers(config: &Config, member_id: u64) -> Vec<String> {
 /// A dial plan listing every member's address, this member first and the others after
 /// short start delays (v1.90 takes the first success; v1.86 also honours Priority).
 /// `DialTimeoutSec` must be above zero, or the candidate always fails.
-fn dial_plan(config: &Config, member_id: u64, server_url: &str) -> Option<serde_json::Value> {
+/// This member's address, then the other members' (IP literals only: a dial plan names
+/// addresses). Empty for a one-member cluster.
+fn dial_ips(config: &Config, member_id: u64, server_url: &str) -> Vec<String> {
     if config.cluster.members.len() < 2 {
-        return None;
+        return Vec::new();
     }
-    let mut others: Vec<String> = config
+    let others = config
         .cluster
         .members
         .iter()
         .filter(|m| m.id != member_id)
-        .filter_map(|m| m.control_url.as_deref().map(url_host))
-        .collect();
-    let mut ips = vec![url_host(server_url)];
-    ips.append(&mut others);
-    let count = ips.len();
-    let candidates: Vec<serde_json::Value> = ips
-        .into_iter()
+        .filter_map(|m| m.control_url.as_deref().map(url_host));
+    std::iter::once(url_host(server_url))
+        .chain(others)
         .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
-        .enumerate()
-        .map(|(i, ip)| {
-            serde_json::json!({
-                "IP": ip,
-                "DialStartDelaySec": 0.25 * i as f64,
-                "DialTimeoutSec": 2.0,
-                "Priority": (count - i) as i64,
-            })
-        })
-        .collect();
-    (!candidates.is_empty()).then(|| serde_json::json!({ "Candidates": candidates }))
+        .collect()
 }
 
 fn url_host(url: &str) -> String {
@@ -280,12 +312,23 @@ cluster:
             mesh_peers(&config, 1),
             vec!["http://10.0.0.2:8080/derp".to_string()]
         );
-        let plan = dial_plan(&config, 1, "http://10.0.0.1:8080").unwrap();
-        assert_eq!(
-            plan["Candidates"].as_array().unwrap().len(),
-            3,
-            "the dial plan names every member"
-        );
+        let topology = Topology {
+            derp: Vec::new(),
+            dial_ips: dial_ips(&config, 1, "http://10.0.0.1:8080"),
+        };
+        let ips = |node: u64| -> Vec<String> {
+            let plan = topology.dial_plan_for(node).unwrap();
+            plan["Candidates"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["IP"].as_str().unwrap().to_string())
+                .collect()
+        };
+        // Every member, this one first; the others' order alternates between nodes, so a
+        // dead member's clients split over the survivors.
+        assert_eq!(ips(2), ["10.0.0.1", "10.0.0.2", "10.1.0.3"]);
+        assert_eq!(ips(3), ["10.0.0.1", "10.1.0.3", "10.0.0.2"]);
     }
 
     #[test]

@@ -217,7 +217,11 @@ impl MapContext<'_> {
             control_time: Some(Timestamp::now().to_rfc3339()),
             // Stops the client uploading logs to Tailscale's log service.
             debug: Some(json!({ "DisableLogTail": true })),
-            control_dial_plan: self.settings.topology.borrow().dial_plan.clone(),
+            control_dial_plan: self
+                .settings
+                .topology
+                .borrow()
+                .dial_plan_for(crate::derp::region::dial_seed(&me.machine_key.0)),
             ..Default::default()
         }
     }
