@@ -696,3 +696,33 @@ fn the_audit_log_is_pruned_to_its_configured_size() {
         .collect();
     assert_eq!(targets, ["u4", "u5", "u6"]);
 }
+
+/// `limits.max_concurrent_streams` is what the control port announces to HTTP/2 clients.
+#[test]
+fn the_control_port_announces_its_stream_cap() {
+    let c = TestCluster::start(
+        1,
+        ClusterOpts {
+            extra_yaml: "limits:\n  max_concurrent_streams: 7\n".into(),
+            ..Default::default()
+        },
+    );
+    let addr = format!("{}:8080", c.members[0].ip);
+    let announced = rt().block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (mut client, mut conn) = h2::client::handshake(tcp).await.unwrap();
+        let request = http::Request::get(format!("http://{addr}/health"))
+            .body(())
+            .unwrap();
+        // Drive the connection until the health answer arrives; by then the server's
+        // SETTINGS have been read.
+        let (response, _) = client.send_request(request, true).unwrap();
+        let answered = tokio::select! {
+            r = response => r.unwrap().status(),
+            r = &mut conn => panic!("the connection ended first: {r:?}"),
+        };
+        assert_eq!(answered, 200);
+        conn.max_concurrent_send_streams()
+    });
+    assert_eq!(announced, 7);
+}
