@@ -37,6 +37,22 @@ pub fn write_private_file(path: &std::path::Path, contents: &[u8]) -> std::io::R
     Ok(())
 }
 
+/// The error and its causes, `: `-joined, each cause once (a transport error alone says
+/// little; many errors repeat their source's text).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;

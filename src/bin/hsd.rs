@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hsd::config::Config;
 use hsd::server::{Failure, Server, StartError};
+use hsd::util::error_chain;
 
 /// Exit code for a usage or configuration error (EX_USAGE).
 use hsd::server::supervisor::EXIT_CONFIG;
@@ -188,17 +189,6 @@ fn load_config(args: &Args) -> Result<Config, String> {
     }
     config.validate().map_err(|e| error_chain(&e))?;
     Ok(config)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn main() -> ExitCode {

@@ -63,20 +63,7 @@ impl tonic::codegen::Service<Uri> for UnixConnector {
     }
 }
 
-/// The error and its causes, `: `-joined (tonic's transport error alone says little).
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
+pub use crate::util::error_chain;
 
 pub async fn connect(target: &Target, timeout: Duration) -> Result<Client, CliError> {
     match target {

@@ -137,21 +137,10 @@ impl ControlTls {
             }
             Err(error) => {
                 reloads.with_label_values(&["failed"]).inc();
-                tracing::warn!(error = %error_chain(&error), "control TLS files not reloaded; still serving the previous certificate");
+                tracing::warn!(error = %crate::util::error_chain(&error), "control TLS files not reloaded; still serving the previous certificate");
             }
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn read_pair(cert: &Path, key: &Path) -> Result<PemPair, ControlTlsError> {

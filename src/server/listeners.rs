@@ -135,10 +135,13 @@ impl Listeners {
         metrics: Arc<Metrics>,
     ) {
         let (sup, tasks, stop) = (&life.supervisor, &life.tasks, &life.stop);
-        let guard = ConnGuard::new(&self.limits, metrics.limit_refusals.clone());
+        // Each TCP port counts its own connections per source.
+        let refusals = metrics.limit_refusals.clone();
+        let limits = self.limits.clone();
+        let guard = move || ConnGuard::new(&limits, refusals.clone());
         let bounded = http::Bounds {
             header_timeout: control.settings.http_header_timeout,
-            guard: guard.clone(),
+            guard: guard(),
             max_concurrent_streams: self.limits.max_concurrent_streams,
             tls: self.control_tls.as_ref().map(ControlTls::acceptor),
         };
@@ -186,7 +189,7 @@ impl Listeners {
             sup.spawn_essential(
                 tasks,
                 "admin gRPC listener",
-                crate::admin::serve_tcp(listener, admin, guard, stop.clone()),
+                crate::admin::serve_tcp(listener, admin, guard(), stop.clone()),
             );
         }
         serve_members(self.cluster, life, cluster);

@@ -479,6 +479,30 @@ fn floods_are_rate_limited_per_source_node_and_key() {
             },
         );
         drop(held);
+        // The member frees the slots when it sees them close: wait until one is admitted
+        // (it then waits for a request, or greets with HTTP/2 settings, instead of closing).
+        wait_for(
+            &format!("a slot on {port} freed"),
+            Duration::from_secs(10),
+            || {
+                let mut probe = std::net::TcpStream::connect(&addr).ok()?;
+                probe
+                    .set_read_timeout(Some(Duration::from_millis(300)))
+                    .ok()?;
+                match probe.read(&mut [0u8; 1]) {
+                    Ok(n) if n > 0 => Some(()),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        Some(())
+                    }
+                    _ => None,
+                }
+            },
+        );
     }
     assert!(refusals("max_connections_per_source") >= 2.0);
 
