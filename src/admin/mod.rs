@@ -12,6 +12,7 @@ pub mod convert;
 pub mod grpc;
 pub mod rest;
 pub mod status;
+mod tcp;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -83,6 +84,7 @@ pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     deps: AdminDeps,
     guard: crate::limit::conn::ConnGuard,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     stop: CancellationToken,
 ) {
     match listener.local_addr() {
@@ -90,7 +92,7 @@ pub async fn serve_tcp(
         Err(error) => tracing::warn!(%error, "admin TCP listener has no local address"),
     }
     let check = ApiKeyCheck::new(deps.cluster.clone(), deps.failed_auth.clone());
-    let incoming = accept_stream(TcpAcceptor { listener, guard });
+    let incoming = tcp::incoming(listener, guard, tls, stop.clone());
     let result = tonic::transport::Server::builder()
         .max_concurrent_streams(deps.max_concurrent_streams)
         .layer(tower_layer::layer_fn(audit::actor_layer))
@@ -192,24 +194,6 @@ impl Acceptor for UnixAcceptor {
     type Io = tokio::net::UnixStream;
     async fn accept(&self) -> std::io::Result<Self::Io> {
         self.0.accept().await.map(|(stream, _)| stream)
-    }
-}
-
-/// Admin TCP connections, bounded like the control port's (per source, idle).
-struct TcpAcceptor {
-    listener: tokio::net::TcpListener,
-    guard: crate::limit::conn::ConnGuard,
-}
-impl Acceptor for TcpAcceptor {
-    type Io = crate::limit::conn::IdleIo<tokio::net::TcpStream>;
-    async fn accept(&self) -> std::io::Result<Self::Io> {
-        loop {
-            let (stream, remote) = self.listener.accept().await?;
-            let _ = stream.set_nodelay(true);
-            if let Some(io) = self.guard.admit(stream, remote.ip()) {
-                return Ok(io);
-            }
-        }
     }
 }
 

@@ -98,12 +98,22 @@ pub async fn connect(target: &Target, timeout: Duration) -> Result<Client, CliEr
             } else {
                 format!("http://{address}")
             };
-            let endpoint = Endpoint::from_shared(url)
+            let endpoint = Endpoint::from_shared(url.clone())
                 .map_err(|_| {
                     CliError::usage(format!("invalid --address {address:?}: expected HOST:PORT"))
                 })?
                 .connect_timeout(timeout)
                 .timeout(timeout);
+            // https: the member serves its control certificate here too; trusted through
+            // the system's roots or SSL_CERT_FILE.
+            let endpoint = if url.starts_with("https://") {
+                crate::raft::tls::install_crypto_provider();
+                endpoint
+                    .tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots())
+                    .map_err(|e| CliError::usage(format!("TLS for {address}: {e}")))?
+            } else {
+                endpoint
+            };
             let channel = endpoint.connect().await.map_err(|e| {
                 CliError::unreachable(format!("cannot connect to {address}: {}", error_chain(&e)))
             })?;

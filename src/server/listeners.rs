@@ -147,6 +147,7 @@ impl Listeners {
         };
         let app = http::control_router(control, derp.clone())
             .merge(crate::admin::rest::router(admin.clone()));
+        let admin_tls = self.control_tls.as_ref().map(ControlTls::acceptor);
         if let Some(tls) = self.control_tls {
             let reloads = metrics.tls_reloads.clone();
             tasks.spawn(tls.watch(reloads, stop.clone()));
@@ -189,7 +190,7 @@ impl Listeners {
             sup.spawn_essential(
                 tasks,
                 "admin gRPC listener",
-                crate::admin::serve_tcp(listener, admin, guard(), stop.clone()),
+                crate::admin::serve_tcp(listener, admin, guard(), admin_tls, stop.clone()),
             );
         }
         serve_members(self.cluster, life, cluster);

@@ -81,6 +81,51 @@ fn real_clients_join_and_relay_over_tls_and_survive_a_rotation() {
     );
 }
 
+/// With `tls_cert_path` the admin gRPC port is TLS too: hsctl reaches it over `https://`
+/// trusting the CA through `SSL_CERT_FILE`, and plaintext gets nothing.
+#[test]
+fn hsctl_speaks_tls_to_the_admin_port() {
+    let c = TestCluster::start(
+        1,
+        ClusterOpts {
+            control_tls: true,
+            ..Default::default()
+        },
+    );
+    let ca = c.members[0].web_ca.clone().expect("a web CA");
+    let key = c.hsctl_json(1, &["apikeys", "create"])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let grpc = c.members[0].grpc_addr();
+    let hsctl = |address: String| {
+        std::process::Command::new(crate::harness::hsctl_bin())
+            .args(["--address", &address, "--api-key", &key, "--timeout", "5s"])
+            .args(["users", "create", "over-tls", "-o", "json"])
+            .env("SSL_CERT_FILE", &ca)
+            .output()
+            .unwrap()
+    };
+    let out = hsctl(format!("https://{grpc}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plain = hsctl(format!("http://{grpc}"));
+    assert!(!plain.status.success(), "plaintext must not work");
+    let users = c.hsctl_json(1, &["users", "list"]);
+    assert_eq!(
+        users
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|u| u["name"] == "over-tls")
+            .count(),
+        1
+    );
+}
+
 #[test]
 fn a_bad_tls_pair_refuses_the_start_and_a_bad_rotation_keeps_serving() {
     hsd::raft::tls::install_crypto_provider();
