@@ -137,11 +137,9 @@ impl FailedAuth {
         if self.per_source.has_budget(&source) {
             return None;
         }
-        let secs = self.per_source.retry_after(&source).as_secs().max(1);
-        Some(tonic::Status::resource_exhausted(format!(
-            "too many failed authentications from {source}; retry in {secs}s (limits.{})",
-            self.per_source.name()
-        )))
+        let what = format!("failed authentications from {source}");
+        let refusal = self.per_source.refusal(&source, &what);
+        Some(tonic::Status::resource_exhausted(refusal.message))
     }
 
     /// Records that `actor` was refused on `surface` (`grpc`, `rest`), and spends one of

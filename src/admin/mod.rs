@@ -86,13 +86,14 @@ pub async fn serve_tcp(
     guard: crate::limit::conn::ConnGuard,
     tls: Option<tokio_rustls::TlsAcceptor>,
     stop: CancellationToken,
+    tasks: TaskTracker,
 ) {
     match listener.local_addr() {
         Ok(addr) => tracing::info!(listen.addr = %addr, "admin API listening on TCP"),
         Err(error) => tracing::warn!(%error, "admin TCP listener has no local address"),
     }
     let check = ApiKeyCheck::new(deps.cluster.clone(), deps.failed_auth.clone());
-    let incoming = tcp::incoming(listener, guard, tls, stop.clone());
+    let incoming = tcp::incoming(listener, guard, tls, stop.clone(), tasks);
     let result = tonic::transport::Server::builder()
         .max_concurrent_streams(deps.max_concurrent_streams)
         .layer(tower_layer::layer_fn(audit::actor_layer))

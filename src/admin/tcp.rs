@@ -1,26 +1,22 @@
-//! The admin API's TCP connections: bounded per source and idle (`limit::conn`), and over
-//! TLS with the control port's certificate when `tls_cert_path` is set (hsctl then takes
-//! `--address https://HOST:PORT`). TLS handshakes run on their own tasks, bounded in time,
-//! so a slow client cannot hold up the accept loop.
+//! The admin API's TCP connections: bounded per source, idle and in handshake time
+//! (`limit::conn::ConnGuard`), and over TLS with the control port's certificate when
+//! `tls_cert_path` is set (hsctl then takes `--address https://HOST:PORT`). TLS handshakes
+//! run on their own tasks, so a slow client cannot hold up the accept loop.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::limit::conn::{ConnGuard, IdleIo};
+use crate::limit::conn::{Bounded, ConnGuard};
 
-/// Time a client has to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections that finished their handshake and wait for tonic to take them.
 const READY_QUEUE: usize = 64;
-
-type Bounded = IdleIo<TcpStream>;
 
 /// One admin connection, plain or TLS.
 pub enum AdminConn {
@@ -80,30 +76,20 @@ impl AsyncWrite for AdminConn {
 }
 
 /// Accepts on `listener` until `stop`, admitting through `guard` and, with `tls`, shaking
-/// hands on a task per connection; yields the connections ready for gRPC.
+/// hands on a task per connection (all in `tasks`); yields the connections ready for gRPC.
 pub fn incoming(
     listener: tokio::net::TcpListener,
     guard: ConnGuard,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    stop: tokio_util::sync::CancellationToken,
+    stop: CancellationToken,
+    tasks: TaskTracker,
 ) -> impl futures::Stream<Item = io::Result<AdminConn>> + Send + 'static {
     let (ready, rx) = mpsc::channel(READY_QUEUE);
-    tokio::spawn(async move {
+    tasks.clone().spawn(async move {
         loop {
-            let (stream, remote) = tokio::select! {
+            let (io, remote) = tokio::select! {
                 () = stop.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(v) => v,
-                    Err(error) => {
-                        tracing::warn!(%error, "admin accept failed");
-                        tokio::time::sleep(super::ACCEPT_BACKOFF).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = stream.set_nodelay(true);
-            let Some(io) = guard.admit(stream, remote.ip()) else {
-                continue;
+                accepted = guard.accept(&listener, "admin") => accepted,
             };
             let Some(acceptor) = tls.clone() else {
                 if ready.send(Ok(AdminConn::Plain(io))).await.is_err() {
@@ -111,16 +97,10 @@ pub fn incoming(
                 }
                 continue;
             };
-            let ready = ready.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = ready.send(Ok(AdminConn::Tls(Box::new(tls)))).await;
-                    }
-                    Ok(Err(error)) => {
-                        tracing::debug!(%error, ?remote, "admin TLS handshake failed");
-                    }
-                    Err(_) => tracing::debug!(?remote, "admin TLS handshake timed out"),
+            let (ready, guard) = (ready.clone(), guard.clone());
+            tasks.spawn(async move {
+                if let Some(tls) = guard.tls_handshake(&acceptor, io, remote).await {
+                    let _ = ready.send(Ok(AdminConn::Tls(Box::new(tls)))).await;
                 }
             });
         }

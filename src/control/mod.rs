@@ -137,12 +137,14 @@ pub(crate) fn check_endpoints(deps: &ControlDeps, endpoints: &[String]) -> Resul
 }
 
 /// A 429 naming the limit and when to come back.
-pub(crate) fn rate_limited(what: &str, limit: &str, retry_after: Duration) -> Response {
-    let secs = retry_after.as_secs().max(1);
+pub(crate) fn rate_limited(refusal: crate::limit::Refusal) -> Response {
     (
         StatusCode::TOO_MANY_REQUESTS,
-        [(axum::http::header::RETRY_AFTER, secs.to_string())],
-        format!("too many {what}; retry in {secs}s (limits.{limit})\n"),
+        [(
+            axum::http::header::RETRY_AFTER,
+            refusal.retry_after_secs.to_string(),
+        )],
+        format!("{}\n", refusal.message),
     )
         .into_response()
 }

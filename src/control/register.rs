@@ -63,12 +63,11 @@ pub async fn handle(
         && !deps.limits.registrations.allow(&source)
     {
         tracing::info!(%source, "registration refused: rate limit");
-        let wait = deps.limits.registrations.retry_after(&source);
-        return super::rate_limited(
-            "registrations from this address",
-            deps.limits.registrations.name(),
-            wait,
-        );
+        let refusal = deps
+            .limits
+            .registrations
+            .refusal(&source, "registrations from this address");
+        return super::rate_limited(refusal);
     }
     let result = match parse(&body) {
         Ok(req) => register(&deps, peer.machine_key, req).await,

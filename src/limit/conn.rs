@@ -5,21 +5,30 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
 
-/// Admits connections: the per-source cap (`limits.max_connections_per_source`) and the
-/// idle timeout (`limits.idle_timeout`), refusals counted.
+/// Pause after a failed accept (out of file descriptors and the like), so it does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// A connection accepted and admitted by a `ConnGuard`.
+pub type Bounded = IdleIo<TcpStream>;
+
+/// Admits connections: the per-source cap (`limits.max_connections_per_source`), the idle
+/// timeout (`limits.idle_timeout`) and the TLS handshake's time limit
+/// (`limits.http_header_timeout`), refusals counted.
 #[derive(Clone)]
 pub struct ConnGuard {
     sources: SourceCounter,
     idle: Duration,
+    handshake: Duration,
     refusals: prometheus::IntCounterVec,
 }
 
@@ -28,7 +37,52 @@ impl ConnGuard {
         ConnGuard {
             sources: SourceCounter::new(limits.max_connections_per_source),
             idle: limits.idle_timeout.0,
+            handshake: limits.http_header_timeout.0,
             refusals,
+        }
+    }
+
+    /// The next connection on `listener` that this guard admits. Accept errors are logged
+    /// (naming `what` listens) and retried after a pause. Cancel-safe.
+    pub async fn accept(
+        &self,
+        listener: &TcpListener,
+        what: &'static str,
+    ) -> (Bounded, SocketAddr) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, remote)) => {
+                    let _ = stream.set_nodelay(true);
+                    if let Some(io) = self.admit(stream, remote.ip()) {
+                        return (io, remote);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, listener = what, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+    }
+
+    /// The TLS side of `io`, or `None` (logged at debug) when the handshake fails or takes
+    /// longer than the limit.
+    pub async fn tls_handshake(
+        &self,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        io: Bounded,
+        remote: SocketAddr,
+    ) -> Option<tokio_rustls::server::TlsStream<Bounded>> {
+        match tokio::time::timeout(self.handshake, acceptor.accept(io)).await {
+            Ok(Ok(tls)) => Some(tls),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, ?remote, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(?remote, "TLS handshake timed out");
+                None
+            }
         }
     }
 

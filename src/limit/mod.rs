@@ -21,6 +21,13 @@ struct Bucket {
     at: Instant,
 }
 
+/// A refusal by a rate limit, for the caller's answer (HTTP 429 or gRPC).
+pub struct Refusal {
+    /// Whole seconds until a retry can pass (at least 1).
+    pub retry_after_secs: u64,
+    pub message: String,
+}
+
 /// Token buckets per key. `per_minute == 0` disables the limit.
 pub struct RateLimiter<K> {
     /// The `limits.*` key, the label of `hsd_limit_refusals_total`.
@@ -38,10 +45,6 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
             refusals,
             buckets: Mutex::new(HashMap::new()),
         }
-    }
-
-    pub fn name(&self) -> &'static str {
-        self.name
     }
 
     /// Spends one token of `key`; false (and counted as a refusal) when it has none.
@@ -62,6 +65,18 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
             self.refusals.with_label_values(&[self.name]).inc();
         }
         ok
+    }
+
+    /// What to tell a caller this limit refused: `too many WHAT; retry in Ns (limits.NAME)`.
+    pub fn refusal(&self, key: &K, what: &str) -> Refusal {
+        let retry_after_secs = self.retry_after(key).as_secs().max(1);
+        Refusal {
+            retry_after_secs,
+            message: format!(
+                "too many {what}; retry in {retry_after_secs}s (limits.{})",
+                self.name
+            ),
+        }
     }
 
     /// How long until `key` has a token again (zero if it has one).

@@ -118,9 +118,9 @@ pub(super) fn metrics_router(metrics: Arc<Metrics>, derp: Arc<DerpServer>) -> Ro
 
 /// What bounds a control connection, from `limits.*`.
 pub(super) struct Bounds {
-    /// Time allowed for the TLS handshake and then for the request head.
+    /// Time allowed for the request head (the guard bounds the TLS handshake).
     pub header_timeout: std::time::Duration,
-    /// Connections per source address and the idle timeout.
+    /// Connections per source address, the idle timeout and the TLS handshake's limit.
     pub guard: ConnGuard,
     /// HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
@@ -144,23 +144,12 @@ pub(super) async fn serve_bounded(
     loop {
         let (stream, remote) = tokio::select! {
             () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(v) => v,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off, do not spin.
-                    tracing::warn!(%error, "control listener accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let Some(stream) = bounds.guard.admit(stream, remote.ip()) else {
-            continue;
+            accepted = bounds.guard.accept(&listener, "control") => accepted,
         };
         let app = app.clone();
         let stop = stop.clone();
         let tls = bounds.tls.clone();
+        let guard = bounds.guard.clone();
         let limits = ConnLimits {
             header_timeout,
             http2_streams,
@@ -169,10 +158,8 @@ pub(super) async fn serve_bounded(
             let Some(acceptor) = tls else {
                 return serve_connection(stream, remote, app, limits, stop).await;
             };
-            match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => serve_connection(stream, remote, app, limits, stop).await,
-                Ok(Err(error)) => tracing::debug!(%error, ?remote, "control TLS handshake failed"),
-                Err(_) => tracing::debug!(?remote, "control TLS handshake timed out"),
+            if let Some(stream) = guard.tls_handshake(&acceptor, stream, remote).await {
+                serve_connection(stream, remote, app, limits, stop).await;
             }
         });
     }

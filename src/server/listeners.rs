@@ -190,7 +190,14 @@ impl Listeners {
             sup.spawn_essential(
                 tasks,
                 "admin gRPC listener",
-                crate::admin::serve_tcp(listener, admin, guard(), admin_tls, stop.clone()),
+                crate::admin::serve_tcp(
+                    listener,
+                    admin,
+                    guard(),
+                    admin_tls,
+                    stop.clone(),
+                    tasks.clone(),
+                ),
             );
         }
         serve_members(self.cluster, life, cluster);

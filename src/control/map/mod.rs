@@ -88,12 +88,11 @@ pub async fn handle(
     }
     if !deps.limits.node_updates.allow(&node.id) {
         tracing::info!(node.id = %node.id, "map request refused: rate limit");
-        let wait = deps.limits.node_updates.retry_after(&node.id);
-        return super::rate_limited(
-            "map requests from this node",
-            deps.limits.node_updates.name(),
-            wait,
-        );
+        let refusal = deps
+            .limits
+            .node_updates
+            .refusal(&node.id, "map requests from this node");
+        return super::rate_limited(refusal);
     }
     if let Err(message) = super::check_hostinfo_size(&deps, req.hostinfo.as_ref())
         .and_then(|()| super::check_endpoints(&deps, &req.endpoints))
