@@ -8,6 +8,7 @@
 //! - `derp`      DERP relay, mesh between members, STUN.
 //! - `admin`     gRPC admin API (unix socket and TCP with API keys).
 //! - `cli`       hsctl.
+//! - `policy`    the access-control engine: policy files to filters, peers, routes, SSH.
 //! - `limit`     rate limits keyed by source, node or DERP key.
 //! - `server`    builds, binds, spawns and shuts down everything.
 #![forbid(unsafe_code)]
@@ -18,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod derp;
 pub mod limit;
+pub mod policy;
 pub mod presence;
 pub mod proto;
 pub mod raft;

@@ -1,0 +1,549 @@
+//! Grants (and ACLs, which are grants) to packet filter rules: compiled once per policy
+//! and tailnet, then reduced per node to the rules whose destination is that node.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde_json::{Map, Value, json};
+
+use super::ipset::IpSet;
+use super::model::{Alias, AutoGroup, Grant, PortRange, ProtoPorts};
+use super::resolve::{Resolver, the_internet};
+use super::tailnet::{NodeRoutes, Tailnet, approved_subnets};
+
+/// One `tailcfg.FilterRule`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FilterRule {
+    pub src_ips: Vec<String>,
+    pub dst_ports: Vec<(String, PortRange)>,
+    pub ip_proto: Vec<u8>,
+    pub cap_grant: Vec<CapGrant>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CapGrant {
+    pub dsts: Vec<IpNet>,
+    pub cap_map: Map<String, Value>,
+}
+
+impl FilterRule {
+    /// The wire form (`SrcIPs`, `DstPorts`, `IPProto`, `CapGrant`).
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("SrcIPs".into(), json!(self.src_ips));
+        if !self.dst_ports.is_empty() {
+            let ports: Vec<Value> = self
+                .dst_ports
+                .iter()
+                .map(|(ip, p)| json!({"IP": ip, "Ports": {"First": p.first, "Last": p.last}}))
+                .collect();
+            m.insert("DstPorts".into(), Value::Array(ports));
+        }
+        if !self.ip_proto.is_empty() {
+            m.insert("IPProto".into(), json!(self.ip_proto));
+        }
+        if !self.cap_grant.is_empty() {
+            let grants: Vec<Value> = self
+                .cap_grant
+                .iter()
+                .map(|g| {
+                    let dsts: Vec<String> = g.dsts.iter().map(ToString::to_string).collect();
+                    json!({"Dsts": dsts, "CapMap": g.cap_map})
+                })
+                .collect();
+            m.insert("CapGrant".into(), Value::Array(grants));
+        }
+        Value::Object(m)
+    }
+
+    /// Every source and destination address of the rule, for visibility checks.
+    pub fn matcher(&self) -> Matcher {
+        let mut srcs = IpSet::new();
+        for s in &self.src_ips {
+            srcs.union(&parse_ip_text(s));
+        }
+        let mut dsts = IpSet::new();
+        for (ip, _) in &self.dst_ports {
+            dsts.union(&parse_ip_text(ip));
+        }
+        for g in &self.cap_grant {
+            for d in &g.dsts {
+                dsts.add_net(d);
+            }
+        }
+        Matcher { srcs, dsts }
+    }
+}
+
+/// The sources and destinations of one unreduced rule.
+#[derive(Clone, Debug)]
+pub struct Matcher {
+    pub srcs: IpSet,
+    pub dsts: IpSet,
+}
+
+/// `*`, an address, a prefix or a `first-last` range.
+pub fn parse_ip_text(s: &str) -> IpSet {
+    if s == "*" {
+        return IpSet::all();
+    }
+    if let Some(net) = super::model::parse_prefix(s) {
+        return IpSet::from_nets([net]);
+    }
+    if let Some((a, b)) = s.split_once('-')
+        && let (Ok(a), Ok(b)) = (a.parse::<IpAddr>(), b.parse::<IpAddr>())
+    {
+        let mut set = IpSet::new();
+        let nets: Vec<IpNet> = match (a, b) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => ipnet::Ipv4Subnets::new(a, b, 0)
+                .map(IpNet::V4)
+                .collect(),
+            (IpAddr::V6(a), IpAddr::V6(b)) => ipnet::Ipv6Subnets::new(a, b, 0)
+                .map(IpNet::V6)
+                .collect(),
+            _ => Vec::new(),
+        };
+        for n in nets {
+            set.add_net(&n);
+        }
+        return set;
+    }
+    IpSet::new()
+}
+
+fn ip_text(net: &IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
+/// A grant with its sources resolved; per-node parts (`autogroup:self`, `via`) wait for
+/// the node.
+pub struct CompiledGrant {
+    pub rules: Vec<FilterRule>,
+    pub self_part: Option<SelfPart>,
+    pub via: Option<ViaPart>,
+}
+
+pub struct SelfPart {
+    srcs: Vec<IpSet>,
+    ip: Vec<ProtoPorts>,
+    app: Option<Map<String, Value>>,
+}
+
+pub struct ViaPart {
+    tags: Vec<String>,
+    dsts: Vec<IpNet>,
+    internet: bool,
+    ip: Vec<ProtoPorts>,
+    src_ips: Vec<String>,
+}
+
+/// Capabilities whose grant implies a reverse one (the sharer side of Taildrive, the
+/// target side of a peer relay).
+const COMPANION_CAPS: &[(&str, &str)] = &[
+    ("tailscale.com/cap/drive", "tailscale.com/cap/drive-sharer"),
+    ("tailscale.com/cap/relay", "tailscale.com/cap/relay-target"),
+];
+
+pub fn compile_grants(
+    grants: &[Grant],
+    resolver: &Resolver,
+    routes: &[NodeRoutes],
+) -> Vec<CompiledGrant> {
+    grants
+        .iter()
+        .filter_map(|g| compile_grant(g, resolver, routes))
+        .collect()
+}
+
+fn compile_grant(g: &Grant, resolver: &Resolver, routes: &[NodeRoutes]) -> Option<CompiledGrant> {
+    if g.sources.is_empty() || g.dests.is_empty() {
+        return None;
+    }
+    let resolved: Vec<IpSet> = g.sources.iter().map(|s| resolver.resolve(s)).collect();
+    let src_ips = source_strings(g, &resolved, routes);
+    if !g.via.is_empty() {
+        return compile_via(g, resolver, src_ips);
+    }
+    let (selfs, others): (Vec<&Alias>, Vec<&Alias>) = g
+        .dests
+        .iter()
+        .partition(|d| d.is_autogroup(AutoGroup::SelfDevices));
+    let mut rules = Vec::new();
+    if !others.is_empty() {
+        rules = other_dest_rules(g, &others, resolver, routes, &resolved, &src_ips);
+    }
+    let self_part = (!selfs.is_empty()).then(|| SelfPart {
+        srcs: resolved.clone(),
+        ip: g.ip.clone(),
+        app: g.app.clone(),
+    });
+    Some(CompiledGrant {
+        rules,
+        self_part,
+        via: None,
+    })
+}
+
+/// `SrcIPs` as Tailscale writes them: the merged sources; with `*` also every approved
+/// subnet route and the separate addresses of the other sources; `*` alone for
+/// `autogroup:danger-all`.
+fn source_strings(g: &Grant, resolved: &[IpSet], routes: &[NodeRoutes]) -> Vec<String> {
+    let mut merged = IpSet::new();
+    for s in resolved {
+        merged.union(s);
+    }
+    if merged.is_empty() {
+        return Vec::new();
+    }
+    if g.sources.iter().any(|s| s.is_autogroup(AutoGroup::DangerAll)) {
+        return vec!["*".into()];
+    }
+    let mut out = merged.strings();
+    if g.sources.contains(&Alias::Wildcard) {
+        out.extend(approved_subnets(routes).iter().map(ToString::to_string));
+        for (alias, set) in g.sources.iter().zip(resolved) {
+            if *alias == Alias::Wildcard {
+                continue;
+            }
+            for s in set.strings() {
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn other_dest_rules(
+    g: &Grant,
+    dests: &[&Alias],
+    resolver: &Resolver,
+    routes: &[NodeRoutes],
+    resolved_srcs: &[IpSet],
+    src_ips: &[String],
+) -> Vec<FilterRule> {
+    let mut rules = Vec::new();
+    for pp in &g.ip {
+        let mut dst_ports = Vec::new();
+        for d in dests {
+            if **d == Alias::Wildcard {
+                dst_ports.extend(pp.ports.iter().map(|p| ("*".to_string(), *p)));
+                continue;
+            }
+            for net in resolver.resolve(d).prefixes() {
+                dst_ports.extend(pp.ports.iter().map(|p| (ip_text(&net), *p)));
+            }
+        }
+        if !dst_ports.is_empty() && !src_ips.is_empty() {
+            rules.push(FilterRule {
+                src_ips: src_ips.to_vec(),
+                dst_ports,
+                ip_proto: pp.protos.clone(),
+                cap_grant: Vec::new(),
+            });
+        }
+    }
+    if let Some(app) = &g.app {
+        let mut cap_grant = Vec::new();
+        let mut dst_strings = Vec::new();
+        for d in dests {
+            let set = resolver.resolve(d);
+            cap_grant.push(CapGrant {
+                dsts: set.prefixes(),
+                cap_map: app.clone(),
+            });
+            dst_strings.extend(set.strings());
+        }
+        if dests.contains(&&Alias::Wildcard) {
+            dst_strings.extend(approved_subnets(routes).iter().map(ToString::to_string));
+        }
+        let src_nets: Vec<IpNet> = resolved_srcs.iter().flat_map(IpSet::prefixes).collect();
+        rules.push(FilterRule {
+            src_ips: src_ips.to_vec(),
+            dst_ports: Vec::new(),
+            ip_proto: Vec::new(),
+            cap_grant,
+        });
+        rules.extend(companion_rules(&dst_strings, &src_nets, app));
+    }
+    rules
+}
+
+fn companion_rules(dst_strings: &[String], src_nets: &[IpNet], app: &Map<String, Value>) -> Vec<FilterRule> {
+    COMPANION_CAPS
+        .iter()
+        .filter(|(cap, _)| app.contains_key(*cap))
+        .map(|(_, companion)| {
+            let mut cap_map = Map::new();
+            cap_map.insert((*companion).to_string(), Value::Null);
+            FilterRule {
+                src_ips: dst_strings.to_vec(),
+                dst_ports: Vec::new(),
+                ip_proto: Vec::new(),
+                cap_grant: vec![CapGrant {
+                    dsts: src_nets.to_vec(),
+                    cap_map,
+                }],
+            }
+        })
+        .collect()
+}
+
+fn compile_via(g: &Grant, resolver: &Resolver, src_ips: Vec<String>) -> Option<CompiledGrant> {
+    if g.ip.is_empty() || src_ips.is_empty() {
+        return None;
+    }
+    let mut dsts = Vec::new();
+    let mut internet = false;
+    for d in &g.dests {
+        if d.is_autogroup(AutoGroup::Internet) {
+            internet = true;
+        } else {
+            dsts.extend(resolver.resolve(d).prefixes());
+        }
+    }
+    Some(CompiledGrant {
+        rules: Vec::new(),
+        self_part: None,
+        via: Some(ViaPart {
+            tags: g.via.clone(),
+            dsts,
+            internet,
+            ip: g.ip.clone(),
+            src_ips,
+        }),
+    })
+}
+
+/// Whether any grant needs per-node compilation.
+pub fn needs_per_node(grants: &[CompiledGrant]) -> bool {
+    grants.iter().any(|g| g.self_part.is_some() || g.via.is_some())
+}
+
+/// Rules that hold for every node (before reduction), merged.
+pub fn global_rules(grants: &[CompiledGrant]) -> Vec<FilterRule> {
+    merge(grants.iter().flat_map(|g| g.rules.iter().cloned()).collect())
+}
+
+/// The unreduced rules for node `i`: the global ones plus its `autogroup:self` and `via`
+/// rules.
+pub fn node_rules(
+    grants: &[CompiledGrant],
+    tailnet: &Tailnet,
+    routes: &[NodeRoutes],
+    i: usize,
+) -> Vec<FilterRule> {
+    let mut rules = Vec::new();
+    for g in grants {
+        rules.extend(g.rules.iter().cloned());
+        if let Some(s) = &g.self_part {
+            rules.extend(self_rules(s, tailnet, routes, i));
+        }
+        if let Some(v) = &g.via {
+            rules.extend(via_rules(v, tailnet, routes, i));
+        }
+    }
+    merge(rules)
+}
+
+fn self_rules(s: &SelfPart, tailnet: &Tailnet, routes: &[NodeRoutes], i: usize) -> Vec<FilterRule> {
+    let me = &tailnet.nodes[i];
+    let Some(user) = me.user.filter(|_| !me.is_tagged()) else {
+        return Vec::new();
+    };
+    let same: Vec<usize> = (0..tailnet.nodes.len())
+        .filter(|&j| {
+            let n = &tailnet.nodes[j];
+            !n.is_tagged() && n.user == Some(user)
+        })
+        .collect();
+    let mut srcs = IpSet::new();
+    for set in &s.srcs {
+        for &j in &same {
+            if routes[j].in_set(set) {
+                for ip in &routes[j].ips {
+                    srcs.add_addr(*ip);
+                }
+            }
+        }
+    }
+    if srcs.is_empty() {
+        return Vec::new();
+    }
+    let mut rules = Vec::new();
+    for pp in &s.ip {
+        let mut dst_ports = Vec::new();
+        for &j in &same {
+            for p in &pp.ports {
+                for ip in &routes[j].ips {
+                    dst_ports.push((ip.to_string(), *p));
+                }
+            }
+        }
+        if !dst_ports.is_empty() {
+            rules.push(FilterRule {
+                src_ips: srcs.strings(),
+                dst_ports,
+                ip_proto: pp.protos.clone(),
+                cap_grant: Vec::new(),
+            });
+        }
+    }
+    if let Some(app) = &s.app {
+        let mut cap_grant = Vec::new();
+        let mut dst_strings = Vec::new();
+        for &j in &same {
+            cap_grant.push(CapGrant {
+                dsts: routes[j].ips.iter().map(|ip| IpNet::from(*ip)).collect(),
+                cap_map: app.clone(),
+            });
+            dst_strings.extend(routes[j].ips.iter().map(ToString::to_string));
+        }
+        rules.push(FilterRule {
+            src_ips: srcs.strings(),
+            dst_ports: Vec::new(),
+            ip_proto: Vec::new(),
+            cap_grant,
+        });
+        rules.extend(companion_rules(&dst_strings, &srcs.prefixes(), app));
+    }
+    rules
+}
+
+fn via_rules(v: &ViaPart, tailnet: &Tailnet, routes: &[NodeRoutes], i: usize) -> Vec<FilterRule> {
+    if !v.tags.iter().any(|t| tailnet.nodes[i].tags.contains(t)) {
+        return Vec::new();
+    }
+    let mine = &routes[i];
+    let mut nets: Vec<IpNet> = v
+        .dsts
+        .iter()
+        .filter(|d| mine.subnets.iter().any(|s| overlaps(s, d)))
+        .copied()
+        .collect();
+    if v.internet && mine.is_exit() {
+        nets.extend(the_internet().prefixes());
+    }
+    if nets.is_empty() {
+        return Vec::new();
+    }
+    v.ip.iter()
+        .map(|pp| FilterRule {
+            src_ips: v.src_ips.clone(),
+            dst_ports: nets
+                .iter()
+                .flat_map(|n| pp.ports.iter().map(move |p| (n.to_string(), *p)))
+                .collect(),
+            ip_proto: pp.protos.clone(),
+            cap_grant: Vec::new(),
+        })
+        .collect()
+}
+
+pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Rules with the same sources and protocols become one, their destinations appended.
+fn merge(rules: Vec<FilterRule>) -> Vec<FilterRule> {
+    let mut out: Vec<FilterRule> = Vec::with_capacity(rules.len());
+    let mut index: std::collections::HashMap<(Vec<String>, Vec<u8>), usize> =
+        std::collections::HashMap::new();
+    for rule in rules {
+        if !rule.cap_grant.is_empty() {
+            out.push(rule);
+            continue;
+        }
+        let key = (rule.src_ips.clone(), rule.ip_proto.clone());
+        match index.get(&key) {
+            Some(&i) => out[i].dst_ports.extend(rule.dst_ports),
+            None => {
+                index.insert(key, out.len());
+                out.push(rule);
+            }
+        }
+    }
+    out
+}
+
+/// The rules of `rules` whose destinations include node `me` (its addresses, its
+/// approved subnet routes, or the internet when it is an exit node), trimmed to those
+/// destinations.
+pub fn reduce(rules: &[FilterRule], me: &NodeRoutes) -> Vec<FilterRule> {
+    let internet = the_internet();
+    let mut out = Vec::new();
+    for rule in rules {
+        if !rule.cap_grant.is_empty() {
+            out.extend(reduce_cap_rule(rule, me));
+            continue;
+        }
+        let dst_ports: Vec<(String, PortRange)> = rule
+            .dst_ports
+            .iter()
+            .filter(|(ip, _)| {
+                let set = parse_ip_text(ip);
+                me.in_set(&set)
+                    || me.subnets.iter().any(|s| set.overlaps_net(s))
+                    || (me.is_exit() && set.is_subset_of(&internet))
+            })
+            .cloned()
+            .collect();
+        if !dst_ports.is_empty() {
+            out.push(FilterRule {
+                dst_ports,
+                ..rule.clone()
+            });
+        }
+    }
+    out
+}
+
+fn reduce_cap_rule(rule: &FilterRule, me: &NodeRoutes) -> Option<FilterRule> {
+    let mut cap_grant = Vec::new();
+    for g in &rule.cap_grant {
+        let mut dsts: Vec<IpNet> = Vec::new();
+        for d in &g.dsts {
+            for ip in &me.ips {
+                if d.contains(ip) {
+                    dsts.push(IpNet::from(*ip));
+                }
+            }
+        }
+        for d in &g.dsts {
+            for s in &me.subnets {
+                if overlaps(d, s) {
+                    dsts.push(*d);
+                }
+            }
+        }
+        if !dsts.is_empty() {
+            dsts.sort();
+            dsts.dedup();
+            cap_grant.push(CapGrant {
+                dsts,
+                cap_map: g.cap_map.clone(),
+            });
+        }
+    }
+    (!cap_grant.is_empty()).then(|| FilterRule {
+        src_ips: rule.src_ips.clone(),
+        dst_ports: Vec::new(),
+        ip_proto: Vec::new(),
+        cap_grant,
+    })
+}
+
+/// The rule a tailnet without `acls` or `grants` runs on: everyone may reach everyone.
+pub fn allow_all() -> FilterRule {
+    FilterRule {
+        src_ips: vec!["*".into()],
+        dst_ports: vec![("*".into(), super::model::ANY_PORT)],
+        ip_proto: Vec::new(),
+        cap_grant: Vec::new(),
+    }
+}

@@ -1,0 +1,426 @@
+//! The `ssh` section: parsed and checked with the rest of the policy, compiled per
+//! destination node into `SSHPolicy.rules`.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use super::ipset::IpSet;
+use super::model::{Alias, AutoGroup, Policy, PolicyError, SshAction, SshRule, object, strings};
+use super::resolve::{Resolver, email_domain};
+use super::tailnet::{NodeRoutes, Tailnet};
+
+fn err<T>(msg: impl Into<String>) -> Result<T, PolicyError> {
+    Err(PolicyError(msg.into()))
+}
+
+/// Longest check period Tailscale accepts.
+const MAX_CHECK_PERIOD_SECS: f64 = 168.0 * 3600.0;
+
+impl Policy {
+    pub(super) fn parse_ssh(&self, v: &Value) -> Result<SshRule, PolicyError> {
+        let obj = object(v, "ssh entry")?;
+        let action = match obj.get("action").and_then(Value::as_str).unwrap_or("") {
+            "" => return err("action must be specified"),
+            "accept" => SshAction::Accept,
+            "check" => SshAction::Check,
+            other => return err(format!("{other:?} is not a valid action")),
+        };
+        if let Some(period) = obj.get("checkPeriod") {
+            let text = period.as_str().unwrap_or_default();
+            if action != SshAction::Check {
+                return err("checkPeriod is only valid with action \"check\"");
+            }
+            if text != "always" {
+                let secs = parse_go_duration(text)
+                    .ok_or_else(|| PolicyError(format!("time: invalid duration {text:?}")))?;
+                if secs <= 0.0 {
+                    return err(format!(
+                        "checkPeriod {} must be a positive duration",
+                        format_go_duration(secs)
+                    ));
+                }
+                if secs > MAX_CHECK_PERIOD_SECS {
+                    return err(format!(
+                        "checkPeriod {} is above the max (168h)",
+                        format_go_duration(secs)
+                    ));
+                }
+            }
+        }
+        let users = strings(obj.get("users"), "users")?;
+        if users.is_empty() {
+            return err("users must be specified");
+        }
+        for u in &users {
+            if u.is_empty() || u == "*" {
+                return err(format!("user {u:?} is not valid"));
+            }
+        }
+        let accept_env = strings(obj.get("acceptEnv"), "acceptEnv")?;
+        if accept_env.iter().any(String::is_empty) {
+            return err("acceptEnv values cannot be empty");
+        }
+        let mut sources = Vec::new();
+        for s in strings(obj.get("src"), "src")? {
+            let alias = Alias::parse(&s)?;
+            match &alias {
+                Alias::Tag(t) => {
+                    if !self.tag_owners.contains_key(t) {
+                        return err(format!("tag not found: {t:?}"));
+                    }
+                }
+                Alias::Group(g) => {
+                    if !self.groups.contains_key(g) {
+                        return err(format!("group not defined in policy: {g:?}"));
+                    }
+                }
+                Alias::User(_) => {}
+                Alias::AutoGroup(AutoGroup::Member | AutoGroup::Tagged) => {}
+                _ => return err(format!("alias not supported for SSH source: {s:?}")),
+            }
+            sources.push(alias);
+        }
+        let mut dests = Vec::new();
+        for d in strings(obj.get("dst"), "dst")? {
+            let alias = Alias::parse(&d)?;
+            match &alias {
+                Alias::Wildcard => {
+                    return err("wildcard (*) is not supported as SSH destination");
+                }
+                Alias::Host(_) | Alias::Prefix(_) => return err(format!("invalid dst {d:?}")),
+                Alias::Tag(t) => {
+                    if !self.tag_owners.contains_key(t) {
+                        return err(format!("tag not found: {t:?}"));
+                    }
+                }
+                Alias::Group(_) => return err(format!("invalid dst {d:?}")),
+                Alias::AutoGroup(
+                    AutoGroup::Member | AutoGroup::Tagged | AutoGroup::SelfDevices,
+                )
+                | Alias::User(_) => {}
+                _ => return err(format!("alias not supported for SSH destination: {d:?}")),
+            }
+            dests.push(alias);
+        }
+        check_ssh_pairing(&sources, &dests)?;
+        Ok(SshRule {
+            action,
+            sources,
+            dests,
+            users,
+            accept_env,
+        })
+    }
+}
+
+/// Tagged sources may not reach user-owned devices; a user destination only from that
+/// same user.
+fn check_ssh_pairing(sources: &[Alias], dests: &[Alias]) -> Result<(), PolicyError> {
+    let tagged = sources
+        .iter()
+        .any(|s| matches!(s, Alias::Tag(_)) || s.is_autogroup(AutoGroup::Tagged));
+    let groups = sources
+        .iter()
+        .any(|s| matches!(s, Alias::Group(_)) || s.is_autogroup(AutoGroup::Member));
+    let users: Vec<&String> = sources
+        .iter()
+        .filter_map(|s| match s {
+            Alias::User(u) => Some(u),
+            _ => None,
+        })
+        .collect();
+    for d in dests {
+        match d {
+            Alias::User(u) if tagged => {
+                return err(format!(
+                    "tags in SSH source cannot access user-owned devices ({u}); use autogroup:tagged or specific tags as destinations instead"
+                ));
+            }
+            Alias::User(u) if groups || users.len() != 1 || users[0] != u => {
+                return err(format!(
+                    "user destination requires source to contain only that same user {u:?}; use autogroup:self instead for same-user SSH access"
+                ));
+            }
+            Alias::AutoGroup(AutoGroup::SelfDevices) if tagged => {
+                return err(
+                    "autogroup:self destination requires source to contain only users or groups, not tags or autogroup:tagged",
+                );
+            }
+            Alias::AutoGroup(AutoGroup::Member) if tagged => {
+                return err(
+                    "tags in SSH source cannot access autogroup:member (user-owned devices)",
+                );
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Checks that need the tailnet: `user:*@domain` and `localpart:*@domain` must name the
+/// tailnet's own domain (that of its first user).
+pub fn check_domains(policy: &Policy, tailnet: &Tailnet) -> Result<(), PolicyError> {
+    let home = tailnet
+        .users
+        .iter()
+        .min_by_key(|u| u.id)
+        .and_then(|u| email_domain(&u.email));
+    let check = |domain: &str, ssh: bool| {
+        if Some(domain) == home {
+            Ok(())
+        } else {
+            let prefix = if ssh { "[ssh] " } else { "" };
+            err(format!(
+                "{prefix}{domain} is not associated with this Tailnet and cannot be used in user:*@<domain> expressions"
+            ))
+        }
+    };
+    for rule in &policy.ssh {
+        for s in &rule.sources {
+            if let Alias::User(u) = s
+                && let Some(domain) = u.strip_prefix("user:*@")
+            {
+                check(domain, true)?;
+            }
+        }
+        for u in &rule.users {
+            if let Some(domain) = u.strip_prefix("localpart:*@") {
+                check(domain, false)?;
+            } else if u.starts_with("localpart:") {
+                return err("invalid localpart format, must be localpart:*@<domain>");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `SSHPolicy.rules` for node `i`, as JSON. `check_url` is the control server's base URL.
+pub fn ssh_rules(
+    policy: &Policy,
+    resolver: &Resolver,
+    routes: &[NodeRoutes],
+    i: usize,
+    check_url: &str,
+) -> Vec<Value> {
+    let tailnet = resolver.tailnet;
+    let me = &tailnet.nodes[i];
+    let mut rules = Vec::new();
+    for rule in &policy.ssh {
+        let srcs = resolver.resolve_all(&rule.sources);
+        if srcs.is_empty() {
+            continue;
+        }
+        let action = match rule.action {
+            SshAction::Accept => json!({
+                "accept": true,
+                "allowAgentForwarding": true,
+                "allowLocalPortForwarding": true,
+                "allowRemotePortForwarding": true,
+            }),
+            SshAction::Check => json!({
+                "holdAndDelegate": format!(
+                    "{check_url}/machine/ssh/action/$SRC_NODE_ID/to/$DST_NODE_ID?local_user=$LOCAL_USER"
+                ),
+            }),
+        };
+        let users = UserMap::new(rule, tailnet);
+        let (by_user, tagged) = principals_by_user(tailnet, routes, &srcs);
+        let mut emit = |principals: &[String], user: Option<u64>| {
+            rules.push(rule_json(principals, users.base.clone(), &action, &rule.accept_env));
+            if let Some(lp) = user.and_then(|u| users.localpart.get(&u)) {
+                let map = BTreeMap::from([(lp.clone(), lp.clone())]);
+                rules.push(rule_json(principals, map, &action, &rule.accept_env));
+            }
+        };
+        let has_self = rule.dests.iter().any(|d| d.is_autogroup(AutoGroup::SelfDevices));
+        if has_self
+            && !me.is_tagged()
+            && let Some(u) = me.user
+            && let Some(p) = by_user.get(&u)
+        {
+            emit(p, Some(u));
+        }
+        let others: Vec<Alias> = rule
+            .dests
+            .iter()
+            .filter(|d| !d.is_autogroup(AutoGroup::SelfDevices))
+            .cloned()
+            .collect();
+        if others.is_empty() {
+            continue;
+        }
+        let dsts = resolver.resolve_all(&others);
+        if routes[i].in_set(&dsts) {
+            if users.localpart.is_empty() {
+                let all: Vec<String> = by_user.values().flatten().chain(&tagged).cloned().collect();
+                if !all.is_empty() {
+                    emit(&all, None);
+                }
+            } else {
+                for (u, p) in &by_user {
+                    emit(p, Some(*u));
+                }
+                if !tagged.is_empty() {
+                    emit(&tagged, None);
+                }
+            }
+        } else if !users.localpart.is_empty() && routes[i].in_set(&srcs) {
+            if me.is_tagged() {
+                let own: Vec<String> = routes[i].ips.iter().map(ToString::to_string).collect();
+                emit(&own, None);
+            } else if let Some(u) = me.user
+                && let Some(p) = by_user.get(&u)
+            {
+                emit(p, Some(u));
+            }
+        }
+    }
+    // Check rules come first: the most restrictive match wins.
+    rules.sort_by_key(|r| r["action"].get("holdAndDelegate").is_none());
+    rules
+}
+
+fn rule_json(
+    principals: &[String],
+    users: BTreeMap<String, String>,
+    action: &Value,
+    accept_env: &[String],
+) -> Value {
+    let principals: Vec<Value> = principals.iter().map(|ip| json!({"nodeIP": ip})).collect();
+    let mut rule = json!({"principals": principals, "sshUsers": users, "action": action});
+    if !accept_env.is_empty() {
+        rule["acceptEnv"] = json!(accept_env);
+    }
+    rule
+}
+
+/// The `sshUsers` map of a rule, and the per-user local parts of `localpart:*@domain`.
+struct UserMap {
+    base: BTreeMap<String, String>,
+    localpart: BTreeMap<u64, String>,
+}
+
+impl UserMap {
+    fn new(rule: &SshRule, tailnet: &Tailnet) -> Self {
+        let mut base = BTreeMap::new();
+        if rule.users.iter().any(|u| u == "autogroup:nonroot") {
+            base.insert("*".into(), "=".into());
+        }
+        let root = if rule.users.iter().any(|u| u == "root") {
+            "root"
+        } else {
+            ""
+        };
+        base.insert("root".into(), root.into());
+        let mut localpart = BTreeMap::new();
+        for u in &rule.users {
+            if let Some(domain) = u.strip_prefix("localpart:*@") {
+                for user in &tailnet.users {
+                    if let Some((local, d)) = user.email.rsplit_once('@')
+                        && d.eq_ignore_ascii_case(domain)
+                    {
+                        localpart.insert(user.id, local.to_string());
+                    }
+                }
+            } else if u != "root" && u != "autogroup:nonroot" {
+                base.insert(u.clone(), u.clone());
+            }
+        }
+        UserMap { base, localpart }
+    }
+}
+
+/// Source nodes' addresses grouped by owner (sorted by user id), and tagged sources'
+/// addresses repeated once per tag, as Tailscale lists them.
+fn principals_by_user(
+    tailnet: &Tailnet,
+    routes: &[NodeRoutes],
+    srcs: &IpSet,
+) -> (BTreeMap<u64, Vec<String>>, Vec<String>) {
+    let mut sets: BTreeMap<u64, std::collections::BTreeSet<std::net::IpAddr>> = BTreeMap::new();
+    let mut tagged = Vec::new();
+    for (j, n) in tailnet.nodes.iter().enumerate() {
+        if !routes[j].in_set(srcs) {
+            continue;
+        }
+        if n.is_tagged() {
+            for _ in &n.tags {
+                tagged.extend(routes[j].ips.iter().map(ToString::to_string));
+            }
+            continue;
+        }
+        let Some(u) = n.user else { continue };
+        sets.entry(u).or_default().extend(routes[j].ips.iter().copied());
+    }
+    let by_user = sets
+        .into_iter()
+        .map(|(u, set)| (u, set.iter().map(ToString::to_string).collect()))
+        .collect();
+    (by_user, tagged)
+}
+
+/// Go's `time.ParseDuration` for the units policies use; seconds.
+fn parse_go_duration(s: &str) -> Option<f64> {
+    let (neg, mut rest) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    if rest.is_empty() {
+        return None;
+    }
+    if rest == "0" {
+        return Some(0.0);
+    }
+    let mut total = 0.0;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let value: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = &rest[unit_end..];
+    }
+    Some(if neg { -total } else { total })
+}
+
+/// Go's `Duration.String` for whole seconds (`-1m0s`, `1h0m0s`, `30s`).
+fn format_go_duration(secs: f64) -> String {
+    let sign = if secs < 0.0 { "-" } else { "" };
+    let total = secs.abs().round() as u64;
+    let (h, m, s) = (total / 3600, (total % 3600) / 60, total % 60);
+    if h > 0 {
+        format!("{sign}{h}h{m}m{s}s")
+    } else if m > 0 {
+        format!("{sign}{m}m{s}s")
+    } else {
+        format!("{sign}{s}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations_parse_and_print_like_go() {
+        assert_eq!(parse_go_duration("-1m"), Some(-60.0));
+        assert_eq!(parse_go_duration("1h30m"), Some(5400.0));
+        assert_eq!(parse_go_duration("abc"), None);
+        assert_eq!(format_go_duration(-60.0), "-1m0s");
+        assert_eq!(format_go_duration(3600.0), "1h0m0s");
+    }
+}
