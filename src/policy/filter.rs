@@ -537,13 +537,3 @@ fn reduce_cap_rule(rule: &FilterRule, me: &NodeRoutes) -> Option<FilterRule> {
         cap_grant,
     })
 }
-
-/// The rule a tailnet without `acls` or `grants` runs on: everyone may reach everyone.
-pub fn allow_all() -> FilterRule {
-    FilterRule {
-        src_ips: vec!["*".into()],
-        dst_ports: vec![("*".into(), super::model::ANY_PORT)],
-        ip_proto: Vec::new(),
-        cap_grant: Vec::new(),
-    }
-}

@@ -34,7 +34,7 @@ pub struct Compiled {
     tailnet: Tailnet,
     routes: Vec<NodeRoutes>,
     grants: Vec<CompiledGrant>,
-    /// `None` when the policy has neither `acls` nor `grants` (allow all).
+    /// Rules every node shares before reduction.
     global: Vec<FilterRule>,
     global_matchers: Vec<(Matcher, Bits, Bits)>,
     per_node: bool,
@@ -66,14 +66,8 @@ impl Compiled {
         let (routes, grants, global) = {
             let resolver = Resolver::new(&policy, &tailnet);
             let routes = tailnet::node_routes(&policy, &tailnet, &resolver);
-            let grants = match &policy.grants {
-                Some(g) => filter::compile_grants(g, &resolver, &routes),
-                None => Vec::new(),
-            };
-            let global = match &policy.grants {
-                Some(_) => filter::global_rules(&grants),
-                None => vec![filter::allow_all()],
-            };
+            let grants = filter::compile_grants(&policy.grants, &resolver, &routes);
+            let global = filter::global_rules(&grants);
             (routes, grants, global)
         };
         let per_node = filter::needs_per_node(&grants);
@@ -110,7 +104,7 @@ impl Compiled {
 
     /// Whether the policy allows everything (no `acls`, no `grants`).
     pub fn allows_all(&self) -> bool {
-        self.policy.grants.is_none()
+        self.policy.default_allow
     }
 
     /// Node `i`'s filter and matchers.
@@ -184,7 +178,7 @@ impl Compiled {
     pub fn self_routes(&self, i: usize) -> PeerRoutes {
         let me = &self.routes[i];
         let mut allowed: Vec<IpNet> = me.ips.iter().map(|ip| IpNet::from(*ip)).collect();
-        allowed.extend(me.subnets.iter().copied());
+        allowed.extend(me.subnets.iter().chain(&me.exits).copied());
         PeerRoutes {
             allowed_ips: allowed,
             primary_routes: me.primary.clone(),

@@ -149,9 +149,11 @@ pub struct Policy {
     pub groups: BTreeMap<String, Vec<String>>,
     pub hosts: BTreeMap<String, IpNet>,
     pub tag_owners: BTreeMap<String, Vec<String>>,
-    /// ACLs (as grants, one per destination) followed by the grants. `None` when the
-    /// file has neither `acls` nor `grants`: everything is allowed.
-    pub grants: Option<Vec<Grant>>,
+    /// ACLs (as grants, one per destination) followed by the grants; without either, one
+    /// grant that allows everything.
+    pub grants: Vec<Grant>,
+    /// True when the file has neither `acls` nor `grants`.
+    pub default_allow: bool,
     pub route_approvers: Vec<(IpNet, Vec<Alias>)>,
     pub exit_approvers: Vec<Alias>,
     pub ssh: Vec<SshRule>,
@@ -175,9 +177,13 @@ const TOP_LEVEL: &[&str] = &[
 impl Policy {
     /// Parses HuJSON text (JSON with comments and trailing commas).
     pub fn parse(text: &str) -> Result<Policy, PolicyError> {
-        let value = jsonc_parser::parse_to_serde_value(text, &Default::default())
-            .map_err(|e| PolicyError(format!("parsing policy: {e}")))?
-            .unwrap_or(Value::Object(Map::new()));
+        // Plain JSON first: the HuJSON parser mishandles escaped surrogate pairs.
+        let value = match serde_json::from_str::<Value>(text) {
+            Ok(v) => v,
+            Err(_) => jsonc_parser::parse_to_serde_value(text, &Default::default())
+                .map_err(|e| PolicyError(format!("parsing policy: {e}")))?
+                .unwrap_or(Value::Object(Map::new())),
+        };
         let Value::Object(top) = value else {
             return err("parsing policy: the top level must be an object");
         };
@@ -202,7 +208,20 @@ impl Policy {
             for grant in grants.unwrap_or(&[]) {
                 all.push(policy.parse_grant(grant)?);
             }
-            policy.grants = Some(all);
+            policy.grants = all;
+        } else {
+            // Tailscale's default: every node may reach every node on every port.
+            policy.default_allow = true;
+            policy.grants = vec![Grant {
+                sources: vec![Alias::Wildcard],
+                dests: vec![Alias::Wildcard],
+                ip: vec![ProtoPorts {
+                    protos: Vec::new(),
+                    ports: vec![ANY_PORT],
+                }],
+                app: None,
+                via: Vec::new(),
+            }];
         }
         policy.parse_auto_approvers(top.get("autoApprovers"))?;
         for rule in top.get("ssh").map(|v| list(v, "ssh")).transpose()?.unwrap_or(&[]) {
@@ -726,8 +745,9 @@ pub(super) fn strings(v: Option<&Value>, what: &str) -> Result<Vec<String>, Poli
         Some(Value::Array(items)) => items
             .iter()
             .map(|i| {
+                // Tailscale ignores spaces around names.
                 i.as_str()
-                    .map(str::to_string)
+                    .map(|s| s.trim().to_string())
                     .ok_or_else(|| PolicyError(format!("{what}: expected strings, got {i}")))
             })
             .collect(),

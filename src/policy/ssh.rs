@@ -20,13 +20,13 @@ const MAX_CHECK_PERIOD_SECS: f64 = 168.0 * 3600.0;
 impl Policy {
     pub(super) fn parse_ssh(&self, v: &Value) -> Result<SshRule, PolicyError> {
         let obj = object(v, "ssh entry")?;
-        let action = match obj.get("action").and_then(Value::as_str).unwrap_or("") {
+        let action = match obj.get("action").and_then(Value::as_str).unwrap_or("").trim() {
             "" => return err("action must be specified"),
             "accept" => SshAction::Accept,
             "check" => SshAction::Check,
             other => return err(format!("{other:?} is not a valid action")),
         };
-        if let Some(period) = obj.get("checkPeriod") {
+        if let Some(period) = obj.get("checkPeriod").filter(|p| !p.is_null()) {
             let text = period.as_str().unwrap_or_default();
             if action != SshAction::Check {
                 return err("checkPeriod is only valid with action \"check\"");
@@ -185,14 +185,18 @@ pub fn check_domains(policy: &Policy, tailnet: &Tailnet) -> Result<(), PolicyErr
             }
         }
         for u in &rule.users {
-            if let Some(domain) = u.strip_prefix("localpart:*@") {
+            if let Some(domain) = localpart_domain(u) {
                 check(domain, false)?;
-            } else if u.starts_with("localpart:") {
-                return err("invalid localpart format, must be localpart:*@<domain>");
             }
         }
     }
     Ok(())
+}
+
+/// The domain of a `localpart:*@domain` entry; other `localpart:` spellings are plain
+/// user names to Tailscale.
+fn localpart_domain(user: &str) -> Option<&str> {
+    user.strip_prefix("localpart:*@").filter(|d| !d.is_empty())
 }
 
 /// `SSHPolicy.rules` for node `i`, as JSON. `check_url` is the control server's base URL.
@@ -315,7 +319,7 @@ impl UserMap {
         base.insert("root".into(), root.into());
         let mut localpart = BTreeMap::new();
         for u in &rule.users {
-            if let Some(domain) = u.strip_prefix("localpart:*@") {
+            if let Some(domain) = localpart_domain(u) {
                 for user in &tailnet.users {
                     if let Some((local, d)) = user.email.rsplit_once('@')
                         && d.eq_ignore_ascii_case(domain)

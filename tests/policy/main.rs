@@ -149,7 +149,20 @@ fn align_primaries(want: &Value, got: &mut Value) {
         let mut q_self = nodes[&q]["self"].clone();
         move_route(&mut q_self, "PrimaryRoutes", &route, &mut nodes[&p]["self"]);
         nodes[&q]["self"] = q_self;
-        for view in nodes.values_mut() {
+        // The two routers see each other: what P saw of Q is what Q should see of P.
+        if nodes[&p]["peers"].get(&q).is_some() && nodes[&q]["peers"].get(&p).is_some() {
+            let mut seen_by_p = nodes[&p]["peers"][&q].clone();
+            let mut seen_by_q = nodes[&q]["peers"][&p].clone();
+            for field in ["AllowedIPs", "PrimaryRoutes"] {
+                move_route(&mut seen_by_p, field, &route, &mut seen_by_q);
+            }
+            nodes[&p]["peers"][&q] = seen_by_p;
+            nodes[&q]["peers"][&p] = seen_by_q;
+        }
+        for (name, view) in nodes.iter_mut() {
+            if *name == p || *name == q {
+                continue;
+            }
             let peers = &mut view["peers"];
             if peers.get(&q).is_none() || peers.get(&p).is_none() {
                 continue;
