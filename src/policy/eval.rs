@@ -32,14 +32,22 @@ pub struct CaseUser {
 pub struct CaseNode {
     #[serde(default)]
     pub user: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub tags: Vec<String>,
     pub ipv4: Option<Ipv4Addr>,
     pub ipv6: Option<Ipv6Addr>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub routable_ips: Vec<IpNet>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub approved_routes: Vec<IpNet>,
+}
+
+fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
 }
 
 /// Why a case could not be evaluated.

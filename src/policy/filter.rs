@@ -123,6 +123,10 @@ fn ip_text(net: &IpNet) -> String {
 /// the node.
 pub struct CompiledGrant {
     pub rules: Vec<FilterRule>,
+    /// Every source address, merged.
+    pub srcs: IpSet,
+    /// Destination prefixes (without `autogroup:self` and `autogroup:internet`).
+    pub dst_nets: Vec<IpNet>,
     pub self_part: Option<SelfPart>,
     pub via: Option<ViaPart>,
 }
@@ -134,9 +138,8 @@ pub struct SelfPart {
 }
 
 pub struct ViaPart {
-    tags: Vec<String>,
-    dsts: Vec<IpNet>,
-    internet: bool,
+    pub tags: Vec<String>,
+    pub internet: bool,
     ip: Vec<ProtoPorts>,
     src_ips: Vec<String>,
 }
@@ -165,8 +168,18 @@ fn compile_grant(g: &Grant, resolver: &Resolver, routes: &[NodeRoutes]) -> Optio
     }
     let resolved: Vec<IpSet> = g.sources.iter().map(|s| resolver.resolve(s)).collect();
     let src_ips = source_strings(g, &resolved, routes);
+    let mut srcs = IpSet::new();
+    for s in &resolved {
+        srcs.union(s);
+    }
+    let dst_nets: Vec<IpNet> = g
+        .dests
+        .iter()
+        .filter(|d| !matches!(d, Alias::AutoGroup(AutoGroup::SelfDevices | AutoGroup::Internet)))
+        .flat_map(|d| resolver.resolve(d).prefixes())
+        .collect();
     if !g.via.is_empty() {
-        return compile_via(g, resolver, src_ips);
+        return compile_via(g, srcs, dst_nets, src_ips);
     }
     let (selfs, others): (Vec<&Alias>, Vec<&Alias>) = g
         .dests
@@ -183,6 +196,8 @@ fn compile_grant(g: &Grant, resolver: &Resolver, routes: &[NodeRoutes]) -> Optio
     });
     Some(CompiledGrant {
         rules,
+        srcs,
+        dst_nets,
         self_part,
         via: None,
     })
@@ -294,26 +309,25 @@ fn companion_rules(dst_strings: &[String], src_nets: &[IpNet], app: &Map<String,
         .collect()
 }
 
-fn compile_via(g: &Grant, resolver: &Resolver, src_ips: Vec<String>) -> Option<CompiledGrant> {
-    if g.ip.is_empty() || src_ips.is_empty() {
+/// A `via` grant: no rules of its own until a node carrying one of its tags routes one of
+/// its destinations. Kept without `ip` too, for the routes and peers it steers.
+fn compile_via(
+    g: &Grant,
+    srcs: IpSet,
+    dst_nets: Vec<IpNet>,
+    src_ips: Vec<String>,
+) -> Option<CompiledGrant> {
+    if srcs.is_empty() {
         return None;
-    }
-    let mut dsts = Vec::new();
-    let mut internet = false;
-    for d in &g.dests {
-        if d.is_autogroup(AutoGroup::Internet) {
-            internet = true;
-        } else {
-            dsts.extend(resolver.resolve(d).prefixes());
-        }
     }
     Some(CompiledGrant {
         rules: Vec::new(),
+        srcs,
+        dst_nets,
         self_part: None,
         via: Some(ViaPart {
             tags: g.via.clone(),
-            dsts,
-            internet,
+            internet: g.dests.iter().any(|d| d.is_autogroup(AutoGroup::Internet)),
             ip: g.ip.clone(),
             src_ips,
         }),
@@ -345,7 +359,7 @@ pub fn node_rules(
             rules.extend(self_rules(s, tailnet, routes, i));
         }
         if let Some(v) = &g.via {
-            rules.extend(via_rules(v, tailnet, routes, i));
+            rules.extend(via_rules(v, &g.dst_nets, tailnet, routes, i));
         }
     }
     merge(rules)
@@ -415,13 +429,18 @@ fn self_rules(s: &SelfPart, tailnet: &Tailnet, routes: &[NodeRoutes], i: usize) 
     rules
 }
 
-fn via_rules(v: &ViaPart, tailnet: &Tailnet, routes: &[NodeRoutes], i: usize) -> Vec<FilterRule> {
+fn via_rules(
+    v: &ViaPart,
+    dst_nets: &[IpNet],
+    tailnet: &Tailnet,
+    routes: &[NodeRoutes],
+    i: usize,
+) -> Vec<FilterRule> {
     if !v.tags.iter().any(|t| tailnet.nodes[i].tags.contains(t)) {
         return Vec::new();
     }
     let mine = &routes[i];
-    let mut nets: Vec<IpNet> = v
-        .dsts
+    let mut nets: Vec<IpNet> = dst_nets
         .iter()
         .filter(|d| mine.subnets.iter().any(|s| overlaps(s, d)))
         .copied()
@@ -443,6 +462,10 @@ fn via_rules(v: &ViaPart, tailnet: &Tailnet, routes: &[NodeRoutes], i: usize) ->
             cap_grant: Vec::new(),
         })
         .collect()
+}
+
+pub fn is_exit(net: &IpNet) -> bool {
+    net.prefix_len() == 0
 }
 
 pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {

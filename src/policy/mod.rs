@@ -147,6 +147,18 @@ impl Compiled {
                     }
                 }
             }
+            for g in &self.grants {
+                if let Some(via) = &g.via {
+                    let srcs = Bits::from_fn(n, |j| self.routes[j].in_set(&g.srcs));
+                    let routers = Bits::from_fn(n, |j| !self.via_routes(g, via, j).is_empty());
+                    for j in routers.iter() {
+                        for k in srcs.iter() {
+                            bits[j].set(k);
+                            bits[k].set(j);
+                        }
+                    }
+                }
+            }
             for (i, b) in bits.iter_mut().enumerate() {
                 b.clear(i);
             }
@@ -158,20 +170,91 @@ impl Compiled {
     /// exit routes that `i`'s rules let it use.
     pub fn peer_routes(&self, i: usize, j: usize) -> PeerRoutes {
         let peer = &self.routes[j];
+        let (include, exclude) = self.via_steering(i, j);
         let mut allowed: Vec<IpNet> = peer.ips.iter().map(|ip| IpNet::from(*ip)).collect();
         let mut primary = Vec::new();
         for r in peer.primary.iter().chain(&peer.exits) {
-            if self.can_access_route(i, r) {
+            // A standby router of the same route keeps the primary's route.
+            let usable = self.can_access_route(i, r) || self.routes[i].subnets.contains(r);
+            if (usable || include.contains(r)) && !exclude.contains(r) {
                 allowed.push(*r);
                 if peer.primary.contains(r) {
                     primary.push(*r);
                 }
             }
         }
+        for r in &include {
+            if allowed.contains(r) {
+                continue;
+            }
+            allowed.push(*r);
+            if !filter::is_exit(r) {
+                primary.push(*r);
+            }
+        }
         PeerRoutes {
             allowed_ips: allowed,
             primary_routes: primary,
         }
+    }
+
+    /// The routes of node `j` that `via` grant `g` steers through it (its approved
+    /// subnets overlapping the grant's destinations; its exit routes for
+    /// `autogroup:internet`), if `j` carries one of the grant's tags.
+    fn via_routes(&self, g: &CompiledGrant, via: &filter::ViaPart, j: usize) -> Vec<IpNet> {
+        if !via.tags.iter().any(|t| self.tailnet.nodes[j].tags.contains(t)) {
+            return Vec::new();
+        }
+        let r = &self.routes[j];
+        let mut out: Vec<IpNet> = r
+            .subnets
+            .iter()
+            .filter(|s| g.dst_nets.iter().any(|d| filter::overlaps(d, s)))
+            .copied()
+            .collect();
+        if via.internet && r.is_exit() {
+            out.extend(r.exits.iter().copied());
+        }
+        out
+    }
+
+    /// Routes through peer `j` that `via` grants steer viewer `i` to (include) or away
+    /// from (exclude: another router is named, or this one is not the first of them).
+    fn via_steering(&self, i: usize, j: usize) -> (Vec<IpNet>, Vec<IpNet>) {
+        let (mut include, mut exclude) = (Vec::new(), Vec::new());
+        let viewer = &self.routes[i];
+        let applies = |g: &CompiledGrant| viewer.in_set(&g.srcs);
+        for g in self.grants.iter().filter(|g| applies(g)) {
+            let Some(via) = &g.via else { continue };
+            let peer = &self.routes[j];
+            let mut matched: Vec<IpNet> = peer
+                .subnets
+                .iter()
+                .filter(|s| g.dst_nets.iter().any(|d| filter::overlaps(d, s)))
+                .copied()
+                .collect();
+            if via.internet && peer.is_exit() {
+                matched.extend(peer.exits.iter().copied());
+            }
+            let steered = self.via_routes(g, via, j);
+            for r in matched {
+                let first = (0..self.routes.len())
+                    .find(|&k| self.tailnet.nodes[k].online && self.via_routes(g, via, k).contains(&r));
+                if steered.contains(&r) && (filter::is_exit(&r) || first == Some(j)) {
+                    include.push(r);
+                } else {
+                    exclude.push(r);
+                }
+            }
+        }
+        // A plain grant to the same destination reaches it the usual way: through the
+        // route's primary, whatever the `via` grants say.
+        for g in self.grants.iter().filter(|g| g.via.is_none() && applies(g)) {
+            let plain = |r: &IpNet| g.dst_nets.iter().any(|d| filter::overlaps(d, r));
+            exclude.retain(|r| !plain(r));
+            include.retain(|r| !plain(r));
+        }
+        (include, exclude)
     }
 
     /// A node's own view of itself.
@@ -271,6 +354,13 @@ struct Bits(Vec<u64>);
 impl Bits {
     fn new(n: usize) -> Self {
         Bits(vec![0; n.div_ceil(64)])
+    }
+    fn from_fn(n: usize, f: impl Fn(usize) -> bool) -> Self {
+        let mut b = Bits::new(n);
+        for i in (0..n).filter(|&i| f(i)) {
+            b.set(i);
+        }
+        b
     }
     fn set(&mut self, i: usize) {
         self.0[i / 64] |= 1 << (i % 64);

@@ -394,12 +394,13 @@ impl Policy {
         }
         let app = match obj.get("app") {
             None | Some(Value::Null) => None,
-            Some(Value::Object(m)) => {
+            Some(Value::Object(m)) if !m.is_empty() => {
                 for name in m.keys() {
                     check_capability_name(name)?;
                 }
                 Some(m.clone())
             }
+            Some(Value::Object(_)) => None,
             Some(_) => return err("grant app must be an object"),
         };
         if ip.is_empty() && app.is_none() {
@@ -413,7 +414,9 @@ impl Policy {
             if !t.starts_with("tag:") {
                 return err(format!("via can only be a tag: {t:?}"));
             }
-            self.check_tag(&t)?;
+            if !self.tag_owners.contains_key(&t) {
+                return err(format!("tag {t:?} not found"));
+            }
             via.push(t);
         }
         if dests.iter().any(|d| d.is_autogroup(AutoGroup::SelfDevices)) {
