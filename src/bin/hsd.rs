@@ -75,6 +75,54 @@ enum Cmd {
         #[command(subcommand)]
         command: ClusterCmd,
     },
+    /// Policy files, offline (no server needed).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Check a policy file (HuJSON); exit 1 with the reason if Tailscale would refuse it.
+    Check { file: PathBuf },
+    /// Compile the tailnet in CASE.json (`policy`, `users`, `nodes`) in memory and print
+    /// what each node receives: packet filter, peers with AllowedIPs/PrimaryRoutes, SSH
+    /// rules. Exits 1 with the error for a policy that is refused.
+    Eval {
+        case: PathBuf,
+        /// Base URL SSH `check` actions call back to.
+        #[arg(long, default_value = "https://unused")]
+        server_url: String,
+    },
+}
+
+/// Runs `hsd policy …`.
+fn policy_command(command: &PolicyCmd) -> ExitCode {
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
+    };
+    let result = match command {
+        PolicyCmd::Check { file } => read(file).and_then(|text| {
+            hsd::policy::Policy::parse(&text)
+                .map(|_| println!("policy ok"))
+                .map_err(|e| e.to_string())
+        }),
+        PolicyCmd::Eval { case, server_url } => read(case).and_then(|text| {
+            let case: hsd::policy::eval::Case = serde_json::from_str(&text)
+                .map_err(|e| format!("reading {}: {e}", case.display()))?;
+            let out = hsd::policy::eval::eval(&case, server_url).map_err(|e| e.to_string())?;
+            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hsd: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -195,6 +243,9 @@ fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(Cmd::Cluster { command }) = &args.command {
         return cluster_command(command);
+    }
+    if let Some(Cmd::Policy { command }) = &args.command {
+        return policy_command(command);
     }
     hsd::raft::tls::install_crypto_provider();
     let config = match load_config(&args) {
