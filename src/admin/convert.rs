@@ -1,5 +1,6 @@
 //! Registry and cluster types to their proto messages, and back for request fields.
 
+use crate::control::policy::Access;
 use std::collections::BTreeMap;
 
 use crate::proto::admin as pb;
@@ -77,7 +78,11 @@ pub fn node(
     n: &reg::Node,
     sessions: &BTreeMap<NodeId, u64>,
     now: Timestamp,
+    access: &Access,
 ) -> pb::Node {
+    let strings = |nets: &[ipnet::IpNet]| nets.iter().map(ToString::to_string).collect();
+    let advertised = crate::control::policy::advertised_routes(&n.hostinfo);
+    let (approved, primary) = access.route_state(n);
     let mut ip_addresses = Vec::new();
     if let Some(v4) = n.ipv4 {
         ip_addresses.push(v4.to_string());
@@ -104,6 +109,9 @@ pub fn node(
         ephemeral: n.ephemeral,
         expired: n.is_expired(now),
         user_id: n.user.0,
+        advertised_routes: strings(&advertised),
+        approved_routes: strings(&approved),
+        primary_routes: strings(&primary),
     }
 }
 

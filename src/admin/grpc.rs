@@ -37,6 +37,20 @@ impl AdminApi {
         self.deps.cluster.view()
     }
 
+    /// Refuses a policy Tailscale would refuse (or that names what this tailnet lacks),
+    /// with the reason; the running policy stays.
+    fn check(&self, policy: &str) -> Result<(), Status> {
+        crate::control::policy::check(&self.view(), &self.deps.presence, policy)
+            .map_err(|e| Status::invalid_argument(format!("policy refused: {e}")))
+    }
+
+    /// The compiled policy for `view` (route approvals and primaries).
+    fn access(&self, view: &Registry) -> crate::control::policy::Access {
+        self.deps
+            .access
+            .access(view, &self.deps.presence, &self.deps.server_url)
+    }
+
     /// The registry for a read request: linearizable unless the caller asked for `local`.
     async fn read(&self, local: bool) -> Result<Arc<Registry>, Status> {
         self.deps
@@ -74,7 +88,9 @@ impl AdminApi {
         match self.propose(command).await? {
             Outcome::Node(node) => {
                 let sessions = self.deps.presence.sessions();
-                let mut node = convert::node(&self.view(), &node, &sessions, Timestamp::now());
+                let view = self.view();
+                let access = self.access(&view);
+                let mut node = convert::node(&view, &node, &sessions, Timestamp::now(), &access);
                 if let Some(user) = user {
                     node.user = user.to_string();
                 }
@@ -348,10 +364,11 @@ impl AdminService for AdminApi {
         let user = user_filter(&view, &request.user)?;
         let sessions = self.deps.presence.sessions();
         let now = Timestamp::now();
+        let access = self.access(&view);
         let nodes = view
             .nodes()
             .filter(|n| user.is_none_or(|u| n.user == u))
-            .map(|n| convert::node(&view, n, &sessions, now))
+            .map(|n| convert::node(&view, n, &sessions, now, &access))
             .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
@@ -364,8 +381,15 @@ impl AdminService for AdminApi {
             .node(id)
             .ok_or_else(|| status::from_rejection(&Rejection::NodeNotFound(id)))?;
         let sessions = self.deps.presence.sessions();
+        let access = self.access(&view);
         Ok(Response::new(pb::NodeResponse {
-            node: Some(convert::node(&view, node, &sessions, Timestamp::now())),
+            node: Some(convert::node(
+                &view,
+                node,
+                &sessions,
+                Timestamp::now(),
+                &access,
+            )),
         }))
     }
 
@@ -453,6 +477,22 @@ impl AdminService for AdminApi {
         .await
     }
 
+    async fn approve_routes(
+        &self,
+        request: Request<pb::ApproveRoutesRequest>,
+    ) -> Reply<pb::NodeResponse> {
+        let request = request.into_inner();
+        let id = node_id(request.id)?;
+        let mut routes = Vec::new();
+        for r in &request.routes {
+            let net = crate::policy::parse_route(r)
+                .map_err(|e| Status::invalid_argument(format!("route {r:?}: {e}")))?;
+            routes.push(net);
+        }
+        self.propose_node(Command::ApproveRoutes { id, routes }, None)
+            .await
+    }
+
     // ----- API keys -----
 
     async fn create_api_key(
@@ -522,6 +562,7 @@ impl AdminService for AdminApi {
         request: Request<pb::SetPolicyRequest>,
     ) -> Reply<pb::PolicyResponse> {
         let policy = request.into_inner().policy;
+        self.check(&policy)?;
         match self
             .propose(Command::SetPolicy {
                 policy: policy.clone(),
@@ -531,6 +572,15 @@ impl AdminService for AdminApi {
             Outcome::Done => Ok(Response::new(pb::PolicyResponse { policy })),
             _ => Err(status::unexpected("set_policy")),
         }
+    }
+
+    async fn check_policy(
+        &self,
+        request: Request<pb::SetPolicyRequest>,
+    ) -> Reply<pb::PolicyResponse> {
+        let policy = request.into_inner().policy;
+        self.check(&policy)?;
+        Ok(Response::new(pb::PolicyResponse { policy }))
     }
 
     // ----- cluster -----

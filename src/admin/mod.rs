@@ -42,6 +42,10 @@ pub struct AdminDeps {
     pub failed_auth: audit::FailedAuth,
     /// HTTP/2 streams per admin connection (`limits.max_concurrent_streams`).
     pub max_concurrent_streams: u32,
+    /// The member's compiled policy (shared with map building), for route states.
+    pub access: std::sync::Arc<crate::control::policy::AccessCache>,
+    /// The control URL (SSH `check` actions call back to it).
+    pub server_url: String,
 }
 
 /// Serves the admin API on a unix socket at `path` with file mode `mode`, until `stop`.

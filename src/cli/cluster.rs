@@ -43,8 +43,14 @@ pub enum ClusterCommand {
 pub enum PolicyCommand {
     /// Print the ACL policy.
     Get,
-    /// Replace the ACL policy with a file's contents.
+    /// Replace the ACL policy with a file's contents (HuJSON). A policy the member
+    /// refuses changes nothing; the error names the problem.
     Set {
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+    },
+    /// Check a policy file against the cluster's tailnet without storing it.
+    Check {
         #[arg(short = 'f', long)]
         file: PathBuf,
     },
@@ -159,6 +165,11 @@ pub async fn run_policy(
             let policy = text.ok_or_else(|| CliError::other("the policy file was not read"))?;
             client.set_policy(pb::SetPolicyRequest { policy }).await?;
             return Ok(Output::new(json!({ "updated": true }), "Policy updated"));
+        }
+        PolicyCommand::Check { .. } => {
+            let policy = text.ok_or_else(|| CliError::other("the policy file was not read"))?;
+            client.check_policy(pb::SetPolicyRequest { policy }).await?;
+            return Ok(Output::new(json!({ "valid": true }), "Policy is valid"));
         }
     };
     Ok(Output::new(json!({ "policy": policy }), policy))

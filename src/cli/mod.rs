@@ -266,7 +266,10 @@ struct Prepared {
 impl Prepared {
     fn new(command: &Command) -> Result<Self, CliError> {
         let mut prepared = Prepared::default();
-        if let Command::Policy(cluster::PolicyCommand::Set { file }) = command {
+        if let Command::Policy(
+            cluster::PolicyCommand::Set { file } | cluster::PolicyCommand::Check { file },
+        ) = command
+        {
             let text = std::fs::read_to_string(file).map_err(|e| {
                 CliError::other(format!("reading policy file {}: {e}", file.display()))
             })?;

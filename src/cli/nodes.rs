@@ -40,6 +40,20 @@ pub enum NodesCommand {
         #[arg(short = 'u', long)]
         user: String,
     },
+    /// Routes: advertised by the client, approved (by an admin or the policy's
+    /// autoApprovers), and primary (the router peers use now).
+    ListRoutes {
+        /// Only this node.
+        id: Option<u64>,
+    },
+    /// Replace a node's approved routes (none given: approve none). Approving one exit
+    /// route (0.0.0.0/0 or ::/0) approves both.
+    ApproveRoutes {
+        id: u64,
+        /// 10.0.0.0/24,0.0.0.0/0
+        #[arg(short = 'r', long, value_delimiter = ',', num_args = 0..)]
+        routes: Vec<String>,
+    },
     /// Replace a node's tags (none given: clear them).
     Tag {
         id: u64,
@@ -100,6 +114,30 @@ pub fn nodes_table(nodes: &[pb::Node]) -> String {
         ]);
     }
     t.render()
+}
+
+pub fn routes_table(nodes: &[pb::Node]) -> String {
+    let mut t = Table::new(&["ID", "NAME", "ADVERTISED", "APPROVED", "PRIMARY"]);
+    for n in nodes {
+        t.row(vec![
+            n.id.to_string(),
+            n.given_name.clone(),
+            n.advertised_routes.join(", "),
+            n.approved_routes.join(", "),
+            n.primary_routes.join(", "),
+        ]);
+    }
+    t.render()
+}
+
+fn routes_json(n: &pb::Node) -> Value {
+    json!({
+        "id": n.id,
+        "name": n.given_name,
+        "advertised_routes": n.advertised_routes,
+        "approved_routes": n.approved_routes,
+        "primary_routes": n.primary_routes,
+    })
 }
 
 fn one_node(response: pb::NodeResponse) -> Result<Output, CliError> {
@@ -169,6 +207,50 @@ pub async fn run(cmd: &NodesCommand, client: &mut Client) -> Result<Output, CliE
                 user: user.clone(),
             };
             one_node(client.move_node(request).await?.into_inner())
+        }
+        NodesCommand::ListRoutes { id } => {
+            let nodes: Vec<pb::Node> = match id {
+                Some(id) => {
+                    let request = pb::GetNodeRequest {
+                        id: *id,
+                        local: crate::cli::local_reads(),
+                    };
+                    client
+                        .get_node(request)
+                        .await?
+                        .into_inner()
+                        .node
+                        .into_iter()
+                        .collect()
+                }
+                None => {
+                    let request = pb::ListNodesRequest {
+                        local: crate::cli::local_reads(),
+                        user: String::new(),
+                    };
+                    let nodes = client.list_nodes(request).await?.into_inner().nodes;
+                    let routes = |n: &pb::Node| {
+                        !n.advertised_routes.is_empty() || !n.approved_routes.is_empty()
+                    };
+                    nodes.into_iter().filter(routes).collect()
+                }
+            };
+            Ok(Output::new(
+                Value::Array(nodes.iter().map(routes_json).collect()),
+                routes_table(&nodes),
+            ))
+        }
+        NodesCommand::ApproveRoutes { id, routes } => {
+            let request = pb::ApproveRoutesRequest {
+                id: *id,
+                routes: non_empty(routes),
+            };
+            let node = client.approve_routes(request).await?.into_inner().node;
+            let nodes: Vec<pb::Node> = node.into_iter().collect();
+            Ok(Output::new(
+                nodes.first().map(routes_json).unwrap_or(Value::Null),
+                routes_table(&nodes),
+            ))
         }
         NodesCommand::Tag { id, tags } => {
             let request = pb::SetTagsRequest {

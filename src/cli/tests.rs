@@ -33,6 +33,9 @@ fn sample_node() -> pb::Node {
         ephemeral: false,
         expired: false,
         user_id: 1,
+        advertised_routes: vec![],
+        approved_routes: vec![],
+        primary_routes: vec![],
     }
 }
 

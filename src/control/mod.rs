@@ -56,6 +56,8 @@ pub struct ControlSettings {
     pub max_hostinfo_bytes: usize,
     /// `limits.http_header_timeout`: a request head must arrive within this.
     pub http_header_timeout: Duration,
+    /// The compiled policy, shared by the member's sessions.
+    pub access: Arc<policy::AccessCache>,
 }
 
 /// What the control handlers need, and nothing more.

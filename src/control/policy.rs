@@ -1,40 +1,295 @@
-//! The policy seam: who may see whom, and each node's packet filter.
+//! The policy seam between the registry and map building: who may see whom, each node's
+//! packet filter, the routes a viewer may use through a peer, SSH rules and node
+//! attributes.
 //!
-//! Today this is allow-all between approved nodes. The ACL engine replaces these two
-//! functions; map building calls nothing else for access decisions.
+//! Without a policy (the default) and without routes, every approved node reaches every
+//! other, and full netmaps are assembled from the hub's shared blocks. Otherwise the
+//! engine in `crate::policy` answers (with no policy file, Tailscale's allow-all default): compiled once per registry version (and per online state of
+//! the routers, which decides HA primaries), then shared by every session of the member.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use imbl::OrdMap;
+use ipnet::IpNet;
 use serde_json::{Value, json};
 
-use crate::registry::{Node, Registry};
+use crate::policy::{self, Compiled, PeerRoutes};
+use crate::presence::Presence;
+use crate::registry::{Node, NodeId, Registry, User, UserId};
 
-/// Whether `viewer` gets `peer` in its netmap. Nodes waiting for approval see no one and
-/// are seen by no one.
-pub fn can_see(_view: &Registry, viewer: &Node, peer: &Node) -> bool {
-    viewer.id != peer.id && viewer.approved && peer.approved
+/// The access decisions for one registry view.
+#[derive(Clone, Default)]
+pub struct Access(Option<Arc<PolicyMap>>);
+
+/// A compiled policy and where each node sits in it.
+pub struct PolicyMap {
+    compiled: Compiled,
+    index: HashMap<NodeId, usize>,
+    /// Nodes that route something (their online state elects primaries), by index.
+    routers: Vec<(NodeId, bool)>,
 }
 
-/// The packet filter for `node`, as `PacketFilters` (named filters, capver ≥ 81). An empty
-/// `base` list denies everything, which is what an unapproved node gets.
-pub fn packet_filters(_view: &Registry, node: &Node) -> Value {
-    if !node.approved {
-        return json!({ "base": [] });
+impl Access {
+    /// Whether `viewer` gets `peer` in its netmap. Nodes waiting for approval see no one
+    /// and are seen by no one.
+    pub fn can_see(&self, viewer: &Node, peer: &Node) -> bool {
+        if viewer.id == peer.id || !viewer.approved || !peer.approved {
+            return false;
+        }
+        match &self.0 {
+            None => true,
+            Some(map) => match (map.index.get(&viewer.id), map.index.get(&peer.id)) {
+                (Some(&i), Some(&j)) => map.compiled.can_see(i, j),
+                _ => false,
+            },
+        }
     }
-    json!({
-        "base": [{
-            "SrcIPs": ["*"],
-            "DstPorts": [{ "IP": "*", "Ports": { "First": 0, "Last": 65535 } }],
-        }]
-    })
+
+    /// The packet filter for `node`, as `PacketFilters` (named filters, capver ≥ 81). An
+    /// empty `base` list denies everything, which is what an unapproved node gets.
+    pub fn packet_filters(&self, node: &Node) -> Value {
+        if !node.approved {
+            return json!({ "base": [] });
+        }
+        let Some((map, i)) = self.position(node) else {
+            return json!({ "base": [] });
+        };
+        let rules: Vec<Value> = map
+            .compiled
+            .node(i)
+            .filter
+            .iter()
+            .map(|r| r.to_json())
+            .collect();
+        json!({ "base": rules })
+    }
+
+    /// Whether every node that `sees_all_shared` has `peer` in its netmap (no policy).
+    pub fn seen_by_all(&self, peer: &Node) -> bool {
+        self.0.is_none() && peer.approved
+    }
+
+    /// Whether `viewer` sees exactly the peers `seen_by_all` selects, so its full netmap
+    /// can be assembled from the shared blocks.
+    pub fn sees_all_shared(&self, viewer: &Node) -> bool {
+        self.0.is_none() && viewer.approved
+    }
+
+    /// Whether a policy is in force.
+    pub fn has_policy(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The routes `viewer` may use through `peer` (`AllowedIPs` beyond its addresses,
+    /// `PrimaryRoutes`), when the peer routes anything; `None` when the shared JSON of the
+    /// peer is right for every viewer.
+    pub fn peer_routes(&self, viewer: &Node, peer: &Node) -> Option<PeerRoutes> {
+        let map = self.0.as_ref()?;
+        let (&i, &j) = (map.index.get(&viewer.id)?, map.index.get(&peer.id)?);
+        let r = map.compiled.routes(j);
+        if r.primary.is_empty() && r.exits.is_empty() {
+            return None;
+        }
+        Some(map.compiled.peer_routes(i, j))
+    }
+
+    /// `node`'s own routes, when it routes anything.
+    pub fn self_routes(&self, node: &Node) -> Option<PeerRoutes> {
+        let (map, i) = self.position(node)?;
+        let r = map.compiled.routes(i);
+        if r.subnets.is_empty() && r.exits.is_empty() {
+            return None;
+        }
+        Some(map.compiled.self_routes(i))
+    }
+
+    /// A node's approved routes (by an admin, or by the policy's `autoApprovers` for
+    /// what it advertises) and the subnet routes it is primary for.
+    pub fn route_state(&self, node: &Node) -> (Vec<IpNet>, Vec<IpNet>) {
+        let mut approved = node.approved_routes.clone();
+        let Some((map, i)) = self.position(node) else {
+            return (approved, Vec::new());
+        };
+        let r = map.compiled.routes(i);
+        for net in r.subnets.iter().chain(&r.exits) {
+            if !approved.contains(net) {
+                approved.push(*net);
+            }
+        }
+        approved.sort();
+        (approved, r.primary.clone())
+    }
+
+    /// `SSHPolicy` for `node`, when the policy has an `ssh` section.
+    pub fn ssh_policy(&self, node: &Node) -> Option<Value> {
+        let (map, i) = self.position(node)?;
+        map.compiled
+            .has_ssh()
+            .then(|| json!({ "rules": map.compiled.ssh_rules(i) }))
+    }
+
+    /// Node attributes (`nodeAttrs`) for `node`'s capability map.
+    pub fn node_attrs(&self, node: &Node) -> Vec<String> {
+        self.position(node)
+            .map(|(map, i)| map.compiled.node_attrs(i))
+            .unwrap_or_default()
+    }
+
+    /// The nodes that route anything (whose online state elects primaries).
+    pub fn routers(&self) -> Vec<NodeId> {
+        self.0
+            .as_ref()
+            .map(|m| m.routers.iter().map(|(id, _)| *id).collect())
+            .unwrap_or_default()
+    }
+
+    fn position(&self, node: &Node) -> Option<(&PolicyMap, usize)> {
+        let map = self.0.as_ref()?;
+        Some((map, *map.index.get(&node.id)?))
+    }
 }
 
-/// Whether every node that `sees_all_shared` has `peer` in its netmap. Such peers are
-/// encoded once into shared blocks that full netmaps are assembled from.
-pub fn seen_by_all(_view: &Registry, peer: &Node) -> bool {
-    peer.approved
+/// The last compiled policy of a member, reused while the registry's users, nodes and
+/// policy and the routers' online state are unchanged.
+#[derive(Default)]
+pub struct AccessCache {
+    slot: Mutex<Option<Cached>>,
 }
 
-/// Whether `viewer` sees exactly the peers `seen_by_all` selects (except itself), so its
-/// full netmap can be assembled from the shared blocks.
-pub fn sees_all_shared(_view: &Registry, viewer: &Node) -> bool {
-    viewer.approved
+impl std::fmt::Debug for AccessCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AccessCache")
+    }
+}
+
+struct Cached {
+    policy: String,
+    users: OrdMap<UserId, Arc<User>>,
+    nodes: OrdMap<NodeId, Arc<Node>>,
+    access: Access,
+}
+
+impl AccessCache {
+    /// The access decisions for `view`. `check_url` is where SSH `check` actions call.
+    pub fn access(&self, view: &Registry, presence: &Presence, check_url: &str) -> Access {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = slot.as_ref()
+            && c.policy == view.policy()
+            && c.users.ptr_eq(view.user_map())
+            && c.nodes.ptr_eq(view.node_map())
+            && c.access.0.as_ref().is_none_or(|m| {
+                m.routers
+                    .iter()
+                    .all(|(id, online)| presence.is_online(*id) == *online)
+            })
+        {
+            return c.access.clone();
+        }
+        // Without a policy or routes everyone sees everyone the same way: nothing to
+        // compile. Routes (even without a policy) need per-viewer netmaps.
+        let plain =
+            view.policy().trim().is_empty() && view.nodes().all(|n| n.approved_routes.is_empty());
+        let access = if plain {
+            Access(None)
+        } else {
+            compile(view, presence, check_url)
+        };
+        *slot = Some(Cached {
+            policy: view.policy().to_string(),
+            users: view.user_map().clone(),
+            nodes: view.node_map().clone(),
+            access: access.clone(),
+        });
+        access
+    }
+}
+
+/// Compiles the registry's policy. A stored policy that no longer compiles (it was
+/// checked when set) falls back to denying everything rather than allowing it.
+fn compile(view: &Registry, presence: &Presence, check_url: &str) -> Access {
+    let tailnet = tailnet(view, presence);
+    let index: HashMap<NodeId, usize> = tailnet
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (NodeId(n.id), i))
+        .collect();
+    let compiled = policy::Policy::parse(view.policy())
+        .and_then(|p| Compiled::new(p, tailnet.clone(), check_url))
+        .or_else(|e| {
+            tracing::error!(error = %e, "the stored policy does not compile; denying all");
+            let deny = policy::Policy::parse(r#"{"acls": []}"#).expect("static policy");
+            Compiled::new(deny, tailnet, check_url)
+        })
+        .expect("a deny-all policy always compiles");
+    let routers = (0..compiled.tailnet().nodes.len())
+        .filter(|&i| {
+            let r = compiled.routes(i);
+            !r.subnets.is_empty() || !r.exits.is_empty()
+        })
+        .map(|i| {
+            let n = &compiled.tailnet().nodes[i];
+            (NodeId(n.id), n.online)
+        })
+        .collect();
+    Access(Some(Arc::new(PolicyMap {
+        compiled,
+        index,
+        routers,
+    })))
+}
+
+/// Checks `text` as a policy for the current tailnet, as `hsctl policy set` needs.
+pub fn check(view: &Registry, presence: &Presence, text: &str) -> Result<(), policy::PolicyError> {
+    let parsed = policy::Policy::parse(text)?;
+    Compiled::new(parsed, tailnet(view, presence), "").map(|_| ())
+}
+
+/// The registry's approved nodes as the engine sees them, in registration (id) order.
+fn tailnet(view: &Registry, presence: &Presence) -> policy::Tailnet {
+    let users = view
+        .users()
+        .map(|u| policy::User {
+            id: u.id.0,
+            name: u.name.clone(),
+            email: if u.name.contains('@') {
+                u.name.clone()
+            } else {
+                String::new()
+            },
+        })
+        .collect();
+    let nodes = view
+        .nodes()
+        .filter(|n| n.approved)
+        .map(|n| policy::Node {
+            id: n.id.0,
+            name: n.given_name.clone(),
+            user: n.tags.is_empty().then_some(n.user.0),
+            tags: n.tags.clone(),
+            ipv4: n.ipv4,
+            ipv6: n.ipv6,
+            advertised: advertised_routes(&n.hostinfo),
+            approved: n.approved_routes.clone(),
+            online: presence.is_online(n.id),
+        })
+        .collect();
+    policy::Tailnet { users, nodes }
+}
+
+/// Hostinfo `RoutableIPs`: the routes a client offers to serve.
+pub fn advertised_routes(hostinfo: &str) -> Vec<IpNet> {
+    #[derive(serde::Deserialize)]
+    struct Routable {
+        #[serde(rename = "RoutableIPs", default)]
+        routable_ips: Option<Vec<IpNet>>,
+    }
+    serde_json::from_str::<Routable>(hostinfo)
+        .ok()
+        .and_then(|h| h.routable_ips)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|n| n.trunc())
+        .collect()
 }

@@ -157,6 +157,9 @@ pub struct NodeJson {
     pub addresses: Vec<String>,
     #[serde(rename = "AllowedIPs")]
     pub allowed_ips: Vec<String>,
+    /// Subnet routes this node is the primary router for (as this viewer may use them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub primary_routes: Vec<String>,
     pub endpoints: Vec<String>,
     #[serde(rename = "HomeDERP", skip_serializing_if = "is_zero")]
     pub home_derp: i32,
@@ -226,6 +229,8 @@ pub struct MapResponse {
     pub collect_services: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packet_filters: Option<Value>,
+    #[serde(rename = "SSHPolicy", skip_serializing_if = "Option::is_none")]
+    pub ssh_policy: Option<Value>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub user_profiles: Vec<RawJson>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -248,6 +253,7 @@ impl MapResponse {
             && self.online_change.is_empty()
             && self.dns_config.is_none()
             && self.packet_filters.is_none()
+            && self.ssh_policy.is_none()
             && self.user_profiles.is_empty()
             && self.control_dial_plan.is_none()
     }

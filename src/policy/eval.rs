@@ -108,7 +108,10 @@ pub fn eval(case: &Case, check_url: &str) -> Result<Value, EvalError> {
         let rules: Vec<Value> = view.filter.iter().map(|r| r.to_json()).collect();
         let mut peers = Map::new();
         for j in compiled.peers(i) {
-            peers.insert(nodes[j].name.clone(), routes_json(&compiled.peer_routes(i, j)));
+            peers.insert(
+                nodes[j].name.clone(),
+                routes_json(&compiled.peer_routes(i, j)),
+            );
         }
         out.insert(
             node.name.clone(),

@@ -95,12 +95,12 @@ pub fn parse_ip_text(s: &str) -> IpSet {
     {
         let mut set = IpSet::new();
         let nets: Vec<IpNet> = match (a, b) {
-            (IpAddr::V4(a), IpAddr::V4(b)) => ipnet::Ipv4Subnets::new(a, b, 0)
-                .map(IpNet::V4)
-                .collect(),
-            (IpAddr::V6(a), IpAddr::V6(b)) => ipnet::Ipv6Subnets::new(a, b, 0)
-                .map(IpNet::V6)
-                .collect(),
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                ipnet::Ipv4Subnets::new(a, b, 0).map(IpNet::V4).collect()
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                ipnet::Ipv6Subnets::new(a, b, 0).map(IpNet::V6).collect()
+            }
             _ => Vec::new(),
         };
         for n in nets {
@@ -175,7 +175,12 @@ fn compile_grant(g: &Grant, resolver: &Resolver, routes: &[NodeRoutes]) -> Optio
     let dst_nets: Vec<IpNet> = g
         .dests
         .iter()
-        .filter(|d| !matches!(d, Alias::AutoGroup(AutoGroup::SelfDevices | AutoGroup::Internet)))
+        .filter(|d| {
+            !matches!(
+                d,
+                Alias::AutoGroup(AutoGroup::SelfDevices | AutoGroup::Internet)
+            )
+        })
         .flat_map(|d| resolver.resolve(d).prefixes())
         .collect();
     if !g.via.is_empty() {
@@ -214,7 +219,10 @@ fn source_strings(g: &Grant, resolved: &[IpSet], routes: &[NodeRoutes]) -> Vec<S
     if merged.is_empty() {
         return Vec::new();
     }
-    if g.sources.iter().any(|s| s.is_autogroup(AutoGroup::DangerAll)) {
+    if g.sources
+        .iter()
+        .any(|s| s.is_autogroup(AutoGroup::DangerAll))
+    {
         return vec!["*".into()];
     }
     let mut out = merged.strings();
@@ -289,7 +297,11 @@ fn other_dest_rules(
     rules
 }
 
-fn companion_rules(dst_strings: &[String], src_nets: &[IpNet], app: &Map<String, Value>) -> Vec<FilterRule> {
+fn companion_rules(
+    dst_strings: &[String],
+    src_nets: &[IpNet],
+    app: &Map<String, Value>,
+) -> Vec<FilterRule> {
     COMPANION_CAPS
         .iter()
         .filter(|(cap, _)| app.contains_key(*cap))
@@ -336,12 +348,19 @@ fn compile_via(
 
 /// Whether any grant needs per-node compilation.
 pub fn needs_per_node(grants: &[CompiledGrant]) -> bool {
-    grants.iter().any(|g| g.self_part.is_some() || g.via.is_some())
+    grants
+        .iter()
+        .any(|g| g.self_part.is_some() || g.via.is_some())
 }
 
 /// Rules that hold for every node (before reduction), merged.
 pub fn global_rules(grants: &[CompiledGrant]) -> Vec<FilterRule> {
-    merge(grants.iter().flat_map(|g| g.rules.iter().cloned()).collect())
+    merge(
+        grants
+            .iter()
+            .flat_map(|g| g.rules.iter().cloned())
+            .collect(),
+    )
 }
 
 /// The unreduced rules for node `i`: the global ones plus its `autogroup:self` and `via`

@@ -15,7 +15,6 @@ mod resolve;
 mod ssh;
 mod tailnet;
 
-use std::net::IpAddr;
 use std::sync::OnceLock;
 
 use ipnet::IpNet;
@@ -52,7 +51,7 @@ pub struct NodeView {
 }
 
 /// A peer as a viewer sees it: addresses plus the routes the viewer may use through it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PeerRoutes {
     pub allowed_ips: Vec<IpNet>,
     pub primary_routes: Vec<IpNet>,
@@ -202,7 +201,11 @@ impl Compiled {
     /// subnets overlapping the grant's destinations; its exit routes for
     /// `autogroup:internet`), if `j` carries one of the grant's tags.
     fn via_routes(&self, g: &CompiledGrant, via: &filter::ViaPart, j: usize) -> Vec<IpNet> {
-        if !via.tags.iter().any(|t| self.tailnet.nodes[j].tags.contains(t)) {
+        if !via
+            .tags
+            .iter()
+            .any(|t| self.tailnet.nodes[j].tags.contains(t))
+        {
             return Vec::new();
         }
         let r = &self.routes[j];
@@ -238,8 +241,9 @@ impl Compiled {
             }
             let steered = self.via_routes(g, via, j);
             for r in matched {
-                let first = (0..self.routes.len())
-                    .find(|&k| self.tailnet.nodes[k].online && self.via_routes(g, via, k).contains(&r));
+                let first = (0..self.routes.len()).find(|&k| {
+                    self.tailnet.nodes[k].online && self.via_routes(g, via, k).contains(&r)
+                });
                 if steered.contains(&r) && (filter::is_exit(&r) || first == Some(j)) {
                     include.push(r);
                 } else {
@@ -373,12 +377,17 @@ impl Bits {
     }
     fn iter(&self) -> impl Iterator<Item = usize> + '_ {
         self.0.iter().enumerate().flat_map(|(w, &word)| {
-            (0..64).filter(move |b| word & (1 << b) != 0).map(move |b| w * 64 + b)
+            (0..64)
+                .filter(move |b| word & (1 << b) != 0)
+                .map(move |b| w * 64 + b)
         })
     }
 }
 
-/// An address or prefix as a host prefix, for callers holding plain addresses.
-pub fn host_prefix(ip: IpAddr) -> IpNet {
-    IpNet::from(ip)
+/// A route as admins write it: a CIDR, its host bits cleared.
+pub fn parse_route(s: &str) -> Result<IpNet, String> {
+    s.trim()
+        .parse::<IpNet>()
+        .map(|n| n.trunc())
+        .map_err(|_| "expected a CIDR such as 10.0.0.0/24 or fd00::/64".to_string())
 }

@@ -224,7 +224,12 @@ impl Policy {
             }];
         }
         policy.parse_auto_approvers(top.get("autoApprovers"))?;
-        for rule in top.get("ssh").map(|v| list(v, "ssh")).transpose()?.unwrap_or(&[]) {
+        for rule in top
+            .get("ssh")
+            .map(|v| list(v, "ssh"))
+            .transpose()?
+            .unwrap_or(&[])
+        {
             let rule = policy.parse_ssh(rule)?;
             policy.ssh.push(rule);
         }
@@ -310,7 +315,10 @@ impl Policy {
             }
             dests.push((alias, ports));
         }
-        if dests.iter().any(|(a, _)| a.is_autogroup(AutoGroup::SelfDevices)) {
+        if dests
+            .iter()
+            .any(|(a, _)| a.is_autogroup(AutoGroup::SelfDevices))
+        {
             check_self_sources(&sources, true)?;
         }
         let only_autogroups = dests.iter().all(|(a, _)| matches!(a, Alias::AutoGroup(_)));
@@ -561,7 +569,9 @@ pub fn parse_ports(s: &str) -> Result<Vec<PortRange>, PolicyError> {
         if let Some((a, b)) = part.split_once('-') {
             let (first, last) = (port(a)?, port(b)?);
             if first > last {
-                return Err(bad("invalid port range: first port is greater than last port"));
+                return Err(bad(
+                    "invalid port range: first port is greater than last port",
+                ));
             }
             out.push(PortRange { first, last });
         } else {

@@ -20,7 +20,12 @@ const MAX_CHECK_PERIOD_SECS: f64 = 168.0 * 3600.0;
 impl Policy {
     pub(super) fn parse_ssh(&self, v: &Value) -> Result<SshRule, PolicyError> {
         let obj = object(v, "ssh entry")?;
-        let action = match obj.get("action").and_then(Value::as_str).unwrap_or("").trim() {
+        let action = match obj
+            .get("action")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .trim()
+        {
             "" => return err("action must be specified"),
             "accept" => SshAction::Accept,
             "check" => SshAction::Check,
@@ -231,13 +236,21 @@ pub fn ssh_rules(
         let users = UserMap::new(rule, tailnet);
         let (by_user, tagged) = principals_by_user(tailnet, routes, &srcs);
         let mut emit = |principals: &[String], user: Option<u64>| {
-            rules.push(rule_json(principals, users.base.clone(), &action, &rule.accept_env));
+            rules.push(rule_json(
+                principals,
+                users.base.clone(),
+                &action,
+                &rule.accept_env,
+            ));
             if let Some(lp) = user.and_then(|u| users.localpart.get(&u)) {
                 let map = BTreeMap::from([(lp.clone(), lp.clone())]);
                 rules.push(rule_json(principals, map, &action, &rule.accept_env));
             }
         };
-        let has_self = rule.dests.iter().any(|d| d.is_autogroup(AutoGroup::SelfDevices));
+        let has_self = rule
+            .dests
+            .iter()
+            .any(|d| d.is_autogroup(AutoGroup::SelfDevices));
         if has_self
             && !me.is_tagged()
             && let Some(u) = me.user
@@ -355,7 +368,9 @@ fn principals_by_user(
             continue;
         }
         let Some(u) = n.user else { continue };
-        sets.entry(u).or_default().extend(routes[j].ips.iter().copied());
+        sets.entry(u)
+            .or_default()
+            .extend(routes[j].ips.iter().copied());
     }
     let by_user = sets
         .into_iter()

@@ -66,6 +66,9 @@ pub fn node(n: &pb::Node) -> Value {
         "created_at": time(&n.created_at),
         "machine_key": n.machine_key,
         "node_key": n.node_key,
+        "advertised_routes": n.advertised_routes,
+        "approved_routes": n.approved_routes,
+        "primary_routes": n.primary_routes,
     })
 }
 

@@ -230,6 +230,11 @@ pub enum Command {
     SetPolicy {
         policy: String,
     },
+    /// Replaces the routes approved for a node.
+    ApproveRoutes {
+        id: NodeId,
+        routes: Vec<ipnet::IpNet>,
+    },
     /// Records the settings every member must share, on first start. Applied once; a later
     /// proposal with different settings is refused (the proposing member then refuses to
     /// run, naming the key that differs).
@@ -273,6 +278,10 @@ impl Command {
             Command::RenameNode { id, name } => format!("node {id} -> {name}"),
             Command::MoveNode { id, user } => format!("node {id} -> user {user}"),
             Command::TagNode { id, tags } => format!("node {id} tags {}", tags.join(",")),
+            Command::ApproveRoutes { id, routes } => {
+                let routes: Vec<String> = routes.iter().map(ToString::to_string).collect();
+                format!("node {id} routes {}", routes.join(","))
+            }
             Command::CreatePreAuthKey { user, prefix, .. }
             | Command::ExpirePreAuthKey { user, prefix } => {
                 format!("pre-auth key {prefix} of {user}")
@@ -317,6 +326,7 @@ impl Command {
             Command::TagNode { .. } => "tag_node",
             Command::SetDns { .. } => "set_dns",
             Command::SetPolicy { .. } => "set_policy",
+            Command::ApproveRoutes { .. } => "approve_routes",
             Command::InitSettings { .. } => "init_settings",
         }
     }

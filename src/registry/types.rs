@@ -287,6 +287,10 @@ pub struct Node {
     pub approved: bool,
     pub ephemeral: bool,
     pub auth_key: Option<PreAuthKeyId>,
+    /// Routes an admin approved (`hsctl nodes approve-routes`); the node serves those it
+    /// also advertises (Hostinfo `RoutableIPs`).
+    #[serde(default)]
+    pub approved_routes: Vec<ipnet::IpNet>,
 }
 
 impl Node {

@@ -270,6 +270,8 @@ impl Server {
             version: VERSION,
             failed_auth,
             max_concurrent_streams: config.limits.max_concurrent_streams,
+            access: control.settings.access.clone(),
+            server_url: control.settings.server_url.clone(),
         };
         listeners.serve(
             &life,
@@ -538,6 +540,7 @@ fn control_settings(
         max_pending_registrations: config.limits.max_pending_registrations,
         max_hostinfo_bytes: config.limits.max_hostinfo_bytes,
         http_header_timeout: config.limits.http_header_timeout.0,
+        access: Default::default(),
     }
 }
 

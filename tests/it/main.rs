@@ -11,6 +11,7 @@ mod durability;
 mod faults;
 mod history;
 mod history_scale;
+mod policy;
 mod protocol;
 mod scripts;
 mod security;

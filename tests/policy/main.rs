@@ -104,8 +104,9 @@ fn register_primaries_first(case: &mut Case, expect: &Value) {
             .as_array()
             .is_some_and(|p| !p.is_empty())
     };
-    let (first, rest): (Vec<_>, Vec<_>) =
-        std::mem::take(&mut case.nodes).into_iter().partition(|(n, _)| is_primary(n));
+    let (first, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut case.nodes)
+        .into_iter()
+        .partition(|(n, _)| is_primary(n));
     case.nodes = first.into_iter().chain(rest).collect();
 }
 
@@ -192,7 +193,9 @@ fn conformance_with_tailscale_captures() {
         let counted = pass + (fails.len() - unexpected.len());
         if only.is_none() && (!unexpected.is_empty() || (counted as f64) < required * *total as f64)
         {
-            failed.push(format!("{category}: {pass}/{total}, unexpected: {unexpected:?}"));
+            failed.push(format!(
+                "{category}: {pass}/{total}, unexpected: {unexpected:?}"
+            ));
         }
     }
     assert!(failed.is_empty(), "below target: {failed:?}");

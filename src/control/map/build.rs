@@ -10,10 +10,11 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
+use crate::control::ControlSettings;
+use crate::control::policy::Access;
 use crate::control::tailcfg::{
     GO_ZERO_TIME, MapResponse, NodeJson, PeerChange, RawJson, UserProfile,
 };
-use crate::control::{ControlSettings, policy};
 use crate::presence::Presence;
 use crate::registry::{Node, NodeId, Registry, Timestamp, UserId};
 
@@ -81,6 +82,7 @@ impl MapContext<'_> {
             machine: node.machine_key.to_text(),
             disco_key: node.disco_key.to_text(),
             allowed_ips: addresses.clone(),
+            primary_routes: Vec::new(),
             addresses,
             endpoints: live.map(|p| p.endpoints).unwrap_or_default(),
             home_derp,
@@ -105,22 +107,64 @@ impl MapContext<'_> {
         }
     }
 
+    /// The access decisions for this view (the member's compiled policy).
+    pub fn access(&self) -> Access {
+        self.settings
+            .access
+            .access(self.view, self.presence, &self.settings.server_url)
+    }
+
     /// A peer's JSON as every receiver sees it.
     pub fn peer_json(&self, node: &Node) -> RawJson {
         raw(&self.node_json(node, false))
     }
 
-    /// A node's own JSON (`MapResponse.Node`).
-    pub fn self_json(&self, node: &Node) -> RawJson {
-        raw(&self.node_json(node, true))
+    /// A router peer's JSON as `viewer` sees it (the routes it may use through it);
+    /// `None` when the shared JSON is right.
+    pub fn peer_json_for(&self, access: &Access, viewer: &Node, peer: &Node) -> Option<RawJson> {
+        let routes = access.peer_routes(viewer, peer)?;
+        let mut json = self.node_json(peer, false);
+        json.allowed_ips = routes.allowed_ips.iter().map(ToString::to_string).collect();
+        json.primary_routes = routes
+            .primary_routes
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        Some(raw(&json))
     }
 
-    /// The peers `viewer` may see, sorted by id.
-    pub fn visible_peers<'b>(&'b self, viewer: &'b Node) -> impl Iterator<Item = &'b Node> + 'b {
+    /// A node's own JSON (`MapResponse.Node`): its routes and `nodeAttrs` capabilities.
+    pub fn self_json(&self, node: &Node) -> RawJson {
+        let mut json = self.node_json(node, true);
+        let access = self.access();
+        if let Some(routes) = access.self_routes(node) {
+            json.allowed_ips = routes.allowed_ips.iter().map(ToString::to_string).collect();
+            json.primary_routes = routes
+                .primary_routes
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+        }
+        for attr in access.node_attrs(node) {
+            json.cap_map.entry(attr).or_insert(Value::Null);
+        }
+        raw(&json)
+    }
+
+    /// The peers `viewer` may see, sorted by id, each with its JSON for this viewer.
+    pub fn visible_peers(&self, viewer: &Node) -> Vec<(&Node, RawJson)> {
+        let access = self.access();
         self.view
             .nodes()
             .map(|n| n.as_ref())
-            .filter(move |peer| policy::can_see(self.view, viewer, peer))
+            .filter(|peer| access.can_see(viewer, peer))
+            .map(|peer| {
+                let json = self
+                    .peer_json_for(&access, viewer, peer)
+                    .unwrap_or_else(|| self.peer_json(peer));
+                (peer, json)
+            })
+            .collect()
     }
 
     pub fn user_profiles(&self, users: impl IntoIterator<Item = UserId>) -> Vec<RawJson> {
@@ -202,6 +246,7 @@ impl MapContext<'_> {
         owners: BTreeSet<UserId>,
     ) -> MapResponse {
         let users = std::iter::once(me.user).chain(owners);
+        let access = self.access();
         MapResponse {
             node: Some(self.self_json(me)),
             derp_map: Some(self.derp_map()),
@@ -213,7 +258,8 @@ impl MapContext<'_> {
             } else {
                 self.settings.base_domain.clone()
             },
-            packet_filters: Some(policy::packet_filters(self.view, me)),
+            packet_filters: Some(access.packet_filters(me)),
+            ssh_policy: access.ssh_policy(me),
             control_time: Some(Timestamp::now().to_rfc3339()),
             // Stops the client uploading logs to Tailscale's log service.
             debug: Some(json!({ "DisableLogTail": true })),
@@ -231,9 +277,10 @@ impl MapContext<'_> {
         let mut owners = BTreeSet::new();
         let peers = self
             .visible_peers(me)
-            .map(|p| {
+            .into_iter()
+            .map(|(p, json)| {
                 owners.insert(p.user);
-                self.peer_json(p)
+                json
             })
             .collect();
         self.full_map(me, peers, owners)

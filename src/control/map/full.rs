@@ -1,4 +1,4 @@
-//! Full netmaps. A node that sees every shared peer (`policy::sees_all_shared`) gets its
+//! Full netmaps. A node that sees every shared peer (`Access::sees_all_shared`) gets its
 //! netmap assembled from the hub's blocks: its own head and tail, the block holding itself
 //! rebuilt without it, and every other block as the very bytes (zstd frame) every other
 //! full netmap of this state uses — so a full netmap of N peers costs one block's encoding
@@ -11,13 +11,12 @@ use bytes::Bytes;
 
 use super::build::{self, MapContext, Message};
 use super::hub::{self, BLOCK_IDS, HubState, PeerEntry};
-use crate::control::policy;
 use crate::control::tailcfg::MapResponse;
 use crate::registry::{Node, UserId};
 
 /// `me`'s full netmap as of `state` (and `ctx.view` for everything but the shared peers).
 pub fn full_message(ctx: &MapContext<'_>, state: &HubState, me: &Node, compress: bool) -> Message {
-    if !policy::sees_all_shared(ctx.view, me) {
+    if !ctx.access().sees_all_shared(me) {
         let (peers, owners) = hub::visible_peers(ctx, state, me);
         return Message::framed(build::encode_frame(
             &ctx.full_map(me, peers, owners),

@@ -41,7 +41,7 @@ pub struct PeerEntry {
 /// Node ids per block of shared peers.
 pub const BLOCK_IDS: u64 = 256;
 
-/// The peers of one range of node ids that every node sees (`policy::seen_by_all`), joined
+/// The peers of one range of node ids that every node sees (`Access::seen_by_all`), joined
 /// into one JSON fragment and compressed once, lazily, for all full netmaps that include
 /// them. Node ids are never reused and grow, so a block changes only when one of its own
 /// nodes does.
@@ -53,12 +53,13 @@ pub struct PeerBlock {
 }
 
 impl PeerBlock {
-    fn build(view: &Registry, peers: &OrdMap<NodeId, Arc<PeerEntry>>, block: u64) -> PeerBlock {
+    /// `shared`: whether netmaps are assembled from blocks at all (no policy, no routes).
+    fn build(shared: bool, peers: &OrdMap<NodeId, Arc<PeerEntry>>, block: u64) -> PeerBlock {
         let range = NodeId(block * BLOCK_IDS)..NodeId((block + 1) * BLOCK_IDS);
         PeerBlock {
             entries: peers
                 .range(range)
-                .filter(|(_, e)| crate::control::policy::seen_by_all(view, &e.node))
+                .filter(|(_, e)| shared && e.node.approved)
                 .map(|(_, e)| e.clone())
                 .collect(),
             encoded: Default::default(),
@@ -102,6 +103,8 @@ pub struct HubState {
     pub view: Arc<Registry>,
     pub peers: OrdMap<NodeId, Arc<PeerEntry>>,
     pub blocks: OrdMap<u64, Arc<PeerBlock>>,
+    /// Whether the blocks hold peers (no policy and no routes: every netmap shares them).
+    pub shared: bool,
 }
 
 /// What changed in one tick, shared by every session. It holds no registry version or hub
@@ -265,15 +268,16 @@ impl HubState {
             view,
             peers,
             blocks: OrdMap::new(),
+            shared: !ctx.access().has_policy(),
         };
         let all: BTreeSet<u64> = state.peers.keys().map(|id| id.0 / BLOCK_IDS).collect();
-        state.rebuild_blocks(all);
+        state.rebuild_blocks(state.shared, all);
         state
     }
 
-    fn rebuild_blocks(&mut self, blocks: BTreeSet<u64>) {
+    fn rebuild_blocks(&mut self, shared: bool, blocks: BTreeSet<u64>) {
         for b in blocks {
-            let block = PeerBlock::build(&self.view, &self.peers, b);
+            let block = PeerBlock::build(shared, &self.peers, b);
             if block.entries.is_empty() {
                 self.blocks.remove(&b);
             } else {
@@ -334,7 +338,15 @@ impl HubState {
                 .map(|id| id.0 / BLOCK_IDS)
                 .collect()
         };
-        self.rebuild_blocks(touched);
+        let shared = !ctx.access().has_policy();
+        // Switching between shared and per-viewer netmaps touches every block.
+        let touched = if shared != self.shared {
+            self.shared = shared;
+            self.peers.keys().map(|id| id.0 / BLOCK_IDS).collect()
+        } else {
+            touched
+        };
+        self.rebuild_blocks(shared, touched);
         delta.seq = self.seq;
         delta
     }
@@ -482,11 +494,17 @@ pub fn visible_peers(
 ) -> (Vec<RawJson>, BTreeSet<UserId>) {
     let mut peers = Vec::new();
     let mut owners = BTreeSet::new();
+    let access = ctx.access();
     for peer in ctx.view.nodes() {
-        if !crate::control::policy::can_see(ctx.view, me, peer) {
+        if !access.can_see(me, peer) {
             continue;
         }
         let json = match state.peers.get(&peer.id) {
+            _ if access.has_policy()
+                && let Some(own) = ctx.peer_json_for(&access, me, peer) =>
+            {
+                own
+            }
             Some(entry) if Arc::ptr_eq(&entry.node, peer) => entry.json.clone(),
             _ => ctx.peer_json(peer),
         };

@@ -22,7 +22,7 @@ use super::build::{self, MapContext, Message};
 use super::full;
 use super::hub::{Delta, HubHandle, HubState};
 use crate::control::tailcfg::{MapResponse, RawJson};
-use crate::control::{ControlDeps, ControlSettings, policy};
+use crate::control::{ControlDeps, ControlSettings};
 use crate::presence::Presence;
 use crate::raft::Cluster;
 use crate::registry::{Command, Node, NodeId, Registry, Timestamp};
@@ -94,6 +94,8 @@ pub(super) struct Session {
     /// The node's own JSON as last sent: a delta that touches the node without changing
     /// what its client sees of itself does not resend it.
     self_sent: Option<RawJson>,
+    /// Under a policy: what the client holds of it (see `PolicyView`).
+    policy_sent: Option<PolicyView>,
     /// When the node's key expires (the stream ends then).
     expires_at: Option<Instant>,
     /// How the session ended, once it did.
@@ -132,6 +134,7 @@ impl Session {
             approved: false,
             seq: 0,
             self_sent: None,
+            policy_sent: None,
             expires_at: None,
             end: None,
         }
@@ -263,6 +266,7 @@ impl Session {
         self.approved = me.approved;
         self.seq = state.seq;
         self.self_sent = Some(ctx.self_json(me));
+        self.policy_sent = PolicyView::of(&ctx, me);
         Ok(frame)
     }
 
@@ -283,20 +287,43 @@ impl Session {
             let state = self.deps.hub.current();
             return self.full_frame(&state).map(Some);
         }
-        self.seq = delta.seq;
-        let sees = |peer: &crate::registry::Node| policy::can_see(&view, me, peer);
         let ctx = MapContext {
             view: &view,
             presence: &self.deps.presence,
             settings: &self.deps.settings,
         };
+        let access = ctx.access();
+        // Under a policy: a change in what the node may reach goes out as a new packet
+        // filter; a change in its routes, SSH rules or a router it sees, as a full netmap.
+        let mut new_filter = None;
+        if access.has_policy() {
+            let now = PolicyView::of(&ctx, me);
+            let router_changed = delta
+                .upserted
+                .iter()
+                .any(|p| access.can_see(me, &p.node) && access.peer_routes(me, &p.node).is_some());
+            match (&self.policy_sent, &now) {
+                (Some(sent), Some(now)) if sent.rest == now.rest && !router_changed => {
+                    if sent.filter != now.filter {
+                        new_filter = Some(access.packet_filters(me));
+                    }
+                }
+                _ => {
+                    let state = self.deps.hub.current();
+                    return self.full_frame(&state).map(Some);
+                }
+            }
+            self.policy_sent = now;
+        }
+        self.seq = delta.seq;
+        let sees = |peer: &crate::registry::Node| access.can_see(me, peer);
         let touched = delta.touches(self.node);
         let me_json = touched.then(|| ctx.self_json(me)).filter(|json| {
             self.self_sent
                 .as_ref()
                 .is_none_or(|sent| sent.get() != json.get())
         });
-        if !touched && delta.upserted.iter().all(|p| sees(&p.node)) {
+        if !touched && new_filter.is_none() && delta.upserted.iter().all(|p| sees(&p.node)) {
             if delta.is_empty() || delta.only_presence_of(self.node) {
                 return Ok(None);
             }
@@ -305,7 +332,8 @@ impl Session {
         if me_json.is_some() {
             self.self_sent = me_json.clone();
         }
-        let response = delta.response(Some(self.node), me_json, sees);
+        let mut response = delta.response(Some(self.node), me_json, sees);
+        response.packet_filters = new_filter;
         if response.is_empty_delta() {
             return Ok(None);
         }
@@ -313,6 +341,45 @@ impl Session {
             &response,
             self.compress,
         ))))
+    }
+}
+
+/// What a client holds of the policy, to tell which deltas change it: its packet filter,
+/// and (`rest`) its SSH rules, its own routes and capabilities, and the routes of every
+/// router it sees.
+#[derive(PartialEq)]
+struct PolicyView {
+    filter: u64,
+    rest: u64,
+}
+
+impl PolicyView {
+    /// `None` without a policy.
+    fn of(ctx: &MapContext<'_>, me: &crate::registry::Node) -> Option<PolicyView> {
+        use std::hash::{Hash, Hasher};
+        let access = ctx.access();
+        if !access.has_policy() {
+            return None;
+        }
+        let hash = |parts: &dyn Fn(&mut std::collections::hash_map::DefaultHasher)| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            parts(&mut h);
+            h.finish()
+        };
+        let filter = hash(&|h| access.packet_filters(me).to_string().hash(h));
+        let rest = hash(&|h| {
+            access.ssh_policy(me).map(|v| v.to_string()).hash(h);
+            access.self_routes(me).hash(h);
+            access.node_attrs(me).hash(h);
+            for router in access.routers() {
+                if let Some(peer) = ctx.view.node(router)
+                    && access.can_see(me, peer)
+                {
+                    (router, access.peer_routes(me, peer)).hash(h);
+                }
+            }
+        });
+        Some(PolicyView { filter, rest })
     }
 }
 

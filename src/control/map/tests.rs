@@ -123,6 +123,7 @@ fn settings() -> Arc<ControlSettings> {
         max_pending_registrations: 1000,
         max_hostinfo_bytes: 16 * 1024,
         http_header_timeout: Duration::from_secs(10),
+        access: Default::default(),
     })
 }
 
@@ -403,5 +404,85 @@ async fn a_node_changed_and_online_in_one_tick_is_sent_once() {
     h.deps.presence.session_started(other);
     let delta = next(&mut rx).await;
     assert_eq!(peer_keys(&delta, "PeersChanged").len(), 1, "{delta}");
+    h.stop.cancel();
+}
+
+fn filter_sources(v: &Value) -> Vec<String> {
+    v["PacketFilters"]["base"]
+        .as_array()
+        .expect("PacketFilters")
+        .iter()
+        .flat_map(|r| r["SrcIPs"].as_array().unwrap().iter())
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn addresses(feed: &Feed, id: NodeId) -> Vec<String> {
+    let node = feed.registry.node(id).unwrap();
+    vec![
+        node.ipv4.unwrap().to_string(),
+        node.ipv6.unwrap().to_string(),
+    ]
+}
+
+/// Under a policy a node's netmap holds only the peers it may talk to, with a packet
+/// filter that admits exactly the policy's sources; a node joining a source group reaches
+/// running sessions as a delta carrying the new filter, and nodes outside the policy see
+/// no one.
+#[tokio::test(start_paused = true)]
+async fn a_policy_shapes_netmaps_and_filters_and_follows_changes() {
+    let mut feed = Feed::new();
+    feed.apply(Command::SetPolicy {
+        policy: r#"{
+            "tagOwners": {"tag:srv": ["u@"], "tag:ok": ["u@"]},
+            "acls": [{"action": "accept", "src": ["tag:ok"], "dst": ["tag:srv:80"]}],
+        }"#
+        .into(),
+    });
+    let tag = |feed: &mut Feed, id: NodeId, t: &str| {
+        feed.apply(Command::TagNode {
+            id,
+            tags: vec![t.into()],
+        });
+    };
+    let srv = feed.register(1, "srv");
+    tag(&mut feed, srv, "tag:srv");
+    let ok = feed.register(2, "ok");
+    tag(&mut feed, ok, "tag:ok");
+    let other = feed.register(3, "other");
+    let h = Harness::start(&feed);
+
+    let mut srv_rx = h.session(srv);
+    let full = next(&mut srv_rx).await;
+    let peers = full["Peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 1, "{full}");
+    assert_eq!(peers[0]["ID"], ok.0);
+    assert_eq!(filter_sources(&full), addresses(&feed, ok));
+    assert_eq!(
+        full["PacketFilters"]["base"][0]["DstPorts"][0]["Ports"],
+        serde_json::json!({"First": 80, "Last": 80})
+    );
+
+    let mut other_rx = h.session(other);
+    let lonely = next(&mut other_rx).await;
+    assert_eq!(lonely["Peers"], serde_json::json!([]), "{lonely}");
+    assert_eq!(lonely["PacketFilters"], serde_json::json!({"base": []}));
+
+    let ok2 = feed.register(4, "ok2");
+    tag(&mut feed, ok2, "tag:ok");
+    let mut delta = next(&mut srv_rx).await;
+    while delta.get("PacketFilters").is_none() {
+        assert!(
+            delta.get("Peers").is_none(),
+            "a delta, not a full map: {delta}"
+        );
+        delta = next(&mut srv_rx).await;
+    }
+    let mut want = addresses(&feed, ok);
+    want.extend(addresses(&feed, ok2));
+    want.sort();
+    let mut got = filter_sources(&delta);
+    got.sort();
+    assert_eq!(got, want, "{delta}");
     h.stop.cancel();
 }

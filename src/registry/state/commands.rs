@@ -9,6 +9,19 @@ use super::{Effects, Registry};
 use crate::registry::change::{Change, Record};
 use crate::registry::types::*;
 
+/// Approving one exit route approves both (0.0.0.0/0 and ::/0), as Tailscale does; the
+/// list is kept sorted and without repeats so every member stores the same bytes.
+fn with_both_exit_routes(routes: &[ipnet::IpNet]) -> Vec<ipnet::IpNet> {
+    let mut out: Vec<ipnet::IpNet> = routes.iter().map(|r| r.trunc()).collect();
+    if out.iter().any(|r| r.prefix_len() == 0) {
+        out.push("0.0.0.0/0".parse().expect("static"));
+        out.push("::/0".parse().expect("static"));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 fn validate_tags(tags: &[String]) -> Result<(), Rejection> {
     for tag in tags {
         let name = tag.strip_prefix("tag:").unwrap_or("");
@@ -180,6 +193,11 @@ impl Registry {
                 self.node_exists(*id)?;
                 validate_tags(tags)?;
                 self.edit_node(*id, fx, |n| n.tags = tags.clone())
+            }
+            Command::ApproveRoutes { id, routes } => {
+                self.node_exists(*id)?;
+                let routes = with_both_exit_routes(routes);
+                self.edit_node(*id, fx, |n| n.approved_routes = routes.clone())
             }
             Command::SetDns { dns } => {
                 Arc::make_mut(&mut self.meta).dns = Some(dns.clone());
@@ -653,6 +671,7 @@ impl Registry {
             approved: grant.auto_approve,
             ephemeral: grant.ephemeral,
             auth_key: grant.auth_key,
+            approved_routes: Vec::new(),
         };
         self.index(&node);
         self.nodes.insert(node.id, Arc::new(node.clone()));

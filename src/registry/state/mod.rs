@@ -169,6 +169,14 @@ impl Registry {
     pub fn nodes(&self) -> impl Iterator<Item = &Arc<Node>> {
         self.nodes.values()
     }
+    /// The users as a persistent map (cheap to clone; `ptr_eq` tells an unchanged set).
+    pub fn user_map(&self) -> &OrdMap<UserId, Arc<User>> {
+        &self.users
+    }
+    /// The nodes as a persistent map (cheap to clone; `ptr_eq` tells an unchanged set).
+    pub fn node_map(&self) -> &OrdMap<NodeId, Arc<Node>> {
+        &self.nodes
+    }
     pub fn node_count(&self) -> usize {
         self.nodes.len()
     }

@@ -1,0 +1,181 @@
+//! Access control with real clients: a policy decides who reaches whom, changes reach
+//! running clients without reconnecting, a refused policy changes nothing, and routes are
+//! approved and listed.
+
+use std::io::Write;
+use std::time::Duration;
+
+use crate::harness::{ClusterOpts, TestCluster, TsClient, ipv4, wait_for};
+
+const JOIN: Duration = Duration::from_secs(60);
+
+fn policy_file(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::File::create(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .expect("write policy file");
+    path.to_str().unwrap().to_string()
+}
+
+/// Whether the client's proxy gets the server's page across the tailnet (a refused or
+/// unreachable upstream is a 502 from the proxy, or a timeout).
+fn reaches(client: &TsClient) -> bool {
+    matches!(client.get_via_tailnet("/"), Ok((200, body)) if body.contains("hello from srv"))
+}
+
+/// Alice may reach Bob's server on port 80; Carol may not. Opening the policy to Carol
+/// lets her in at once, closing it again shuts her out — on running clients.
+#[test]
+fn a_policy_decides_who_reaches_whom() {
+    let c = TestCluster::start(1, ClusterOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let alice_only = policy_file(
+        &dir,
+        "alice.hujson",
+        r#"{
+            // HuJSON: comments and trailing commas.
+            "acls": [
+                {"action": "accept", "src": ["alice@"], "dst": ["bob@:80"]},
+            ],
+        }"#,
+    );
+    let both = policy_file(
+        &dir,
+        "both.hujson",
+        r#"{"groups": {"group:web": ["alice@", "carol@"]},
+            "acls": [{"action": "accept", "src": ["group:web"], "dst": ["bob@:80"]}]}"#,
+    );
+    c.hsctl_json(1, &["policy", "set", "--file", &alice_only]);
+
+    let bob_key = c.user_with_key("bob", &[]);
+    let alice_key = c.user_with_key("alice", &[]);
+    let carol_key = c.user_with_key("carol", &[]);
+    let _srv = c.client("srv", 1, &bob_key, None, false);
+    let srv = c.wait_online(1, "srv", JOIN);
+    let upstream = format!("{}:80", ipv4(&srv));
+    let alpha = c.client("alpha", 1, &alice_key, Some(upstream.clone()), false);
+    let carol = c.client("carol", 1, &carol_key, Some(upstream), false);
+    c.wait_online(1, "alpha", JOIN);
+    c.wait_online(1, "carol", JOIN);
+
+    alpha.wait_reach("hello from srv", JOIN);
+    assert!(
+        !reaches(&carol),
+        "carol is in no rule: her requests must fail"
+    );
+
+    c.hsctl_json(1, &["policy", "set", "--file", &both]);
+    carol.wait_reach("hello from srv", JOIN);
+
+    c.hsctl_json(1, &["policy", "set", "--file", &alice_only]);
+    wait_for("carol shut out again", JOIN, || {
+        (!reaches(&carol)).then_some(())
+    });
+    alpha.wait_reach("hello from srv", JOIN);
+}
+
+/// A policy Tailscale would refuse is refused with the reason, and the running policy
+/// stays; `policy check` answers without storing anything.
+#[test]
+fn a_bad_policy_is_refused_and_changes_nothing() {
+    let c = TestCluster::start(1, ClusterOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let good = r#"{"tagOwners": {"tag:web": ["alice@"]},
+        "acls": [{"action": "accept", "src": ["*"], "dst": ["tag:web:443"]}]}"#;
+    c.hsctl_json(
+        1,
+        &["policy", "set", "--file", &policy_file(&dir, "good", good)],
+    );
+
+    for (name, text, reason) in [
+        (
+            "unknown-tag",
+            r#"{"acls": [{"action": "accept", "src": ["tag:nope"], "dst": ["*:*"]}]}"#,
+            "tag not found: \"tag:nope\"",
+        ),
+        (
+            "bad-port",
+            r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:http"]}]}"#,
+            "invalid first integer",
+        ),
+        ("not-json", "{\"acls\": [", "parsing policy"),
+        (
+            "self-from-tag",
+            r#"{"tagOwners": {"tag:a": []},
+                "acls": [{"action": "accept", "src": ["tag:a"], "dst": ["autogroup:self:*"]}]}"#,
+            "autogroup:self can only be used with users, groups, or supported autogroups",
+        ),
+    ] {
+        let file = policy_file(&dir, name, text);
+        for verb in ["set", "check"] {
+            let out = c.hsctl(1, &["policy", verb, "--file", &file]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{name}: {verb} must fail");
+            assert!(stderr.contains(reason), "{name}: {verb}: {stderr}");
+        }
+        let now = c.hsctl_json(1, &["policy", "get"]);
+        assert_eq!(now["policy"], good, "{name} changed the running policy");
+    }
+    let checked = c.hsctl_json(
+        1,
+        &["policy", "check", "--file", &policy_file(&dir, "g2", good)],
+    );
+    assert_eq!(checked["valid"], true);
+}
+
+/// Routes approved by an admin are listed; approving one exit route approves both; a bad
+/// CIDR is refused; an unknown node is refused.
+#[test]
+fn routes_are_approved_and_listed() {
+    let c = TestCluster::start(1, ClusterOpts::default());
+    let key = c.user_with_key("alice", &[]);
+    let _router = c.client("router", 1, &key, None, false);
+    let node = c.wait_online(1, "router", JOIN);
+    let id = node["id"].to_string();
+
+    let approved = c.hsctl_json(
+        1,
+        &[
+            "nodes",
+            "approve-routes",
+            &id,
+            "--routes",
+            "10.9.0.0/24,0.0.0.0/0",
+        ],
+    );
+    assert_eq!(
+        approved["approved_routes"],
+        serde_json::json!(["0.0.0.0/0", "10.9.0.0/24", "::/0"])
+    );
+    let listed = c.hsctl_json(1, &["nodes", "list-routes", &id]);
+    assert_eq!(listed[0]["approved_routes"], approved["approved_routes"]);
+    assert_eq!(
+        listed[0]["primary_routes"],
+        serde_json::json!([]),
+        "approved but not advertised: the node routes nothing"
+    );
+
+    let bad = c.hsctl(
+        1,
+        &["nodes", "approve-routes", &id, "--routes", "10.9.0.300/24"],
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("expected a CIDR"));
+    let unknown = c.hsctl(
+        1,
+        &["nodes", "approve-routes", "999", "--routes", "10.0.0.0/8"],
+    );
+    assert!(!unknown.status.success());
+    let audit = c.hsctl_json(1, &["audit", "list"]);
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"] == "approve_routes"),
+        "approvals are audited: {audit}"
+    );
+    // The node's client keeps its netmap (routes force per-viewer netmaps).
+    let after = c.wait_online(1, "router", JOIN);
+    assert_eq!(after["approved_routes"], approved["approved_routes"]);
+}
