@@ -245,6 +245,24 @@ impl Policy {
         Ok(policy)
     }
 
+    /// Whether a user (by name, or email when the name is one) may apply `tag` to its
+    /// nodes: `tagOwners` names the user, or a group the user is in.
+    pub fn user_owns_tag(&self, user: &str, tag: &str) -> bool {
+        let is_user = |token: &str| {
+            let bare = token.strip_suffix('@').unwrap_or(token);
+            bare == user || bare == user.strip_suffix('@').unwrap_or(user)
+        };
+        self.tag_owners.get(tag).is_some_and(|owners| {
+            owners.iter().any(|o| {
+                if o.starts_with("group:") {
+                    self.groups.get(o).is_some_and(|m| m.iter().any(|u| is_user(u)))
+                } else {
+                    is_user(o)
+                }
+            })
+        })
+    }
+
     fn check_tag(&self, tag: &str) -> Result<(), PolicyError> {
         if self.tag_owners.contains_key(tag) {
             Ok(())

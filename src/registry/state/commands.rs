@@ -412,6 +412,25 @@ impl Registry {
 
     // ----- registration -----
 
+    /// The tags a client asked for (Hostinfo `RequestTags`) that the policy's `tagOwners`
+    /// let `user` apply; the others are ignored, as Tailscale ignores them.
+    fn owned_tags(&self, user: UserId, requested: &[String]) -> Vec<String> {
+        if requested.is_empty() || self.meta.policy.trim().is_empty() {
+            return Vec::new();
+        }
+        let Ok(policy) = crate::policy::Policy::parse(&self.meta.policy) else {
+            return Vec::new();
+        };
+        let Some(name) = self.users.get(&user).map(|u| u.name.clone()) else {
+            return Vec::new();
+        };
+        requested
+            .iter()
+            .filter(|t| policy.user_owns_tag(&name, t))
+            .cloned()
+            .collect()
+    }
+
     fn register_node(
         &mut self,
         request: &NodeRequest,
@@ -426,9 +445,9 @@ impl Registry {
             .check_preauth_key(prefix, hash, &request.machine_key, now)?
             .clone();
         let mut tags = key.tags.clone();
-        for t in &request.request_tags {
-            if key.tags.contains(t) && !tags.contains(t) {
-                tags.push(t.clone());
+        for t in self.owned_tags(key.user, &request.request_tags) {
+            if !tags.contains(&t) {
+                tags.push(t);
             }
         }
         let grant = NodeGrant {
@@ -505,7 +524,7 @@ impl Registry {
         }
         let grant = NodeGrant {
             user,
-            tags: Vec::new(),
+            tags: self.owned_tags(user, &pending.request.request_tags),
             ephemeral: pending.request.ephemeral,
             auth_key: None,
             auto_approve,

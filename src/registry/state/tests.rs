@@ -796,3 +796,32 @@ fn member_derp_keys_are_pinned_replaced_and_stored() {
     assert_eq!(loaded.member_derp_key(2), Some(&key(9)));
     assert_eq!(loaded.member_derp_key(3), Some(&key(8)));
 }
+
+/// A client's `RequestTags` are applied only where the policy's `tagOwners` name its user
+/// (directly or through a group); other requested tags are ignored.
+#[test]
+fn requested_tags_need_an_owner_in_the_policy() {
+    let mut f = fixture(true, None);
+    run(
+        &mut f.reg,
+        2,
+        Command::SetPolicy {
+            policy: r#"{"groups": {"group:ops": ["alice@"]},
+                "tagOwners": {"tag:web": ["alice@"], "tag:db": ["group:ops"], "tag:x": ["bob@"]}}"#
+                .into(),
+        },
+    );
+    let mut req = node_request(1, 1, "tagged");
+    req.request_tags = vec!["tag:web".into(), "tag:db".into(), "tag:x".into(), "tag:nope".into()];
+    let Outcome::Node(node) = register(&mut f, 3, req) else {
+        panic!("registration refused")
+    };
+    assert_eq!(node.tags, ["tag:web", "tag:db"]);
+
+    let mut untagged = node_request(2, 2, "plain");
+    untagged.request_tags = vec!["tag:x".into()];
+    let Outcome::Node(node) = register(&mut f, 4, untagged) else {
+        panic!("registration refused")
+    };
+    assert!(node.tags.is_empty(), "bob owns tag:x, not alice: {:?}", node.tags);
+}
