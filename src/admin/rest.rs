@@ -102,6 +102,9 @@ pub fn router(deps: AdminDeps) -> Router {
         .route("/api/v1/node/{id}/expire", post(expire_node))
         .route("/api/v1/node/{id}/approve", post(approve_node))
         .route("/api/v1/node/{id}/rename/{name}", post(rename_node))
+        .route("/api/v1/node/{id}/approve_routes", post(approve_routes))
+        .route("/api/v1/policy", get(get_policy).put(set_policy))
+        .route("/api/v1/policy/check", post(check_policy))
         .route("/api/v1/apikey", get(list_api_keys).post(create_api_key))
         .route("/api/v1/audit", get(list_audit))
         .route("/api/v1/apikey/expire", post(expire_api_key))
@@ -346,6 +349,56 @@ async fn rename_node(
         api.rename_node(req(pb::RenameNodeRequest { id, new_name: name }))
             .await?,
     )
+}
+
+#[derive(Deserialize)]
+struct Routes {
+    #[serde(default)]
+    routes: Vec<String>,
+}
+
+async fn approve_routes(
+    State(api): State<AdminApi>,
+    Path(id): Path<u64>,
+    Json(body): Json<Routes>,
+) -> ApiResult {
+    node_reply(
+        api.approve_routes(req(pb::ApproveRoutesRequest {
+            id,
+            routes: body.routes,
+        }))
+        .await?,
+    )
+}
+
+#[derive(Deserialize)]
+struct PolicyBody {
+    policy: String,
+}
+
+async fn get_policy(State(api): State<AdminApi>, Query(p): Query<ReadParams>) -> ApiResult {
+    let r = api
+        .get_policy(req(pb::GetPolicyRequest { local: p.local }))
+        .await?;
+    Ok(Json(json!({ "policy": r.into_inner().policy })))
+}
+
+async fn set_policy(State(api): State<AdminApi>, Json(body): Json<PolicyBody>) -> ApiResult {
+    let r = api
+        .set_policy(req(pb::SetPolicyRequest {
+            policy: body.policy,
+        }))
+        .await?;
+    Ok(Json(json!({ "policy": r.into_inner().policy })))
+}
+
+async fn check_policy(State(api): State<AdminApi>, Json(body): Json<PolicyBody>) -> ApiResult {
+    let r = api
+        .check_policy(req(pb::SetPolicyRequest {
+            policy: body.policy,
+        }))
+        .await?;
+    Ok(Json(json!({ "policy": r.into_inner().policy })))
 }
 
 async fn list_api_keys(State(api): State<AdminApi>, Query(p): Query<ReadParams>) -> ApiResult {

@@ -255,7 +255,9 @@ impl Policy {
         self.tag_owners.get(tag).is_some_and(|owners| {
             owners.iter().any(|o| {
                 if o.starts_with("group:") {
-                    self.groups.get(o).is_some_and(|m| m.iter().any(|u| is_user(u)))
+                    self.groups
+                        .get(o)
+                        .is_some_and(|m| m.iter().any(|u| is_user(u)))
                 } else {
                     is_user(o)
                 }

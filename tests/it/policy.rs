@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use crate::harness::{ClusterOpts, TestCluster, TsClient, ipv4, wait_for};
+use crate::harness::{ClusterOpts, TestCluster, TsClient, http_request, ipv4, wait_for};
 
 const JOIN: Duration = Duration::from_secs(60);
 

@@ -812,7 +812,12 @@ fn requested_tags_need_an_owner_in_the_policy() {
         },
     );
     let mut req = node_request(1, 1, "tagged");
-    req.request_tags = vec!["tag:web".into(), "tag:db".into(), "tag:x".into(), "tag:nope".into()];
+    req.request_tags = vec![
+        "tag:web".into(),
+        "tag:db".into(),
+        "tag:x".into(),
+        "tag:nope".into(),
+    ];
     let Outcome::Node(node) = register(&mut f, 3, req) else {
         panic!("registration refused")
     };
@@ -823,5 +828,9 @@ fn requested_tags_need_an_owner_in_the_policy() {
     let Outcome::Node(node) = register(&mut f, 4, untagged) else {
         panic!("registration refused")
     };
-    assert!(node.tags.is_empty(), "bob owns tag:x, not alice: {:?}", node.tags);
+    assert!(
+        node.tags.is_empty(),
+        "bob owns tag:x, not alice: {:?}",
+        node.tags
+    );
 }
