@@ -562,6 +562,12 @@ impl AdminService for AdminApi {
         request: Request<pb::SetPolicyRequest>,
     ) -> Reply<pb::PolicyResponse> {
         let policy = request.into_inner().policy;
+        if let Some(path) = &self.deps.policy_file {
+            return Err(Status::failed_precondition(format!(
+                "policy.mode is file: edit {} (members reload it on change and on SIGHUP)",
+                path.display()
+            )));
+        }
         self.check(&policy)?;
         match self
             .propose(Command::SetPolicy {

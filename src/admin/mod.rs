@@ -46,6 +46,8 @@ pub struct AdminDeps {
     pub access: std::sync::Arc<crate::control::policy::AccessCache>,
     /// The control URL (SSH `check` actions call back to it).
     pub server_url: String,
+    /// `policy.mode: file`: the file is the policy; admins edit it, not the API.
+    pub policy_file: Option<std::path::PathBuf>,
 }
 
 /// Serves the admin API on a unix socket at `path` with file mode `mode`, until `stop`.

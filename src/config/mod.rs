@@ -332,6 +332,15 @@ pub struct PolicyConfig {
     pub path: Option<PathBuf>,
 }
 
+impl Config {
+    /// The policy file the member follows (`policy.mode: file`), if any.
+    pub fn policy_file(&self) -> Option<&std::path::Path> {
+        (self.policy.mode == "file")
+            .then_some(self.policy.path.as_deref())
+            .flatten()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterMemberConfig {

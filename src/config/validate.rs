@@ -42,6 +42,12 @@ impl Config {
                 format!("{:?}: use database or file", self.policy.mode),
             ));
         }
+        if self.policy.mode == "file" && self.policy.path.is_none() {
+            return Err(invalid(
+                "policy.path",
+                "policy.mode file needs the policy file's path".to_string(),
+            ));
+        }
         Ok(Validated {
             listen_addr,
             metrics_listen_addr,

@@ -250,3 +250,61 @@ pub(super) async fn pin_derp_key(cluster: Cluster, key: [u8; 32], stop: Cancella
         }
     }
 }
+
+/// How often a policy file (`policy.mode: file`) is re-read; SIGHUP re-reads at once.
+const POLICY_FILE_POLL: Duration = Duration::from_secs(2);
+
+/// `policy.mode: file`: keeps the replicated policy equal to the file. A changed file is
+/// checked first; one that would be refused is logged and the running policy stays (the
+/// same text is not retried until the file changes again). Every member watching the same
+/// file proposes only when the cluster's policy differs, so the write happens once.
+pub(super) async fn follow_policy_file(
+    cluster: Cluster,
+    presence: crate::presence::Presence,
+    path: std::path::PathBuf,
+    stop: CancellationToken,
+) {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut refused: Option<String> = None;
+    loop {
+        match tokio::fs::read_to_string(&path).await {
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "cannot read the policy file")
+            }
+            Ok(text) if Some(&text) == refused.as_ref() => {}
+            Ok(text) if cluster.view().policy() == text => {}
+            Ok(text) => match crate::control::policy::check(&cluster.view(), &presence, &text) {
+                Err(error) => {
+                    tracing::error!(path = %path.display(), %error, "policy file refused; the running policy stays");
+                    refused = Some(text);
+                }
+                Ok(()) => {
+                    let proposal = crate::registry::Proposal::by(
+                        format!("policy file {}", path.display()),
+                        Command::SetPolicy { policy: text },
+                    );
+                    match cluster.propose_once(proposal).await {
+                        Ok(_) => tracing::info!(path = %path.display(), "policy loaded from file"),
+                        Err(error) => {
+                            tracing::warn!(%error, "could not store the policy file's policy")
+                        }
+                    }
+                    refused = None;
+                }
+            },
+        }
+        let hup = async {
+            match hangup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(POLICY_FILE_POLL) => {}
+            () = hup => tracing::info!("SIGHUP: re-reading the policy file"),
+        }
+    }
+}

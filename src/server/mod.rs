@@ -272,6 +272,7 @@ impl Server {
             max_concurrent_streams: config.limits.max_concurrent_streams,
             access: control.settings.access.clone(),
             server_url: control.settings.server_url.clone(),
+            policy_file: config.policy_file().map(Into::into),
         };
         listeners.serve(
             &life,
@@ -281,6 +282,14 @@ impl Server {
             derp.clone(),
             metrics.clone(),
         );
+        if let Some(path) = config.policy_file() {
+            life.tasks.spawn(background::follow_policy_file(
+                cluster.clone(),
+                control.presence.clone(),
+                path.to_path_buf(),
+                life.stop.clone(),
+            ));
+        }
         spawn_background(&life, &cluster, control, metrics);
         life.tasks.spawn(background::prune_audit(
             cluster.clone(),

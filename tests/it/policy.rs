@@ -179,3 +179,48 @@ fn routes_are_approved_and_listed() {
     let after = c.wait_online(1, "router", JOIN);
     assert_eq!(after["approved_routes"], approved["approved_routes"]);
 }
+
+/// `policy.mode: file`: the member loads the file, follows edits (on its own and on
+/// SIGHUP), keeps the running policy when an edit would be refused, and refuses
+/// `policy set` (the file is the policy).
+#[test]
+fn a_policy_file_is_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"]}]}"#;
+    let path = policy_file(&dir, "policy.hujson", v1);
+    let mut c = TestCluster::start(
+        1,
+        ClusterOpts {
+            extra_yaml: format!("policy:\n  mode: file\n  path: {path}\n"),
+            ..Default::default()
+        },
+    );
+    let current = |c: &TestCluster| c.hsctl_json(1, &["policy", "get"])["policy"].clone();
+    wait_for("the file's policy loaded", JOIN, || {
+        (current(&c) == v1).then_some(())
+    });
+
+    let v2 = r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:443"]}]}"#;
+    policy_file(&dir, "policy.hujson", v2);
+    c.member(1).signal("-HUP");
+    wait_for("the edited policy loaded", JOIN, || {
+        (current(&c) == v2).then_some(())
+    });
+
+    policy_file(
+        &dir,
+        "policy.hujson",
+        r#"{"acls": [{"action": "accept", "src": ["tag:gone"], "dst": ["*:*"]}]}"#,
+    );
+    wait_for("the refused edit logged", JOIN, || {
+        c.members[0]
+            .log()
+            .contains("policy file refused")
+            .then_some(())
+    });
+    assert_eq!(current(&c), v2, "a refused file keeps the running policy");
+
+    let set = c.hsctl(1, &["policy", "set", "--file", &path]);
+    assert!(!set.status.success());
+    assert!(String::from_utf8_lossy(&set.stderr).contains("policy.mode is file"));
+}
