@@ -580,6 +580,47 @@ impl AdminService for AdminApi {
         }
     }
 
+    async fn list_policy_versions(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Reply<pb::ListPolicyVersionsResponse> {
+        let view = self.read(request.into_inner().local).await?;
+        let versions = view
+            .policy_versions()
+            .map(|v| pb::PolicyVersion {
+                version: v.version,
+                policy: v.policy.clone(),
+                at: Some(convert::timestamp(v.at)),
+                current: v.policy == view.policy(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListPolicyVersionsResponse { versions }))
+    }
+
+    async fn rollback_policy(
+        &self,
+        request: Request<pb::RollbackPolicyRequest>,
+    ) -> Reply<pb::PolicyResponse> {
+        let version = request.into_inner().version;
+        if let Some(path) = &self.deps.policy_file {
+            return Err(Status::failed_precondition(format!(
+                "policy.mode is file: edit {}",
+                path.display()
+            )));
+        }
+        let view = self.view();
+        let policy = view
+            .policy_version(version)
+            .map(|v| v.policy.clone())
+            .ok_or_else(|| status::from_rejection(&Rejection::PolicyVersionNotFound(version)))?;
+        // The tailnet may have changed since (a tag's owners, a user's domain).
+        self.check(&policy)?;
+        match self.propose(Command::RollbackPolicy { version }).await? {
+            Outcome::Done => Ok(Response::new(pb::PolicyResponse { policy })),
+            _ => Err(status::unexpected("rollback_policy")),
+        }
+    }
+
     async fn check_policy(
         &self,
         request: Request<pb::SetPolicyRequest>,

@@ -12,6 +12,7 @@ pub fn rejection_code(rejection: &Rejection) -> Code {
         | Rejection::PreAuthKeyNotFound
         | Rejection::ApiKeyNotFound(_)
         | Rejection::NodeNotFound(_)
+        | Rejection::PolicyVersionNotFound(_)
         | Rejection::NodeKeyNotFound(_)
         | Rejection::RegistrationNotFound(_) => Code::NotFound,
         Rejection::UserExists(_) | Rejection::ApiKeyExists(_) => Code::AlreadyExists,

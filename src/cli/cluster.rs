@@ -54,6 +54,10 @@ pub enum PolicyCommand {
         #[arg(short = 'f', long)]
         file: PathBuf,
     },
+    /// Every kept version of the policy (the last 100 accepted), oldest first.
+    History,
+    /// Make a kept version the running policy again (checked first; kept as a new version).
+    Rollback { version: u64 },
 }
 
 pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
@@ -165,6 +169,45 @@ pub async fn run_policy(
             let policy = text.ok_or_else(|| CliError::other("the policy file was not read"))?;
             client.set_policy(pb::SetPolicyRequest { policy }).await?;
             return Ok(Output::new(json!({ "updated": true }), "Policy updated"));
+        }
+        PolicyCommand::History => {
+            let versions = client
+                .list_policy_versions(pb::GetPolicyRequest {
+                    local: crate::cli::local_reads(),
+                })
+                .await?
+                .into_inner()
+                .versions;
+            let mut t = Table::new(&["VERSION", "ACCEPTED", "CURRENT", "SIZE"]);
+            for v in &versions {
+                t.row(vec![
+                    v.version.to_string(),
+                    super::output::time_cell(&v.at),
+                    yes_no(v.current),
+                    format!("{} bytes", v.policy.len()),
+                ]);
+            }
+            let json: Vec<serde_json::Value> = versions
+                .iter()
+                .map(|v| {
+                    json!({
+                        "version": v.version,
+                        "at": crate::proto::json::time(&v.at),
+                        "current": v.current,
+                        "policy": v.policy,
+                    })
+                })
+                .collect();
+            return Ok(Output::new(serde_json::Value::Array(json), t.render()));
+        }
+        PolicyCommand::Rollback { version } => {
+            client
+                .rollback_policy(pb::RollbackPolicyRequest { version: *version })
+                .await?;
+            return Ok(Output::new(
+                json!({ "rolled_back_to": version }),
+                format!("Policy version {version} is running again"),
+            ));
         }
         PolicyCommand::Check { .. } => {
             let policy = text.ok_or_else(|| CliError::other("the policy file was not read"))?;

@@ -41,4 +41,6 @@ pub enum Record {
     Audit(u64),
     /// A member's DERP public key, by member id.
     MemberDerpKey(u64),
+    /// A kept policy version.
+    PolicyVersion(u64),
 }

@@ -230,6 +230,10 @@ pub enum Command {
     SetPolicy {
         policy: String,
     },
+    /// Makes a kept policy version the running policy again (as a new version).
+    RollbackPolicy {
+        version: u64,
+    },
     /// Replaces the routes approved for a node.
     ApproveRoutes {
         id: NodeId,
@@ -278,6 +282,7 @@ impl Command {
             Command::RenameNode { id, name } => format!("node {id} -> {name}"),
             Command::MoveNode { id, user } => format!("node {id} -> user {user}"),
             Command::TagNode { id, tags } => format!("node {id} tags {}", tags.join(",")),
+            Command::RollbackPolicy { version } => format!("policy version {version}"),
             Command::ApproveRoutes { id, routes } => {
                 let routes: Vec<String> = routes.iter().map(ToString::to_string).collect();
                 format!("node {id} routes {}", routes.join(","))
@@ -327,6 +332,7 @@ impl Command {
             Command::SetDns { .. } => "set_dns",
             Command::SetPolicy { .. } => "set_policy",
             Command::ApproveRoutes { .. } => "approve_routes",
+            Command::RollbackPolicy { .. } => "rollback_policy",
             Command::InitSettings { .. } => "init_settings",
         }
     }
@@ -364,6 +370,8 @@ pub enum Rejection {
     ApiKeyExists(String),
     #[error("node {0} not found")]
     NodeNotFound(NodeId),
+    #[error("policy version {0} is not kept (see policy history)")]
+    PolicyVersionNotFound(u64),
     #[error("node key {0} is not registered")]
     NodeKeyNotFound(String),
     #[error("node key {0} is already bound to another machine")]

@@ -360,6 +360,14 @@ pub struct PendingRegistration {
     pub node: Option<NodeId>,
 }
 
+/// One accepted policy, kept so an admin can see what ran when and roll back to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVersion {
+    pub version: u64,
+    pub policy: String,
+    pub at: Timestamp,
+}
+
 /// One entry of the audit log: who did what to what, when, and how it ended. Replicated
 /// and append-only (the oldest are dropped past `AUDIT_MAX`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -205,11 +205,14 @@ impl Registry {
                 fx.changes.push(Change::DnsChanged);
                 Ok(Outcome::Done)
             }
-            Command::SetPolicy { policy } => {
-                Arc::make_mut(&mut self.meta).policy = policy.clone();
-                fx.records.push(Record::Meta);
-                fx.changes.push(Change::PolicyChanged);
-                Ok(Outcome::Done)
+            Command::SetPolicy { policy } => self.set_policy(policy, now, fx),
+            Command::RollbackPolicy { version } => {
+                let policy = self
+                    .policy_versions
+                    .get(version)
+                    .map(|p| p.policy.clone())
+                    .ok_or(Rejection::PolicyVersionNotFound(*version))?;
+                self.set_policy(&policy, now, fx)
             }
             Command::InitSettings { settings } => self.init_settings(settings, fx),
         }
@@ -408,6 +411,40 @@ impl Registry {
         self.api_by_prefix.remove(prefix);
         fx.records.push(Record::ApiKey(id));
         Ok(Outcome::ApiKey(key))
+    }
+
+    // ----- policy -----
+
+    /// Makes `policy` the running policy and keeps it as a new version. The same text
+    /// again changes nothing (no version, no netmap resync).
+    fn set_policy(
+        &mut self,
+        policy: &str,
+        now: Timestamp,
+        fx: &mut Effects,
+    ) -> Result<Outcome, Rejection> {
+        if self.meta.policy == policy {
+            return Ok(Outcome::Done);
+        }
+        Arc::make_mut(&mut self.meta).policy = policy.to_string();
+        fx.records.push(Record::Meta);
+        fx.changes.push(Change::PolicyChanged);
+        let version = self.policy_versions.get_max().map_or(1, |(v, _)| v + 1);
+        self.policy_versions.insert(
+            version,
+            Arc::new(PolicyVersion {
+                version,
+                policy: policy.to_string(),
+                at: now,
+            }),
+        );
+        fx.records.push(Record::PolicyVersion(version));
+        while self.policy_versions.len() > super::POLICY_VERSIONS_MAX {
+            let oldest = self.policy_versions.get_min().expect("not empty").0;
+            self.policy_versions.remove(&oldest);
+            fx.records.push(Record::PolicyVersion(oldest));
+        }
+        Ok(Outcome::Done)
     }
 
     // ----- registration -----

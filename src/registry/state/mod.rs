@@ -26,6 +26,8 @@ const RECENT_WINDOW_MS: i64 = 10 * 60 * 1000;
 const RECENT_MAX: usize = 100_000;
 /// The audit log keeps this many records; older ones are dropped (about 30 MiB).
 pub const AUDIT_MAX: usize = 100_000;
+/// Policy versions kept for `policy history` and `policy rollback`; older ones go.
+pub const POLICY_VERSIONS_MAX: usize = 100;
 
 /// Counters and singletons, stored as one record.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +103,8 @@ pub struct Registry {
     pending: OrdMap<Arc<str>, Arc<PendingRegistration>>,
     recent: OrdMap<RequestId, Arc<Recent>>,
     audit: OrdMap<u64, Arc<AuditRecord>>,
+    /// Accepted policies, newest last (at most `POLICY_VERSIONS_MAX`).
+    policy_versions: OrdMap<u64, Arc<PolicyVersion>>,
     next_audit: u64,
     /// Each member's DERP public key, as the member pinned it.
     member_derp_keys: OrdMap<u64, [u8; 32]>,
@@ -239,6 +243,13 @@ impl Registry {
     }
     pub fn dns(&self) -> Option<&DnsSettings> {
         self.meta.dns.as_ref()
+    }
+    /// Kept policy versions, oldest first.
+    pub fn policy_versions(&self) -> impl Iterator<Item = &PolicyVersion> {
+        self.policy_versions.values().map(|p| p.as_ref())
+    }
+    pub fn policy_version(&self, version: u64) -> Option<&PolicyVersion> {
+        self.policy_versions.get(&version).map(|p| p.as_ref())
     }
     pub fn policy(&self) -> &str {
         &self.meta.policy

@@ -49,6 +49,10 @@ impl Registry {
                 format!("audit/{seq:020}").into_bytes(),
                 self.audit.get(seq).map(|r| enc(r.as_ref())),
             ),
+            Record::PolicyVersion(v) => (
+                format!("policyversion/{v:020}").into_bytes(),
+                self.policy_versions.get(v).map(|p| enc(p.as_ref())),
+            ),
             Record::MemberDerpKey(id) => (
                 format!("memberderp/{id:020}").into_bytes(),
                 self.member_derp_keys.get(id).map(|k| enc(&hex::encode(k))),
@@ -70,6 +74,11 @@ impl Registry {
         );
         records.extend(self.recent.keys().map(|id| Record::Recent(*id)));
         records.extend(self.audit.keys().map(|seq| Record::Audit(*seq)));
+        records.extend(
+            self.policy_versions
+                .keys()
+                .map(|v| Record::PolicyVersion(*v)),
+        );
         records.extend(
             self.member_derp_keys
                 .keys()
@@ -142,6 +151,10 @@ impl Registry {
                 let r: AuditRecord = de(key, value)?;
                 self.next_audit = self.next_audit.max(r.seq + 1);
                 self.audit.insert(r.seq, Arc::new(r));
+            }
+            "policyversion" => {
+                let p: PolicyVersion = de(key, value)?;
+                self.policy_versions.insert(p.version, Arc::new(p));
             }
             "memberderp" => {
                 let id: u64 = rest

@@ -834,3 +834,52 @@ fn requested_tags_need_an_owner_in_the_policy() {
         node.tags
     );
 }
+
+/// Each accepted policy is kept as a version (the same text again is no change); a
+/// rollback makes an old version run again as a new one; an unknown version is refused;
+/// only the newest `POLICY_VERSIONS_MAX` are kept, and they survive a restart.
+#[test]
+fn policies_are_versioned_and_rolled_back() {
+    let mut f = fixture(false, None);
+    let set = |f: &mut Fixture, t: i64, p: &str| {
+        run(&mut f.reg, t, Command::SetPolicy { policy: p.into() })
+    };
+    set(&mut f, 2, "{\"acls\": []}");
+    set(&mut f, 3, "{\"acls\": []}");
+    set(&mut f, 4, "{}");
+    let versions: Vec<u64> = f.reg.policy_versions().map(|v| v.version).collect();
+    assert_eq!(versions, [1, 2]);
+
+    assert!(matches!(
+        run(&mut f.reg, 5, Command::RollbackPolicy { version: 1 }),
+        Outcome::Done
+    ));
+    assert_eq!(f.reg.policy(), "{\"acls\": []}");
+    assert_eq!(f.reg.policy_versions().last().unwrap().version, 3);
+    let before = f.reg.clone();
+    assert!(matches!(
+        run(&mut f.reg, 6, Command::RollbackPolicy { version: 99 }),
+        Outcome::Rejected(Rejection::PolicyVersionNotFound(99))
+    ));
+    assert!(
+        f.reg.same_entities(&before),
+        "a refused rollback changes nothing"
+    );
+
+    for i in 0..super::POLICY_VERSIONS_MAX as i64 + 5 {
+        set(
+            &mut f,
+            10 + i,
+            &format!("{{\"hosts\": {{\"h{i}\": \"10.0.0.1\"}}}}"),
+        );
+    }
+    let kept: Vec<u64> = f.reg.policy_versions().map(|v| v.version).collect();
+    assert_eq!(kept.len(), super::POLICY_VERSIONS_MAX);
+    assert_eq!(
+        *kept.last().unwrap(),
+        3 + super::POLICY_VERSIONS_MAX as u64 + 5
+    );
+    let reloaded = Registry::from_records(f.reg.all_records()).unwrap();
+    assert!(reloaded.same_data(&f.reg));
+    assert_eq!(reloaded.policy_versions().count(), kept.len());
+}
