@@ -88,6 +88,7 @@ fn settings() -> ControlSettings {
         max_pending_registrations: 1000,
         max_hostinfo_bytes: 16 * 1024,
         http_header_timeout: Duration::from_secs(10),
+        access: Default::default(),
     }
 }
 
@@ -131,10 +132,8 @@ fn bench(c: &mut Criterion) {
             &size,
             |b, _| {
                 b.iter(|| {
-                    let sees = delta
-                        .upserted
-                        .iter()
-                        .all(|p| hsd::control::policy::can_see(&view, &me, &p.node));
+                    let access = ctx.access();
+                    let sees = delta.upserted.iter().all(|p| access.can_see(&me, &p.node));
                     (sees, delta.shared_frame(true))
                 })
             },

@@ -57,7 +57,10 @@ pub enum PolicyCommand {
     /// Every kept version of the policy (the last 100 accepted), oldest first.
     History,
     /// Make a kept version the running policy again (checked first; kept as a new version).
-    Rollback { version: u64 },
+    Rollback {
+        #[arg(value_name = "VERSION")]
+        to: u64,
+    },
 }
 
 pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
@@ -200,13 +203,13 @@ pub async fn run_policy(
                 .collect();
             return Ok(Output::new(serde_json::Value::Array(json), t.render()));
         }
-        PolicyCommand::Rollback { version } => {
+        PolicyCommand::Rollback { to } => {
             client
-                .rollback_policy(pb::RollbackPolicyRequest { version: *version })
+                .rollback_policy(pb::RollbackPolicyRequest { version: *to })
                 .await?;
             return Ok(Output::new(
-                json!({ "rolled_back_to": version }),
-                format!("Policy version {version} is running again"),
+                json!({ "rolled_back_to": to }),
+                format!("Policy version {to} is running again"),
             ));
         }
         PolicyCommand::Check { .. } => {

@@ -290,3 +290,11 @@ async fn unreachable_socket_exits_69() {
     let err = execute(&cli).await.unwrap_err();
     assert_eq!(err.code, EXIT_UNAVAILABLE, "{err:?}");
 }
+
+/// clap's own consistency checks over every subcommand (duplicate names, conflicts with
+/// the generated `--version`), which otherwise fail only when that subcommand runs.
+#[test]
+fn the_command_line_definition_is_consistent() {
+    use clap::CommandFactory;
+    Cli::command().debug_assert();
+}

@@ -394,10 +394,8 @@ impl Policy {
         for d in strings(obj.get("dst"), "dst")? {
             let alias = Alias::parse(&d)?;
             match &alias {
-                Alias::Tag(t) => {
-                    if !self.tag_owners.contains_key(t) {
-                        return err(format!("tag {t:?} not found"));
-                    }
+                Alias::Tag(t) if !self.tag_owners.contains_key(t) => {
+                    return err(format!("tag {t:?} not found"));
                 }
                 Alias::Group(g) => self.check_group(g)?,
                 Alias::Host(h) => self.check_host(h)?,

@@ -121,6 +121,44 @@ fn a_bad_policy_is_refused_and_changes_nothing() {
         &["policy", "check", "--file", &policy_file(&dir, "g2", good)],
     );
     assert_eq!(checked["valid"], true);
+
+    // The same over REST.
+    let addr = format!("{}:8080", c.members[0].ip);
+    let api = c.hsctl_json(1, &["apikeys", "create"]);
+    let key = api["key"].as_str().unwrap();
+    let body = |policy: &str| serde_json::json!({ "policy": policy }).to_string();
+    let deny = r#"{"acls": [{"action": "deny", "src": ["*"], "dst": ["*:*"]}]}"#;
+    let (status, text) = http_request(&addr, "PUT", "/api/v1/policy", Some(key), Some(&body(deny)));
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("invalid ACL action"), "{text}");
+    let (status, text) = http_request(&addr, "GET", "/api/v1/policy", Some(key), None);
+    assert_eq!(status, 200, "{text}");
+    let now: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(now["policy"], good);
+    let open = r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#;
+    let (status, text) = http_request(&addr, "PUT", "/api/v1/policy", Some(key), Some(&body(open)));
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(c.hsctl_json(1, &["policy", "get"])["policy"], open);
+
+    // Every accepted policy is a version; an old one can run again.
+    let history = c.hsctl_json(1, &["policy", "history"]);
+    let versions = history.as_array().unwrap();
+    assert_eq!(versions.len(), 2, "{history}");
+    assert_eq!(versions[0]["policy"], good);
+    assert_eq!(versions[1]["current"], true);
+    let first = versions[0]["version"].to_string();
+    c.hsctl_json(1, &["policy", "rollback", &first]);
+    assert_eq!(c.hsctl_json(1, &["policy", "get"])["policy"], good);
+    assert_eq!(
+        c.hsctl_json(1, &["policy", "history"])
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    let missing = c.hsctl(1, &["policy", "rollback", "999"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("policy version 999"));
 }
 
 /// Routes approved by an admin are listed; approving one exit route approves both; a bad
