@@ -486,3 +486,23 @@ async fn a_policy_shapes_netmaps_and_filters_and_follows_changes() {
     assert_eq!(got, want, "{delta}");
     h.stop.cancel();
 }
+
+/// Without a policy every approved node may reach every port of every other.
+#[tokio::test(start_paused = true)]
+async fn without_a_policy_everyone_reaches_everyone() {
+    let mut feed = Feed::new();
+    let me = feed.register(1, "one");
+    feed.register(2, "two");
+    let h = Harness::start(&feed);
+    let mut rx = h.session(me);
+    let full = next(&mut rx).await;
+    assert_eq!(full["Peers"].as_array().unwrap().len(), 1, "{full}");
+    assert_eq!(
+        full["PacketFilters"],
+        serde_json::json!({"base": [{
+            "SrcIPs": ["*"],
+            "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}],
+        }]})
+    );
+    h.stop.cancel();
+}
