@@ -58,20 +58,19 @@ impl FilterRule {
 
     /// Every source and destination address of the rule, for visibility checks.
     pub fn matcher(&self) -> Matcher {
-        let mut srcs = IpSet::new();
-        for s in &self.src_ips {
-            srcs.union(&parse_ip_text(s));
-        }
-        let mut dsts = IpSet::new();
-        for (ip, _) in &self.dst_ports {
-            dsts.union(&parse_ip_text(ip));
-        }
+        let srcs: Vec<IpSet> = self.src_ips.iter().map(|s| parse_ip_text(s)).collect();
+        let mut dsts: Vec<IpSet> = self
+            .dst_ports
+            .iter()
+            .map(|(ip, _)| parse_ip_text(ip))
+            .collect();
         for g in &self.cap_grant {
-            for d in &g.dsts {
-                dsts.add_net(d);
-            }
+            dsts.push(IpSet::from_nets(g.dsts.iter().copied()));
         }
-        Matcher { srcs, dsts }
+        Matcher {
+            srcs: IpSet::union_of(&srcs),
+            dsts: IpSet::union_of(&dsts),
+        }
     }
 }
 
@@ -369,13 +368,14 @@ pub fn node_rules(
     grants: &[CompiledGrant],
     tailnet: &Tailnet,
     routes: &[NodeRoutes],
+    same_user: &[usize],
     i: usize,
 ) -> Vec<FilterRule> {
     let mut rules = Vec::new();
     for g in grants {
         rules.extend(g.rules.iter().cloned());
         if let Some(s) = &g.self_part {
-            rules.extend(self_rules(s, tailnet, routes, i));
+            rules.extend(self_rules(s, same_user, routes));
         }
         if let Some(v) = &g.via {
             rules.extend(via_rules(v, &g.dst_nets, tailnet, routes, i));
@@ -384,17 +384,12 @@ pub fn node_rules(
     merge(rules)
 }
 
-fn self_rules(s: &SelfPart, tailnet: &Tailnet, routes: &[NodeRoutes], i: usize) -> Vec<FilterRule> {
-    let me = &tailnet.nodes[i];
-    let Some(user) = me.user.filter(|_| !me.is_tagged()) else {
+/// `same`: the untagged nodes of node `i`'s user (empty when `i` is tagged).
+fn self_rules(s: &SelfPart, same: &[usize], routes: &[NodeRoutes]) -> Vec<FilterRule> {
+    let same = same.to_vec();
+    if same.is_empty() {
         return Vec::new();
-    };
-    let same: Vec<usize> = (0..tailnet.nodes.len())
-        .filter(|&j| {
-            let n = &tailnet.nodes[j];
-            !n.is_tagged() && n.user == Some(user)
-        })
-        .collect();
+    }
     let mut srcs = IpSet::new();
     for set in &s.srcs {
         for &j in &same {
@@ -517,9 +512,31 @@ fn merge(rules: Vec<FilterRule>) -> Vec<FilterRule> {
 /// approved subnet routes, or the internet when it is an exit node), trimmed to those
 /// destinations.
 pub fn reduce(rules: &[FilterRule], me: &NodeRoutes) -> Vec<FilterRule> {
+    reduce_prepared(rules, &destinations(rules), me)
+}
+
+/// Each rule's destinations parsed once (`reduce_prepared` reads them for every node).
+pub fn destinations(rules: &[FilterRule]) -> Vec<Vec<IpSet>> {
+    rules
+        .iter()
+        .map(|r| {
+            r.dst_ports
+                .iter()
+                .map(|(ip, _)| parse_ip_text(ip))
+                .collect()
+        })
+        .collect()
+}
+
+/// `reduce` with the rules' destinations already parsed (`destinations`).
+pub fn reduce_prepared(
+    rules: &[FilterRule],
+    dsts: &[Vec<IpSet>],
+    me: &NodeRoutes,
+) -> Vec<FilterRule> {
     let internet = the_internet();
     let mut out = Vec::new();
-    for rule in rules {
+    for (rule, sets) in rules.iter().zip(dsts) {
         if !rule.cap_grant.is_empty() {
             out.extend(reduce_cap_rule(rule, me));
             continue;
@@ -527,13 +544,13 @@ pub fn reduce(rules: &[FilterRule], me: &NodeRoutes) -> Vec<FilterRule> {
         let dst_ports: Vec<(String, PortRange)> = rule
             .dst_ports
             .iter()
-            .filter(|(ip, _)| {
-                let set = parse_ip_text(ip);
-                me.in_set(&set)
+            .zip(sets)
+            .filter(|(_, set)| {
+                me.in_set(set)
                     || me.subnets.iter().any(|s| set.overlaps_net(s))
                     || (me.is_exit() && set.is_subset_of(&internet))
             })
-            .cloned()
+            .map(|(d, _)| d.clone())
             .collect();
         if !dst_ports.is_empty() {
             out.push(FilterRule {

@@ -11,6 +11,23 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 struct Ranges(Vec<(u128, u128)>);
 
 impl Ranges {
+    fn from_points(points: Vec<u128>) -> Ranges {
+        Ranges::from_ranges(points.into_iter().map(|x| (x, x)).collect())
+    }
+
+    /// Any ranges, sorted and merged.
+    fn from_ranges(mut ranges: Vec<(u128, u128)>) -> Ranges {
+        ranges.sort_unstable();
+        let mut out: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
+        for (first, last) in ranges {
+            match out.last_mut() {
+                Some((_, end)) if first <= end.saturating_add(1) => *end = (*end).max(last),
+                _ => out.push((first, last)),
+            }
+        }
+        Ranges(out)
+    }
+
     fn add(&mut self, first: u128, last: u128) {
         let mut merged = (first, last);
         let mut out = Vec::with_capacity(self.0.len() + 1);
@@ -30,6 +47,31 @@ impl Ranges {
         }
         if !placed {
             out.push(merged);
+        }
+        self.0 = out;
+    }
+
+    /// Both lists merged in one pass.
+    fn union(&mut self, other: &Ranges) {
+        if other.0.is_empty() {
+            return;
+        }
+        let mut all: Vec<(u128, u128)> = Vec::with_capacity(self.0.len() + other.0.len());
+        let (mut a, mut b) = (self.0.iter().peekable(), other.0.iter().peekable());
+        while let (Some(x), Some(y)) = (a.peek(), b.peek()) {
+            all.push(if x.0 <= y.0 {
+                *a.next().unwrap()
+            } else {
+                *b.next().unwrap()
+            });
+        }
+        all.extend(a.chain(b).copied());
+        let mut out: Vec<(u128, u128)> = Vec::with_capacity(all.len());
+        for (first, last) in all {
+            match out.last_mut() {
+                Some((_, end)) if first <= end.saturating_add(1) => *end = (*end).max(last),
+                _ => out.push((first, last)),
+            }
         }
         self.0 = out;
     }
@@ -105,6 +147,35 @@ impl IpSet {
         s
     }
 
+    /// A set of many addresses at once: sorted and merged in one pass (adding them one by
+    /// one would cost a pass over the ranges each).
+    pub fn from_addrs(addrs: impl IntoIterator<Item = IpAddr>) -> Self {
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for ip in addrs {
+            match addr_bits(ip) {
+                (true, x) => v4.push(x),
+                (false, x) => v6.push(x),
+            }
+        }
+        IpSet {
+            v4: Ranges::from_points(v4),
+            v6: Ranges::from_points(v6),
+        }
+    }
+
+    /// The union of many sets, merged in one pass.
+    pub fn union_of<'a>(sets: impl IntoIterator<Item = &'a IpSet>) -> Self {
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for s in sets {
+            v4.extend_from_slice(&s.v4.0);
+            v6.extend_from_slice(&s.v6.0);
+        }
+        IpSet {
+            v4: Ranges::from_ranges(v4),
+            v6: Ranges::from_ranges(v6),
+        }
+    }
+
     pub fn from_nets(nets: impl IntoIterator<Item = IpNet>) -> Self {
         let mut s = Self::new();
         for n in nets {
@@ -133,12 +204,8 @@ impl IpSet {
     }
 
     pub fn union(&mut self, other: &IpSet) {
-        for &(a, b) in &other.v4.0 {
-            self.v4.add(a, b);
-        }
-        for &(a, b) in &other.v6.0 {
-            self.v6.add(a, b);
-        }
+        self.v4.union(&other.v4);
+        self.v6.union(&other.v6);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -265,6 +332,20 @@ mod tests {
         assert!(!s.contains("100.115.92.2".parse().unwrap()));
         assert!(s.overlaps_net(&net("100.115.92.0/30")));
         assert!(!s.contains_net(&net("100.115.92.0/30")));
+    }
+
+    #[test]
+    fn many_addresses_at_once_equal_one_by_one() {
+        let addrs: Vec<IpAddr> = [5u8, 1, 2, 9, 3, 200, 4, 2]
+            .iter()
+            .map(|x| IpAddr::V4(Ipv4Addr::new(100, 64, 0, *x)))
+            .chain(["fd7a::1".parse().unwrap(), "fd7a::2".parse().unwrap()])
+            .collect();
+        let mut one_by_one = IpSet::new();
+        for a in &addrs {
+            one_by_one.add_addr(*a);
+        }
+        assert_eq!(IpSet::from_addrs(addrs), one_by_one);
     }
 
     #[test]

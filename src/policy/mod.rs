@@ -15,6 +15,7 @@ mod resolve;
 mod ssh;
 mod tailnet;
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use ipnet::IpNet;
@@ -33,13 +34,32 @@ pub struct Compiled {
     tailnet: Tailnet,
     routes: Vec<NodeRoutes>,
     grants: Vec<CompiledGrant>,
-    /// Rules every node shares before reduction.
+    /// Rules every node shares before reduction, and their destinations parsed.
     global: Vec<FilterRule>,
-    global_matchers: Vec<(Matcher, Bits, Bits)>,
+    global_dsts: Vec<Vec<ipset::IpSet>>,
+    global_matchers: Vec<Matcher>,
+    /// Each user's untagged nodes (`autogroup:self`).
+    by_user: HashMap<u64, Vec<usize>>,
+    /// Per node: which rules and grants it takes part in, for O(rules) visibility checks.
+    membership: Vec<Membership>,
     per_node: bool,
     check_url: String,
     nodes: Vec<OnceLock<NodeView>>,
-    peers: OnceLock<Vec<Bits>>,
+    ssh: Vec<OnceLock<Vec<Value>>>,
+    attrs: Vec<Vec<String>>,
+}
+
+/// Which global rules a node is a source or destination of, which `autogroup:self`
+/// grants name it as a source, and which `via` grants it is a source of or a router for.
+/// Two nodes are peers when one is a source of a rule the other is a destination of (in
+/// either direction), when they are the same user's and either is a source of a self
+/// grant, or when one is a source of a `via` grant the other routes.
+struct Membership {
+    src: Bits,
+    dst: Bits,
+    self_src: Bits,
+    via_src: Bits,
+    via_router: Bits,
 }
 
 /// What one node receives.
@@ -47,7 +67,8 @@ pub struct Compiled {
 pub struct NodeView {
     /// Its packet filter (reduced to rules that name it as destination).
     pub filter: Vec<FilterRule>,
-    matchers: Vec<Matcher>,
+    /// Its unreduced rules' matchers; `None`: the global ones.
+    matchers: Option<Vec<Matcher>>,
 }
 
 /// A peer as a viewer sees it: addresses plus the routes the viewer may use through it.
@@ -70,27 +91,82 @@ impl Compiled {
             (routes, grants, global)
         };
         let per_node = filter::needs_per_node(&grants);
-        let global_matchers = global
-            .iter()
-            .map(|r| {
-                let m = r.matcher();
-                let (s, d) = node_sets(&m, &routes);
-                (m, s, d)
-            })
-            .collect();
-        let nodes = (0..tailnet.nodes.len()).map(|_| OnceLock::new()).collect();
-        Ok(Compiled {
+        let nodes: Vec<OnceLock<NodeView>> =
+            (0..tailnet.nodes.len()).map(|_| OnceLock::new()).collect();
+        let mut by_user: HashMap<u64, Vec<usize>> = HashMap::new();
+        for (i, n) in tailnet.nodes.iter().enumerate() {
+            if let Some(u) = n.user.filter(|_| !n.is_tagged()) {
+                by_user.entry(u).or_default().push(i);
+            }
+        }
+        let mut compiled = Compiled {
             policy,
             tailnet,
             routes,
             grants,
+            global_dsts: filter::destinations(&global),
+            global_matchers: global.iter().map(FilterRule::matcher).collect(),
             global,
-            global_matchers,
+            by_user,
+            membership: Vec::new(),
             per_node,
             check_url: check_url.to_string(),
+            ssh: nodes.iter().map(|_| OnceLock::new()).collect(),
             nodes,
-            peers: OnceLock::new(),
-        })
+            attrs: Vec::new(),
+        };
+        compiled.membership = compiled.memberships();
+        compiled.attrs = compiled.all_node_attrs();
+        Ok(compiled)
+    }
+
+    /// Every node's `Membership`: O(nodes × rules).
+    fn memberships(&self) -> Vec<Membership> {
+        let n = self.tailnet.nodes.len();
+        let mut out: Vec<Membership> = (0..n)
+            .map(|_| Membership {
+                src: Bits::new(self.global.len()),
+                dst: Bits::new(self.global.len()),
+                self_src: Bits::new(self.grants.len()),
+                via_src: Bits::new(self.grants.len()),
+                via_router: Bits::new(self.grants.len()),
+            })
+            .collect();
+        for (k, m) in self.global_matchers.iter().enumerate() {
+            let (s, d) = node_sets(m, &self.routes);
+            for i in s.iter() {
+                out[i].src.set(k);
+            }
+            for i in d.iter() {
+                out[i].dst.set(k);
+            }
+        }
+        for (k, g) in self.grants.iter().enumerate() {
+            if g.self_part.is_none() && g.via.is_none() {
+                continue;
+            }
+            for (i, m) in out.iter_mut().enumerate() {
+                let src = self.routes[i].in_set(&g.srcs);
+                if g.self_part.is_some() && src {
+                    m.self_src.set(k);
+                }
+                if let Some(via) = &g.via {
+                    if src {
+                        m.via_src.set(k);
+                    }
+                    if !self.via_routes(g, via, i).is_empty() {
+                        m.via_router.set(k);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The untagged owner of node `i`, if any.
+    fn owner(&self, i: usize) -> Option<u64> {
+        let n = &self.tailnet.nodes[i];
+        n.user.filter(|_| !n.is_tagged())
     }
 
     pub fn tailnet(&self) -> &Tailnet {
@@ -109,66 +185,60 @@ impl Compiled {
     /// Node `i`'s filter and matchers.
     pub fn node(&self, i: usize) -> &NodeView {
         self.nodes[i].get_or_init(|| {
-            let unreduced = if self.per_node {
-                filter::node_rules(&self.grants, &self.tailnet, &self.routes, i)
-            } else {
-                self.global.clone()
-            };
+            if !self.per_node {
+                return NodeView {
+                    filter: filter::reduce_prepared(
+                        &self.global,
+                        &self.global_dsts,
+                        &self.routes[i],
+                    ),
+                    matchers: None,
+                };
+            }
+            let same = self
+                .owner(i)
+                .and_then(|u| self.by_user.get(&u))
+                .map_or(&[][..], Vec::as_slice);
+            let unreduced = filter::node_rules(&self.grants, &self.tailnet, &self.routes, same, i);
             NodeView {
                 filter: filter::reduce(&unreduced, &self.routes[i]),
-                matchers: unreduced.iter().map(FilterRule::matcher).collect(),
+                matchers: Some(unreduced.iter().map(FilterRule::matcher).collect()),
             }
         })
     }
 
     /// The nodes `i` may talk to in either direction, as indexes in tailnet order.
     pub fn peers(&self, i: usize) -> Vec<usize> {
-        self.peer_bits()[i].iter().collect()
+        (0..self.tailnet.nodes.len())
+            .filter(|&j| self.can_see(i, j))
+            .collect()
     }
 
+    /// Whether `i` and `j` may talk in either direction (see `Membership`).
     pub fn can_see(&self, i: usize, j: usize) -> bool {
-        self.peer_bits()[i].get(j)
-    }
-
-    fn peer_bits(&self) -> &Vec<Bits> {
-        self.peers.get_or_init(|| {
-            let n = self.tailnet.nodes.len();
-            let mut bits = vec![Bits::new(n); n];
-            for i in 0..n {
-                if self.per_node {
-                    for m in &self.node(i).matchers {
-                        let (s, d) = node_sets(m, &self.routes);
-                        link(&mut bits, i, &s, &d);
-                    }
-                } else {
-                    for (_, s, d) in &self.global_matchers {
-                        link(&mut bits, i, s, d);
-                    }
-                }
-            }
-            for g in &self.grants {
-                if let Some(via) = &g.via {
-                    let srcs = Bits::from_fn(n, |j| self.routes[j].in_set(&g.srcs));
-                    let routers = Bits::from_fn(n, |j| !self.via_routes(g, via, j).is_empty());
-                    for j in routers.iter() {
-                        for k in srcs.iter() {
-                            bits[j].set(k);
-                            bits[k].set(j);
-                        }
-                    }
-                }
-            }
-            for (i, b) in bits.iter_mut().enumerate() {
-                b.clear(i);
-            }
-            bits
-        })
+        if i == j {
+            return false;
+        }
+        let (a, b) = (&self.membership[i], &self.membership[j]);
+        a.src.meets(&b.dst)
+            || b.src.meets(&a.dst)
+            || a.via_src.meets(&b.via_router)
+            || b.via_src.meets(&a.via_router)
+            || ((a.self_src.any() || b.self_src.any())
+                && self.owner(i).is_some()
+                && self.owner(i) == self.owner(j))
     }
 
     /// How viewer `i` sees peer `j`: `j`'s addresses, plus its primary subnet routes and
     /// exit routes that `i`'s rules let it use.
     pub fn peer_routes(&self, i: usize, j: usize) -> PeerRoutes {
         let peer = &self.routes[j];
+        if peer.subnets.is_empty() && peer.exits.is_empty() {
+            return PeerRoutes {
+                allowed_ips: peer.ips.iter().map(|ip| IpNet::from(*ip)).collect(),
+                primary_routes: Vec::new(),
+            };
+        }
         let (include, exclude) = self.via_steering(i, j);
         let mut allowed: Vec<IpNet> = peer.ips.iter().map(|ip| IpNet::from(*ip)).collect();
         let mut primary = Vec::new();
@@ -275,7 +345,12 @@ impl Compiled {
     fn can_access_route(&self, i: usize, route: &IpNet) -> bool {
         let me = &self.routes[i];
         let has_ip = |set: &ipset::IpSet| me.ips.iter().any(|ip| set.contains(*ip));
-        self.node(i).matchers.iter().any(|m| {
+        let matchers = self
+            .node(i)
+            .matchers
+            .as_deref()
+            .unwrap_or(&self.global_matchers);
+        matchers.iter().any(|m| {
             (has_ip(&m.srcs) && m.dsts.overlaps_net(route))
                 || (m.srcs.overlaps_net(route) && has_ip(&m.dsts))
                 || me.subnets.iter().any(|s| {
@@ -287,8 +362,12 @@ impl Compiled {
 
     /// Node `i`'s `SSHPolicy.rules` (empty without an `ssh` section).
     pub fn ssh_rules(&self, i: usize) -> Vec<Value> {
-        let resolver = Resolver::new(&self.policy, &self.tailnet);
-        ssh::ssh_rules(&self.policy, &resolver, &self.routes, i, &self.check_url)
+        self.ssh[i]
+            .get_or_init(|| {
+                let resolver = Resolver::new(&self.policy, &self.tailnet);
+                ssh::ssh_rules(&self.policy, &resolver, &self.routes, i, &self.check_url)
+            })
+            .clone()
     }
 
     /// Whether the policy has an `ssh` section at all (else no `SSHPolicy` is sent).
@@ -298,35 +377,34 @@ impl Compiled {
 
     /// Node attributes (`nodeAttrs`) that apply to node `i`.
     pub fn node_attrs(&self, i: usize) -> Vec<String> {
+        self.attrs[i].clone()
+    }
+
+    /// Every node's `nodeAttrs`, each target resolved once.
+    fn all_node_attrs(&self) -> Vec<Vec<String>> {
         let resolver = Resolver::new(&self.policy, &self.tailnet);
-        let ips = &self.routes[i].ips;
-        let mut out: Vec<String> = Vec::new();
-        for na in &self.policy.node_attrs {
-            if tailnet::node_matches(&resolver, &na.targets, ips) {
-                for a in &na.attrs {
-                    if !out.contains(a) {
-                        out.push(a.clone());
+        let targets: Vec<ipset::IpSet> = self
+            .policy
+            .node_attrs
+            .iter()
+            .map(|na| resolver.resolve_all(&na.targets))
+            .collect();
+        self.routes
+            .iter()
+            .map(|r| {
+                let mut out: Vec<String> = Vec::new();
+                for (na, set) in self.policy.node_attrs.iter().zip(&targets) {
+                    if r.in_set(set) {
+                        for a in &na.attrs {
+                            if !out.contains(a) {
+                                out.push(a.clone());
+                            }
+                        }
                     }
                 }
-            }
-        }
-        out
-    }
-}
-
-/// Marks `i` and every node on the other side of a matcher it takes part in as peers.
-fn link(bits: &mut [Bits], i: usize, srcs: &Bits, dsts: &Bits) {
-    if srcs.get(i) {
-        for j in dsts.iter() {
-            bits[i].set(j);
-            bits[j].set(i);
-        }
-    }
-    if dsts.get(i) {
-        for j in srcs.iter() {
-            bits[i].set(j);
-            bits[j].set(i);
-        }
+                out
+            })
+            .collect()
     }
 }
 
@@ -359,21 +437,15 @@ impl Bits {
     fn new(n: usize) -> Self {
         Bits(vec![0; n.div_ceil(64)])
     }
-    fn from_fn(n: usize, f: impl Fn(usize) -> bool) -> Self {
-        let mut b = Bits::new(n);
-        for i in (0..n).filter(|&i| f(i)) {
-            b.set(i);
-        }
-        b
-    }
     fn set(&mut self, i: usize) {
         self.0[i / 64] |= 1 << (i % 64);
     }
-    fn clear(&mut self, i: usize) {
-        self.0[i / 64] &= !(1 << (i % 64));
+    /// Whether the two sets share a member.
+    fn meets(&self, other: &Bits) -> bool {
+        self.0.iter().zip(&other.0).any(|(a, b)| a & b != 0)
     }
-    fn get(&self, i: usize) -> bool {
-        self.0[i / 64] & (1 << (i % 64)) != 0
+    fn any(&self) -> bool {
+        self.0.iter().any(|w| *w != 0)
     }
     fn iter(&self) -> impl Iterator<Item = usize> + '_ {
         self.0.iter().enumerate().flat_map(|(w, &word)| {

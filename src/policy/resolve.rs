@@ -48,6 +48,8 @@ pub struct Resolver<'a> {
     pub policy: &'a Policy,
     pub tailnet: &'a Tailnet,
     user_index: HashMap<u64, usize>,
+    /// Each group's members as user ids, resolved once.
+    groups: HashMap<&'a str, std::collections::HashSet<u64>>,
 }
 
 impl<'a> Resolver<'a> {
@@ -58,11 +60,26 @@ impl<'a> Resolver<'a> {
             .enumerate()
             .map(|(i, u)| (u.id, i))
             .collect();
-        Resolver {
+        let mut resolver = Resolver {
             policy,
             tailnet,
             user_index,
-        }
+            groups: HashMap::new(),
+        };
+        resolver.groups = policy
+            .groups
+            .iter()
+            .map(|(name, members)| {
+                let ids = tailnet
+                    .users
+                    .iter()
+                    .filter(|u| members.iter().any(|m| resolver.user_matches(u.id, m)))
+                    .map(|u| u.id)
+                    .collect();
+                (name.as_str(), ids)
+            })
+            .collect();
+        resolver
     }
 
     pub fn resolve_all(&self, aliases: &[Alias]) -> IpSet {
@@ -78,17 +95,21 @@ impl<'a> Resolver<'a> {
     pub fn resolve(&self, alias: &Alias) -> IpSet {
         match alias {
             Alias::Wildcard => tailnet_ranges(),
-            Alias::User(token) => self.node_ips(|n| {
-                n.user.is_some_and(|u| self.user_matches(u, token)) && !n.is_tagged()
-            }),
-            Alias::Group(g) => {
-                let members = self.policy.groups.get(g).cloned().unwrap_or_default();
-                self.node_ips(|n| {
-                    !n.is_tagged()
-                        && n.user
-                            .is_some_and(|u| members.iter().any(|m| self.user_matches(u, m)))
-                })
+            Alias::User(token) => {
+                let ids: std::collections::HashSet<u64> = self
+                    .tailnet
+                    .users
+                    .iter()
+                    .filter(|u| self.user_matches(u.id, token))
+                    .map(|u| u.id)
+                    .collect();
+                self.node_ips(|n| !n.is_tagged() && n.user.is_some_and(|u| ids.contains(&u)))
             }
+            Alias::Group(g) => match self.groups.get(g.as_str()) {
+                Some(members) => self
+                    .node_ips(|n| !n.is_tagged() && n.user.is_some_and(|u| members.contains(&u))),
+                None => IpSet::new(),
+            },
             Alias::Tag(t) => self.node_ips(|n| n.tags.contains(t)),
             Alias::Host(h) => self
                 .policy
@@ -108,13 +129,13 @@ impl<'a> Resolver<'a> {
     }
 
     fn node_ips(&self, keep: impl Fn(&super::tailnet::Node) -> bool) -> IpSet {
-        let mut s = IpSet::new();
-        for n in self.tailnet.nodes.iter().filter(|n| keep(n)) {
-            for ip in n.ips() {
-                s.add_addr(ip);
-            }
-        }
-        s
+        IpSet::from_addrs(
+            self.tailnet
+                .nodes
+                .iter()
+                .filter(|n| keep(n))
+                .flat_map(|n| n.ips()),
+        )
     }
 
     /// Whether user `id` is the one `token` names: `name@`, an email, or

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 
 use super::ipset::IpSet;
-use super::model::{Alias, Policy};
+use super::model::Policy;
 use super::resolve::Resolver;
 
 #[derive(Clone, Debug)]
@@ -154,10 +154,4 @@ pub fn approved_subnets(routes: &[NodeRoutes]) -> Vec<IpNet> {
         }
     }
     out
-}
-
-/// Whether a node matches one of `aliases` (autoApprovers, nodeAttrs targets).
-pub fn node_matches(resolver: &Resolver, aliases: &[Alias], ips: &[IpAddr]) -> bool {
-    let set = resolver.resolve_all(aliases);
-    ips.iter().any(|ip| set.contains(*ip))
 }
