@@ -2,7 +2,8 @@
 # bench_binary NAME: builds the release binaries and the bench target NAME; prints its path.
 # in_cluster N GEN ARGS...: in a new network namespace (loopback only), starts an N-member
 #   cluster with cluster/up, creates a reusable pre-auth key, runs GEN --members-json F
-#   --auth-key K ARGS..., and takes the cluster down.
+#   --auth-key K ARGS..., and takes the cluster down. With HSD_BENCH_POLICY set, that
+#   policy file is loaded first.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
@@ -39,6 +40,9 @@ hsd="${HSD:-$CARGO_TARGET_DIR/release/hsd}"
 hsctl="${HSCTL:-$(dirname "$hsd")/hsctl}"
 sock="$dir/m1/hsd.sock"
 "$hsctl" --socket "$sock" users create bench -o json >/dev/null
+if [ -n "${HSD_BENCH_POLICY:-}" ]; then
+  "$hsctl" --socket "$sock" policy set --file "$HSD_BENCH_POLICY" >&2
+fi
 key="$("$hsctl" --socket "$sock" preauthkeys create --user bench --reusable -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')"
 "$gen" --members-json "$dir/members.json" --auth-key "$key" "$@"
 INNER
