@@ -86,13 +86,17 @@ impl Feed {
     }
 
     fn register(&mut self, n: u8, host: &str) -> NodeId {
+        self.register_with(n, host, format!("{{\"Hostname\":\"{host}\"}}"))
+    }
+
+    fn register_with(&mut self, n: u8, host: &str, hostinfo: String) -> NodeId {
         let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &self.key).unwrap();
         let out = self.apply(Command::RegisterNode {
             request: NodeRequest {
                 machine_key: MachineKey([n; 32]),
                 node_key: NodeKey([n.wrapping_add(100); 32]),
                 hostname: host.into(),
-                hostinfo: format!("{{\"Hostname\":\"{host}\"}}"),
+                hostinfo,
                 request_tags: vec![],
                 ephemeral: false,
             },
@@ -504,5 +508,69 @@ async fn without_a_policy_everyone_reaches_everyone() {
             "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}],
         }]})
     );
+    h.stop.cancel();
+}
+
+/// The routes a netmap gives a peer (its `AllowedIPs` beyond its own addresses) and its
+/// `PrimaryRoutes`, by node id.
+fn peer_routes(map: &Value, id: NodeId) -> (Vec<String>, Vec<String>) {
+    let peer = map["Peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["ID"] == id.0)
+        .unwrap_or_else(|| panic!("peer {id} in {map}"));
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    };
+    let routes = strings(&peer["AllowedIPs"])
+        .into_iter()
+        .filter(|r| !r.ends_with("/32") && !r.ends_with("/128"))
+        .collect();
+    (routes, strings(&peer["PrimaryRoutes"]))
+}
+
+/// Two online routers of one approved route: the first registered is primary on the
+/// viewer's netmap (its `AllowedIPs` and `PrimaryRoutes` carry the route, the standby's do
+/// not); when it goes offline the viewer gets a netmap with the other as primary.
+#[tokio::test(start_paused = true)]
+async fn ha_routers_fail_over_when_the_primary_goes_offline() {
+    let mut feed = Feed::new();
+    let router = |host: &str| format!(r#"{{"Hostname":"{host}","RoutableIPs":["10.8.0.0/24"]}}"#);
+    let a = feed.register_with(1, "ra", router("ra"));
+    let b = feed.register_with(2, "rb", router("rb"));
+    let viewer = feed.register(3, "viewer");
+    for id in [a, b] {
+        feed.apply(Command::ApproveRoutes {
+            id,
+            routes: vec!["10.8.0.0/24".parse().unwrap()],
+        });
+    }
+    let h = Harness::start(&feed);
+    h.deps.presence.session_started(a);
+    h.deps.presence.session_started(b);
+    let mut rx = h.session(viewer);
+    let full = next(&mut rx).await;
+    let route = vec!["10.8.0.0/24".to_string()];
+    assert_eq!(
+        peer_routes(&full, a),
+        (route.clone(), route.clone()),
+        "{full}"
+    );
+    assert_eq!(peer_routes(&full, b), (vec![], vec![]), "{full}");
+
+    h.deps.presence.session_ended(a);
+    let mut map = next(&mut rx).await;
+    while map.get("Peers").is_none() {
+        map = next(&mut rx).await;
+    }
+    assert_eq!(
+        peer_routes(&map, b),
+        (route.clone(), route.clone()),
+        "{map}"
+    );
+    assert_eq!(peer_routes(&map, a), (vec![], vec![]), "{map}");
     h.stop.cancel();
 }
