@@ -362,60 +362,51 @@ pub fn global_rules(grants: &[CompiledGrant]) -> Vec<FilterRule> {
     )
 }
 
-/// The unreduced rules for node `i`: the global ones plus its `autogroup:self` and `via`
-/// rules.
-pub fn node_rules(
-    grants: &[CompiledGrant],
-    tailnet: &Tailnet,
-    routes: &[NodeRoutes],
-    same_user: &[usize],
-    i: usize,
-) -> Vec<FilterRule> {
-    let mut rules = Vec::new();
-    for g in grants {
-        rules.extend(g.rules.iter().cloned());
-        if let Some(s) = &g.self_part {
-            rules.extend(self_rules(s, same_user, routes));
-        }
-        if let Some(v) = &g.via {
-            rules.extend(via_rules(v, &g.dst_nets, tailnet, routes, i));
-        }
-    }
-    merge(rules)
+/// One user's side of an `autogroup:self` grant, computed once per compile: which of the
+/// user's devices are sources, and all of the user's addresses.
+pub struct SelfSources {
+    src_set: IpSet,
+    src_ips: Vec<String>,
+    all_ips: Vec<String>,
 }
 
-/// `same`: the untagged nodes of node `i`'s user (empty when `i` is tagged).
-fn self_rules(s: &SelfPart, same: &[usize], routes: &[NodeRoutes]) -> Vec<FilterRule> {
-    let same = same.to_vec();
-    if same.is_empty() {
-        return Vec::new();
-    }
-    let mut srcs = IpSet::new();
-    for set in &s.srcs {
-        for &j in &same {
-            if routes[j].in_set(set) {
-                for ip in &routes[j].ips {
-                    srcs.add_addr(*ip);
-                }
-            }
+impl SelfSources {
+    /// `same`: the user's untagged nodes.
+    pub fn new(s: &SelfPart, same: &[usize], routes: &[NodeRoutes]) -> SelfSources {
+        let src_set = IpSet::from_addrs(
+            same.iter()
+                .filter(|&&j| s.srcs.iter().any(|set| routes[j].in_set(set)))
+                .flat_map(|&j| routes[j].ips.iter().copied()),
+        );
+        SelfSources {
+            src_ips: src_set.strings(),
+            src_set,
+            all_ips: same
+                .iter()
+                .flat_map(|&j| routes[j].ips.iter().map(ToString::to_string))
+                .collect(),
         }
     }
-    if srcs.is_empty() {
+}
+
+/// The `autogroup:self` rules of one node, already reduced to it: its own addresses as
+/// destinations, its user's source devices as sources. Equal to reducing the user-wide
+/// rules, without building them per node.
+pub fn own_self_rules(s: &SelfPart, src: &SelfSources, me: &NodeRoutes) -> Vec<FilterRule> {
+    if src.src_ips.is_empty() {
         return Vec::new();
     }
+    let mine: Vec<IpNet> = me.ips.iter().map(|ip| IpNet::from(*ip)).collect();
     let mut rules = Vec::new();
     for pp in &s.ip {
-        let mut dst_ports = Vec::new();
-        for &j in &same {
-            for p in &pp.ports {
-                for ip in &routes[j].ips {
-                    dst_ports.push((ip.to_string(), *p));
-                }
-            }
-        }
+        let dst_ports: Vec<(String, PortRange)> = pp
+            .ports
+            .iter()
+            .flat_map(|p| me.ips.iter().map(move |ip| (ip.to_string(), *p)))
+            .collect();
         if !dst_ports.is_empty() {
             rules.push(FilterRule {
-                src_ips: srcs.strings(),
+                src_ips: src.src_ips.clone(),
                 dst_ports,
                 ip_proto: pp.protos.clone(),
                 cap_grant: Vec::new(),
@@ -423,27 +414,44 @@ fn self_rules(s: &SelfPart, same: &[usize], routes: &[NodeRoutes]) -> Vec<Filter
         }
     }
     if let Some(app) = &s.app {
-        let mut cap_grant = Vec::new();
-        let mut dst_strings = Vec::new();
-        for &j in &same {
-            cap_grant.push(CapGrant {
-                dsts: routes[j].ips.iter().map(|ip| IpNet::from(*ip)).collect(),
-                cap_map: app.clone(),
-            });
-            dst_strings.extend(routes[j].ips.iter().map(ToString::to_string));
-        }
         rules.push(FilterRule {
-            src_ips: srcs.strings(),
+            src_ips: src.src_ips.clone(),
             dst_ports: Vec::new(),
             ip_proto: Vec::new(),
-            cap_grant,
+            cap_grant: vec![CapGrant {
+                dsts: mine.clone(),
+                cap_map: app.clone(),
+            }],
         });
-        rules.extend(companion_rules(&dst_strings, &srcs.prefixes(), app));
+        let mine_as_source: Vec<IpNet> = me
+            .ips
+            .iter()
+            .filter(|ip| src.src_set.contains(**ip))
+            .map(|ip| IpNet::from(*ip))
+            .collect();
+        if !mine_as_source.is_empty() {
+            for (_, companion) in COMPANION_CAPS
+                .iter()
+                .filter(|(cap, _)| app.contains_key(*cap))
+            {
+                let mut cap_map = Map::new();
+                cap_map.insert((*companion).to_string(), Value::Null);
+                rules.push(FilterRule {
+                    src_ips: src.all_ips.clone(),
+                    dst_ports: Vec::new(),
+                    ip_proto: Vec::new(),
+                    cap_grant: vec![CapGrant {
+                        dsts: mine_as_source.clone(),
+                        cap_map,
+                    }],
+                });
+            }
+        }
     }
     rules
 }
 
-fn via_rules(
+pub fn via_rules(
     v: &ViaPart,
     dst_nets: &[IpNet],
     tailnet: &Tailnet,
@@ -487,7 +495,7 @@ pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
 }
 
 /// Rules with the same sources and protocols become one, their destinations appended.
-fn merge(rules: Vec<FilterRule>) -> Vec<FilterRule> {
+pub fn merge(rules: Vec<FilterRule>) -> Vec<FilterRule> {
     let mut out: Vec<FilterRule> = Vec::with_capacity(rules.len());
     let mut index: std::collections::HashMap<(Vec<String>, Vec<u8>), usize> =
         std::collections::HashMap::new();

@@ -38,8 +38,8 @@ pub struct Compiled {
     global: Vec<FilterRule>,
     global_dsts: Vec<Vec<ipset::IpSet>>,
     global_matchers: Vec<Matcher>,
-    /// Each user's untagged nodes (`autogroup:self`).
-    by_user: HashMap<u64, Vec<usize>>,
+    /// Per grant with `autogroup:self` destinations: each user's side of it.
+    self_sources: Vec<HashMap<u64, filter::SelfSources>>,
     /// Per node: which rules and grants it takes part in, for O(rules) visibility checks.
     membership: Vec<Membership>,
     per_node: bool,
@@ -99,15 +99,25 @@ impl Compiled {
                 by_user.entry(u).or_default().push(i);
             }
         }
+        let self_sources = grants
+            .iter()
+            .map(|g| match &g.self_part {
+                Some(s) => by_user
+                    .iter()
+                    .map(|(u, same)| (*u, filter::SelfSources::new(s, same, &routes)))
+                    .collect(),
+                None => HashMap::new(),
+            })
+            .collect();
         let mut compiled = Compiled {
             policy,
             tailnet,
             routes,
             grants,
+            self_sources,
             global_dsts: filter::destinations(&global),
             global_matchers: global.iter().map(FilterRule::matcher).collect(),
             global,
-            by_user,
             membership: Vec::new(),
             per_node,
             check_url: check_url.to_string(),
@@ -195,14 +205,33 @@ impl Compiled {
                     matchers: None,
                 };
             }
-            let same = self
-                .owner(i)
-                .and_then(|u| self.by_user.get(&u))
-                .map_or(&[][..], Vec::as_slice);
-            let unreduced = filter::node_rules(&self.grants, &self.tailnet, &self.routes, same, i);
+            // The global rules reduced as for everyone, plus this node's own
+            // `autogroup:self` and `via` rules. Self rules name only tailnet addresses, so
+            // only `via` rules matter to route access (`matchers`).
+            let me = &self.routes[i];
+            let mut rules = filter::reduce_prepared(&self.global, &self.global_dsts, me);
+            let mut via_matchers = Vec::new();
+            for (k, g) in self.grants.iter().enumerate() {
+                if let (Some(s), Some(u)) = (&g.self_part, self.owner(i))
+                    && let Some(src) = self.self_sources[k].get(&u)
+                {
+                    rules.extend(filter::own_self_rules(s, src, me));
+                }
+                if let Some(v) = &g.via {
+                    let own = filter::via_rules(v, &g.dst_nets, &self.tailnet, &self.routes, i);
+                    via_matchers.extend(own.iter().map(FilterRule::matcher));
+                    rules.extend(filter::reduce(&own, me));
+                }
+            }
             NodeView {
-                filter: filter::reduce(&unreduced, &self.routes[i]),
-                matchers: Some(unreduced.iter().map(FilterRule::matcher).collect()),
+                filter: filter::merge(rules),
+                matchers: (!via_matchers.is_empty()).then(|| {
+                    self.global_matchers
+                        .iter()
+                        .cloned()
+                        .chain(via_matchers)
+                        .collect()
+                }),
             }
         })
     }
