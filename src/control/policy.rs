@@ -145,6 +145,12 @@ impl Access {
             .unwrap_or_default()
     }
 
+    /// Hashes of `node`'s packet filter and SSH rules (`None` without a policy).
+    pub fn fingerprint(&self, node: &Node) -> Option<(u64, u64)> {
+        let (map, i) = self.position(node)?;
+        Some(map.compiled.fingerprint(i))
+    }
+
     /// The nodes that route anything (whose online state elects primaries).
     pub fn routers(&self) -> Vec<NodeId> {
         self.0

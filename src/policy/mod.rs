@@ -47,6 +47,7 @@ pub struct Compiled {
     nodes: Vec<OnceLock<NodeView>>,
     ssh: Vec<OnceLock<Vec<Value>>>,
     attrs: Vec<Vec<String>>,
+    fingerprints: Vec<OnceLock<(u64, u64)>>,
 }
 
 /// Which global rules a node is a source or destination of, which `autogroup:self`
@@ -122,6 +123,7 @@ impl Compiled {
             per_node,
             check_url: check_url.to_string(),
             ssh: nodes.iter().map(|_| OnceLock::new()).collect(),
+            fingerprints: nodes.iter().map(|_| OnceLock::new()).collect(),
             nodes,
             attrs: Vec::new(),
         };
@@ -397,6 +399,29 @@ impl Compiled {
                 ssh::ssh_rules(&self.policy, &resolver, &self.routes, i, &self.check_url)
             })
             .clone()
+    }
+
+    /// Hashes of node `i`'s packet filter and SSH rules: a session compares them with what
+    /// it sent to tell whether a change concerns its client.
+    pub fn fingerprint(&self, i: usize) -> (u64, u64) {
+        *self.fingerprints[i].get_or_init(|| {
+            use std::hash::{Hash, Hasher};
+            let hash = |text: String| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                text.hash(&mut h);
+                h.finish()
+            };
+            let filter: Vec<Value> = self
+                .node(i)
+                .filter
+                .iter()
+                .map(FilterRule::to_json)
+                .collect();
+            (
+                hash(Value::Array(filter).to_string()),
+                hash(Value::Array(self.ssh_rules(i)).to_string()),
+            )
+        })
     }
 
     /// Whether the policy has an `ssh` section at all (else no `SSHPolicy` is sent).

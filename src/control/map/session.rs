@@ -293,9 +293,11 @@ impl Session {
             settings: &self.deps.settings,
         };
         let access = ctx.access();
-        // Under a policy: a change in what the node may reach goes out as a new packet
-        // filter; a change in its routes, SSH rules or a router it sees, as a full netmap.
+        // Under a policy: a change in what the node may reach goes out in the delta as a
+        // new packet filter, one in its SSH rules as a new SSHPolicy; a change in its
+        // routes or a router it sees, as a full netmap.
         let mut new_filter = None;
+        let mut new_ssh = None;
         if access.has_policy() {
             let now = PolicyView::of(&ctx, me);
             let router_changed = delta
@@ -306,6 +308,9 @@ impl Session {
                 (Some(sent), Some(now)) if sent.rest == now.rest && !router_changed => {
                     if sent.filter != now.filter {
                         new_filter = Some(access.packet_filters(me));
+                    }
+                    if sent.ssh != now.ssh {
+                        new_ssh = access.ssh_policy(me);
                     }
                 }
                 _ => {
@@ -323,7 +328,8 @@ impl Session {
                 .as_ref()
                 .is_none_or(|sent| sent.get() != json.get())
         });
-        if !touched && new_filter.is_none() && delta.upserted.iter().all(|p| sees(&p.node)) {
+        let policy_news = new_filter.is_some() || new_ssh.is_some();
+        if !touched && !policy_news && delta.upserted.iter().all(|p| sees(&p.node)) {
             if delta.is_empty() || delta.only_presence_of(self.node) {
                 return Ok(None);
             }
@@ -334,6 +340,7 @@ impl Session {
         }
         let mut response = delta.response(Some(self.node), me_json, sees);
         response.packet_filters = new_filter;
+        response.ssh_policy = new_ssh;
         if response.is_empty_delta() {
             return Ok(None);
         }
@@ -345,11 +352,12 @@ impl Session {
 }
 
 /// What a client holds of the policy, to tell which deltas change it: its packet filter,
-/// and (`rest`) its SSH rules, its own routes and capabilities, and the routes of every
+/// its SSH rules, and (`rest`) its own routes and capabilities and the routes of every
 /// router it sees.
 #[derive(PartialEq)]
 struct PolicyView {
     filter: u64,
+    ssh: u64,
     rest: u64,
 }
 
@@ -366,9 +374,8 @@ impl PolicyView {
             parts(&mut h);
             h.finish()
         };
-        let filter = hash(&|h| access.packet_filters(me).to_string().hash(h));
+        let (filter, ssh) = access.fingerprint(me).unwrap_or_default();
         let rest = hash(&|h| {
-            access.ssh_policy(me).map(|v| v.to_string()).hash(h);
             access.self_routes(me).hash(h);
             access.node_attrs(me).hash(h);
             for router in access.routers() {
@@ -379,7 +386,7 @@ impl PolicyView {
                 }
             }
         });
-        Some(PolicyView { filter, rest })
+        Some(PolicyView { filter, ssh, rest })
     }
 }
 
