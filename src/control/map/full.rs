@@ -1,65 +1,120 @@
-//! Full netmaps. A node that sees every shared peer (`Access::sees_all_shared`) gets its
-//! netmap assembled from the hub's blocks: its own head and tail, the block holding itself
-//! rebuilt without it, and every other block as the very bytes (zstd frame) every other
-//! full netmap of this state uses — so a full netmap of N peers costs one block's encoding
-//! and no per-peer work. Any other node gets one encoded from the peer cache.
+//! Full netmaps, assembled from the hub's blocks: the node's own head and tail, the blocks
+//! it sees only part of (its own, or under a policy) rebuilt from the peer cache, and
+//! every block it sees whole as the very bytes (zstd frame) every other full netmap of
+//! this state uses — so a full netmap of N peers costs a few blocks' encoding, not N
+//! peers'.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::build::{self, MapContext, Message};
-use super::hub::{self, BLOCK_IDS, HubState, PeerEntry};
+use super::hub::{BLOCK_IDS, HubState, PeerEntry};
 use crate::control::tailcfg::MapResponse;
 use crate::registry::{Node, UserId};
 
-/// `me`'s full netmap as of `state` (and `ctx.view` for everything but the shared peers).
+/// `me`'s full netmap as of `state` (and `ctx.view` for everything but the peers).
+///
+/// A block of peers that `me` sees whole (every approved peer in it visible, none needing
+/// JSON of its own for this viewer: routes) goes out as the block's shared bytes; any
+/// other block as the visible peers' JSON. Without a policy every block but `me`'s own is
+/// shared; under a policy, as many as the policy allows.
 pub fn full_message(ctx: &MapContext<'_>, state: &HubState, me: &Node, compress: bool) -> Message {
-    if !ctx.access().sees_all_shared(me) {
-        let (peers, owners) = hub::visible_peers(ctx, state, me);
-        return Message::framed(build::encode_frame(
-            &ctx.full_map(me, peers, owners),
-            compress,
-        ));
-    }
-    let own_block = me.id.0 / BLOCK_IDS;
+    let access = ctx.access();
+    let everyone = access.sees_all_shared(me);
     let mut owners = BTreeSet::new();
-    let mut custom: Vec<&Arc<PeerEntry>> = Vec::new();
-    for (b, block) in state.blocks.iter() {
-        owners.extend(block.entries.iter().map(|e| e.node.user));
-        if *b == own_block {
-            custom.extend(block.entries.iter().filter(|e| e.node.id != me.id));
-        }
+    for block in state.blocks.values() {
+        owners.extend(
+            block
+                .entries
+                .iter()
+                .filter(|e| everyone || access.can_see(me, &e.node))
+                .map(|e| e.node.user),
+        );
     }
     owners.remove(&UserId(0));
     let (head, tail) = head_and_tail(ctx, me, owners);
 
-    // head + `"Peers":[` + the own block without `me`
-    let mut first = head;
-    first.extend_from_slice(br#","Peers":["#);
-    for (i, e) in custom.iter().enumerate() {
-        if i > 0 {
-            first.push(b',');
-        }
-        first.extend_from_slice(e.json.get().as_bytes());
-    }
-    let mut any_peer = !custom.is_empty();
-    let mut body = vec![encode(&first, compress)];
+    let mut out = Assembly::new(head, compress);
+    out.text(br#","Peers":["#);
     for (b, block) in state.blocks.iter() {
-        if *b == own_block {
+        let whole = *b != me.id.0 / BLOCK_IDS
+            && (everyone || block.entries.iter().all(|e| sees_as_shared(&access, me, e)));
+        if whole {
+            if !block.entries.is_empty() {
+                out.shared(block.bytes(compress));
+            }
             continue;
         }
-        if any_peer {
-            body.push(encode(b",", compress));
+        for e in block.entries.iter().filter(|e| e.node.id != me.id) {
+            if everyone || access.can_see(me, &e.node) {
+                let own = ctx.peer_json_for(&access, me, &e.node);
+                out.peer(own.as_ref().unwrap_or(&e.json).get().as_bytes());
+            }
         }
-        body.push(block.bytes(compress));
-        any_peer = true;
     }
-    let mut last = b"],".to_vec();
-    last.extend_from_slice(&tail[1..]);
-    body.push(encode(&last, compress));
-    Message::from_body(body)
+    out.text(b"],");
+    out.text(&tail[1..]);
+    out.finish()
+}
+
+/// Whether `me` sees peer `e` exactly as the shared JSON shows it.
+fn sees_as_shared(access: &crate::control::policy::Access, me: &Node, e: &PeerEntry) -> bool {
+    e.node.id != me.id && access.can_see(me, &e.node) && access.peer_routes(me, &e.node).is_none()
+}
+
+/// A netmap as a sequence of frames: text written here, shared blocks as they are.
+struct Assembly {
+    frames: Vec<Bytes>,
+    pending: Vec<u8>,
+    any_peer: bool,
+    compress: bool,
+}
+
+impl Assembly {
+    fn new(head: Vec<u8>, compress: bool) -> Self {
+        Assembly {
+            frames: Vec::new(),
+            pending: head,
+            any_peer: false,
+            compress,
+        }
+    }
+
+    fn text(&mut self, data: &[u8]) {
+        self.pending.extend_from_slice(data);
+    }
+
+    /// One peer's JSON, comma-separated from the previous one.
+    fn peer(&mut self, json: &[u8]) {
+        if self.any_peer {
+            self.pending.push(b',');
+        }
+        self.pending.extend_from_slice(json);
+        self.any_peer = true;
+    }
+
+    /// A shared block (its peers joined by commas, possibly a zstd frame).
+    fn shared(&mut self, block: Bytes) {
+        if self.any_peer {
+            self.pending.push(b',');
+        }
+        self.flush();
+        self.frames.push(block);
+        self.any_peer = true;
+    }
+
+    fn flush(&mut self) {
+        if !self.pending.is_empty() {
+            let text = std::mem::take(&mut self.pending);
+            self.frames.push(encode(&text, self.compress));
+        }
+    }
+
+    fn finish(mut self) -> Message {
+        self.flush();
+        Message::from_body(self.frames)
+    }
 }
 
 fn encode(data: &[u8], compress: bool) -> Bytes {

@@ -41,7 +41,7 @@ pub struct PeerEntry {
 /// Node ids per block of shared peers.
 pub const BLOCK_IDS: u64 = 256;
 
-/// The peers of one range of node ids that every node sees (`Access::seen_by_all`), joined
+/// The approved peers of one range of node ids, joined
 /// into one JSON fragment and compressed once, lazily, for all full netmaps that include
 /// them. Node ids are never reused and grow, so a block changes only when one of its own
 /// nodes does.
@@ -53,13 +53,12 @@ pub struct PeerBlock {
 }
 
 impl PeerBlock {
-    /// `shared`: whether netmaps are assembled from blocks at all (no policy, no routes).
-    fn build(shared: bool, peers: &OrdMap<NodeId, Arc<PeerEntry>>, block: u64) -> PeerBlock {
+    fn build(peers: &OrdMap<NodeId, Arc<PeerEntry>>, block: u64) -> PeerBlock {
         let range = NodeId(block * BLOCK_IDS)..NodeId((block + 1) * BLOCK_IDS);
         PeerBlock {
             entries: peers
                 .range(range)
-                .filter(|(_, e)| shared && e.node.approved)
+                .filter(|(_, e)| e.node.approved)
                 .map(|(_, e)| e.clone())
                 .collect(),
             encoded: Default::default(),
@@ -103,8 +102,6 @@ pub struct HubState {
     pub view: Arc<Registry>,
     pub peers: OrdMap<NodeId, Arc<PeerEntry>>,
     pub blocks: OrdMap<u64, Arc<PeerBlock>>,
-    /// Whether the blocks hold peers (no policy and no routes: every netmap shares them).
-    pub shared: bool,
 }
 
 /// What changed in one tick, shared by every session. It holds no registry version or hub
@@ -268,16 +265,15 @@ impl HubState {
             view,
             peers,
             blocks: OrdMap::new(),
-            shared: !ctx.access().has_policy(),
         };
         let all: BTreeSet<u64> = state.peers.keys().map(|id| id.0 / BLOCK_IDS).collect();
-        state.rebuild_blocks(state.shared, all);
+        state.rebuild_blocks(all);
         state
     }
 
-    fn rebuild_blocks(&mut self, shared: bool, blocks: BTreeSet<u64>) {
+    fn rebuild_blocks(&mut self, blocks: BTreeSet<u64>) {
         for b in blocks {
-            let block = PeerBlock::build(shared, &self.peers, b);
+            let block = PeerBlock::build(&self.peers, b);
             if block.entries.is_empty() {
                 self.blocks.remove(&b);
             } else {
@@ -338,15 +334,7 @@ impl HubState {
                 .map(|id| id.0 / BLOCK_IDS)
                 .collect()
         };
-        let shared = !ctx.access().has_policy();
-        // Switching between shared and per-viewer netmaps touches every block.
-        let touched = if shared != self.shared {
-            self.shared = shared;
-            self.peers.keys().map(|id| id.0 / BLOCK_IDS).collect()
-        } else {
-            touched
-        };
-        self.rebuild_blocks(shared, touched);
+        self.rebuild_blocks(touched);
         delta.seq = self.seq;
         delta
     }
@@ -482,34 +470,4 @@ fn encode(ctx: &MapContext<'_>, node: &Arc<Node>) -> PeerEntry {
         node: node.clone(),
         json: ctx.peer_json(node),
     }
-}
-
-/// The shared peer JSON of every peer `me` may see, with their owners; a peer the cache
-/// holds in another state than `view` is encoded afresh (the hub sends its change as a
-/// delta soon anyway).
-pub fn visible_peers(
-    ctx: &MapContext<'_>,
-    state: &HubState,
-    me: &Node,
-) -> (Vec<RawJson>, BTreeSet<UserId>) {
-    let mut peers = Vec::new();
-    let mut owners = BTreeSet::new();
-    let access = ctx.access();
-    for peer in ctx.view.nodes() {
-        if !access.can_see(me, peer) {
-            continue;
-        }
-        let json = match state.peers.get(&peer.id) {
-            _ if access.has_policy()
-                && let Some(own) = ctx.peer_json_for(&access, me, peer) =>
-            {
-                own
-            }
-            Some(entry) if Arc::ptr_eq(&entry.node, peer) => entry.json.clone(),
-            _ => ctx.peer_json(peer),
-        };
-        owners.insert(peer.user);
-        peers.push(json);
-    }
-    (peers, owners)
 }
