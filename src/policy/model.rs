@@ -793,3 +793,99 @@ fn scalar_string(v: &Value, what: &str) -> Result<String, PolicyError> {
         _ => err(format!("{what}: expected a string")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hujson_comments_and_trailing_commas_parse() {
+        let p = Policy::parse(
+            "// team policy\n{\n  \"groups\": {\"group:a\": [\"alice@\",],}, /* block */\n  \"acls\": [{\"action\": \"accept\", \"src\": [\"group:a\"], \"dst\": [\"*:22,80-81\"]},],\n}",
+        )
+        .unwrap();
+        assert!(!p.default_allow);
+        assert_eq!(p.grants.len(), 1);
+        assert_eq!(
+            p.grants[0].ip[0].ports,
+            [
+                PortRange {
+                    first: 22,
+                    last: 22
+                },
+                PortRange {
+                    first: 80,
+                    last: 81
+                }
+            ]
+        );
+        assert!(
+            Policy::parse("").unwrap().default_allow,
+            "no policy allows all"
+        );
+        assert!(
+            !Policy::parse(r#"{"acls": []}"#).unwrap().default_allow,
+            "[] denies all"
+        );
+    }
+
+    #[test]
+    fn aliases_are_told_apart() {
+        for (text, want) in [
+            ("*", Alias::Wildcard),
+            ("alice@", Alias::User("alice@".into())),
+            ("alice@example.com", Alias::User("alice@example.com".into())),
+            ("group:eng", Alias::Group("group:eng".into())),
+            ("tag:web", Alias::Tag("tag:web".into())),
+            ("autogroup:self", Alias::AutoGroup(AutoGroup::SelfDevices)),
+            ("db", Alias::Host("db".into())),
+            ("10.1.2.3", Alias::Prefix("10.1.2.3/32".parse().unwrap())),
+            ("10.1.2.3/16", Alias::Prefix("10.1.0.0/16".parse().unwrap())),
+            ("fd7a::1", Alias::Prefix("fd7a::1/128".parse().unwrap())),
+        ] {
+            assert_eq!(Alias::parse(text).unwrap(), want, "{text}");
+        }
+        assert!(Alias::parse("autogroup:everyone").is_err());
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let refused = |text: &str| Policy::parse(text).unwrap_err().0;
+        assert_eq!(
+            refused(r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:0"]}]}"#),
+            "dst=\"*:0\": port range \"0\": first port must be >0, or use '*' for wildcard"
+        );
+        assert_eq!(
+            refused(r#"{"acls": [{"action": "accept", "src": ["group:x"], "dst": ["*:*"]}]}"#),
+            "group not defined in policy: \"group:x\""
+        );
+        assert!(refused(r#"{"nope": 1}"#).contains("unknown field \"nope\""));
+        assert!(
+            refused(
+                r#"{"acls": [{"action": "accept", "proto": "*", "src": ["*"], "dst": ["*:*"]}]}"#
+            )
+            .contains("proto name \"*\" not known")
+        );
+        assert!(
+            refused(r#"{"groups": {"group:a": ["group:b"], "group:b": []}}"#)
+                .contains("group members cannot be recursive")
+        );
+    }
+
+    #[test]
+    fn tag_owners_name_users_directly_or_through_groups() {
+        let p = Policy::parse(
+            r#"{"groups": {"group:ops": ["carol@"]},
+                "tagOwners": {"tag:a": ["alice@"], "tag:b": ["group:ops"], "tag:c": ["tag:a"]}}"#,
+        )
+        .unwrap();
+        assert!(p.user_owns_tag("alice", "tag:a"));
+        assert!(p.user_owns_tag("carol", "tag:b"));
+        assert!(!p.user_owns_tag("alice", "tag:b"));
+        assert!(
+            !p.user_owns_tag("alice", "tag:c"),
+            "a tag owner is not a user"
+        );
+        assert!(!p.user_owns_tag("alice", "tag:unknown"));
+    }
+}

@@ -156,3 +156,76 @@ impl<'a> Resolver<'a> {
 pub fn email_domain(email: &str) -> Option<&str> {
     email.rsplit_once('@').map(|(_, d)| d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::tailnet::{Node, User};
+
+    fn node(id: u64, user: Option<u64>, tags: &[&str]) -> Node {
+        Node {
+            id,
+            name: format!("n{id}"),
+            user,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            ipv4: Some(std::net::Ipv4Addr::new(100, 64, 0, id as u8)),
+            ipv6: None,
+            advertised: vec![],
+            approved: vec![],
+            online: true,
+        }
+    }
+
+    #[test]
+    fn identity_aliases_resolve_to_their_nodes() {
+        let policy = Policy::parse(
+            r#"{"groups": {"group:eng": ["alice@", "bob@example.com"]},
+                "tagOwners": {"tag:web": ["alice@"]},
+                "hosts": {"db": "10.0.0.0/24"}}"#,
+        )
+        .unwrap();
+        let tailnet = Tailnet {
+            users: vec![
+                User {
+                    id: 1,
+                    name: "alice".into(),
+                    email: String::new(),
+                },
+                User {
+                    id: 2,
+                    name: "bob".into(),
+                    email: "bob@example.com".into(),
+                },
+                User {
+                    id: 3,
+                    name: "carol".into(),
+                    email: String::new(),
+                },
+            ],
+            nodes: vec![
+                node(1, Some(1), &[]),
+                node(2, Some(2), &[]),
+                node(3, Some(3), &[]),
+                node(4, None, &["tag:web"]),
+            ],
+        };
+        let r = Resolver::new(&policy, &tailnet);
+        let ips = |text: &str| r.resolve(&Alias::parse(text).unwrap()).strings();
+        assert_eq!(ips("alice@"), ["100.64.0.1"]);
+        assert_eq!(ips("bob@example.com"), ["100.64.0.2"]);
+        assert_eq!(ips("group:eng"), ["100.64.0.1-100.64.0.2"]);
+        assert_eq!(ips("tag:web"), ["100.64.0.4"]);
+        assert_eq!(ips("autogroup:member"), ["100.64.0.1-100.64.0.3"]);
+        assert_eq!(ips("autogroup:tagged"), ["100.64.0.4"]);
+        assert_eq!(ips("db"), ["10.0.0.0/24"]);
+        assert_eq!(ips("nobody@"), Vec::<String>::new());
+        assert_eq!(
+            ips("*"),
+            [
+                "100.64.0.0-100.115.91.255",
+                "100.115.94.0-100.127.255.255",
+                "fd7a:115c:a1e0::/48"
+            ]
+        );
+    }
+}
