@@ -3,7 +3,9 @@
 # in_cluster N GEN ARGS...: in a new network namespace (loopback only), starts an N-member
 #   cluster with cluster/up, creates a reusable pre-auth key, runs GEN --members-json F
 #   --auth-key K ARGS..., and takes the cluster down. With HSD_BENCH_POLICY set, that
-#   policy file is loaded first.
+#   policy file is loaded first, and the clients are spread over HSD_BENCH_USERS users
+#   (default 50; bench@ plus user1@…) so per-user rules such as autogroup:self see
+#   tailnets shaped like real ones.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
@@ -44,6 +46,12 @@ if [ -n "${HSD_BENCH_POLICY:-}" ]; then
   "$hsctl" --socket "$sock" policy set --file "$HSD_BENCH_POLICY" >&2
 fi
 key="$("$hsctl" --socket "$sock" preauthkeys create --user bench --reusable -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')"
+if [ -n "${HSD_BENCH_POLICY:-}" ]; then
+  for u in $(seq 1 $(( ${HSD_BENCH_USERS:-50} - 1 ))); do
+    "$hsctl" --socket "$sock" users create "user$u" -o json >/dev/null
+    key="$key,$("$hsctl" --socket "$sock" preauthkeys create --user "user$u" --reusable -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')"
+  done
+fi
 "$gen" --members-json "$dir/members.json" --auth-key "$key" "$@"
 INNER
   # Member logs stay for a look when a run fails (or with HSD_BENCH_KEEP=1).

@@ -189,7 +189,10 @@ fn shows(target: &Target, msg: &Value) -> bool {
 pub struct Fleet {
     pub cluster: Arc<LocalCluster>,
     pub server_key: [u8; 32],
+    /// The first pre-auth key (probes register with it).
     pub auth_key: String,
+    /// Every pre-auth key; client i registers with key i mod their count (one per user).
+    auth_keys: Vec<String>,
     pub clients: Vec<Arc<SimClient>>,
     pub events: Arc<Events>,
 }
@@ -237,7 +240,8 @@ impl Fleet {
                 .collect(),
             cluster,
             server_key,
-            auth_key,
+            auth_keys: auth_key.split(',').map(str::to_string).collect(),
+            auth_key: auth_key.split(',').next().unwrap_or_default().to_string(),
             events: Arc::default(),
         })
     }
@@ -264,7 +268,11 @@ impl Fleet {
         for_each(&self.clients, concurrency, |c| async move {
             let mut conn = c.conn.lock().await.take().context("not connected")?;
             let (status, resp) = conn
-                .register(&c.node_key, &self.auth_key, &c.hostname())
+                .register(
+                    &c.node_key,
+                    &self.auth_keys[c.idx % self.auth_keys.len()],
+                    &c.hostname(),
+                )
                 .await?;
             anyhow::ensure!(
                 status == 200 && resp["Error"].as_str().unwrap_or("").is_empty(),

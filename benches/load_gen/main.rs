@@ -32,7 +32,7 @@ struct Args {
     /// members.json written by cluster/up.
     #[arg(long)]
     members_json: PathBuf,
-    /// A reusable pre-auth key.
+    /// Reusable pre-auth keys, comma-separated: client i uses key i mod their count.
     #[arg(long)]
     auth_key: String,
     #[arg(long, default_value_t = 1000)]
