@@ -113,6 +113,7 @@ fn tailnet(n: u32) -> Tailnet {
                 advertised,
                 approved: vec![],
                 online: true,
+                online_since: 0,
             }
         })
         .collect();

@@ -33,6 +33,9 @@ pub struct NodePresence {
     pub endpoints: Vec<String>,
     /// `Hostinfo.NetInfo.PreferredDERP`; 0 = unknown.
     pub home_derp: i32,
+    /// When the node came online on its member (ms since the Unix epoch, that member's
+    /// clock, shared with the others): HA routes stay with the longest-online router.
+    pub online_since: i64,
 }
 
 /// A presence fact published to the map hub: this node's presence changed. Readers take
@@ -132,6 +135,7 @@ impl Presence {
         entry.sessions += 1;
         let came_online = entry.sessions == 1;
         if came_online {
+            entry.online_since = crate::registry::Timestamp::now().0;
             self.changed_locally(&mut local, PresenceChange::Online(node));
         }
         came_online
@@ -204,6 +208,13 @@ impl Presence {
             .values()
             .find_map(|m| m.get(&node))
             .cloned()
+    }
+
+    /// When `node` came online (see `NodePresence::online_since`); `None` when offline.
+    pub fn online_since(&self, node: NodeId) -> Option<i64> {
+        self.get(node)
+            .filter(|p| p.sessions > 0)
+            .map(|p| p.online_since)
     }
 
     /// Online anywhere in the cluster (as far as this member knows).
@@ -350,6 +361,7 @@ mod tests {
             sessions: 1,
             endpoints: vec![endpoint.into()],
             home_derp: 900,
+            online_since: 0,
         }
     }
 

@@ -26,8 +26,8 @@ pub struct Access(Option<Arc<PolicyMap>>);
 pub struct PolicyMap {
     compiled: Compiled,
     index: HashMap<NodeId, usize>,
-    /// Nodes that route something (their online state elects primaries), by index.
-    routers: Vec<(NodeId, bool)>,
+    /// Nodes that route something, with when they came online (that elects primaries).
+    routers: Vec<(NodeId, Option<i64>)>,
 }
 
 impl Access {
@@ -196,7 +196,7 @@ impl AccessCache {
             && c.access.0.as_ref().is_none_or(|m| {
                 m.routers
                     .iter()
-                    .all(|(id, online)| presence.is_online(*id) == *online)
+                    .all(|(id, since)| presence.online_since(*id) == *since)
             })
         {
             return c.access.clone();
@@ -245,7 +245,7 @@ fn compile(view: &Registry, presence: &Presence, check_url: &str) -> Access {
         })
         .map(|i| {
             let n = &compiled.tailnet().nodes[i];
-            (NodeId(n.id), n.online)
+            (NodeId(n.id), n.online.then_some(n.online_since))
         })
         .collect();
     Access(Some(Arc::new(PolicyMap {
@@ -288,6 +288,7 @@ fn tailnet(view: &Registry, presence: &Presence) -> policy::Tailnet {
             advertised: advertised_routes(&n.hostinfo),
             approved: n.approved_routes.clone(),
             online: presence.is_online(n.id),
+            online_since: presence.online_since(n.id).unwrap_or(0),
         })
         .collect();
     policy::Tailnet { users, nodes }

@@ -92,6 +92,7 @@ pub fn tailnet(case: &Case) -> Result<Tailnet, EvalError> {
             advertised: n.routable_ips.clone(),
             approved: n.approved_routes.clone(),
             online: true,
+            online_since: 0,
         });
     }
     Ok(Tailnet { users, nodes })

@@ -173,6 +173,7 @@ mod tests {
             advertised: vec![],
             approved: vec![],
             online: true,
+            online_since: 0,
         }
     }
 

@@ -30,6 +30,9 @@ pub struct Node {
     /// What an admin approved.
     pub approved: Vec<IpNet>,
     pub online: bool,
+    /// When it came online (any clock shared by the cluster; 0 when unknown): of several
+    /// online routers of a route, the longest-online is primary.
+    pub online_since: i64,
 }
 
 impl Node {
@@ -123,14 +126,16 @@ pub fn node_routes(policy: &Policy, tailnet: &Tailnet, resolver: &Resolver) -> V
     out
 }
 
-/// Each subnet route's primary is its first online router in registration order, so
-/// every member derives the same answer and a router keeps the role while online.
+/// Each subnet route's primary is its longest-online router (registration order breaks
+/// ties), so every member derives the same answer, a router keeps the role while it is
+/// online, and one coming back does not take it back from the one that took over.
 fn elect_primaries(tailnet: &Tailnet, routes: &mut [NodeRoutes]) {
     let mut taken: Vec<IpNet> = Vec::new();
-    for (i, node) in tailnet.nodes.iter().enumerate() {
-        if !node.online {
-            continue;
-        }
+    let mut order: Vec<usize> = (0..tailnet.nodes.len())
+        .filter(|&i| tailnet.nodes[i].online)
+        .collect();
+    order.sort_by_key(|&i| (tailnet.nodes[i].online_since, i));
+    for i in order {
         let mine: Vec<IpNet> = routes[i]
             .subnets
             .iter()

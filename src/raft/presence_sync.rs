@@ -109,6 +109,7 @@ async fn poll_member(cluster: Cluster, member: u64, addr: String, stop: Cancella
                             sessions: e.sessions,
                             endpoints: e.endpoints,
                             home_derp: e.home_derp,
+                            online_since: e.online_since,
                         };
                         (NodeId(e.node), (p.sessions > 0).then_some(p))
                     })

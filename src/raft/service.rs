@@ -175,6 +175,7 @@ impl RaftService for RaftRpc {
                     endpoints: p.endpoints,
                     home_derp: p.home_derp,
                     sessions: p.sessions,
+                    online_since: p.online_since,
                 }
             })
             .collect();

@@ -534,7 +534,8 @@ fn peer_routes(map: &Value, id: NodeId) -> (Vec<String>, Vec<String>) {
 
 /// Two online routers of one approved route: the first registered is primary on the
 /// viewer's netmap (its `AllowedIPs` and `PrimaryRoutes` carry the route, the standby's do
-/// not); when it goes offline the viewer gets a netmap with the other as primary.
+/// not); when it goes offline the viewer gets a netmap with the other as primary; when it
+/// comes back, the other keeps the role.
 #[tokio::test(start_paused = true)]
 async fn ha_routers_fail_over_when_the_primary_goes_offline() {
     let mut feed = Feed::new();
