@@ -293,6 +293,9 @@ fn main() -> ExitCode {
 
 /// Runs the member until a signal or a failure; returns the failure, if any.
 async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<Option<Failure>> {
+    // SIGHUP reloads what can be reloaded (the TLS pair, a policy file); with nothing to
+    // reload it must not end the member, which is the signal's default action.
+    let _hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let server = Server::start(config).await?;
     if let Some(path) = ready_file {
         let json = serde_json::to_vec_pretty(server.addrs())?;

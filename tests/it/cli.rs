@@ -278,3 +278,16 @@ fn rest_api() {
     let users = c.hsctl_json(1, &["users", "list"]);
     assert_eq!(users[0]["name"], "rest");
 }
+
+/// `kill -HUP` (an operator's "reload") never ends a member, even with nothing to reload.
+#[test]
+fn a_hangup_does_not_end_a_member() {
+    let mut c = TestCluster::start(1, ClusterOpts::default());
+    for _ in 0..3 {
+        c.member(1).signal("-HUP");
+    }
+    c.hsctl_json(1, &["users", "create", "after-hup"]);
+    assert!(c.member(1).is_running(), "SIGHUP ended the member");
+    let users = c.hsctl_json(1, &["users", "list"]);
+    assert!(users.to_string().contains("after-hup"));
+}
