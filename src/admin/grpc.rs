@@ -44,6 +44,17 @@ impl AdminApi {
             .map_err(|e| Status::invalid_argument(format!("policy refused: {e}")))
     }
 
+    /// With `policy.mode: file` the file is the policy: writes through the API are refused.
+    fn refuse_in_file_mode(&self) -> Result<(), Status> {
+        match &self.deps.policy_file {
+            Some(path) => Err(Status::failed_precondition(format!(
+                "policy.mode is file: edit {} (members reload it on change and on SIGHUP)",
+                path.display()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The compiled policy for `view` (route approvals and primaries).
     fn access(&self, view: &Registry) -> crate::control::policy::Access {
         self.deps
@@ -562,12 +573,7 @@ impl AdminService for AdminApi {
         request: Request<pb::SetPolicyRequest>,
     ) -> Reply<pb::PolicyResponse> {
         let policy = request.into_inner().policy;
-        if let Some(path) = &self.deps.policy_file {
-            return Err(Status::failed_precondition(format!(
-                "policy.mode is file: edit {} (members reload it on change and on SIGHUP)",
-                path.display()
-            )));
-        }
+        self.refuse_in_file_mode()?;
         self.check(&policy)?;
         match self
             .propose(Command::SetPolicy {
@@ -602,12 +608,7 @@ impl AdminService for AdminApi {
         request: Request<pb::RollbackPolicyRequest>,
     ) -> Reply<pb::PolicyResponse> {
         let version = request.into_inner().version;
-        if let Some(path) = &self.deps.policy_file {
-            return Err(Status::failed_precondition(format!(
-                "policy.mode is file: edit {}",
-                path.display()
-            )));
-        }
+        self.refuse_in_file_mode()?;
         let view = self.view();
         let policy = view
             .policy_version(version)

@@ -74,13 +74,8 @@ impl Access {
         json!({ "base": rules })
     }
 
-    /// Whether every node that `sees_all_shared` has `peer` in its netmap (no policy).
-    pub fn seen_by_all(&self, peer: &Node) -> bool {
-        self.0.is_none() && peer.approved
-    }
-
-    /// Whether `viewer` sees exactly the peers `seen_by_all` selects, so its full netmap
-    /// can be assembled from the shared blocks.
+    /// Whether `viewer` sees every approved peer exactly as the shared blocks hold it (no
+    /// policy, no routes), so its full netmap is assembled from them whole.
     pub fn sees_all_shared(&self, viewer: &Node) -> bool {
         self.0.is_none() && viewer.approved
     }

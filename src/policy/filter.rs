@@ -486,10 +486,6 @@ pub fn via_rules(
         .collect()
 }
 
-pub fn is_exit(net: &IpNet) -> bool {
-    net.prefix_len() == 0
-}
-
 pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
@@ -556,7 +552,7 @@ pub fn reduce_prepared(
             .filter(|(_, set)| {
                 me.in_set(set)
                     || me.subnets.iter().any(|s| set.overlaps_net(s))
-                    || (me.is_exit() && set.is_subset_of(&internet))
+                    || (me.is_exit() && set.is_subset_of(internet))
             })
             .map(|(d, _)| d.clone())
             .collect();

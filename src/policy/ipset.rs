@@ -300,11 +300,6 @@ fn range_string(v4: bool, a: u128, b: u128) -> String {
     format!("{}-{}", addr(v4, a), addr(v4, b))
 }
 
-/// An IP or prefix as a single-family prefix (`/32` or `/128` for an address).
-pub fn host_net(ip: IpAddr) -> IpNet {
-    IpNet::from(ip)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,6 +48,8 @@ pub struct Compiled {
     ssh: Vec<OnceLock<Vec<Value>>>,
     attrs: Vec<Vec<String>>,
     fingerprints: Vec<OnceLock<(u64, u64)>>,
+    /// See `first_via_routers`.
+    via_first: Vec<HashMap<IpNet, usize>>,
 }
 
 /// Which global rules a node is a source or destination of, which `autogroup:self`
@@ -126,9 +128,11 @@ impl Compiled {
             fingerprints: nodes.iter().map(|_| OnceLock::new()).collect(),
             nodes,
             attrs: Vec::new(),
+            via_first: Vec::new(),
         };
         compiled.membership = compiled.memberships();
         compiled.attrs = compiled.all_node_attrs();
+        compiled.via_first = compiled.first_via_routers();
         Ok(compiled)
     }
 
@@ -187,11 +191,6 @@ impl Compiled {
 
     pub fn routes(&self, i: usize) -> &NodeRoutes {
         &self.routes[i]
-    }
-
-    /// Whether the policy allows everything (no `acls`, no `grants`).
-    pub fn allows_all(&self) -> bool {
-        self.policy.default_allow
     }
 
     /// Node `i`'s filter and matchers.
@@ -288,7 +287,7 @@ impl Compiled {
                 continue;
             }
             allowed.push(*r);
-            if !filter::is_exit(r) {
+            if !tailnet::is_exit_route(r) {
                 primary.push(*r);
             }
         }
@@ -298,17 +297,9 @@ impl Compiled {
         }
     }
 
-    /// The routes of node `j` that `via` grant `g` steers through it (its approved
-    /// subnets overlapping the grant's destinations; its exit routes for
-    /// `autogroup:internet`), if `j` carries one of the grant's tags.
-    fn via_routes(&self, g: &CompiledGrant, via: &filter::ViaPart, j: usize) -> Vec<IpNet> {
-        if !via
-            .tags
-            .iter()
-            .any(|t| self.tailnet.nodes[j].tags.contains(t))
-        {
-            return Vec::new();
-        }
+    /// Node `j`'s routes that `via` grant `g` names: its approved subnets overlapping the
+    /// grant's destinations, its exit routes for `autogroup:internet`.
+    fn routes_named(&self, g: &CompiledGrant, via: &filter::ViaPart, j: usize) -> Vec<IpNet> {
         let r = &self.routes[j];
         let mut out: Vec<IpNet> = r
             .subnets
@@ -322,30 +313,51 @@ impl Compiled {
         out
     }
 
+    /// The routes `via` grant `g` steers through node `j`: those it names, if `j` carries
+    /// one of the grant's tags.
+    fn via_routes(&self, g: &CompiledGrant, via: &filter::ViaPart, j: usize) -> Vec<IpNet> {
+        let tagged = via
+            .tags
+            .iter()
+            .any(|t| self.tailnet.nodes[j].tags.contains(t));
+        if tagged {
+            self.routes_named(g, via, j)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Per `via` grant: each steered subnet route's first online router in registration
+    /// order (the one viewers are sent to), shared by every viewer.
+    fn first_via_routers(&self) -> Vec<HashMap<IpNet, usize>> {
+        self.grants
+            .iter()
+            .map(|g| {
+                let mut first = HashMap::new();
+                if let Some(via) = &g.via {
+                    for k in (0..self.routes.len()).filter(|&k| self.tailnet.nodes[k].online) {
+                        for r in self.via_routes(g, via, k) {
+                            first.entry(r).or_insert(k);
+                        }
+                    }
+                }
+                first
+            })
+            .collect()
+    }
+
     /// Routes through peer `j` that `via` grants steer viewer `i` to (include) or away
     /// from (exclude: another router is named, or this one is not the first of them).
     fn via_steering(&self, i: usize, j: usize) -> (Vec<IpNet>, Vec<IpNet>) {
         let (mut include, mut exclude) = (Vec::new(), Vec::new());
         let viewer = &self.routes[i];
         let applies = |g: &CompiledGrant| viewer.in_set(&g.srcs);
-        for g in self.grants.iter().filter(|g| applies(g)) {
+        for (k, g) in self.grants.iter().enumerate().filter(|(_, g)| applies(g)) {
             let Some(via) = &g.via else { continue };
-            let peer = &self.routes[j];
-            let mut matched: Vec<IpNet> = peer
-                .subnets
-                .iter()
-                .filter(|s| g.dst_nets.iter().any(|d| filter::overlaps(d, s)))
-                .copied()
-                .collect();
-            if via.internet && peer.is_exit() {
-                matched.extend(peer.exits.iter().copied());
-            }
             let steered = self.via_routes(g, via, j);
-            for r in matched {
-                let first = (0..self.routes.len()).find(|&k| {
-                    self.tailnet.nodes[k].online && self.via_routes(g, via, k).contains(&r)
-                });
-                if steered.contains(&r) && (filter::is_exit(&r) || first == Some(j)) {
+            for r in self.routes_named(g, via, j) {
+                let first = self.via_first[k].get(&r) == Some(&j);
+                if steered.contains(&r) && (tailnet::is_exit_route(&r) || first) {
                     include.push(r);
                 } else {
                     exclude.push(r);

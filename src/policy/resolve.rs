@@ -3,6 +3,7 @@
 //! they say.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use ipnet::IpNet;
 
@@ -12,32 +13,38 @@ use super::tailnet::Tailnet;
 
 /// The Tailscale address ranges: 100.64.0.0/10 without ChromeOS's VM range, and
 /// fd7a:115c:a1e0::/48. What `*` means as a source.
-pub fn tailnet_ranges() -> IpSet {
-    let mut s = IpSet::new();
-    s.add_net(&net("100.64.0.0/10"));
-    s.add_net(&net("fd7a:115c:a1e0::/48"));
-    s.remove_net(&net("100.115.92.0/23"));
-    s
+pub fn tailnet_ranges() -> &'static IpSet {
+    static RANGES: LazyLock<IpSet> = LazyLock::new(|| {
+        let mut s = IpSet::new();
+        s.add_net(&net("100.64.0.0/10"));
+        s.add_net(&net("fd7a:115c:a1e0::/48"));
+        s.remove_net(&net("100.115.92.0/23"));
+        s
+    });
+    &RANGES
 }
 
 /// Public address space: what `autogroup:internet` names and exit nodes carry.
-pub fn the_internet() -> IpSet {
-    let mut s = IpSet::new();
-    s.add_net(&net("0.0.0.0/0"));
-    s.add_net(&net("2000::/3"));
-    for private in [
-        "fc00::/7",
-        "10.0.0.0/8",
-        "172.16.0.0/12",
-        "192.168.0.0/16",
-        "fd7a:115c:a1e0::/48",
-        "100.64.0.0/10",
-        "fe80::/10",
-        "169.254.0.0/16",
-    ] {
-        s.remove_net(&net(private));
-    }
-    s
+pub fn the_internet() -> &'static IpSet {
+    static INTERNET: LazyLock<IpSet> = LazyLock::new(|| {
+        let mut s = IpSet::new();
+        s.add_net(&net("0.0.0.0/0"));
+        s.add_net(&net("2000::/3"));
+        for private in [
+            "fc00::/7",
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "fd7a:115c:a1e0::/48",
+            "100.64.0.0/10",
+            "fe80::/10",
+            "169.254.0.0/16",
+        ] {
+            s.remove_net(&net(private));
+        }
+        s
+    });
+    &INTERNET
 }
 
 fn net(s: &str) -> IpNet {
@@ -94,7 +101,7 @@ impl<'a> Resolver<'a> {
     /// to nothing here.
     pub fn resolve(&self, alias: &Alias) -> IpSet {
         match alias {
-            Alias::Wildcard => tailnet_ranges(),
+            Alias::Wildcard => tailnet_ranges().clone(),
             Alias::User(token) => {
                 let ids: std::collections::HashSet<u64> = self
                     .tailnet
@@ -119,7 +126,7 @@ impl<'a> Resolver<'a> {
                 .unwrap_or_default(),
             Alias::Prefix(n) => IpSet::from_nets([*n]),
             Alias::AutoGroup(ag) => match ag {
-                AutoGroup::Internet => the_internet(),
+                AutoGroup::Internet => the_internet().clone(),
                 AutoGroup::Member => self.node_ips(|n| !n.is_tagged()),
                 AutoGroup::Tagged => self.node_ips(|n| n.is_tagged()),
                 AutoGroup::DangerAll => IpSet::all(),

@@ -124,12 +124,7 @@ impl MapContext<'_> {
     pub fn peer_json_for(&self, access: &Access, viewer: &Node, peer: &Node) -> Option<RawJson> {
         let routes = access.peer_routes(viewer, peer)?;
         let mut json = self.node_json(peer, false);
-        json.allowed_ips = routes.allowed_ips.iter().map(ToString::to_string).collect();
-        json.primary_routes = routes
-            .primary_routes
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        with_routes(&mut json, &routes);
         Some(raw(&json))
     }
 
@@ -138,12 +133,7 @@ impl MapContext<'_> {
         let mut json = self.node_json(node, true);
         let access = self.access();
         if let Some(routes) = access.self_routes(node) {
-            json.allowed_ips = routes.allowed_ips.iter().map(ToString::to_string).collect();
-            json.primary_routes = routes
-                .primary_routes
-                .iter()
-                .map(ToString::to_string)
-                .collect();
+            with_routes(&mut json, &routes);
         }
         for attr in access.node_attrs(node) {
             json.cap_map.entry(attr).or_insert(Value::Null);
@@ -297,6 +287,13 @@ impl MapContext<'_> {
             ..Default::default()
         })
     }
+}
+
+/// A node's `AllowedIPs` and `PrimaryRoutes` as one viewer (or itself) sees them.
+fn with_routes(json: &mut NodeJson, routes: &crate::policy::PeerRoutes) {
+    let strings = |nets: &[ipnet::IpNet]| nets.iter().map(ToString::to_string).collect();
+    json.allowed_ips = strings(&routes.allowed_ips);
+    json.primary_routes = strings(&routes.primary_routes);
 }
 
 /// Encodes a value once, to be embedded in many messages.
