@@ -67,6 +67,18 @@ pub enum Target {
     Delete { id: u64 },
 }
 
+impl Target {
+    /// The kind of write, as the report names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Join { .. } => "join",
+            Target::Endpoint { .. } => "endpoints",
+            Target::Offline { .. } => "offline",
+            Target::Delete { .. } => "delete",
+        }
+    }
+}
+
 /// One probe: when each client first saw its target.
 pub struct Probe {
     pub target: Target,

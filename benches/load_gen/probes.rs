@@ -53,8 +53,12 @@ async fn probe<F: std::future::Future<Output = anyhow::Result<()>>>(
     let seen = wait_seen(&probe, n).await;
     fleet.events.end_probe();
     out.missed += n - seen;
-    out.latencies
-        .extend(probe.latencies.lock().unwrap().iter().copied());
+    let latencies = probe.latencies.lock().unwrap();
+    out.latencies.extend(latencies.iter().copied());
+    out.by_kind
+        .entry(probe.target.kind())
+        .or_default()
+        .extend(latencies.iter().copied());
     Ok(())
 }
 

@@ -11,6 +11,8 @@ pub struct Propagation {
     pub latencies: Vec<Duration>,
     /// Client × probe pairs that never saw it within the probe timeout.
     pub missed: usize,
+    /// The same latencies by kind of write (join, endpoints, offline, delete).
+    pub by_kind: std::collections::BTreeMap<&'static str, Vec<Duration>>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -47,14 +49,30 @@ impl Propagation {
         let mut v = spread(&self.latencies, false);
         v["samples"] = json!(self.latencies.len());
         v["missed"] = json!(self.missed);
+        v["by_kind"] = self
+            .by_kind
+            .iter()
+            .map(|(kind, l)| (kind.to_string(), spread(l, false)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
         v
     }
 
     pub fn summary(&self) -> String {
         let v = self.json();
+        let kinds: Vec<String> = self
+            .by_kind
+            .keys()
+            .map(|k| format!("{k} p99 {} ms", v["by_kind"][*k]["p99"]))
+            .collect();
         format!(
-            "p50 {} ms, p99 {} ms, max {} ms over {} deliveries ({} missed)",
-            v["p50"], v["p99"], v["max"], v["samples"], v["missed"]
+            "p50 {} ms, p99 {} ms, max {} ms over {} deliveries ({} missed; {})",
+            v["p50"],
+            v["p99"],
+            v["max"],
+            v["samples"],
+            v["missed"],
+            kinds.join(", ")
         )
     }
 }

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use imbl::OrdMap;
+use imbl::ordmap::DiffItem;
 use ipnet::IpNet;
 use serde_json::{Value, json};
 
@@ -184,16 +185,18 @@ impl AccessCache {
     /// The access decisions for `view`. `check_url` is where SSH `check` actions call.
     pub fn access(&self, view: &Registry, presence: &Presence, check_url: &str) -> Access {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = slot.as_ref()
+        if let Some(c) = slot.as_mut()
             && c.policy == view.policy()
             && c.users.ptr_eq(view.user_map())
-            && c.nodes.ptr_eq(view.node_map())
+            && same_for_policy(&c.nodes, view.node_map())
             && c.access.0.as_ref().is_none_or(|m| {
                 m.routers
                     .iter()
                     .all(|(id, since)| presence.online_since(*id) == *since)
             })
         {
+            // Keep the newest map so the next comparison only walks what changed since.
+            c.nodes = view.node_map().clone();
             return c.access.clone();
         }
         // Without a policy or routes everyone sees everyone the same way: nothing to
@@ -213,6 +216,30 @@ impl AccessCache {
         });
         access
     }
+}
+
+/// Whether `new` differs from `old` only in what the engine does not read (key expiry,
+/// last seen, hostinfo beyond its routes…), so the compiled policy still holds. Walks
+/// only the changed entries: the maps share everything else.
+fn same_for_policy(old: &OrdMap<NodeId, Arc<Node>>, new: &OrdMap<NodeId, Arc<Node>>) -> bool {
+    old.ptr_eq(new)
+        || old.diff(new).all(|change| match change {
+            DiffItem::Update {
+                old: (_, a),
+                new: (_, b),
+            } => {
+                a.approved == b.approved
+                    && a.user == b.user
+                    && a.tags == b.tags
+                    && a.ipv4 == b.ipv4
+                    && a.ipv6 == b.ipv6
+                    && a.given_name == b.given_name
+                    && a.approved_routes == b.approved_routes
+                    && (a.hostinfo == b.hostinfo
+                        || advertised_routes(&a.hostinfo) == advertised_routes(&b.hostinfo))
+            }
+            DiffItem::Add(..) | DiffItem::Remove(..) => false,
+        })
 }
 
 /// Compiles the registry's policy. A stored policy that no longer compiles (it was
@@ -303,4 +330,117 @@ pub fn advertised_routes(hostinfo: &str) -> Vec<IpNet> {
         .into_iter()
         .map(|n| n.trunc())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::secrets::{self, SecretKind};
+    use crate::registry::*;
+
+    fn apply(registry: &mut Registry, command: Command) -> Outcome {
+        let mut applied = registry.apply(&Request::single(Timestamp(1_700_000_000_000), command));
+        applied.outcomes.remove(0)
+    }
+
+    /// A registry with a policy and two nodes of user `u`.
+    fn tailnet_of_two() -> (Registry, NodeId) {
+        let mut registry = Registry::new(ClusterSettings::default());
+        apply(&mut registry, Command::CreateUser { name: "u".into() });
+        apply(
+            &mut registry,
+            Command::SetPolicy {
+                policy: r#"{"acls": [{"action": "accept", "src": ["u@"], "dst": ["*:22"]}]}"#
+                    .into(),
+            },
+        );
+        let secret = secrets::generate(SecretKind::PreAuth);
+        apply(
+            &mut registry,
+            Command::CreatePreAuthKey {
+                user: "u".into(),
+                prefix: secret.prefix.clone(),
+                hash: secret.hash,
+                reusable: true,
+                ephemeral: false,
+                expiration: None,
+                tags: vec![],
+            },
+        );
+        let mut first = None;
+        for n in 1..=2u8 {
+            let out = apply(
+                &mut registry,
+                Command::RegisterNode {
+                    request: NodeRequest {
+                        machine_key: MachineKey([n; 32]),
+                        node_key: NodeKey([n + 100; 32]),
+                        hostname: format!("n{n}"),
+                        hostinfo: "{}".into(),
+                        request_tags: vec![],
+                        ephemeral: false,
+                    },
+                    auth: NodeAuth::PreAuthKey {
+                        prefix: secret.prefix.clone(),
+                        hash: secret.hash,
+                    },
+                    auto_approve: true,
+                    expiry: None,
+                },
+            );
+            let Outcome::Node(node) = out else {
+                panic!("{out:?}")
+            };
+            first.get_or_insert(node.id);
+        }
+        (registry, first.unwrap())
+    }
+
+    fn same(a: &Access, b: &Access) -> bool {
+        match (&a.0, &b.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn the_compiled_policy_is_kept_until_something_it_reads_changes() {
+        let (mut registry, id) = tailnet_of_two();
+        let presence = Presence::new(1);
+        let cache = AccessCache::default();
+        let first = cache.access(&registry, &presence, "");
+        assert!(first.has_policy());
+
+        // Last seen and hostinfo without routes: the engine reads neither.
+        apply(&mut registry, Command::SetLastSeen { id });
+        let info = |routes: &str| Command::UpdateNodeInfo {
+            id,
+            hostname: "n1".into(),
+            hostinfo: format!(r#"{{"OS":"linux","RoutableIPs":[{routes}]}}"#),
+            disco_key: DiscoKey([9; 32]),
+        };
+        apply(&mut registry, info(""));
+        let again = cache.access(&registry, &presence, "");
+        assert!(
+            same(&first, &again),
+            "recompiled for a change it does not read"
+        );
+
+        // A route advertised, a rename: both feed the engine.
+        apply(&mut registry, info(r#""10.9.0.0/16""#));
+        let routed = cache.access(&registry, &presence, "");
+        assert!(
+            !same(&again, &routed),
+            "a new advertised route was not compiled"
+        );
+        apply(
+            &mut registry,
+            Command::RenameNode {
+                id,
+                name: "renamed".into(),
+            },
+        );
+        let renamed = cache.access(&registry, &presence, "");
+        assert!(!same(&routed, &renamed), "a rename was not compiled");
+    }
 }
