@@ -156,6 +156,16 @@ fn bench(c: &mut Criterion) {
                 netmap(&compiled, 17)
             })
         });
+        // What a member does for one change across its sessions: every node's filter and
+        // SSH fingerprint (sessions compare them to decide what to send).
+        group.bench_with_input(BenchmarkId::new("every_node", size), &size, |b, _| {
+            b.iter(|| {
+                let compiled = Compiled::new(policy.clone(), net.clone(), "https://hsd").unwrap();
+                (0..size as usize)
+                    .map(|i| compiled.fingerprint(i).0)
+                    .fold(0u64, u64::wrapping_add)
+            })
+        });
     }
     group.finish();
 }

@@ -1,6 +1,7 @@
 //! Grants (and ACLs, which are grants) to packet filter rules: compiled once per policy
 //! and tailnet, then reduced per node to the rules whose destination is that node.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -12,9 +13,12 @@ use super::resolve::{Resolver, the_internet};
 use super::tailnet::{NodeRoutes, Tailnet, approved_subnets};
 
 /// One `tailcfg.FilterRule`.
+/// A rule's `SrcIPs`, shared by every node whose filter holds the rule.
+pub type Sources = std::sync::Arc<[String]>;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct FilterRule {
-    pub src_ips: Vec<String>,
+    pub src_ips: Sources,
     pub dst_ports: Vec<(String, PortRange)>,
     pub ip_proto: Vec<u8>,
     pub cap_grant: Vec<CapGrant>,
@@ -30,7 +34,7 @@ impl FilterRule {
     /// The wire form (`SrcIPs`, `DstPorts`, `IPProto`, `CapGrant`).
     pub fn to_json(&self) -> Value {
         let mut m = Map::new();
-        m.insert("SrcIPs".into(), json!(self.src_ips));
+        m.insert("SrcIPs".into(), json!(&self.src_ips[..]));
         if !self.dst_ports.is_empty() {
             let ports: Vec<Value> = self
                 .dst_ports
@@ -54,6 +58,29 @@ impl FilterRule {
             m.insert("CapGrant".into(), Value::Array(grants));
         }
         Value::Object(m)
+    }
+
+    /// The rule with `dst_ports` in place of its own (the rest shared).
+    fn with_destinations(&self, dst_ports: Vec<(String, PortRange)>) -> FilterRule {
+        FilterRule {
+            src_ips: self.src_ips.clone(),
+            dst_ports,
+            ip_proto: self.ip_proto.clone(),
+            cap_grant: Vec::new(),
+        }
+    }
+
+    /// Feeds everything the wire form holds to `h`: a fingerprint without building JSON.
+    pub fn hash_into(&self, h: &mut impl std::hash::Hasher) {
+        use std::hash::Hash;
+        self.src_ips.hash(h);
+        self.dst_ports.hash(h);
+        self.ip_proto.hash(h);
+        self.cap_grant.len().hash(h);
+        for g in &self.cap_grant {
+            g.dsts.hash(h);
+            Value::Object(g.cap_map.clone()).to_string().hash(h);
+        }
     }
 
     /// Every source and destination address of the rule, for visibility checks.
@@ -140,7 +167,7 @@ pub struct ViaPart {
     pub tags: Vec<String>,
     pub internet: bool,
     ip: Vec<ProtoPorts>,
-    src_ips: Vec<String>,
+    src_ips: Sources,
 }
 
 /// Capabilities whose grant implies a reverse one (the sharer side of Taildrive, the
@@ -166,7 +193,7 @@ fn compile_grant(g: &Grant, resolver: &Resolver, routes: &[NodeRoutes]) -> Optio
         return None;
     }
     let resolved: Vec<IpSet> = g.sources.iter().map(|s| resolver.resolve(s)).collect();
-    let src_ips = source_strings(g, &resolved, routes);
+    let src_ips: Sources = source_strings(g, &resolved, routes).into();
     let mut srcs = IpSet::new();
     for s in &resolved {
         srcs.union(s);
@@ -247,7 +274,7 @@ fn other_dest_rules(
     resolver: &Resolver,
     routes: &[NodeRoutes],
     resolved_srcs: &[IpSet],
-    src_ips: &[String],
+    src_ips: &Sources,
 ) -> Vec<FilterRule> {
     let mut rules = Vec::new();
     for pp in &g.ip {
@@ -263,7 +290,7 @@ fn other_dest_rules(
         }
         if !dst_ports.is_empty() && !src_ips.is_empty() {
             rules.push(FilterRule {
-                src_ips: src_ips.to_vec(),
+                src_ips: src_ips.clone(),
                 dst_ports,
                 ip_proto: pp.protos.clone(),
                 cap_grant: Vec::new(),
@@ -286,7 +313,7 @@ fn other_dest_rules(
         }
         let src_nets: Vec<IpNet> = resolved_srcs.iter().flat_map(IpSet::prefixes).collect();
         rules.push(FilterRule {
-            src_ips: src_ips.to_vec(),
+            src_ips: src_ips.clone(),
             dst_ports: Vec::new(),
             ip_proto: Vec::new(),
             cap_grant,
@@ -308,7 +335,7 @@ fn companion_rules(
             let mut cap_map = Map::new();
             cap_map.insert((*companion).to_string(), Value::Null);
             FilterRule {
-                src_ips: dst_strings.to_vec(),
+                src_ips: dst_strings.into(),
                 dst_ports: Vec::new(),
                 ip_proto: Vec::new(),
                 cap_grant: vec![CapGrant {
@@ -326,7 +353,7 @@ fn compile_via(
     g: &Grant,
     srcs: IpSet,
     dst_nets: Vec<IpNet>,
-    src_ips: Vec<String>,
+    src_ips: Sources,
 ) -> Option<CompiledGrant> {
     if srcs.is_empty() {
         return None;
@@ -366,8 +393,8 @@ pub fn global_rules(grants: &[CompiledGrant]) -> Vec<FilterRule> {
 /// user's devices are sources, and all of the user's addresses.
 pub struct SelfSources {
     src_set: IpSet,
-    src_ips: Vec<String>,
-    all_ips: Vec<String>,
+    src_ips: Sources,
+    all_ips: Sources,
 }
 
 impl SelfSources {
@@ -379,12 +406,13 @@ impl SelfSources {
                 .flat_map(|&j| routes[j].ips.iter().copied()),
         );
         SelfSources {
-            src_ips: src_set.strings(),
+            src_ips: src_set.strings().into(),
             src_set,
             all_ips: same
                 .iter()
                 .flat_map(|&j| routes[j].ips.iter().map(ToString::to_string))
-                .collect(),
+                .collect::<Vec<_>>()
+                .into(),
         }
     }
 }
@@ -493,8 +521,7 @@ pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
 /// Rules with the same sources and protocols become one, their destinations appended.
 pub fn merge(rules: Vec<FilterRule>) -> Vec<FilterRule> {
     let mut out: Vec<FilterRule> = Vec::with_capacity(rules.len());
-    let mut index: std::collections::HashMap<(Vec<String>, Vec<u8>), usize> =
-        std::collections::HashMap::new();
+    let mut index: HashMap<(Sources, Vec<u8>), usize> = HashMap::new();
     for rule in rules {
         if !rule.cap_grant.is_empty() {
             out.push(rule);
@@ -557,11 +584,81 @@ pub fn reduce_prepared(
             .map(|(d, _)| d.clone())
             .collect();
         if !dst_ports.is_empty() {
-            out.push(FilterRule {
-                dst_ports,
-                ..rule.clone()
-            });
+            out.push(rule.with_destinations(dst_ports));
         }
+    }
+    out
+}
+
+/// Where each address appears among the rules' destinations (rule, entry), so that
+/// reducing the rules for a node visits the entries that name it rather than all of them.
+pub struct DstIndex {
+    by_addr: HashMap<IpAddr, Vec<(u32, u32)>>,
+    /// Entries naming more than one address (`*`, prefixes, ranges).
+    wide: Vec<(u32, u32)>,
+    /// Capability rules: reduced by their own destinations.
+    caps: Vec<u32>,
+}
+
+impl DstIndex {
+    pub fn new(rules: &[FilterRule], dsts: &[Vec<IpSet>]) -> DstIndex {
+        let mut index = DstIndex {
+            by_addr: HashMap::new(),
+            wide: Vec::new(),
+            caps: Vec::new(),
+        };
+        for (r, (rule, sets)) in rules.iter().zip(dsts).enumerate() {
+            if !rule.cap_grant.is_empty() {
+                index.caps.push(r as u32);
+                continue;
+            }
+            for (e, set) in sets.iter().enumerate() {
+                let at = (r as u32, e as u32);
+                match set.single() {
+                    Some(ip) => index.by_addr.entry(ip).or_default().push(at),
+                    None => index.wide.push(at),
+                }
+            }
+        }
+        index
+    }
+}
+
+/// `reduce_prepared` through the index: the same rules for a node that routes nothing,
+/// in O(entries naming it). Routers take the full pass (their subnets match by overlap).
+pub fn reduce_indexed(
+    rules: &[FilterRule],
+    dsts: &[Vec<IpSet>],
+    index: &DstIndex,
+    me: &NodeRoutes,
+) -> Vec<FilterRule> {
+    if !me.subnets.is_empty() || me.is_exit() {
+        return reduce_prepared(rules, dsts, me);
+    }
+    let mut picked: Vec<(u32, u32)> = index
+        .wide
+        .iter()
+        .filter(|&&(r, e)| me.in_set(&dsts[r as usize][e as usize]))
+        .copied()
+        .collect();
+    for ip in &me.ips {
+        picked.extend(index.by_addr.get(ip).into_iter().flatten());
+    }
+    picked.extend(index.caps.iter().map(|&r| (r, 0)));
+    picked.sort_unstable();
+    picked.dedup();
+    let mut out = Vec::new();
+    for group in picked.chunk_by(|a, b| a.0 == b.0) {
+        let rule = &rules[group[0].0 as usize];
+        if !rule.cap_grant.is_empty() {
+            out.extend(reduce_cap_rule(rule, me));
+            continue;
+        }
+        let dst_ports = group
+            .iter()
+            .map(|&(_, e)| rule.dst_ports[e as usize].clone())
+            .collect();
+        out.push(rule.with_destinations(dst_ports));
     }
     out
 }
@@ -599,4 +696,69 @@ fn reduce_cap_rule(rule: &FilterRule, me: &NodeRoutes) -> Option<FilterRule> {
         ip_proto: Vec::new(),
         cap_grant,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(srcs: &[&str], dsts: &[&str]) -> FilterRule {
+        FilterRule {
+            src_ips: srcs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .into(),
+            dst_ports: dsts
+                .iter()
+                .map(|d| {
+                    (
+                        d.to_string(),
+                        PortRange {
+                            first: 22,
+                            last: 22,
+                        },
+                    )
+                })
+                .collect(),
+            ip_proto: vec![],
+            cap_grant: vec![],
+        }
+    }
+
+    #[test]
+    fn the_indexed_reduction_equals_the_full_pass() {
+        let mut cap = rule(&["100.64.0.9"], &[]);
+        cap.cap_grant = vec![CapGrant {
+            dsts: vec!["100.64.0.2/32".parse().unwrap()],
+            cap_map: Map::new(),
+        }];
+        let rules = vec![
+            rule(&["*"], &["100.64.0.1", "100.64.0.2", "fd7a:115c:a1e0::2"]),
+            rule(&["100.64.0.3"], &["*"]),
+            rule(&["100.64.0.4"], &["100.64.0.0/30", "100.64.0.5-100.64.0.7"]),
+            cap,
+            rule(&["100.64.0.5"], &["100.64.0.2", "100.64.0.6"]),
+        ];
+        let dsts = destinations(&rules);
+        let index = DstIndex::new(&rules, &dsts);
+        for last in 1..=9u8 {
+            let me = NodeRoutes {
+                ips: vec![
+                    IpAddr::from([100, 64, 0, last]),
+                    format!("fd7a:115c:a1e0::{last}").parse().unwrap(),
+                ],
+                subnets: vec![],
+                exits: vec![],
+                primary: vec![],
+            };
+            let full = reduce_prepared(&rules, &dsts, &me);
+            assert!(!full.is_empty());
+            assert_eq!(
+                reduce_indexed(&rules, &dsts, &index, &me),
+                full,
+                "node .{last}"
+            );
+        }
+    }
 }

@@ -212,6 +212,15 @@ impl IpSet {
         self.v4.0.is_empty() && self.v6.0.is_empty()
     }
 
+    /// The set's address when it holds exactly one.
+    pub fn single(&self) -> Option<IpAddr> {
+        match (&self.v4.0[..], &self.v6.0[..]) {
+            ([(a, b)], []) if a == b => Some(IpAddr::V4(std::net::Ipv4Addr::from(*a as u32))),
+            ([], [(a, b)]) if a == b => Some(IpAddr::V6(std::net::Ipv6Addr::from(*a))),
+            _ => None,
+        }
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         let (v4, x) = addr_bits(ip);
         if v4 {

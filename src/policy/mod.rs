@@ -37,6 +37,7 @@ pub struct Compiled {
     /// Rules every node shares before reduction, and their destinations parsed.
     global: Vec<FilterRule>,
     global_dsts: Vec<Vec<ipset::IpSet>>,
+    global_index: filter::DstIndex,
     global_matchers: Vec<Matcher>,
     /// Per grant with `autogroup:self` destinations: each user's side of it.
     self_sources: Vec<HashMap<u64, filter::SelfSources>>,
@@ -46,6 +47,8 @@ pub struct Compiled {
     check_url: String,
     nodes: Vec<OnceLock<NodeView>>,
     ssh: Vec<OnceLock<Vec<Value>>>,
+    /// The `ssh` section resolved once, on the first node's SSH rules.
+    ssh_prepared: OnceLock<ssh::PreparedSsh>,
     attrs: Vec<Vec<String>>,
     fingerprints: Vec<OnceLock<(u64, u64)>>,
     /// See `first_via_routers`.
@@ -94,6 +97,7 @@ impl Compiled {
             (routes, grants, global)
         };
         let per_node = filter::needs_per_node(&grants);
+        let global_dsts = filter::destinations(&global);
         let nodes: Vec<OnceLock<NodeView>> =
             (0..tailnet.nodes.len()).map(|_| OnceLock::new()).collect();
         let mut by_user: HashMap<u64, Vec<usize>> = HashMap::new();
@@ -118,13 +122,15 @@ impl Compiled {
             routes,
             grants,
             self_sources,
-            global_dsts: filter::destinations(&global),
+            global_index: filter::DstIndex::new(&global, &global_dsts),
+            global_dsts,
             global_matchers: global.iter().map(FilterRule::matcher).collect(),
             global,
             membership: Vec::new(),
             per_node,
             check_url: check_url.to_string(),
             ssh: nodes.iter().map(|_| OnceLock::new()).collect(),
+            ssh_prepared: OnceLock::new(),
             fingerprints: nodes.iter().map(|_| OnceLock::new()).collect(),
             nodes,
             attrs: Vec::new(),
@@ -198,9 +204,10 @@ impl Compiled {
         self.nodes[i].get_or_init(|| {
             if !self.per_node {
                 return NodeView {
-                    filter: filter::reduce_prepared(
+                    filter: filter::reduce_indexed(
                         &self.global,
                         &self.global_dsts,
+                        &self.global_index,
                         &self.routes[i],
                     ),
                     matchers: None,
@@ -210,7 +217,8 @@ impl Compiled {
             // `autogroup:self` and `via` rules. Self rules name only tailnet addresses, so
             // only `via` rules matter to route access (`matchers`).
             let me = &self.routes[i];
-            let mut rules = filter::reduce_prepared(&self.global, &self.global_dsts, me);
+            let mut rules =
+                filter::reduce_indexed(&self.global, &self.global_dsts, &self.global_index, me);
             let mut via_matchers = Vec::new();
             for (k, g) in self.grants.iter().enumerate() {
                 if let (Some(s), Some(u)) = (&g.self_part, self.owner(i))
@@ -404,13 +412,14 @@ impl Compiled {
     }
 
     /// Node `i`'s `SSHPolicy.rules` (empty without an `ssh` section).
-    pub fn ssh_rules(&self, i: usize) -> Vec<Value> {
-        self.ssh[i]
-            .get_or_init(|| {
+    pub fn ssh_rules(&self, i: usize) -> &[Value] {
+        self.ssh[i].get_or_init(|| {
+            let prepared = self.ssh_prepared.get_or_init(|| {
                 let resolver = Resolver::new(&self.policy, &self.tailnet);
-                ssh::ssh_rules(&self.policy, &resolver, &self.routes, i, &self.check_url)
-            })
-            .clone()
+                ssh::PreparedSsh::new(&self.policy, &resolver, &self.routes, &self.check_url)
+            });
+            prepared.rules_for(&self.tailnet, &self.routes, i)
+        })
     }
 
     /// Hashes of node `i`'s packet filter and SSH rules: a session compares them with what
@@ -418,21 +427,17 @@ impl Compiled {
     pub fn fingerprint(&self, i: usize) -> (u64, u64) {
         *self.fingerprints[i].get_or_init(|| {
             use std::hash::{Hash, Hasher};
-            let hash = |text: String| {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                text.hash(&mut h);
-                h.finish()
-            };
-            let filter: Vec<Value> = self
-                .node(i)
-                .filter
-                .iter()
-                .map(FilterRule::to_json)
-                .collect();
-            (
-                hash(Value::Array(filter).to_string()),
-                hash(Value::Array(self.ssh_rules(i)).to_string()),
-            )
+            let mut filter = std::collections::hash_map::DefaultHasher::new();
+            let rules = &self.node(i).filter;
+            rules.len().hash(&mut filter);
+            for rule in rules {
+                rule.hash_into(&mut filter);
+            }
+            let mut ssh = std::collections::hash_map::DefaultHasher::new();
+            serde_json::to_string(self.ssh_rules(i))
+                .unwrap_or_default()
+                .hash(&mut ssh);
+            (filter.finish(), ssh.finish())
         })
     }
 

@@ -93,7 +93,7 @@ pub fn parse_prefix(s: &str) -> Option<IpNet> {
     Some(net.trunc())
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PortRange {
     pub first: u16,
     pub last: u16,

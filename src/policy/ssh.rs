@@ -204,98 +204,140 @@ fn localpart_domain(user: &str) -> Option<&str> {
     user.strip_prefix("localpart:*@").filter(|d| !d.is_empty())
 }
 
-/// `SSHPolicy.rules` for node `i`, as JSON. `check_url` is the control server's base URL.
-pub fn ssh_rules(
-    policy: &Policy,
-    resolver: &Resolver,
-    routes: &[NodeRoutes],
-    i: usize,
-    check_url: &str,
-) -> Vec<Value> {
-    let tailnet = resolver.tailnet;
-    let me = &tailnet.nodes[i];
-    let mut rules = Vec::new();
-    for rule in &policy.ssh {
-        let srcs = resolver.resolve_all(&rule.sources);
-        if srcs.is_empty() {
-            continue;
-        }
-        let action = match rule.action {
-            SshAction::Accept => json!({
-                "accept": true,
-                "allowAgentForwarding": true,
-                "allowLocalPortForwarding": true,
-                "allowRemotePortForwarding": true,
-            }),
-            SshAction::Check => json!({
-                "holdAndDelegate": format!(
-                    "{check_url}/machine/ssh/action/$SRC_NODE_ID/to/$DST_NODE_ID?local_user=$LOCAL_USER"
-                ),
-            }),
-        };
-        let users = UserMap::new(rule, tailnet);
-        let (by_user, tagged) = principals_by_user(tailnet, routes, &srcs);
-        let mut emit = |principals: &[String], user: Option<u64>| {
-            rules.push(rule_json(
-                principals,
-                users.base.clone(),
-                &action,
-                &rule.accept_env,
-            ));
-            if let Some(lp) = user.and_then(|u| users.localpart.get(&u)) {
-                let map = BTreeMap::from([(lp.clone(), lp.clone())]);
-                rules.push(rule_json(principals, map, &action, &rule.accept_env));
-            }
-        };
-        let has_self = rule
-            .dests
+/// The `ssh` section resolved against one tailnet: every rule's sources, destinations and
+/// principals, computed once per compile so that each node's rules cost only its own.
+pub struct PreparedSsh {
+    rules: Vec<PreparedRule>,
+}
+
+struct PreparedRule {
+    srcs: IpSet,
+    /// Destinations other than `autogroup:self`, if any.
+    others: Option<IpSet>,
+    has_self: bool,
+    action: Value,
+    users: UserMap,
+    by_user: BTreeMap<u64, Vec<String>>,
+    tagged: Vec<String>,
+    accept_env: Vec<String>,
+}
+
+impl PreparedSsh {
+    /// `check_url` is the control server's base URL (where `check` actions call).
+    pub fn new(
+        policy: &Policy,
+        resolver: &Resolver,
+        routes: &[NodeRoutes],
+        check_url: &str,
+    ) -> Self {
+        let tailnet = resolver.tailnet;
+        let rules = policy
+            .ssh
             .iter()
-            .any(|d| d.is_autogroup(AutoGroup::SelfDevices));
-        if has_self
-            && !me.is_tagged()
-            && let Some(u) = me.user
-            && let Some(p) = by_user.get(&u)
-        {
-            emit(p, Some(u));
-        }
-        let others: Vec<Alias> = rule
-            .dests
-            .iter()
-            .filter(|d| !d.is_autogroup(AutoGroup::SelfDevices))
-            .cloned()
+            .filter_map(|rule| {
+                let srcs = resolver.resolve_all(&rule.sources);
+                if srcs.is_empty() {
+                    return None;
+                }
+                let others: Vec<Alias> = rule
+                    .dests
+                    .iter()
+                    .filter(|d| !d.is_autogroup(AutoGroup::SelfDevices))
+                    .cloned()
+                    .collect();
+                let (by_user, tagged) = principals_by_user(tailnet, routes, &srcs);
+                Some(PreparedRule {
+                    others: (!others.is_empty()).then(|| resolver.resolve_all(&others)),
+                    has_self: others.len() < rule.dests.len(),
+                    srcs,
+                    action: action_json(rule.action, check_url),
+                    users: UserMap::new(rule, tailnet),
+                    by_user,
+                    tagged,
+                    accept_env: rule.accept_env.clone(),
+                })
+            })
             .collect();
-        if others.is_empty() {
-            continue;
-        }
-        let dsts = resolver.resolve_all(&others);
-        if routes[i].in_set(&dsts) {
-            if users.localpart.is_empty() {
-                let all: Vec<String> = by_user.values().flatten().chain(&tagged).cloned().collect();
-                if !all.is_empty() {
-                    emit(&all, None);
+        PreparedSsh { rules }
+    }
+
+    /// `SSHPolicy.rules` for node `i`, as JSON.
+    pub fn rules_for(&self, tailnet: &Tailnet, routes: &[NodeRoutes], i: usize) -> Vec<Value> {
+        let me = &tailnet.nodes[i];
+        let mut rules = Vec::new();
+        for rule in &self.rules {
+            let users = &rule.users;
+            let mut emit = |principals: &[String], user: Option<u64>| {
+                rules.push(rule_json(
+                    principals,
+                    users.base.clone(),
+                    &rule.action,
+                    &rule.accept_env,
+                ));
+                if let Some(lp) = user.and_then(|u| users.localpart.get(&u)) {
+                    let map = BTreeMap::from([(lp.clone(), lp.clone())]);
+                    rules.push(rule_json(principals, map, &rule.action, &rule.accept_env));
                 }
-            } else {
-                for (u, p) in &by_user {
-                    emit(p, Some(*u));
-                }
-                if !tagged.is_empty() {
-                    emit(&tagged, None);
-                }
-            }
-        } else if !users.localpart.is_empty() && routes[i].in_set(&srcs) {
-            if me.is_tagged() {
-                let own: Vec<String> = routes[i].ips.iter().map(ToString::to_string).collect();
-                emit(&own, None);
-            } else if let Some(u) = me.user
+            };
+            let by_user = &rule.by_user;
+            if rule.has_self
+                && !me.is_tagged()
+                && let Some(u) = me.user
                 && let Some(p) = by_user.get(&u)
             {
                 emit(p, Some(u));
             }
+            let Some(dsts) = &rule.others else { continue };
+            if routes[i].in_set(dsts) {
+                if users.localpart.is_empty() {
+                    let all: Vec<String> = by_user
+                        .values()
+                        .flatten()
+                        .chain(&rule.tagged)
+                        .cloned()
+                        .collect();
+                    if !all.is_empty() {
+                        emit(&all, None);
+                    }
+                } else {
+                    for (u, p) in by_user {
+                        emit(p, Some(*u));
+                    }
+                    if !rule.tagged.is_empty() {
+                        emit(&rule.tagged, None);
+                    }
+                }
+            } else if !users.localpart.is_empty() && routes[i].in_set(&rule.srcs) {
+                if me.is_tagged() {
+                    let own: Vec<String> = routes[i].ips.iter().map(ToString::to_string).collect();
+                    emit(&own, None);
+                } else if let Some(u) = me.user
+                    && let Some(p) = by_user.get(&u)
+                {
+                    emit(p, Some(u));
+                }
+            }
         }
+        // Check rules come first: the most restrictive match wins.
+        rules.sort_by_key(|r| r["action"].get("holdAndDelegate").is_none());
+        rules
     }
-    // Check rules come first: the most restrictive match wins.
-    rules.sort_by_key(|r| r["action"].get("holdAndDelegate").is_none());
-    rules
+}
+
+fn action_json(action: SshAction, check_url: &str) -> Value {
+    match action {
+        SshAction::Accept => json!({
+            "accept": true,
+            "allowAgentForwarding": true,
+            "allowLocalPortForwarding": true,
+            "allowRemotePortForwarding": true,
+        }),
+        SshAction::Check => json!({
+            "holdAndDelegate": format!(
+                "{check_url}/machine/ssh/action/$SRC_NODE_ID/to/$DST_NODE_ID?local_user=$LOCAL_USER"
+            ),
+        }),
+    }
 }
 
 fn rule_json(
