@@ -51,6 +51,8 @@ pub struct ControlClient {
     host: String,
     /// The hostname last registered, repeated in map requests' Hostinfo.
     hostname: String,
+    /// Routes offered in every Hostinfo (`RoutableIPs`), as a subnet router does.
+    routes: Vec<String>,
     sender: h2::client::SendRequest<Bytes>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -142,6 +144,7 @@ impl ControlClient {
         Ok(ControlClient {
             host: addr.to_string(),
             hostname: String::new(),
+            routes: Vec::new(),
             sender,
             tasks: vec![conn],
         })
@@ -185,6 +188,20 @@ impl ControlClient {
         self.hostname = hostname.to_string();
     }
 
+    /// Advertises `routes` (CIDRs) in every later Hostinfo, as `--advertise-routes` does.
+    pub fn advertise_routes(&mut self, routes: &[&str]) {
+        self.routes = routes.iter().map(ToString::to_string).collect();
+    }
+
+    /// The Hostinfo this client sends.
+    fn hostinfo(&self) -> Value {
+        let mut info = json!({ "Hostname": self.hostname, "OS": "linux" });
+        if !self.routes.is_empty() {
+            info["RoutableIPs"] = json!(self.routes);
+        }
+        info
+    }
+
     /// `/machine/register` with a pre-auth key; returns (HTTP status, response JSON or text).
     pub async fn register(
         &mut self,
@@ -192,17 +209,17 @@ impl ControlClient {
         auth_key: &str,
         hostname: &str,
     ) -> Result<(u16, Value), ClientError> {
+        self.hostname = hostname.to_string();
         let body = json!({
             "Version": CLIENT_VERSION,
             "NodeKey": node_key.to_text(),
             "OldNodeKey": NodeKey([0; 32]).to_text(),
             "Auth": { "AuthKey": auth_key },
-            "Hostinfo": { "Hostname": hostname, "OS": "linux" },
+            "Hostinfo": self.hostinfo(),
             "Expiry": "0001-01-01T00:00:00Z",
             "Followup": "",
             "Ephemeral": false,
         });
-        self.hostname = hostname.to_string();
         self.register_raw(&body).await
     }
 
@@ -214,14 +231,14 @@ impl ControlClient {
         new: &NodeKey,
         hostname: &str,
     ) -> Result<(u16, Value), ClientError> {
+        self.hostname = hostname.to_string();
         let body = json!({
             "Version": CLIENT_VERSION,
             "NodeKey": new.to_text(),
             "OldNodeKey": old.to_text(),
-            "Hostinfo": { "Hostname": hostname, "OS": "linux" },
+            "Hostinfo": self.hostinfo(),
             "Expiry": "0001-01-01T00:00:00Z",
         });
-        self.hostname = hostname.to_string();
         self.register_raw(&body).await
     }
 
@@ -261,7 +278,7 @@ impl ControlClient {
             "Stream": true,
             "KeepAlive": true,
             "Compress": if zstd { "zstd" } else { "" },
-            "Hostinfo": { "Hostname": self.hostname, "OS": "linux" },
+            "Hostinfo": self.hostinfo(),
             "Endpoints": [endpoint],
             "EndpointTypes": [1],
         });
@@ -292,7 +309,7 @@ impl ControlClient {
             "DiscoKey": disco_key.to_text(),
             "Stream": false,
             "OmitPeers": true,
-            "Hostinfo": { "Hostname": self.hostname, "OS": "linux" },
+            "Hostinfo": self.hostinfo(),
             "Endpoints": endpoints,
         });
         let (status, _) = self

@@ -5,7 +5,11 @@
 use std::io::Write;
 use std::time::Duration;
 
-use crate::harness::{ClusterOpts, TestCluster, TsClient, http_request, ipv4, wait_for};
+use hsd::control::client::{ControlClient, MapStream, keypair};
+use hsd::registry::{DiscoKey, NodeKey};
+use serde_json::Value;
+
+use crate::harness::{ClusterOpts, TestCluster, TsClient, http_request, ipv4, rt, wait_for};
 
 const JOIN: Duration = Duration::from_secs(60);
 
@@ -261,4 +265,168 @@ fn a_policy_file_is_followed() {
     let set = c.hsctl(1, &["policy", "set", "--file", &path]);
     assert!(!set.status.success());
     assert!(String::from_utf8_lossy(&set.stderr).contains("policy.mode is file"));
+}
+
+/// A node speaking ts2021 through the project's own client, kept streaming.
+struct Streaming {
+    machine: [u8; 32],
+    node: NodeKey,
+    _control: ControlClient,
+    stream: MapStream,
+}
+
+/// Registers `name` through member `member` (advertising `routes`) and opens its stream.
+async fn stream_node(
+    c: &TestCluster,
+    member: u64,
+    key: &str,
+    name: &str,
+    routes: &[&str],
+) -> Streaming {
+    let (machine, node) = (keypair().0, NodeKey(keypair().1));
+    let mut control = connect(c, member, machine, routes).await;
+    let (status, resp) = control.register(&node, key, name).await.unwrap();
+    assert_eq!(status, 200, "{resp}");
+    open_stream(control, machine, node).await
+}
+
+/// An already registered node (its machine and node key) streaming through `member`.
+async fn reconnect(
+    c: &TestCluster,
+    member: u64,
+    machine: [u8; 32],
+    node: NodeKey,
+    name: &str,
+    routes: &[&str],
+) -> Streaming {
+    let mut control = connect(c, member, machine, routes).await;
+    control.set_hostname(name);
+    open_stream(control, machine, node).await
+}
+
+async fn connect(
+    c: &TestCluster,
+    member: u64,
+    machine: [u8; 32],
+    routes: &[&str],
+) -> ControlClient {
+    let addr = format!("{}:8080", c.members[(member - 1) as usize].ip);
+    let mut control = ControlClient::connect(&addr, &machine).await.unwrap();
+    control.advertise_routes(routes);
+    control
+}
+
+async fn open_stream(mut control: ControlClient, machine: [u8; 32], node: NodeKey) -> Streaming {
+    let mut stream = control
+        .map_stream(&node, &DiscoKey(keypair().1), "127.0.0.1:41641")
+        .await
+        .unwrap();
+    stream.next(JOIN).await.unwrap();
+    Streaming {
+        machine,
+        node,
+        _control: control,
+        stream,
+    }
+}
+
+/// The names of the peers in a full netmap that hold `route` as a primary route.
+fn primaries(netmap: &Value, route: &str) -> Vec<String> {
+    netmap["Peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            p["PrimaryRoutes"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r == route))
+        })
+        .filter_map(|p| p["Name"].as_str()?.split('.').next().map(String::from))
+        .collect()
+}
+
+/// The primary router of `route` as member `member` reports it (`nodes list-routes`).
+fn listed_primary(c: &TestCluster, member: u64, route: &str) -> Vec<String> {
+    let routes = c.hsctl_json(member, &["--local", "nodes", "list-routes"]);
+    routes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| {
+            n["primary_routes"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r == route))
+        })
+        .map(|n| n["name"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Two subnet routers advertise the same route, approved by `autoApprovers`; the first to
+/// come online is primary on every member. When the member holding its session is killed,
+/// the other becomes primary — in a viewer's netmap on another member and in every
+/// survivor's listing — and stays primary when the first comes back.
+#[test]
+fn ha_routers_fail_over_when_the_primary_member_dies() {
+    const ROUTE: &str = "10.77.0.0/24";
+    let mut c = TestCluster::start(3, ClusterOpts::default());
+    let key = c.user_with_key("ops", &["--reusable"]);
+    let policy = format!(
+        r#"{{"acls": [{{"action": "accept", "src": ["*"], "dst": ["*:*"]}}],
+            "autoApprovers": {{"routes": {{"{ROUTE}": ["ops@"]}}}}}}"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = policy_file(&dir, "ha.hujson", &policy);
+    c.hsctl_json(1, &["policy", "set", "--file", &file]);
+    let leader = c.wait_leader();
+    let mut others = (1..=3).filter(|i| *i != leader);
+    let (first_home, second_home) = (others.next().unwrap(), others.next().unwrap());
+
+    rt().block_on(async {
+        let first = stream_node(&c, first_home, &key, "router-a", &[ROUTE]).await;
+        wait_for("router-a primary", JOIN, || {
+            (listed_primary(&c, second_home, ROUTE) == ["router-a"]).then_some(())
+        });
+        let _second = stream_node(&c, second_home, &key, "router-b", &[ROUTE]).await;
+        let mut viewer = stream_node(&c, leader, &key, "viewer", &[]).await;
+        for member in 1..=3 {
+            let primary = wait_for("every member agrees", JOIN, || {
+                let p = listed_primary(&c, member, ROUTE);
+                (!p.is_empty()).then_some(p)
+            });
+            assert_eq!(primary, ["router-a"], "member {member}");
+        }
+
+        // The primary's member dies (kill -9): its session ends with it.
+        let (machine, node) = (first.machine, first.node);
+        drop(first);
+        c.member(first_home).kill();
+        let deadline = std::time::Instant::now() + JOIN;
+        let mut seen = Vec::new();
+        while seen != ["router-b"] {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(
+                !left.is_zero(),
+                "the viewer never saw router-b primary: {seen:?}"
+            );
+            let msg = viewer.stream.next(left).await.unwrap();
+            if msg.get("Peers").is_some() {
+                seen = primaries(&msg, ROUTE);
+            }
+        }
+        for member in [leader, second_home] {
+            let primary = wait_for("survivors agree", JOIN, || {
+                let p = listed_primary(&c, member, ROUTE);
+                (p == ["router-b"]).then_some(p)
+            });
+            assert_eq!(primary, ["router-b"]);
+        }
+
+        // router-a comes back through a survivor: router-b keeps the route.
+        let _back = reconnect(&c, leader, machine, node, "router-a", &[ROUTE]).await;
+        wait_for("router-a online again", JOIN, || {
+            c.node(leader, "router-a").filter(|n| n["online"] == true)
+        });
+        assert_eq!(listed_primary(&c, leader, ROUTE), ["router-b"]);
+        assert_eq!(listed_primary(&c, second_home, ROUTE), ["router-b"]);
+    });
 }
