@@ -105,6 +105,7 @@ fn policy_command(command: &PolicyCmd) -> ExitCode {
     let result = match command {
         PolicyCmd::Check { file } => read(file).and_then(|text| {
             hsd::policy::Policy::parse(&text)
+                .and_then(|p| hsd::policy::run_tests(&p, &Default::default()))
                 .map(|_| println!("policy ok"))
                 .map_err(|e| e.to_string())
         }),

@@ -277,10 +277,13 @@ fn compile(view: &Registry, presence: &Presence, check_url: &str) -> Access {
     })))
 }
 
-/// Checks `text` as a policy for the current tailnet, as `hsctl policy set` needs.
+/// Checks `text` as a policy for the current tailnet, as `hsctl policy set` needs: it
+/// parses, compiles, and passes its own `tests`.
 pub fn check(view: &Registry, presence: &Presence, text: &str) -> Result<(), policy::PolicyError> {
     let parsed = policy::Policy::parse(text)?;
-    Compiled::new(parsed, tailnet(view, presence), "").map(|_| ())
+    let tailnet = tailnet(view, presence);
+    policy::run_tests(&parsed, &tailnet)?;
+    Compiled::new(parsed, tailnet, "").map(|_| ())
 }
 
 /// The registry's approved nodes as the engine sees them, in registration (id) order.

@@ -7,6 +7,7 @@
 //! case. Compilation resolves every alias once; per-node answers are computed on demand
 //! and cached, so a node's netmap costs its own rules and peers, not the tailnet's.
 
+mod checks;
 pub mod eval;
 mod filter;
 pub mod ipset;
@@ -21,6 +22,7 @@ use std::sync::OnceLock;
 use ipnet::IpNet;
 use serde_json::Value;
 
+pub use checks::run as run_tests;
 pub use filter::FilterRule;
 pub use model::{Policy, PolicyError};
 pub use tailnet::{Node, NodeRoutes, Tailnet, User};
@@ -189,6 +191,11 @@ impl Compiled {
     fn owner(&self, i: usize) -> Option<u64> {
         let n = &self.tailnet.nodes[i];
         n.user.filter(|_| !n.is_tagged())
+    }
+
+    /// The rules every node shares, before reduction to a node.
+    pub(crate) fn global_rules(&self) -> &[FilterRule] {
+        &self.global
     }
 
     pub fn tailnet(&self) -> &Tailnet {

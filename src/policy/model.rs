@@ -158,6 +158,8 @@ pub struct Policy {
     pub exit_approvers: Vec<Alias>,
     pub ssh: Vec<SshRule>,
     pub node_attrs: Vec<NodeAttr>,
+    /// `tests`: checked before the policy is accepted (`checks::run`).
+    pub tests: Vec<super::checks::AclTest>,
 }
 
 const TOP_LEVEL: &[&str] = &[
@@ -242,6 +244,15 @@ impl Policy {
             let attr = policy.parse_node_attr(attr)?;
             policy.node_attrs.push(attr);
         }
+        for test in top
+            .get("tests")
+            .map(|v| list(v, "tests"))
+            .transpose()?
+            .unwrap_or(&[])
+        {
+            let test = policy.parse_test(test)?;
+            policy.tests.push(test);
+        }
         Ok(policy)
     }
 
@@ -265,7 +276,7 @@ impl Policy {
         })
     }
 
-    fn check_tag(&self, tag: &str) -> Result<(), PolicyError> {
+    pub(super) fn check_tag(&self, tag: &str) -> Result<(), PolicyError> {
         if self.tag_owners.contains_key(tag) {
             Ok(())
         } else {
@@ -273,7 +284,7 @@ impl Policy {
         }
     }
 
-    fn check_group(&self, group: &str) -> Result<(), PolicyError> {
+    pub(super) fn check_group(&self, group: &str) -> Result<(), PolicyError> {
         if self.groups.contains_key(group) {
             Ok(())
         } else {
@@ -281,7 +292,7 @@ impl Policy {
         }
     }
 
-    fn check_host(&self, host: &str) -> Result<(), PolicyError> {
+    pub(super) fn check_host(&self, host: &str) -> Result<(), PolicyError> {
         if self.hosts.contains_key(host) {
             Ok(())
         } else {
@@ -549,7 +560,7 @@ fn check_capability_name(name: &str) -> Result<(), PolicyError> {
 }
 
 /// `alias:ports`, splitting at the last colon (IPv6 in brackets allowed).
-fn split_dest(d: &str) -> Result<(String, Vec<PortRange>), PolicyError> {
+pub(super) fn split_dest(d: &str) -> Result<(String, Vec<PortRange>), PolicyError> {
     let mut input = d.to_string();
     if let Some(rest) = d.strip_prefix('[') {
         let Some((host, tail)) = rest.split_once(']') else {
@@ -648,7 +659,7 @@ const PROTOCOLS: &[(&str, u8)] = &[
 ];
 
 /// A protocol name or number as IANA numbers; empty for "any".
-fn parse_protocol(p: &str) -> Result<Vec<u8>, PolicyError> {
+pub(super) fn parse_protocol(p: &str) -> Result<Vec<u8>, PolicyError> {
     let lower = p.to_ascii_lowercase();
     if lower.is_empty() {
         return Ok(Vec::new());
@@ -786,7 +797,7 @@ pub(super) fn strings(v: Option<&Value>, what: &str) -> Result<Vec<String>, Poli
     }
 }
 
-fn scalar_string(v: &Value, what: &str) -> Result<String, PolicyError> {
+pub(super) fn scalar_string(v: &Value, what: &str) -> Result<String, PolicyError> {
     match v {
         Value::String(s) => Ok(s.clone()),
         Value::Number(n) => Ok(n.to_string()),

@@ -109,6 +109,13 @@ fn a_bad_policy_is_refused_and_changes_nothing() {
                 "acls": [{"action": "accept", "src": ["tag:a"], "dst": ["autogroup:self:*"]}]}"#,
             "autogroup:self can only be used with users, groups, or supported autogroups",
         ),
+        (
+            "failing-test",
+            r#"{"tagOwners": {"tag:web": ["alice@"]},
+                "acls": [{"action": "accept", "src": ["*"], "dst": ["tag:web:443"]}],
+                "tests": [{"src": "alice@", "accept": ["tag:web:443"], "deny": ["tag:web:443"]}]}"#,
+            r#"test(s) failed: "alice@" can reach "tag:web:443""#,
+        ),
     ] {
         let file = policy_file(&dir, name, text);
         for verb in ["set", "check"] {

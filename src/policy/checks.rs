@@ -1,0 +1,349 @@
+//! The policy's `tests`: assertions that a source may (`accept`) or may not (`deny`)
+//! reach destinations. A policy whose tests fail is refused, as Tailscale refuses it.
+//!
+//! Tests speak of identities, not devices: each user or tag a test names gets a stand-in
+//! device in a copy of the tailnet, the policy is compiled for that copy, and the stand-in
+//! destination's packet filter decides.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use serde_json::Value;
+
+use super::filter::parse_ip_text;
+use super::model::{Alias, Policy, PolicyError, PortRange, object, scalar_string, strings};
+use super::tailnet::{Node, Tailnet, User};
+use super::{Compiled, FilterRule};
+
+/// One entry of `tests`.
+#[derive(Clone, Debug)]
+pub struct AclTest {
+    /// As written, for messages.
+    src_text: String,
+    src: Alias,
+    proto: u8,
+    accept: Vec<Destination>,
+    deny: Vec<Destination>,
+}
+
+#[derive(Clone, Debug)]
+struct Destination {
+    text: String,
+    alias: Alias,
+    ports: Vec<PortRange>,
+}
+
+impl Policy {
+    pub(super) fn parse_test(&self, v: &Value) -> Result<AclTest, PolicyError> {
+        let obj = object(v, "tests entry")?;
+        let src_text = scalar_string(obj.get("src").unwrap_or(&Value::Null), "src")?;
+        if src_text.is_empty() {
+            return Err(PolicyError("test: src must be specified".into()));
+        }
+        let src = self.test_alias(&src_text)?;
+        let proto = match obj.get("proto") {
+            None => 6,
+            Some(p) => *super::model::parse_protocol(&scalar_string(p, "proto")?)?
+                .first()
+                .unwrap_or(&6),
+        };
+        let dests = |key: &str| -> Result<Vec<Destination>, PolicyError> {
+            strings(obj.get(key), key)?
+                .into_iter()
+                .map(|text| {
+                    let (host, ports) = super::model::split_dest(&text)?;
+                    Ok(Destination {
+                        alias: self.test_alias(&host)?,
+                        text,
+                        ports,
+                    })
+                })
+                .collect()
+        };
+        Ok(AclTest {
+            src_text,
+            src,
+            proto,
+            accept: dests("accept")?,
+            deny: dests("deny")?,
+        })
+    }
+
+    /// An alias a test may name: a user, group, tag, host or address (autogroups and
+    /// `*` name no one identity).
+    fn test_alias(&self, text: &str) -> Result<Alias, PolicyError> {
+        let alias = Alias::parse(text)?;
+        match &alias {
+            Alias::Tag(t) => self.check_tag(t)?,
+            Alias::Group(g) => self.check_group(g)?,
+            Alias::Host(h) => self.check_host(h)?,
+            Alias::User(_) | Alias::Prefix(_) => {}
+            Alias::Wildcard | Alias::AutoGroup(_) => {
+                return Err(PolicyError(format!(
+                    "test: {text:?} is not a user, group, tag, host or address"
+                )));
+            }
+        }
+        Ok(alias)
+    }
+}
+
+/// Runs the policy's tests against `tailnet`; the error lists every failed assertion.
+pub fn run(policy: &Policy, tailnet: &Tailnet) -> Result<(), PolicyError> {
+    if policy.tests.is_empty() {
+        return Ok(());
+    }
+    let mut stand_ins = StandIns::new(tailnet);
+    for t in &policy.tests {
+        stand_ins.add(policy, &t.src);
+        for d in t.accept.iter().chain(&t.deny) {
+            stand_ins.add(policy, &d.alias);
+        }
+    }
+    let compiled = Compiled::new(policy.clone(), stand_ins.tailnet.clone(), "")?;
+    let mut failed = Vec::new();
+    for t in &policy.tests {
+        let sources = stand_ins.addresses(policy, &t.src);
+        for (dests, want) in [(&t.accept, true), (&t.deny, false)] {
+            for d in dests {
+                let reached = d.ports.iter().all(|p| {
+                    [p.first, p.last].into_iter().all(|port| {
+                        sources.iter().all(|src| {
+                            stand_ins.reaches(policy, &compiled, *src, &d.alias, port, t.proto)
+                        })
+                    })
+                });
+                let some_reach = d.ports.iter().any(|p| {
+                    sources.iter().any(|src| {
+                        stand_ins.reaches(policy, &compiled, *src, &d.alias, p.first, t.proto)
+                    })
+                });
+                if want && !reached {
+                    failed.push(format!("{:?} cannot reach {:?}", t.src_text, d.text));
+                } else if !want && some_reach {
+                    failed.push(format!("{:?} can reach {:?}", t.src_text, d.text));
+                }
+            }
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(PolicyError(format!(
+            "test(s) failed: {}",
+            failed.join("; ")
+        )))
+    }
+}
+
+/// The tailnet plus a device for every user and tag the tests name.
+struct StandIns {
+    tailnet: Tailnet,
+    /// (alias, node index) of each stand-in.
+    nodes: Vec<(Alias, usize)>,
+    next_v4: u32,
+}
+
+impl StandIns {
+    fn new(tailnet: &Tailnet) -> Self {
+        StandIns {
+            tailnet: tailnet.clone(),
+            nodes: Vec::new(),
+            // Counting down from the top of 100.64.0.0/10, skipping taken addresses.
+            next_v4: u32::from(Ipv4Addr::new(100, 127, 255, 254)),
+        }
+    }
+
+    fn add(&mut self, policy: &Policy, alias: &Alias) {
+        if self.nodes.iter().any(|(a, _)| a == alias) {
+            return;
+        }
+        match alias {
+            Alias::User(name) => {
+                let user = self.user(name);
+                self.push(alias, Some(user), Vec::new());
+            }
+            Alias::Tag(tag) => self.push(alias, None, vec![tag.clone()]),
+            Alias::Group(g) => {
+                for member in policy.groups.get(g).into_iter().flatten() {
+                    self.add(policy, &Alias::User(member.clone()));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The tailnet user a test's `name@` or email means, added when the tailnet has none.
+    fn user(&mut self, token: &str) -> u64 {
+        let bare = token.strip_suffix('@').unwrap_or(token);
+        if let Some(u) = self
+            .tailnet
+            .users
+            .iter()
+            .find(|u| u.name == bare || (!u.email.is_empty() && u.email == bare))
+        {
+            return u.id;
+        }
+        let id = self.tailnet.users.iter().map(|u| u.id).max().unwrap_or(0) + 1;
+        self.tailnet.users.push(User {
+            id,
+            name: bare.to_string(),
+            email: if bare.contains('@') {
+                bare.to_string()
+            } else {
+                String::new()
+            },
+        });
+        id
+    }
+
+    fn push(&mut self, alias: &Alias, user: Option<u64>, tags: Vec<String>) {
+        let taken = |ip: Ipv4Addr, t: &Tailnet| t.nodes.iter().any(|n| n.ipv4 == Some(ip));
+        let mut v4 = Ipv4Addr::from(self.next_v4);
+        while taken(v4, &self.tailnet) {
+            self.next_v4 -= 1;
+            v4 = Ipv4Addr::from(self.next_v4);
+        }
+        self.next_v4 -= 1;
+        let index = self.tailnet.nodes.len();
+        let id = u64::MAX - index as u64;
+        self.tailnet.nodes.push(Node {
+            id,
+            name: format!("policy-test-{index}"),
+            user,
+            tags,
+            ipv4: Some(v4),
+            ipv6: Some(Ipv6Addr::from(
+                u128::from(Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0xffff, 0, 0, 0, 0))
+                    + u128::from(self.next_v4),
+            )),
+            advertised: Vec::new(),
+            approved: Vec::new(),
+            online: true,
+            online_since: 0,
+        });
+        self.nodes.push((alias.clone(), index));
+    }
+
+    fn node_of(&self, alias: &Alias) -> Option<usize> {
+        self.nodes.iter().find(|(a, _)| a == alias).map(|(_, i)| *i)
+    }
+
+    /// The IPv4 addresses a test source or destination stands for.
+    fn addresses(&self, policy: &Policy, alias: &Alias) -> Vec<IpAddr> {
+        match alias {
+            Alias::Group(g) => policy
+                .groups
+                .get(g)
+                .into_iter()
+                .flatten()
+                .flat_map(|m| self.addresses(policy, &Alias::User(m.clone())))
+                .collect(),
+            Alias::Host(h) => policy.hosts.get(h).map(|n| n.addr()).into_iter().collect(),
+            Alias::Prefix(n) => vec![n.addr()],
+            _ => self
+                .node_of(alias)
+                .and_then(|i| self.tailnet.nodes[i].ipv4)
+                .map(IpAddr::V4)
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// Whether `src` may open `proto` to `port` on every address `dst` stands for: by the
+    /// stand-in's own packet filter, or for plain addresses by the tailnet-wide rules.
+    fn reaches(
+        &self,
+        policy: &Policy,
+        compiled: &Compiled,
+        src: IpAddr,
+        dst: &Alias,
+        port: u16,
+        proto: u8,
+    ) -> bool {
+        let targets = self.addresses(policy, dst);
+        !targets.is_empty()
+            && targets.iter().all(|&ip| {
+                let rules: &[FilterRule] = match self
+                    .tailnet
+                    .nodes
+                    .iter()
+                    .position(|n| n.ipv4.map(IpAddr::V4) == Some(ip))
+                {
+                    Some(i) => &compiled.node(i).filter,
+                    None => compiled.global_rules(),
+                };
+                rules.iter().any(|r| r.allows(src, ip, port, proto))
+            })
+    }
+}
+
+impl FilterRule {
+    /// Whether the rule lets `src` open `proto` to `dst:port`. A rule without `IPProto`
+    /// covers TCP, UDP and ICMP.
+    pub fn allows(&self, src: IpAddr, dst: IpAddr, port: u16, proto: u8) -> bool {
+        let proto_ok = if self.ip_proto.is_empty() {
+            matches!(proto, 6 | 17 | 1 | 58)
+        } else {
+            self.ip_proto.contains(&proto)
+        };
+        proto_ok
+            && self.src_ips.iter().any(|s| parse_ip_text(s).contains(src))
+            && self
+                .dst_ports
+                .iter()
+                .any(|(d, p)| p.first <= port && port <= p.last && parse_ip_text(d).contains(dst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_text(text: &str) -> Result<(), PolicyError> {
+        run(&Policy::parse(text)?, &Tailnet::default())
+    }
+
+    const BASE: &str = r#"
+        "groups": {"group:eng": ["alice@", "bob@"]},
+        "tagOwners": {"tag:server": ["alice@"], "tag:web": ["alice@"]},
+        "hosts": {"db": "10.0.0.5"},
+        "acls": [
+            {"action": "accept", "src": ["alice@"], "dst": ["tag:server:22"]},
+            {"action": "accept", "src": ["group:eng"], "dst": ["tag:web:443", "db:5432"]},
+            {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
+            {"action": "accept", "proto": "udp", "src": ["tag:web"], "dst": ["tag:server:53"]},
+        ],"#;
+
+    #[test]
+    fn tests_that_hold_let_the_policy_in() {
+        let tests = r#""tests": [
+            {"src": "alice@", "accept": ["tag:server:22", "alice@:8080"], "deny": ["tag:server:80", "bob@:22"]},
+            {"src": "group:eng", "accept": ["tag:web:443", "db:5432"], "deny": ["10.0.0.6:5432"]},
+            {"src": "carol@", "deny": ["tag:web:443", "tag:server:22"]},
+            {"src": "tag:web", "proto": "udp", "accept": ["tag:server:53"]},
+            {"src": "tag:web", "deny": ["tag:server:53"]},
+        ]"#;
+        run_text(&format!("{{{BASE}{tests}}}")).unwrap();
+    }
+
+    #[test]
+    fn a_failing_test_refuses_the_policy_and_names_each_failure() {
+        let tests = r#""tests": [
+            {"src": "bob@", "accept": ["tag:server:22"]},
+            {"src": "alice@", "deny": ["tag:server:22"]},
+        ]"#;
+        let e = run_text(&format!("{{{BASE}{tests}}}")).unwrap_err().0;
+        assert!(e.starts_with("test(s) failed"), "{e}");
+        assert!(e.contains(r#""bob@" cannot reach "tag:server:22""#), "{e}");
+        assert!(e.contains(r#""alice@" can reach "tag:server:22""#), "{e}");
+    }
+
+    #[test]
+    fn a_test_naming_what_the_policy_does_not_define_is_refused() {
+        let tests = r#""tests": [{"src": "alice@", "accept": ["tag:nope:22"]}]"#;
+        let e = Policy::parse(&format!("{{{BASE}{tests}}}")).unwrap_err().0;
+        assert!(e.contains("tag not found"), "{e}");
+        let tests = r#""tests": [{"src": "*", "accept": ["tag:server:22"]}]"#;
+        assert!(Policy::parse(&format!("{{{BASE}{tests}}}")).is_err());
+    }
+}
