@@ -1,5 +1,6 @@
-//! The policy's `tests`: assertions that a source may (`accept`) or may not (`deny`)
-//! reach destinations. A policy whose tests fail is refused, as Tailscale refuses it.
+//! The policy's `tests` and `sshTests`: assertions that a source may (`accept`), may
+//! after a check (`check`, SSH only) or may not (`deny`) reach destinations, or log in as
+//! local users. A policy whose tests fail is refused, as Tailscale refuses it.
 //!
 //! Tests speak of identities, not devices: each user or tag a test names gets a stand-in
 //! device in a copy of the tailnet, the policy is compiled for that copy, and the stand-in
@@ -23,6 +24,25 @@ pub struct AclTest {
     proto: u8,
     accept: Vec<Destination>,
     deny: Vec<Destination>,
+}
+
+/// One entry of `sshTests`: local users `src` may log in as on each `dst`.
+#[derive(Clone, Debug)]
+pub struct SshTest {
+    src_text: String,
+    src: Alias,
+    dst: Vec<(String, Alias)>,
+    accept: Vec<String>,
+    check: Vec<String>,
+    deny: Vec<String>,
+}
+
+/// What an SSH rule set does with a login.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SshVerdict {
+    Accept,
+    Check,
+    Deny,
 }
 
 #[derive(Clone, Debug)]
@@ -68,6 +88,29 @@ impl Policy {
         })
     }
 
+    pub(super) fn parse_ssh_test(&self, v: &Value) -> Result<SshTest, PolicyError> {
+        let obj = object(v, "sshTests entry")?;
+        let src_text = scalar_string(obj.get("src").unwrap_or(&Value::Null), "src")?;
+        if src_text.is_empty() {
+            return Err(PolicyError("sshTest: src must be specified".into()));
+        }
+        let dst = strings(obj.get("dst"), "dst")?
+            .into_iter()
+            .map(|d| Ok((d.clone(), self.test_alias(&d)?)))
+            .collect::<Result<Vec<_>, PolicyError>>()?;
+        if dst.is_empty() {
+            return Err(PolicyError("sshTest: dst must be specified".into()));
+        }
+        Ok(SshTest {
+            src: self.test_alias(&src_text)?,
+            src_text,
+            dst,
+            accept: strings(obj.get("accept"), "accept")?,
+            check: strings(obj.get("check"), "check")?,
+            deny: strings(obj.get("deny"), "deny")?,
+        })
+    }
+
     /// An alias a test may name: a user, group, tag, host or address (autogroups and
     /// `*` name no one identity).
     fn test_alias(&self, text: &str) -> Result<Alias, PolicyError> {
@@ -89,7 +132,7 @@ impl Policy {
 
 /// Runs the policy's tests against `tailnet`; the error lists every failed assertion.
 pub fn run(policy: &Policy, tailnet: &Tailnet) -> Result<(), PolicyError> {
-    if policy.tests.is_empty() {
+    if policy.tests.is_empty() && policy.ssh_tests.is_empty() {
         return Ok(());
     }
     let mut stand_ins = StandIns::new(tailnet);
@@ -97,6 +140,12 @@ pub fn run(policy: &Policy, tailnet: &Tailnet) -> Result<(), PolicyError> {
         stand_ins.add(policy, &t.src);
         for d in t.accept.iter().chain(&t.deny) {
             stand_ins.add(policy, &d.alias);
+        }
+    }
+    for t in &policy.ssh_tests {
+        stand_ins.add(policy, &t.src);
+        for (_, d) in &t.dst {
+            stand_ins.add(policy, d);
         }
     }
     let compiled = Compiled::new(policy.clone(), stand_ins.tailnet.clone(), "")?;
@@ -125,6 +174,9 @@ pub fn run(policy: &Policy, tailnet: &Tailnet) -> Result<(), PolicyError> {
             }
         }
     }
+    for t in &policy.ssh_tests {
+        failed.extend(ssh_failures(t, policy, &stand_ins, &compiled));
+    }
     if failed.is_empty() {
         Ok(())
     } else {
@@ -133,6 +185,72 @@ pub fn run(policy: &Policy, tailnet: &Tailnet) -> Result<(), PolicyError> {
             failed.join("; ")
         )))
     }
+}
+
+/// What an `sshTests` entry expects and did not get.
+fn ssh_failures(
+    t: &SshTest,
+    policy: &Policy,
+    stand_ins: &StandIns,
+    compiled: &Compiled,
+) -> Vec<String> {
+    let sources = stand_ins.addresses(policy, &t.src);
+    let mut failed = Vec::new();
+    for (text, dst) in &t.dst {
+        let Some(j) = stand_ins.node_of(dst) else {
+            failed.push(format!("sshTest dst {text:?} is not a device"));
+            continue;
+        };
+        let rules = compiled.ssh_rules(j);
+        let expectations = [
+            (&t.accept, SshVerdict::Accept),
+            (&t.check, SshVerdict::Check),
+            (&t.deny, SshVerdict::Deny),
+        ];
+        for (users, want) in expectations {
+            for user in users {
+                for src in &sources {
+                    let got = ssh_verdict(rules, *src, user);
+                    if got != want {
+                        failed.push(format!(
+                            "ssh {:?} -> {text:?} as {user:?}: expected {want:?}, got {got:?}",
+                            t.src_text
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    failed
+}
+
+/// What the first SSH rule naming `src` and mapping `user` says (rules come ordered,
+/// check rules first). An empty mapping refuses the user; `*` covers any other.
+fn ssh_verdict(rules: &[Value], src: IpAddr, user: &str) -> SshVerdict {
+    let src = src.to_string();
+    for rule in rules {
+        let names_src = rule["principals"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["nodeIP"].as_str() == Some(src.as_str()) || p["any"] == true);
+        let users = &rule["sshUsers"];
+        let mapped = users
+            .get(user)
+            .or_else(|| users.get("*"))
+            .and_then(Value::as_str)
+            .is_some_and(|to| !to.is_empty());
+        if names_src && mapped {
+            return if rule["action"].get("holdAndDelegate").is_some() {
+                SshVerdict::Check
+            } else if rule["action"]["accept"] == true {
+                SshVerdict::Accept
+            } else {
+                SshVerdict::Deny
+            };
+        }
+    }
+    SshVerdict::Deny
 }
 
 /// The tailnet plus a device for every user and tag the tests name.
@@ -345,5 +463,38 @@ mod tests {
         assert!(e.contains("tag not found"), "{e}");
         let tests = r#""tests": [{"src": "*", "accept": ["tag:server:22"]}]"#;
         assert!(Policy::parse(&format!("{{{BASE}{tests}}}")).is_err());
+    }
+
+    const SSH: &str = r#"
+        "groups": {"group:eng": ["alice@", "bob@"]},
+        "tagOwners": {"tag:server": ["alice@"]},
+        "ssh": [
+            {"action": "accept", "src": ["alice@"], "dst": ["tag:server"], "users": ["ubuntu"]},
+            {"action": "check", "src": ["group:eng"], "dst": ["tag:server"], "users": ["root"]},
+            {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["autogroup:nonroot"]},
+        ],"#;
+
+    #[test]
+    fn ssh_tests_check_each_local_user_against_the_rules() {
+        let tests = r#""sshTests": [
+            {"src": "alice@", "dst": ["tag:server"], "accept": ["ubuntu"], "check": ["root"], "deny": ["admin"]},
+            {"src": "bob@", "dst": ["tag:server"], "check": ["root"], "deny": ["ubuntu"]},
+            {"src": "alice@", "dst": ["alice@"], "accept": ["alice", "anyone"], "deny": ["root"]},
+            {"src": "bob@", "dst": ["alice@"], "deny": ["alice", "root"]},
+        ]"#;
+        run_text(&format!("{{{SSH}{tests}}}")).unwrap();
+
+        let failing = r#""sshTests": [
+            {"src": "bob@", "dst": ["tag:server"], "accept": ["ubuntu", "root"]},
+        ]"#;
+        let e = run_text(&format!("{{{SSH}{failing}}}")).unwrap_err().0;
+        assert!(
+            e.contains(r#"ssh "bob@" -> "tag:server" as "ubuntu": expected Accept, got Deny"#),
+            "{e}"
+        );
+        assert!(
+            e.contains(r#"as "root": expected Accept, got Check"#),
+            "{e}"
+        );
     }
 }

@@ -160,6 +160,8 @@ pub struct Policy {
     pub node_attrs: Vec<NodeAttr>,
     /// `tests`: checked before the policy is accepted (`checks::run`).
     pub tests: Vec<super::checks::AclTest>,
+    /// `sshTests`: likewise.
+    pub ssh_tests: Vec<super::checks::SshTest>,
 }
 
 const TOP_LEVEL: &[&str] = &[
@@ -252,6 +254,15 @@ impl Policy {
         {
             let test = policy.parse_test(test)?;
             policy.tests.push(test);
+        }
+        for test in top
+            .get("sshTests")
+            .map(|v| list(v, "sshTests"))
+            .transpose()?
+            .unwrap_or(&[])
+        {
+            let test = policy.parse_ssh_test(test)?;
+            policy.ssh_tests.push(test);
         }
         Ok(policy)
     }
