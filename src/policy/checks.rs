@@ -210,7 +210,7 @@ fn ssh_failures(
         for (users, want) in expectations {
             for user in users {
                 for src in &sources {
-                    let got = ssh_verdict(rules, *src, user);
+                    let got = ssh_verdict(&rules, *src, user);
                     if got != want {
                         failed.push(format!(
                             "ssh {:?} -> {text:?} as {user:?}: expected {want:?}, got {got:?}",
@@ -226,7 +226,7 @@ fn ssh_failures(
 
 /// What the first SSH rule naming `src` and mapping `user` says (rules come ordered,
 /// check rules first). An empty mapping refuses the user; `*` covers any other.
-fn ssh_verdict(rules: &[Value], src: IpAddr, user: &str) -> SshVerdict {
+fn ssh_verdict(rules: &[&Value], src: IpAddr, user: &str) -> SshVerdict {
     let src = src.to_string();
     for rule in rules {
         let names_src = rule["principals"]

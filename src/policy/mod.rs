@@ -48,7 +48,7 @@ pub struct Compiled {
     per_node: bool,
     check_url: String,
     nodes: Vec<OnceLock<NodeView>>,
-    ssh: Vec<OnceLock<Vec<Value>>>,
+    ssh: Vec<OnceLock<Vec<std::sync::Arc<ssh::SshRuleJson>>>>,
     /// The `ssh` section resolved once, on the first node's SSH rules.
     ssh_prepared: OnceLock<ssh::PreparedSsh>,
     attrs: Vec<Vec<String>>,
@@ -419,7 +419,11 @@ impl Compiled {
     }
 
     /// Node `i`'s `SSHPolicy.rules` (empty without an `ssh` section).
-    pub fn ssh_rules(&self, i: usize) -> &[Value] {
+    pub fn ssh_rules(&self, i: usize) -> Vec<&Value> {
+        self.ssh_shared(i).iter().map(|r| &r.value).collect()
+    }
+
+    fn ssh_shared(&self, i: usize) -> &[std::sync::Arc<ssh::SshRuleJson>] {
         self.ssh[i].get_or_init(|| {
             let prepared = self.ssh_prepared.get_or_init(|| {
                 let resolver = Resolver::new(&self.policy, &self.tailnet);
@@ -441,9 +445,9 @@ impl Compiled {
                 rule.hash_into(&mut filter);
             }
             let mut ssh = std::collections::hash_map::DefaultHasher::new();
-            serde_json::to_string(self.ssh_rules(i))
-                .unwrap_or_default()
-                .hash(&mut ssh);
+            for rule in self.ssh_shared(i) {
+                rule.hash.hash(&mut ssh);
+            }
             (filter.finish(), ssh.finish())
         })
     }

@@ -2,6 +2,7 @@
 //! destination node into `SSHPolicy.rules`.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::{Value, json};
 
@@ -205,10 +206,21 @@ fn localpart_domain(user: &str) -> Option<&str> {
 }
 
 /// The `ssh` section resolved against one tailnet: every rule's sources, destinations and
-/// principals, computed once per compile so that each node's rules cost only its own.
+/// the rule JSON each kind of node receives, built once per compile and shared, so that a
+/// node's rules cost a lookup per rule.
 pub struct PreparedSsh {
     rules: Vec<PreparedRule>,
 }
+
+/// One rule as a node receives it, with a hash of its JSON (for fingerprints).
+#[derive(Debug)]
+pub struct SshRuleJson {
+    pub value: Value,
+    pub hash: u64,
+    check: bool,
+}
+
+type Shared = Arc<SshRuleJson>;
 
 struct PreparedRule {
     srcs: IpSet,
@@ -217,9 +229,73 @@ struct PreparedRule {
     has_self: bool,
     action: Value,
     users: UserMap,
-    by_user: BTreeMap<u64, Vec<String>>,
-    tagged: Vec<String>,
     accept_env: Vec<String>,
+    /// Source devices' addresses by owner, and tagged ones.
+    by_user: BTreeMap<u64, Vec<String>>,
+    tagged_ips: Vec<String>,
+    /// The rules a node gets for one source user's devices (one, or two with a local
+    /// part of `localpart:*@domain`), built on first use.
+    per_user: BTreeMap<u64, OnceLock<Vec<Shared>>>,
+    /// For a destination without local parts: every source device at once.
+    everyone: OnceLock<Vec<Shared>>,
+    /// Tagged source devices.
+    tagged: OnceLock<Vec<Shared>>,
+}
+
+impl PreparedRule {
+    fn for_user(&self, u: u64) -> Option<&[Shared]> {
+        let cell = self.per_user.get(&u)?;
+        Some(cell.get_or_init(|| self.emit(&self.by_user[&u], Some(u))))
+    }
+
+    fn for_everyone(&self) -> &[Shared] {
+        self.everyone.get_or_init(|| {
+            let all: Vec<String> = self
+                .by_user
+                .values()
+                .flatten()
+                .chain(&self.tagged_ips)
+                .cloned()
+                .collect();
+            if all.is_empty() {
+                Vec::new()
+            } else {
+                self.emit(&all, None)
+            }
+        })
+    }
+
+    fn for_tagged(&self) -> &[Shared] {
+        self.tagged.get_or_init(|| {
+            if self.tagged_ips.is_empty() {
+                Vec::new()
+            } else {
+                self.emit(&self.tagged_ips, None)
+            }
+        })
+    }
+
+    /// The rule for `principals` (and `user`'s own local part, when it has one).
+    fn emit(&self, principals: &[String], user: Option<u64>) -> Vec<Shared> {
+        let mut out = vec![self.shared(principals, self.users.base.clone())];
+        if let Some(lp) = user.and_then(|u| self.users.localpart.get(&u)) {
+            let map = BTreeMap::from([(lp.clone(), lp.clone())]);
+            out.push(self.shared(principals, map));
+        }
+        out
+    }
+
+    fn shared(&self, principals: &[String], users: BTreeMap<String, String>) -> Shared {
+        use std::hash::{Hash, Hasher};
+        let value = rule_json(principals, users, &self.action, &self.accept_env);
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        value.to_string().hash(&mut h);
+        Arc::new(SshRuleJson {
+            check: value["action"].get("holdAndDelegate").is_some(),
+            value,
+            hash: h.finish(),
+        })
+    }
 }
 
 impl PreparedSsh {
@@ -245,81 +321,55 @@ impl PreparedSsh {
                     .filter(|d| !d.is_autogroup(AutoGroup::SelfDevices))
                     .cloned()
                     .collect();
-                let (by_user, tagged) = principals_by_user(tailnet, routes, &srcs);
+                let (by_user, tagged_ips) = principals_by_user(tailnet, routes, &srcs);
                 Some(PreparedRule {
                     others: (!others.is_empty()).then(|| resolver.resolve_all(&others)),
                     has_self: others.len() < rule.dests.len(),
                     srcs,
                     action: action_json(rule.action, check_url),
                     users: UserMap::new(rule, tailnet),
-                    by_user,
-                    tagged,
                     accept_env: rule.accept_env.clone(),
+                    per_user: by_user.keys().map(|u| (*u, OnceLock::new())).collect(),
+                    by_user,
+                    tagged_ips,
+                    everyone: OnceLock::new(),
+                    tagged: OnceLock::new(),
                 })
             })
             .collect();
         PreparedSsh { rules }
     }
 
-    /// `SSHPolicy.rules` for node `i`, as JSON.
-    pub fn rules_for(&self, tailnet: &Tailnet, routes: &[NodeRoutes], i: usize) -> Vec<Value> {
+    /// `SSHPolicy.rules` for node `i`, check rules first (the most restrictive match wins).
+    pub fn rules_for(&self, tailnet: &Tailnet, routes: &[NodeRoutes], i: usize) -> Vec<Shared> {
         let me = &tailnet.nodes[i];
-        let mut rules = Vec::new();
+        let owner = me.user.filter(|_| !me.is_tagged());
+        let mut rules: Vec<Shared> = Vec::new();
         for rule in &self.rules {
-            let users = &rule.users;
-            let mut emit = |principals: &[String], user: Option<u64>| {
-                rules.push(rule_json(
-                    principals,
-                    users.base.clone(),
-                    &rule.action,
-                    &rule.accept_env,
-                ));
-                if let Some(lp) = user.and_then(|u| users.localpart.get(&u)) {
-                    let map = BTreeMap::from([(lp.clone(), lp.clone())]);
-                    rules.push(rule_json(principals, map, &rule.action, &rule.accept_env));
-                }
-            };
-            let by_user = &rule.by_user;
-            if rule.has_self
-                && !me.is_tagged()
-                && let Some(u) = me.user
-                && let Some(p) = by_user.get(&u)
-            {
-                emit(p, Some(u));
+            let own_user = owner.and_then(|u| rule.for_user(u));
+            if rule.has_self {
+                rules.extend(own_user.into_iter().flatten().cloned());
             }
             let Some(dsts) = &rule.others else { continue };
             if routes[i].in_set(dsts) {
-                if users.localpart.is_empty() {
-                    let all: Vec<String> = by_user
-                        .values()
-                        .flatten()
-                        .chain(&rule.tagged)
-                        .cloned()
-                        .collect();
-                    if !all.is_empty() {
-                        emit(&all, None);
-                    }
+                if rule.users.localpart.is_empty() {
+                    rules.extend(rule.for_everyone().iter().cloned());
                 } else {
-                    for (u, p) in by_user {
-                        emit(p, Some(*u));
+                    for u in rule.by_user.keys() {
+                        rules.extend(rule.for_user(*u).into_iter().flatten().cloned());
                     }
-                    if !rule.tagged.is_empty() {
-                        emit(&rule.tagged, None);
-                    }
+                    rules.extend(rule.for_tagged().iter().cloned());
                 }
-            } else if !users.localpart.is_empty() && routes[i].in_set(&rule.srcs) {
+            } else if !rule.users.localpart.is_empty() && routes[i].in_set(&rule.srcs) {
                 if me.is_tagged() {
                     let own: Vec<String> = routes[i].ips.iter().map(ToString::to_string).collect();
-                    emit(&own, None);
-                } else if let Some(u) = me.user
-                    && let Some(p) = by_user.get(&u)
-                {
-                    emit(p, Some(u));
+                    rules.extend(rule.emit(&own, None));
+                } else {
+                    rules.extend(own_user.into_iter().flatten().cloned());
                 }
             }
         }
-        // Check rules come first: the most restrictive match wins.
-        rules.sort_by_key(|r| r["action"].get("holdAndDelegate").is_none());
+        rules.sort_by_key(|r| !r.check);
         rules
     }
 }
