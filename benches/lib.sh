@@ -34,8 +34,10 @@ ROOT="$1"; work="$2"; members="$3"; gen="$4"; shift 4
 ip link set lo up
 ulimit -n "$(ulimit -Hn)"   # one socket per simulated client
 dir="$work/cluster"
-# Every simulated client comes from one loopback address: lift the per-source limits.
-export HSD_EXTRA_YAML="limits: {registrations_per_minute: 0, max_connections_per_source: 0, derp_connects_per_minute: 0}"
+# Every simulated client comes from one loopback address: lift the per-source limits. And
+# all clients shake hands first, then register in turn: a large run keeps connections
+# waiting longer than the idle timeout, which real clients never do.
+export HSD_EXTRA_YAML="limits: {registrations_per_minute: 0, max_connections_per_source: 0, derp_connects_per_minute: 0, idle_timeout: 0}"
 trap '"$ROOT/cluster/down" "$dir" >/dev/null 2>&1 || true' EXIT
 "$ROOT/cluster/up" "$members" "$dir" >&2
 hsd="${HSD:-$CARGO_TARGET_DIR/release/hsd}"
