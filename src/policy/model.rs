@@ -228,39 +228,19 @@ impl Policy {
             }];
         }
         policy.parse_auto_approvers(top.get("autoApprovers"))?;
-        for rule in top
-            .get("ssh")
-            .map(|v| list(v, "ssh"))
-            .transpose()?
-            .unwrap_or(&[])
-        {
+        for rule in section(&top, "ssh")? {
             let rule = policy.parse_ssh(rule)?;
             policy.ssh.push(rule);
         }
-        for attr in top
-            .get("nodeAttrs")
-            .map(|v| list(v, "nodeAttrs"))
-            .transpose()?
-            .unwrap_or(&[])
-        {
+        for attr in section(&top, "nodeAttrs")? {
             let attr = policy.parse_node_attr(attr)?;
             policy.node_attrs.push(attr);
         }
-        for test in top
-            .get("tests")
-            .map(|v| list(v, "tests"))
-            .transpose()?
-            .unwrap_or(&[])
-        {
+        for test in section(&top, "tests")? {
             let test = policy.parse_test(test)?;
             policy.tests.push(test);
         }
-        for test in top
-            .get("sshTests")
-            .map(|v| list(v, "sshTests"))
-            .transpose()?
-            .unwrap_or(&[])
-        {
+        for test in section(&top, "sshTests")? {
             let test = policy.parse_ssh_test(test)?;
             policy.ssh_tests.push(test);
         }
@@ -784,6 +764,15 @@ fn check_tag_name(tag: &str) -> Result<(), PolicyError> {
 pub(super) fn object<'a>(v: &'a Value, what: &str) -> Result<&'a Map<String, Value>, PolicyError> {
     v.as_object()
         .ok_or_else(|| PolicyError(format!("{what} must be an object")))
+}
+
+/// The entries of top-level list `key` (none when absent).
+fn section<'a>(top: &'a Map<String, Value>, key: &str) -> Result<&'a [Value], PolicyError> {
+    Ok(top
+        .get(key)
+        .map(|v| list(v, key))
+        .transpose()?
+        .unwrap_or(&[]))
 }
 
 fn list<'a>(v: &'a Value, what: &str) -> Result<&'a [Value], PolicyError> {
