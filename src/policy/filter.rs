@@ -13,8 +13,53 @@ use super::resolve::{Resolver, the_internet};
 use super::tailnet::{NodeRoutes, Tailnet, approved_subnets};
 
 /// One `tailcfg.FilterRule`.
-/// A rule's `SrcIPs`, shared by every node whose filter holds the rule.
-pub type Sources = std::sync::Arc<[String]>;
+/// A rule's `SrcIPs`, shared by every node whose filter holds the rule, with the hash of
+/// its contents computed once (filters are merged and fingerprinted per node).
+#[derive(Clone, Debug)]
+pub struct Sources {
+    ips: std::sync::Arc<[String]>,
+    hash: u64,
+}
+
+impl From<Vec<String>> for Sources {
+    fn from(ips: Vec<String>) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        ips.hash(&mut h);
+        Sources {
+            ips: ips.into(),
+            hash: h.finish(),
+        }
+    }
+}
+
+impl From<&[String]> for Sources {
+    fn from(ips: &[String]) -> Self {
+        ips.to_vec().into()
+    }
+}
+
+impl std::ops::Deref for Sources {
+    type Target = [String];
+    fn deref(&self) -> &[String] {
+        &self.ips
+    }
+}
+
+impl PartialEq for Sources {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+            && (std::sync::Arc::ptr_eq(&self.ips, &other.ips) || self.ips == other.ips)
+    }
+}
+
+impl Eq for Sources {}
+
+impl std::hash::Hash for Sources {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct FilterRule {
@@ -596,8 +641,9 @@ pub struct DstIndex {
     by_addr: HashMap<IpAddr, Vec<(u32, u32)>>,
     /// Entries naming more than one address (`*`, prefixes, ranges).
     wide: Vec<(u32, u32)>,
-    /// Capability rules: reduced by their own destinations.
-    caps: Vec<u32>,
+    /// Capability rules, with every address their grants name: reduced by their own
+    /// destinations, for the nodes among those.
+    caps: Vec<(u32, IpSet)>,
 }
 
 impl DstIndex {
@@ -609,7 +655,8 @@ impl DstIndex {
         };
         for (r, (rule, sets)) in rules.iter().zip(dsts).enumerate() {
             if !rule.cap_grant.is_empty() {
-                index.caps.push(r as u32);
+                let named = IpSet::from_nets(rule.cap_grant.iter().flat_map(|g| g.dsts.clone()));
+                index.caps.push((r as u32, named));
                 continue;
             }
             for (e, set) in sets.iter().enumerate() {
@@ -644,7 +691,13 @@ pub fn reduce_indexed(
     for ip in &me.ips {
         picked.extend(index.by_addr.get(ip).into_iter().flatten());
     }
-    picked.extend(index.caps.iter().map(|&r| (r, 0)));
+    picked.extend(
+        index
+            .caps
+            .iter()
+            .filter(|(_, named)| me.in_set(named))
+            .map(|&(r, _)| (r, 0)),
+    );
     picked.sort_unstable();
     picked.dedup();
     let mut out = Vec::new();
