@@ -188,7 +188,7 @@ impl AccessCache {
         if let Some(c) = slot.as_mut()
             && c.policy == view.policy()
             && c.users.ptr_eq(view.user_map())
-            && same_for_policy(&c.nodes, view.node_map())
+            && same_for_policy(&c.nodes, view.node_map(), presence)
             && c.access.0.as_ref().is_none_or(|m| {
                 m.routers
                     .iter()
@@ -219,26 +219,20 @@ impl AccessCache {
 }
 
 /// Whether `new` differs from `old` only in what the engine does not read (key expiry,
-/// last seen, hostinfo beyond its routes…), so the compiled policy still holds. Walks
-/// only the changed entries: the maps share everything else.
-fn same_for_policy(old: &OrdMap<NodeId, Arc<Node>>, new: &OrdMap<NodeId, Arc<Node>>) -> bool {
+/// last seen, hostinfo beyond its routes, nodes waiting for approval…), so the compiled
+/// policy still holds. Walks only the changed entries: the maps share everything else.
+fn same_for_policy(
+    old: &OrdMap<NodeId, Arc<Node>>,
+    new: &OrdMap<NodeId, Arc<Node>>,
+    presence: &Presence,
+) -> bool {
     old.ptr_eq(new)
         || old.diff(new).all(|change| match change {
             DiffItem::Update {
                 old: (_, a),
                 new: (_, b),
-            } => {
-                a.approved == b.approved
-                    && a.user == b.user
-                    && a.tags == b.tags
-                    && a.ipv4 == b.ipv4
-                    && a.ipv6 == b.ipv6
-                    && a.given_name == b.given_name
-                    && a.approved_routes == b.approved_routes
-                    && (a.hostinfo == b.hostinfo
-                        || advertised_routes(&a.hostinfo) == advertised_routes(&b.hostinfo))
-            }
-            DiffItem::Add(..) | DiffItem::Remove(..) => false,
+            } => engine_node(a, presence) == engine_node(b, presence),
+            DiffItem::Add(_, n) | DiffItem::Remove(_, n) => !n.approved,
         })
 }
 
@@ -302,21 +296,26 @@ fn tailnet(view: &Registry, presence: &Presence) -> policy::Tailnet {
         .collect();
     let nodes = view
         .nodes()
-        .filter(|n| n.approved)
-        .map(|n| policy::Node {
-            id: n.id.0,
-            name: n.given_name.clone(),
-            user: n.tags.is_empty().then_some(n.user.0),
-            tags: n.tags.clone(),
-            ipv4: n.ipv4,
-            ipv6: n.ipv6,
-            advertised: advertised_routes(&n.hostinfo),
-            approved: n.approved_routes.clone(),
-            online: presence.is_online(n.id),
-            online_since: presence.online_since(n.id).unwrap_or(0),
-        })
+        .filter_map(|n| engine_node(n, presence))
         .collect();
     policy::Tailnet { users, nodes }
+}
+
+/// A registry node as the engine reads it; `None` while it waits for approval (it is not
+/// part of the tailnet yet).
+fn engine_node(n: &Node, presence: &Presence) -> Option<policy::Node> {
+    n.approved.then(|| policy::Node {
+        id: n.id.0,
+        name: n.given_name.clone(),
+        user: n.tags.is_empty().then_some(n.user.0),
+        tags: n.tags.clone(),
+        ipv4: n.ipv4,
+        ipv6: n.ipv6,
+        advertised: advertised_routes(&n.hostinfo),
+        approved: n.approved_routes.clone(),
+        online: presence.is_online(n.id),
+        online_since: presence.online_since(n.id).unwrap_or(0),
+    })
 }
 
 /// Hostinfo `RoutableIPs`: the routes a client offers to serve.

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use super::filter::parse_ip_text;
 use super::model::{Alias, Policy, PolicyError, PortRange, object, scalar_string, strings};
+use super::resolve::Resolver;
 use super::tailnet::{Node, Tailnet, User};
 use super::{Compiled, FilterRule};
 
@@ -148,34 +149,17 @@ pub fn run(policy: &Policy, tailnet: &Tailnet) -> Result<(), PolicyError> {
             stand_ins.add(policy, d);
         }
     }
-    let compiled = Compiled::new(policy.clone(), stand_ins.tailnet.clone(), "")?;
+    let judge = Judge {
+        policy,
+        compiled: Compiled::new(policy.clone(), stand_ins.tailnet, "")?,
+        stand_ins: stand_ins.nodes,
+    };
     let mut failed = Vec::new();
     for t in &policy.tests {
-        let sources = stand_ins.addresses(policy, &t.src);
-        for (dests, want) in [(&t.accept, true), (&t.deny, false)] {
-            for d in dests {
-                let reached = d.ports.iter().all(|p| {
-                    [p.first, p.last].into_iter().all(|port| {
-                        sources.iter().all(|src| {
-                            stand_ins.reaches(policy, &compiled, *src, &d.alias, port, t.proto)
-                        })
-                    })
-                });
-                let some_reach = d.ports.iter().any(|p| {
-                    sources.iter().any(|src| {
-                        stand_ins.reaches(policy, &compiled, *src, &d.alias, p.first, t.proto)
-                    })
-                });
-                if want && !reached {
-                    failed.push(format!("{:?} cannot reach {:?}", t.src_text, d.text));
-                } else if !want && some_reach {
-                    failed.push(format!("{:?} can reach {:?}", t.src_text, d.text));
-                }
-            }
-        }
+        failed.extend(judge.acl_failures(t));
     }
     for t in &policy.ssh_tests {
-        failed.extend(ssh_failures(t, policy, &stand_ins, &compiled));
+        failed.extend(judge.ssh_failures(t));
     }
     if failed.is_empty() {
         Ok(())
@@ -187,45 +171,9 @@ pub fn run(policy: &Policy, tailnet: &Tailnet) -> Result<(), PolicyError> {
     }
 }
 
-/// What an `sshTests` entry expects and did not get.
-fn ssh_failures(
-    t: &SshTest,
-    policy: &Policy,
-    stand_ins: &StandIns,
-    compiled: &Compiled,
-) -> Vec<String> {
-    let sources = stand_ins.addresses(policy, &t.src);
-    let mut failed = Vec::new();
-    for (text, dst) in &t.dst {
-        let Some(j) = stand_ins.node_of(dst) else {
-            failed.push(format!("sshTest dst {text:?} is not a device"));
-            continue;
-        };
-        let rules = compiled.ssh_rules(j);
-        let expectations = [
-            (&t.accept, SshVerdict::Accept),
-            (&t.check, SshVerdict::Check),
-            (&t.deny, SshVerdict::Deny),
-        ];
-        for (users, want) in expectations {
-            for user in users {
-                for src in &sources {
-                    let got = ssh_verdict(&rules, *src, user);
-                    if got != want {
-                        failed.push(format!(
-                            "ssh {:?} -> {text:?} as {user:?}: expected {want:?}, got {got:?}",
-                            t.src_text
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    failed
-}
-
-/// What the first SSH rule naming `src` and mapping `user` says (rules come ordered,
-/// check rules first). An empty mapping refuses the user; `*` covers any other.
+/// What an SSH rule set does with `user` logging in from `src`: the first rule naming
+/// `src` and mapping the user decides (rules come ordered, check rules first). An empty
+/// mapping refuses the user; `*` covers any other.
 fn ssh_verdict(rules: &[&Value], src: IpAddr, user: &str) -> SshVerdict {
     let src = src.to_string();
     for rule in rules {
@@ -276,8 +224,8 @@ impl StandIns {
             return;
         }
         match alias {
-            Alias::User(name) => {
-                let user = self.user(name);
+            Alias::User(token) => {
+                let user = self.user(policy, token);
                 self.push(alias, Some(user), Vec::new());
             }
             Alias::Tag(tag) => self.push(alias, None, vec![tag.clone()]),
@@ -290,17 +238,21 @@ impl StandIns {
         }
     }
 
-    /// The tailnet user a test's `name@` or email means, added when the tailnet has none.
-    fn user(&mut self, token: &str) -> u64 {
-        let bare = token.strip_suffix('@').unwrap_or(token);
-        if let Some(u) = self
-            .tailnet
-            .users
-            .iter()
-            .find(|u| u.name == bare || (!u.email.is_empty() && u.email == bare))
-        {
-            return u.id;
+    /// The tailnet user a test's user token means (matched as the policy matches users),
+    /// added when the tailnet has none.
+    fn user(&mut self, policy: &Policy, token: &str) -> u64 {
+        let found = {
+            let resolver = Resolver::new(policy, &self.tailnet);
+            let users = &self.tailnet.users;
+            users
+                .iter()
+                .find(|u| resolver.user_matches(u.id, token))
+                .map(|u| u.id)
+        };
+        if let Some(id) = found {
+            return id;
         }
+        let bare = token.strip_suffix('@').unwrap_or(token);
         let id = self.tailnet.users.iter().map(|u| u.id).max().unwrap_or(0) + 1;
         self.tailnet.users.push(User {
             id,
@@ -315,25 +267,24 @@ impl StandIns {
     }
 
     fn push(&mut self, alias: &Alias, user: Option<u64>, tags: Vec<String>) {
-        let taken = |ip: Ipv4Addr, t: &Tailnet| t.nodes.iter().any(|n| n.ipv4 == Some(ip));
-        let mut v4 = Ipv4Addr::from(self.next_v4);
-        while taken(v4, &self.tailnet) {
+        let taken = |ip: u32| {
+            let ip = Ipv4Addr::from(ip);
+            self.tailnet.nodes.iter().any(|n| n.ipv4 == Some(ip))
+        };
+        while taken(self.next_v4) {
             self.next_v4 -= 1;
-            v4 = Ipv4Addr::from(self.next_v4);
         }
+        let v4 = self.next_v4;
         self.next_v4 -= 1;
+        let v6_base = u128::from(Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0xffff, 0, 0, 0, 0));
         let index = self.tailnet.nodes.len();
-        let id = u64::MAX - index as u64;
         self.tailnet.nodes.push(Node {
-            id,
+            id: u64::MAX - index as u64,
             name: format!("policy-test-{index}"),
             user,
             tags,
-            ipv4: Some(v4),
-            ipv6: Some(Ipv6Addr::from(
-                u128::from(Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0xffff, 0, 0, 0, 0))
-                    + u128::from(self.next_v4),
-            )),
+            ipv4: Some(Ipv4Addr::from(v4)),
+            ipv6: Some(Ipv6Addr::from(v6_base + u128::from(v4))),
             advertised: Vec::new(),
             approved: Vec::new(),
             online: true,
@@ -341,54 +292,121 @@ impl StandIns {
         });
         self.nodes.push((alias.clone(), index));
     }
+}
+
+/// The policy compiled for the tailnet with its stand-ins, answering the tests.
+struct Judge<'a> {
+    policy: &'a Policy,
+    compiled: Compiled,
+    stand_ins: Vec<(Alias, usize)>,
+}
+
+impl Judge<'_> {
+    /// What a `tests` entry expects and did not get. Each destination's port ranges are
+    /// probed at both ends.
+    fn acl_failures(&self, t: &AclTest) -> Vec<String> {
+        let sources = self.addresses(&t.src);
+        let mut failed = Vec::new();
+        for (dests, want) in [(&t.accept, true), (&t.deny, false)] {
+            for d in dests {
+                let mut probes = sources.iter().flat_map(|&src| {
+                    d.ports
+                        .iter()
+                        .flat_map(|p| [p.first, p.last])
+                        .map(move |port| (src, port))
+                });
+                let reaches = |(src, port)| self.reaches(src, &d.alias, port, t.proto);
+                if want && !probes.all(reaches) {
+                    failed.push(format!("{:?} cannot reach {:?}", t.src_text, d.text));
+                } else if !want && probes.any(reaches) {
+                    failed.push(format!("{:?} can reach {:?}", t.src_text, d.text));
+                }
+            }
+        }
+        failed
+    }
+
+    /// What an `sshTests` entry expects and did not get.
+    fn ssh_failures(&self, t: &SshTest) -> Vec<String> {
+        let sources = self.addresses(&t.src);
+        let mut failed = Vec::new();
+        for (text, dst) in &t.dst {
+            let Some(j) = self.node_of(dst) else {
+                failed.push(format!("sshTest dst {text:?} is not a device"));
+                continue;
+            };
+            let rules = self.compiled.ssh_rules(j);
+            let expectations = [
+                (&t.accept, SshVerdict::Accept),
+                (&t.check, SshVerdict::Check),
+                (&t.deny, SshVerdict::Deny),
+            ];
+            for (users, want) in expectations {
+                for (user, src) in users
+                    .iter()
+                    .flat_map(|u| sources.iter().map(move |s| (u, s)))
+                {
+                    let got = ssh_verdict(&rules, *src, user);
+                    if got != want {
+                        failed.push(format!(
+                            "ssh {:?} -> {text:?} as {user:?}: expected {want:?}, got {got:?}",
+                            t.src_text
+                        ));
+                    }
+                }
+            }
+        }
+        failed
+    }
 
     fn node_of(&self, alias: &Alias) -> Option<usize> {
-        self.nodes.iter().find(|(a, _)| a == alias).map(|(_, i)| *i)
+        self.stand_ins
+            .iter()
+            .find(|(a, _)| a == alias)
+            .map(|(_, i)| *i)
     }
 
     /// The IPv4 addresses a test source or destination stands for.
-    fn addresses(&self, policy: &Policy, alias: &Alias) -> Vec<IpAddr> {
+    fn addresses(&self, alias: &Alias) -> Vec<IpAddr> {
         match alias {
-            Alias::Group(g) => policy
+            Alias::Group(g) => self
+                .policy
                 .groups
                 .get(g)
                 .into_iter()
                 .flatten()
-                .flat_map(|m| self.addresses(policy, &Alias::User(m.clone())))
+                .flat_map(|m| self.addresses(&Alias::User(m.clone())))
                 .collect(),
-            Alias::Host(h) => policy.hosts.get(h).map(|n| n.addr()).into_iter().collect(),
+            Alias::Host(h) => self
+                .policy
+                .hosts
+                .get(h)
+                .map(|n| n.addr())
+                .into_iter()
+                .collect(),
             Alias::Prefix(n) => vec![n.addr()],
             _ => self
                 .node_of(alias)
-                .and_then(|i| self.tailnet.nodes[i].ipv4)
+                .and_then(|i| self.compiled.tailnet().nodes[i].ipv4)
                 .map(IpAddr::V4)
                 .into_iter()
                 .collect(),
         }
     }
 
-    /// Whether `src` may open `proto` to `port` on every address `dst` stands for: by the
-    /// stand-in's own packet filter, or for plain addresses by the tailnet-wide rules.
-    fn reaches(
-        &self,
-        policy: &Policy,
-        compiled: &Compiled,
-        src: IpAddr,
-        dst: &Alias,
-        port: u16,
-        proto: u8,
-    ) -> bool {
-        let targets = self.addresses(policy, dst);
+    /// Whether `src` may open `proto` to `port` on every address `dst` stands for: by
+    /// that device's own packet filter, or for other addresses by the tailnet-wide rules.
+    fn reaches(&self, src: IpAddr, dst: &Alias, port: u16, proto: u8) -> bool {
+        let targets = self.addresses(dst);
+        let nodes = &self.compiled.tailnet().nodes;
         !targets.is_empty()
             && targets.iter().all(|&ip| {
-                let rules: &[FilterRule] = match self
-                    .tailnet
-                    .nodes
+                let rules: &[FilterRule] = match nodes
                     .iter()
                     .position(|n| n.ipv4.map(IpAddr::V4) == Some(ip))
                 {
-                    Some(i) => &compiled.node(i).filter,
-                    None => compiled.global_rules(),
+                    Some(i) => &self.compiled.node(i).filter,
+                    None => self.compiled.global_rules(),
                 };
                 rules.iter().any(|r| r.allows(src, ip, port, proto))
             })

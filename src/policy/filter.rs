@@ -12,7 +12,6 @@ use super::model::{Alias, AutoGroup, Grant, PortRange, ProtoPorts};
 use super::resolve::{Resolver, the_internet};
 use super::tailnet::{NodeRoutes, Tailnet, approved_subnets};
 
-/// One `tailcfg.FilterRule`.
 /// A rule's `SrcIPs`, shared by every node whose filter holds the rule, with the hash of
 /// its contents computed once (filters are merged and fingerprinted per node).
 #[derive(Clone, Debug)]
@@ -61,6 +60,7 @@ impl std::hash::Hash for Sources {
     }
 }
 
+/// One `tailcfg.FilterRule`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FilterRule {
     pub src_ips: Sources,
@@ -635,9 +635,11 @@ pub fn reduce_prepared(
     out
 }
 
-/// Where each address appears among the rules' destinations (rule, entry), so that
-/// reducing the rules for a node visits the entries that name it rather than all of them.
+/// The rules' destinations parsed, and where each address appears among them (rule,
+/// entry), so that reducing the rules for a node visits the entries that name it rather
+/// than all of them.
 pub struct DstIndex {
+    dsts: Vec<Vec<IpSet>>,
     by_addr: HashMap<IpAddr, Vec<(u32, u32)>>,
     /// Entries naming more than one address (`*`, prefixes, ranges).
     wide: Vec<(u32, u32)>,
@@ -647,13 +649,14 @@ pub struct DstIndex {
 }
 
 impl DstIndex {
-    pub fn new(rules: &[FilterRule], dsts: &[Vec<IpSet>]) -> DstIndex {
+    pub fn new(rules: &[FilterRule]) -> DstIndex {
         let mut index = DstIndex {
+            dsts: destinations(rules),
             by_addr: HashMap::new(),
             wide: Vec::new(),
             caps: Vec::new(),
         };
-        for (r, (rule, sets)) in rules.iter().zip(dsts).enumerate() {
+        for (r, (rule, sets)) in rules.iter().zip(&index.dsts).enumerate() {
             if !rule.cap_grant.is_empty() {
                 let named = IpSet::from_nets(rule.cap_grant.iter().flat_map(|g| g.dsts.clone()));
                 index.caps.push((r as u32, named));
@@ -673,12 +676,8 @@ impl DstIndex {
 
 /// `reduce_prepared` through the index: the same rules for a node that routes nothing,
 /// in O(entries naming it). Routers take the full pass (their subnets match by overlap).
-pub fn reduce_indexed(
-    rules: &[FilterRule],
-    dsts: &[Vec<IpSet>],
-    index: &DstIndex,
-    me: &NodeRoutes,
-) -> Vec<FilterRule> {
+pub fn reduce_indexed(rules: &[FilterRule], index: &DstIndex, me: &NodeRoutes) -> Vec<FilterRule> {
+    let dsts = &index.dsts;
     if !me.subnets.is_empty() || me.is_exit() {
         return reduce_prepared(rules, dsts, me);
     }
@@ -794,7 +793,7 @@ mod tests {
             rule(&["100.64.0.5"], &["100.64.0.2", "100.64.0.6"]),
         ];
         let dsts = destinations(&rules);
-        let index = DstIndex::new(&rules, &dsts);
+        let index = DstIndex::new(&rules);
         for last in 1..=9u8 {
             let me = NodeRoutes {
                 ips: vec![
@@ -807,11 +806,7 @@ mod tests {
             };
             let full = reduce_prepared(&rules, &dsts, &me);
             assert!(!full.is_empty());
-            assert_eq!(
-                reduce_indexed(&rules, &dsts, &index, &me),
-                full,
-                "node .{last}"
-            );
+            assert_eq!(reduce_indexed(&rules, &index, &me), full, "node .{last}");
         }
     }
 }

@@ -38,7 +38,6 @@ pub struct Compiled {
     grants: Vec<CompiledGrant>,
     /// Rules every node shares before reduction, and their destinations parsed.
     global: Vec<FilterRule>,
-    global_dsts: Vec<Vec<ipset::IpSet>>,
     global_index: filter::DstIndex,
     global_matchers: Vec<Matcher>,
     /// Per grant with `autogroup:self` destinations: each user's side of it.
@@ -99,7 +98,6 @@ impl Compiled {
             (routes, grants, global)
         };
         let per_node = filter::needs_per_node(&grants);
-        let global_dsts = filter::destinations(&global);
         let nodes: Vec<OnceLock<NodeView>> =
             (0..tailnet.nodes.len()).map(|_| OnceLock::new()).collect();
         let mut by_user: HashMap<u64, Vec<usize>> = HashMap::new();
@@ -124,8 +122,7 @@ impl Compiled {
             routes,
             grants,
             self_sources,
-            global_index: filter::DstIndex::new(&global, &global_dsts),
-            global_dsts,
+            global_index: filter::DstIndex::new(&global),
             global_matchers: global.iter().map(FilterRule::matcher).collect(),
             global,
             membership: Vec::new(),
@@ -213,7 +210,6 @@ impl Compiled {
                 return NodeView {
                     filter: filter::reduce_indexed(
                         &self.global,
-                        &self.global_dsts,
                         &self.global_index,
                         &self.routes[i],
                     ),
@@ -224,8 +220,7 @@ impl Compiled {
             // `autogroup:self` and `via` rules. Self rules name only tailnet addresses, so
             // only `via` rules matter to route access (`matchers`).
             let me = &self.routes[i];
-            let mut rules =
-                filter::reduce_indexed(&self.global, &self.global_dsts, &self.global_index, me);
+            let mut rules = filter::reduce_indexed(&self.global, &self.global_index, me);
             let mut via_matchers = Vec::new();
             for (k, g) in self.grants.iter().enumerate() {
                 if let (Some(s), Some(u)) = (&g.self_part, self.owner(i))

@@ -257,26 +257,21 @@ impl PreparedRule {
                 .chain(&self.tagged_ips)
                 .cloned()
                 .collect();
-            if all.is_empty() {
-                Vec::new()
-            } else {
-                self.emit(&all, None)
-            }
+            self.emit(&all, None)
         })
     }
 
     fn for_tagged(&self) -> &[Shared] {
-        self.tagged.get_or_init(|| {
-            if self.tagged_ips.is_empty() {
-                Vec::new()
-            } else {
-                self.emit(&self.tagged_ips, None)
-            }
-        })
+        self.tagged
+            .get_or_init(|| self.emit(&self.tagged_ips, None))
     }
 
-    /// The rule for `principals` (and `user`'s own local part, when it has one).
+    /// The rule for `principals` (and `user`'s own local part, when it has one); none
+    /// without principals.
     fn emit(&self, principals: &[String], user: Option<u64>) -> Vec<Shared> {
+        if principals.is_empty() {
+            return Vec::new();
+        }
         let mut out = vec![self.shared(principals, self.users.base.clone())];
         if let Some(lp) = user.and_then(|u| self.users.localpart.get(&u)) {
             let map = BTreeMap::from([(lp.clone(), lp.clone())]);

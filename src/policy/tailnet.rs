@@ -16,7 +16,7 @@ pub struct User {
     pub email: String,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Node {
     pub id: u64,
     pub name: String,
