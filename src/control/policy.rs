@@ -7,13 +7,13 @@
 //! engine in `crate::policy` answers (with no policy file, Tailscale's allow-all default): compiled once per registry version (and per online state of
 //! the routers, which decides HA primaries), then shared by every session of the member.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use imbl::OrdMap;
 use imbl::ordmap::DiffItem;
 use ipnet::IpNet;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::policy::{self, Compiled, PeerRoutes};
 use crate::presence::Presence;
@@ -22,6 +22,11 @@ use crate::registry::{Node, NodeId, Registry, User, UserId};
 /// The access decisions for one registry view.
 #[derive(Clone, Default)]
 pub struct Access(Option<Arc<PolicyMap>>);
+
+/// The chunks of a packet filter a client holds (key, hash), to send it only the chunks
+/// that change.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FilterSent(Vec<(u64, u64)>);
 
 /// A compiled policy and where each node sits in it.
 pub struct PolicyMap {
@@ -47,32 +52,70 @@ impl Access {
         }
     }
 
-    /// The packet filter for `node`, as `PacketFilters` (named filters, capver ≥ 81). An
-    /// empty `base` list denies everything, which is what an unapproved node gets.
-    pub fn packet_filters(&self, node: &Node) -> Value {
-        if !node.approved {
-            return json!({ "base": [] });
-        }
+    /// The packet filter for `node`, whole, as `PacketFilters` (named filters, capver ≥
+    /// 81): `"*": null` drops whatever the client held, then come the filter's chunks
+    /// (see `policy::filter_chunks`); with them, what the client then holds. Nothing but
+    /// `"*"` denies everything, which is what an unapproved node gets.
+    pub fn packet_filters(&self, node: &Node) -> (Value, FilterSent) {
+        let mut out = Map::new();
+        out.insert("*".into(), Value::Null);
         let Some(map) = &self.0 else {
-            // No policy: every tailnet address may reach every port.
-            return json!({
-                "base": [{
-                    "SrcIPs": ["*"],
-                    "DstPorts": [{ "IP": "*", "Ports": { "First": 0, "Last": 65535 } }],
-                }]
-            });
+            if node.approved {
+                // No policy: every tailnet address may reach every port.
+                out.insert(
+                    "base".into(),
+                    json!([{
+                        "SrcIPs": ["*"],
+                        "DstPorts": [{ "IP": "*", "Ports": { "First": 0, "Last": 65535 } }],
+                    }]),
+                );
+            }
+            return (Value::Object(out), FilterSent::default());
         };
-        let Some(&i) = map.index.get(&node.id) else {
-            return json!({ "base": [] });
+        let mut sent = FilterSent::default();
+        if let Some(&i) = map.index.get(&node.id).filter(|_| node.approved) {
+            let rules = &map.compiled.node(i).filter;
+            for chunk in policy::filter_chunks(rules) {
+                out.insert(chunk.name(), chunk.to_json(rules));
+                sent.0.push((chunk.key, chunk.hash));
+            }
+        }
+        (Value::Object(out), sent)
+    }
+
+    /// What `node`'s client, holding `sent`, must get to hold its current filter: the new
+    /// and changed chunks, `null` for the ones gone; with what it then holds. `None` when
+    /// nothing changed (or without a policy).
+    pub fn packet_filter_changes(
+        &self,
+        node: &Node,
+        sent: &FilterSent,
+    ) -> Option<(Value, FilterSent)> {
+        let (map, i) = self.position(node)?;
+        let rules = &map.compiled.node(i).filter;
+        let chunks = policy::filter_chunks(rules);
+        let held: HashMap<u64, u64> = sent.0.iter().copied().collect();
+        let mut out = Map::new();
+        for chunk in &chunks {
+            if held.get(&chunk.key) != Some(&chunk.hash) {
+                out.insert(chunk.name(), chunk.to_json(rules));
+            }
+        }
+        let now: HashSet<u64> = chunks.iter().map(|c| c.key).collect();
+        for &(key, _) in sent.0.iter().filter(|(key, _)| !now.contains(key)) {
+            out.insert(policy::chunk_name(key), Value::Null);
+        }
+        let sent = FilterSent(chunks.iter().map(|c| (c.key, c.hash)).collect());
+        (!out.is_empty()).then_some((Value::Object(out), sent))
+    }
+
+    /// What `node`'s client holds once it got `packet_filters(node)`.
+    pub fn filter_sent(&self, node: &Node) -> FilterSent {
+        let Some((map, i)) = self.position(node).filter(|_| node.approved) else {
+            return FilterSent::default();
         };
-        let rules: Vec<Value> = map
-            .compiled
-            .node(i)
-            .filter
-            .iter()
-            .map(|r| r.to_json())
-            .collect();
-        json!({ "base": rules })
+        let chunks = policy::filter_chunks(&map.compiled.node(i).filter);
+        FilterSent(chunks.iter().map(|c| (c.key, c.hash)).collect())
     }
 
     /// Whether `viewer` sees every approved peer exactly as the shared blocks hold it (no

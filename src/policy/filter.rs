@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
 
 use ipnet::IpNet;
 use serde_json::{Map, Value, json};
@@ -13,21 +14,62 @@ use super::resolve::{Resolver, the_internet};
 use super::tailnet::{NodeRoutes, Tailnet, approved_subnets};
 
 /// A rule's `SrcIPs`, shared by every node whose filter holds the rule, with the hash of
-/// its contents computed once (filters are merged and fingerprinted per node).
+/// its contents computed once (filters are merged and fingerprinted per node) and, when
+/// first asked for, its split into buckets (see `buckets`).
 #[derive(Clone, Debug)]
 pub struct Sources {
-    ips: std::sync::Arc<[String]>,
+    ips: Arc<[String]>,
     hash: u64,
+    buckets: Arc<OnceLock<Box<[SourceBucket]>>>,
+}
+
+/// Sources per bucket the bucket count aims at (see `Sources::buckets`).
+const BUCKET_TARGET: usize = 256;
+
+/// Some of a rule's sources (indices into them), with the hash of those.
+#[derive(Debug)]
+pub struct SourceBucket {
+    pub hash: u64,
+    pub members: Box<[u32]>,
+}
+
+impl Sources {
+    /// The sources split by a hash of each address into a power-of-two count of buckets
+    /// that grows with them (about `BUCKET_TARGET` each). A node's packet filter goes out
+    /// in chunks of one bucket each, so a source joining or leaving changes one chunk, and
+    /// an address stays in its bucket while the count stays. Empty buckets are kept (the
+    /// index is the bucket's number).
+    pub fn buckets(&self) -> &[SourceBucket] {
+        self.buckets.get_or_init(|| {
+            let count = (self.ips.len() / BUCKET_TARGET).next_power_of_two();
+            let mut members: Vec<Vec<u32>> = vec![Vec::new(); count];
+            for (i, ip) in self.ips.iter().enumerate() {
+                members[(hash_of(ip) as usize) & (count - 1)].push(i as u32);
+            }
+            members
+                .into_iter()
+                .map(|m| SourceBucket {
+                    hash: hash_of(&m.iter().map(|&i| &self.ips[i as usize]).collect::<Vec<_>>()),
+                    members: m.into(),
+                })
+                .collect()
+        })
+    }
+}
+
+fn hash_of(value: &impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
 }
 
 impl From<Vec<String>> for Sources {
     fn from(ips: Vec<String>) -> Self {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        ips.hash(&mut h);
         Sources {
+            hash: hash_of(&ips),
             ips: ips.into(),
-            hash: h.finish(),
+            buckets: Arc::default(),
         }
     }
 }
@@ -47,8 +89,7 @@ impl std::ops::Deref for Sources {
 
 impl PartialEq for Sources {
     fn eq(&self, other: &Self) -> bool {
-        self.hash == other.hash
-            && (std::sync::Arc::ptr_eq(&self.ips, &other.ips) || self.ips == other.ips)
+        self.hash == other.hash && (Arc::ptr_eq(&self.ips, &other.ips) || self.ips == other.ips)
     }
 }
 
@@ -78,8 +119,13 @@ pub struct CapGrant {
 impl FilterRule {
     /// The wire form (`SrcIPs`, `DstPorts`, `IPProto`, `CapGrant`).
     pub fn to_json(&self) -> Value {
+        self.to_json_from(&self.src_ips)
+    }
+
+    /// The wire form with `sources` (some of the rule's) as its `SrcIPs`.
+    pub fn to_json_from<S: serde::Serialize>(&self, sources: &[S]) -> Value {
         let mut m = Map::new();
-        m.insert("SrcIPs".into(), json!(&self.src_ips[..]));
+        m.insert("SrcIPs".into(), json!(sources));
         if !self.dst_ports.is_empty() {
             let ports: Vec<Value> = self
                 .dst_ports
@@ -119,6 +165,12 @@ impl FilterRule {
     pub fn hash_into(&self, h: &mut impl std::hash::Hasher) {
         use std::hash::Hash;
         self.src_ips.hash(h);
+        self.hash_all_but_sources(h);
+    }
+
+    /// Like `hash_into`, without the sources: what a rule grants, to whom aside.
+    pub fn hash_all_but_sources(&self, h: &mut impl std::hash::Hasher) {
+        use std::hash::Hash;
         self.dst_ports.hash(h);
         self.ip_proto.hash(h);
         self.cap_grant.len().hash(h);

@@ -8,6 +8,7 @@
 //! and cached, so a node's netmap costs its own rules and peers, not the tailnet's.
 
 mod checks;
+mod chunks;
 pub mod eval;
 mod filter;
 pub mod ipset;
@@ -23,6 +24,7 @@ use ipnet::IpNet;
 use serde_json::Value;
 
 pub use checks::run as run_tests;
+pub use chunks::{FilterChunk, chunk_name, filter_chunks};
 pub use filter::FilterRule;
 pub use model::{Policy, PolicyError};
 pub use tailnet::{Node, NodeRoutes, Tailnet, User};

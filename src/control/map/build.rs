@@ -248,7 +248,7 @@ impl MapContext<'_> {
             } else {
                 self.settings.base_domain.clone()
             },
-            packet_filters: Some(access.packet_filters(me)),
+            packet_filters: Some(access.packet_filters(me).0),
             ssh_policy: access.ssh_policy(me),
             control_time: Some(Timestamp::now().to_rfc3339()),
             // Stops the client uploading logs to Tailscale's log service.

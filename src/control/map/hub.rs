@@ -459,6 +459,8 @@ impl MapHub {
         };
         let mut state = self.state.borrow().clone();
         let delta = state.advance(&ctx, view.clone(), &pending.changes);
+        // Compile the policy for this view here, once, before the sessions ask for it.
+        ctx.access();
         self.state.send_replace(state);
         // No receivers is fine: nobody is streaming.
         let _ = self.deltas.send(Arc::new(delta));

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use super::build::{self, MapContext, Message};
 use super::full;
 use super::hub::{Delta, HubHandle, HubState};
+use crate::control::policy::FilterSent;
 use crate::control::tailcfg::{MapResponse, RawJson};
 use crate::control::{ControlDeps, ControlSettings};
 use crate::presence::Presence;
@@ -94,8 +95,10 @@ pub(super) struct Session {
     /// The node's own JSON as last sent: a delta that touches the node without changing
     /// what its client sees of itself does not resend it.
     self_sent: Option<RawJson>,
-    /// Under a policy: what the client holds of it (see `PolicyView`).
+    /// Under a policy: what the client holds of it (see `PolicyView`), and the chunks of
+    /// its packet filter.
     policy_sent: Option<PolicyView>,
+    filter_sent: FilterSent,
     /// When the node's key expires (the stream ends then).
     expires_at: Option<Instant>,
     /// How the session ended, once it did.
@@ -135,6 +138,7 @@ impl Session {
             seq: 0,
             self_sent: None,
             policy_sent: None,
+            filter_sent: FilterSent::default(),
             expires_at: None,
             end: None,
         }
@@ -247,11 +251,23 @@ impl Session {
         self.deps.metrics.map_bytes.inc_by(bytes as u64);
     }
 
-    /// The full netmap as of this member's latest view, assembled from the hub's shared
-    /// peer JSON (`state`, which may be a tick behind the view: peers it holds in an older
-    /// state are encoded afresh).
+    /// The registry view a session answers from: the hub's, which moves once per tick,
+    /// so a member compiles its policy at most once per tick however fast writes apply —
+    /// unless it does not hold this node yet (a client streaming right after it
+    /// registered), then the member's latest.
+    fn view(&self, state: &HubState) -> Arc<Registry> {
+        if state.view.node(self.node).is_some() {
+            state.view.clone()
+        } else {
+            self.deps.view.borrow().clone()
+        }
+    }
+
+    /// The full netmap as of the hub's state (or, for a node the hub does not hold yet,
+    /// the member's latest view: peers the state holds in an older version are encoded
+    /// afresh).
     fn full_frame(&mut self, state: &HubState) -> Result<Message, End> {
-        let view = self.deps.view.borrow().clone();
+        let view = self.view(state);
         let me = view.node(self.node).ok_or(End::NodeRemoved)?;
         if let Some(last) = self.revoked(&view, me) {
             return Ok(last);
@@ -267,6 +283,7 @@ impl Session {
         self.seq = state.seq;
         self.self_sent = Some(ctx.self_json(me));
         self.policy_sent = PolicyView::of(&ctx, me);
+        self.filter_sent = ctx.access().filter_sent(me);
         Ok(frame)
     }
 
@@ -276,15 +293,15 @@ impl Session {
             // Already in the netmap the client has.
             return Ok(None);
         }
-        // The latest view: at least as new as the delta (views only move forward).
-        let view = self.deps.view.borrow().clone();
+        // The hub's state is at least as new as the delta (it only moves forward).
+        let state = self.deps.hub.current();
+        let view = self.view(&state);
         let me = view.node(self.node).ok_or(End::NodeRemoved)?;
         if let Some(last) = self.revoked(&view, me) {
             return Ok(Some(last));
         }
         self.expires_at = expiry_instant(me);
         if delta.full || me.approved != self.approved {
-            let state = self.deps.hub.current();
             return self.full_frame(&state).map(Some);
         }
         let ctx = MapContext {
@@ -293,9 +310,9 @@ impl Session {
             settings: &self.deps.settings,
         };
         let access = ctx.access();
-        // Under a policy: a change in what the node may reach goes out in the delta as a
-        // new packet filter, one in its SSH rules as a new SSHPolicy; a change in its
-        // routes or a router it sees, as a full netmap.
+        // Under a policy: a change in what the node may reach goes out in the delta as the
+        // chunks of its packet filter that changed, one in its SSH rules as a new
+        // SSHPolicy; a change in its routes or a router it sees, as a full netmap.
         let mut new_filter = None;
         let mut new_ssh = None;
         if access.has_policy() {
@@ -306,17 +323,18 @@ impl Session {
                 .any(|p| access.can_see(me, &p.node) && access.peer_routes(me, &p.node).is_some());
             match (&self.policy_sent, &now) {
                 (Some(sent), Some(now)) if sent.rest == now.rest && !router_changed => {
-                    if sent.filter != now.filter {
-                        new_filter = Some(access.packet_filters(me));
+                    if sent.filter != now.filter
+                        && let Some((changes, held)) =
+                            access.packet_filter_changes(me, &self.filter_sent)
+                    {
+                        new_filter = Some(changes);
+                        self.filter_sent = held;
                     }
                     if sent.ssh != now.ssh {
                         new_ssh = access.ssh_policy(me);
                     }
                 }
-                _ => {
-                    let state = self.deps.hub.current();
-                    return self.full_frame(&state).map(Some);
-                }
+                _ => return self.full_frame(&state).map(Some),
             }
             self.policy_sent = now;
         }

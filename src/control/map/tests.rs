@@ -85,16 +85,22 @@ impl Feed {
         applied.outcomes.remove(0)
     }
 
-    fn register(&mut self, n: u8, host: &str) -> NodeId {
+    /// Registers machine `n` (its keys derive from `n`).
+    fn register(&mut self, n: u32, host: &str) -> NodeId {
         self.register_with(n, host, format!("{{\"Hostname\":\"{host}\"}}"))
     }
 
-    fn register_with(&mut self, n: u8, host: &str, hostinfo: String) -> NodeId {
+    fn register_with(&mut self, n: u32, host: &str, hostinfo: String) -> NodeId {
         let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &self.key).unwrap();
+        let key = |kind: u8| {
+            let mut key = [kind; 32];
+            key[..4].copy_from_slice(&n.to_le_bytes());
+            key
+        };
         let out = self.apply(Command::RegisterNode {
             request: NodeRequest {
-                machine_key: MachineKey([n; 32]),
-                node_key: NodeKey([n.wrapping_add(100); 32]),
+                machine_key: MachineKey(key(1)),
+                node_key: NodeKey(key(2)),
                 hostname: host.into(),
                 hostinfo,
                 request_tags: vec![],
@@ -254,7 +260,7 @@ async fn a_stalled_reader_is_owed_one_full_map_not_one_per_tick() {
     // The client reads nothing while more deltas pass than the hub's ring holds.
     let changes = DELTA_CHANNEL_CAPACITY + 10;
     for i in 0..changes {
-        feed.register(10 + i as u8, &format!("p{i}"));
+        feed.register(10 + i as u32, &format!("p{i}"));
         tokio::time::sleep(super::hub::COALESCE_WINDOW * 2).await;
     }
     assert_eq!(
@@ -411,14 +417,52 @@ async fn a_node_changed_and_online_in_one_tick_is_sent_once() {
     h.stop.cancel();
 }
 
-fn filter_sources(v: &Value) -> Vec<String> {
-    v["PacketFilters"]["base"]
-        .as_array()
-        .expect("PacketFilters")
-        .iter()
-        .flat_map(|r| r["SrcIPs"].as_array().unwrap().iter())
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect()
+/// A packet filter as a client holds it: named chunks, merged from each response's
+/// `PacketFilters` (`null` drops a name, `"*": null` drops them all).
+#[derive(Default)]
+struct HeldFilter(std::collections::BTreeMap<String, Value>);
+
+impl HeldFilter {
+    fn apply(&mut self, response: &Value) {
+        let Some(named) = response["PacketFilters"].as_object() else {
+            return;
+        };
+        if named.get("*").is_some_and(Value::is_null) {
+            self.0.clear();
+        }
+        for (name, rules) in named.iter().filter(|(name, _)| *name != "*") {
+            if rules.is_null() {
+                self.0.remove(name);
+            } else {
+                self.0.insert(name.clone(), rules.clone());
+            }
+        }
+    }
+
+    fn of(response: &Value) -> HeldFilter {
+        let mut held = HeldFilter::default();
+        held.apply(response);
+        held
+    }
+
+    fn rules(&self) -> Vec<Value> {
+        self.0
+            .values()
+            .flat_map(|rules| rules.as_array().expect("a list of rules").clone())
+            .collect()
+    }
+
+    /// Every rule's sources, sorted.
+    fn sources(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .rules()
+            .iter()
+            .flat_map(|r| r["SrcIPs"].as_array().unwrap().clone())
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect();
+        all.sort();
+        all
+    }
 }
 
 fn addresses(feed: &Feed, id: NodeId) -> Vec<String> {
@@ -461,16 +505,17 @@ async fn a_policy_shapes_netmaps_and_filters_and_follows_changes() {
     let peers = full["Peers"].as_array().unwrap();
     assert_eq!(peers.len(), 1, "{full}");
     assert_eq!(peers[0]["ID"], ok.0);
-    assert_eq!(filter_sources(&full), addresses(&feed, ok));
+    let mut held = HeldFilter::of(&full);
+    assert_eq!(held.sources(), addresses(&feed, ok));
     assert_eq!(
-        full["PacketFilters"]["base"][0]["DstPorts"][0]["Ports"],
+        held.rules()[0]["DstPorts"][0]["Ports"],
         serde_json::json!({"First": 80, "Last": 80})
     );
 
     let mut other_rx = h.session(other);
     let lonely = next(&mut other_rx).await;
     assert_eq!(lonely["Peers"], serde_json::json!([]), "{lonely}");
-    assert_eq!(lonely["PacketFilters"], serde_json::json!({"base": []}));
+    assert_eq!(lonely["PacketFilters"], serde_json::json!({"*": null}));
 
     let ok2 = feed.register(4, "ok2");
     tag(&mut feed, ok2, "tag:ok");
@@ -482,12 +527,82 @@ async fn a_policy_shapes_netmaps_and_filters_and_follows_changes() {
         );
         delta = next(&mut srv_rx).await;
     }
+    held.apply(&delta);
     let mut want = addresses(&feed, ok);
     want.extend(addresses(&feed, ok2));
     want.sort();
-    let mut got = filter_sources(&delta);
-    got.sort();
-    assert_eq!(got, want, "{delta}");
+    assert_eq!(held.sources(), want, "{delta}");
+    h.stop.cancel();
+}
+
+/// A node joining a large group changes a chunk per address in each filter that names the
+/// group: the delta carries those, and the filter the client then holds is the whole one.
+#[tokio::test(start_paused = true)]
+async fn a_filter_changes_by_the_chunk_a_new_source_falls_in() {
+    let mut feed = Feed::new();
+    feed.apply(Command::SetPolicy {
+        policy: r#"{
+            "tagOwners": {"tag:srv": ["u@"], "tag:ok": ["u@"]},
+            "acls": [{"action": "accept", "src": ["tag:ok"], "dst": ["tag:srv:80"]}],
+        }"#
+        .into(),
+    });
+    let tagged = |feed: &mut Feed, n: u32, host: &str, tag: &str| {
+        let id = feed.register(n, host);
+        feed.apply(Command::TagNode {
+            id,
+            tags: vec![tag.into()],
+        });
+        id
+    };
+    let srv = tagged(&mut feed, 1, "srv", "tag:srv");
+    // Every other node is a source, so addresses do not merge into ranges.
+    let mut sources = Vec::new();
+    for i in 0..600u32 {
+        let id = tagged(&mut feed, 2 * i + 2, &format!("ok{i}"), "tag:ok");
+        sources.extend(addresses(&feed, id));
+        feed.register(2 * i + 3, &format!("other{i}"));
+    }
+    let h = Harness::start(&feed);
+    let mut rx = h.session(srv);
+    let full = next(&mut rx).await;
+    let mut held = HeldFilter::of(&full);
+    sources.sort();
+    assert_eq!(held.sources(), sources);
+    assert!(held.0.len() > 1, "1,200 sources go out in several chunks");
+
+    let joined = tagged(&mut feed, 5000, "ok-new", "tag:ok");
+    let mut delta = next(&mut rx).await;
+    while delta.get("PacketFilters").is_none() {
+        delta = next(&mut rx).await;
+    }
+    assert!(delta.get("Peers").is_none(), "a delta, not a full map");
+    let chunks = delta["PacketFilters"].as_object().unwrap();
+    let new_addresses = addresses(&feed, joined);
+    assert!(
+        chunks.len() <= new_addresses.len(),
+        "at most a chunk per new address changed: {chunks:?}"
+    );
+    let sent = HeldFilter::of(&delta).sources().len();
+    assert!(
+        sent < sources.len() / 2,
+        "{sent} of {} sources resent",
+        sources.len()
+    );
+    held.apply(&delta);
+    let before_join = sources.clone();
+    sources.extend(new_addresses);
+    sources.sort();
+    assert_eq!(held.sources(), sources);
+
+    // Its leaving drops those addresses again (in the chunks they were in).
+    feed.apply(Command::DeleteNode { id: joined });
+    let mut delta = next(&mut rx).await;
+    while delta.get("PacketFilters").is_none() {
+        delta = next(&mut rx).await;
+    }
+    held.apply(&delta);
+    assert_eq!(held.sources(), before_join);
     h.stop.cancel();
 }
 
@@ -503,7 +618,7 @@ async fn without_a_policy_everyone_reaches_everyone() {
     assert_eq!(full["Peers"].as_array().unwrap().len(), 1, "{full}");
     assert_eq!(
         full["PacketFilters"],
-        serde_json::json!({"base": [{
+        serde_json::json!({"*": null, "base": [{
             "SrcIPs": ["*"],
             "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}],
         }]})
