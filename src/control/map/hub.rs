@@ -2,7 +2,9 @@
 //! shared deltas, so the cost of a change is paid once per change and once per receiver
 //! that must see it — never once per receiver per peer.
 //!
-//! Every 100 ms tick that saw changes, the hub re-encodes each changed peer's JSON once,
+//! A change that finds the hub quiet goes out after a short gathering window; under a
+//! stream of changes, at most one delta per 100 ms tick. Per tick, the hub re-encodes each
+//! changed peer's JSON once,
 //! keeps it in the peer cache (from which full netmaps are assembled without encoding), and
 //! broadcasts one `Delta`. Sessions filter it by what their node may see and usually share
 //! one encoded frame per delta (`Delta::shared_frame`).
@@ -24,8 +26,12 @@ use crate::presence::{Presence, PresenceChange};
 use crate::raft::{AppliedBatch, RegistryFeed};
 use crate::registry::{Change, Node, NodeId, Registry, UserId};
 
-/// Bursts of changes (a node registering touches several records) go out as one delta.
+/// Under a stream of changes, deltas go out at most this often: each tick's cost (encoding,
+/// the policy compile, one frame per session) is paid once for everything that changed.
 pub const COALESCE_WINDOW: Duration = Duration::from_millis(100);
+/// A change that finds the hub quiet waits only this long, for the rest of its burst (a node
+/// registering touches several records, applied in one or two batches).
+pub const GATHER_WINDOW: Duration = Duration::from_millis(10);
 /// Deltas a session may fall behind (6 s of ticks) before it must resync with a full
 /// netmap. Each retained delta keeps its state's changed blocks alive.
 pub const DELTA_CHANNEL_CAPACITY: usize = 64;
@@ -247,9 +253,10 @@ struct Pending {
 }
 
 impl Pending {
-    fn arm(&mut self) {
+    /// Due after the gathering window, but not before `not_before`.
+    fn arm(&mut self, not_before: Instant) {
         self.deadline
-            .get_or_insert_with(|| Instant::now() + COALESCE_WINDOW);
+            .get_or_insert_with(|| (Instant::now() + GATHER_WINDOW).max(not_before));
     }
 }
 
@@ -350,6 +357,7 @@ pub struct MapHub {
     state: watch::Sender<HubState>,
     deltas: broadcast::Sender<Arc<Delta>>,
     pending: Pending,
+    last_flush: Option<Instant>,
 }
 
 impl MapHub {
@@ -386,6 +394,7 @@ impl MapHub {
             state,
             deltas,
             pending: Pending::default(),
+            last_flush: None,
         };
         (hub, handle)
     }
@@ -405,17 +414,25 @@ impl MapHub {
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 change = self.presence_changes.recv() => match change {
-                    Ok(change) => { self.pending.changes.presence.insert(change.node()); self.pending.arm(); }
+                    Ok(change) => { self.pending.changes.presence.insert(change.node()); self.arm(); }
                     Err(broadcast::error::RecvError::Lagged(_)) => self.lost_track(),
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 changed = topology.changed(), if topology_live => match changed {
-                    Ok(()) => { self.pending.changes.full = true; self.pending.arm(); }
+                    Ok(()) => { self.pending.changes.full = true; self.arm(); }
                     Err(_) => topology_live = false,
                 },
                 () = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => self.flush(),
             }
         }
+    }
+
+    /// Schedules the next delta: soon after a quiet spell, else one window after the last.
+    fn arm(&mut self) {
+        let not_before = self
+            .last_flush
+            .map_or_else(Instant::now, |at| at + COALESCE_WINDOW);
+        self.pending.arm(not_before);
     }
 
     /// Missed changes: re-encode everything and have every session resync.
@@ -426,7 +443,7 @@ impl MapHub {
         changes
             .nodes
             .extend(self.state.borrow().peers.keys().copied());
-        self.pending.arm();
+        self.arm();
     }
 
     fn note_batch(&mut self, batch: &AppliedBatch) {
@@ -444,13 +461,14 @@ impl MapHub {
                 Change::PolicyChanged | Change::DnsChanged => self.pending.changes.full = true,
                 Change::PendingChanged(_) => continue,
             }
-            self.pending.arm();
+            self.arm();
         }
     }
 
     /// Encodes what changed once and publishes it.
     fn flush(&mut self) {
         let pending = std::mem::take(&mut self.pending);
+        self.last_flush = Some(Instant::now());
         let view = self.feed.view();
         let ctx = MapContext {
             view: &view,

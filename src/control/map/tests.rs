@@ -221,13 +221,54 @@ async fn a_burst_of_changes_goes_out_as_one_delta() {
         feed.register(n, host);
     }
     let delta = next(&mut rx).await;
-    assert!(t0.elapsed() >= super::hub::COALESCE_WINDOW);
+    assert!(t0.elapsed() >= super::hub::GATHER_WINDOW);
     assert_eq!(peer_keys(&delta, "PeersChanged").len(), 3, "{delta}");
     assert!(delta.get("Peers").is_none(), "a delta, not a full map");
     // The next frame is the keep-alive: nothing else was sent for the burst.
     let keepalive = next(&mut rx).await;
     assert_eq!(keepalive["KeepAlive"], true, "{keepalive}");
     assert!(t0.elapsed() >= KEEPALIVE_INTERVAL);
+    h.stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_change_after_a_quiet_spell_goes_out_soon_and_a_stream_of_changes_once_per_window() {
+    use super::hub::{COALESCE_WINDOW, GATHER_WINDOW};
+    use tokio::time::Instant;
+    let mut feed = Feed::new();
+    feed.register(1, "first");
+    let h = Harness::start(&feed);
+    let (mut deltas, _) = h.deps.hub.subscribe();
+    tokio::time::sleep(COALESCE_WINDOW * 3).await;
+
+    let t0 = Instant::now();
+    let id = feed.register(2, "after-quiet");
+    let delta = deltas.recv().await.unwrap();
+    assert!(delta.touches(id));
+    assert!(t0.elapsed() <= GATHER_WINDOW * 2, "{:?}", t0.elapsed());
+
+    // One change every 10 ms for a second: at most one delta per window, none lost.
+    let (start, changes) = (Instant::now(), 100u32);
+    let (mut sent, mut seen) = (0, std::collections::BTreeSet::new());
+    for n in 0..changes {
+        feed.register(10 + n, &format!("s{n}"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        while let Ok(d) = deltas.try_recv() {
+            sent += 1;
+            seen.extend(d.upserted.iter().map(|p| p.node.id));
+        }
+    }
+    while seen.len() < changes as usize {
+        let d = deltas.recv().await.unwrap();
+        sent += 1;
+        seen.extend(d.upserted.iter().map(|p| p.node.id));
+    }
+    let ticks = start.elapsed().as_millis() / COALESCE_WINDOW.as_millis() + 1;
+    assert!(sent as u128 <= ticks, "{sent} deltas in {ticks} windows");
+    assert!(
+        sent >= 5,
+        "the stream went out in ticks, not at its end ({sent} deltas)"
+    );
     h.stop.cancel();
 }
 
