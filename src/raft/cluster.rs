@@ -22,6 +22,8 @@ use crate::registry::{ClusterSettings, Command, Outcome, Registry, Rejection, Ti
 
 /// Snapshots and catch-up of large registries need more than a heartbeat's time.
 const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 20_000;
+/// Log entries per AppendEntries (openraft's default is 300).
+const MAX_PAYLOAD_ENTRIES: u64 = 16;
 /// Applied batches buffered for the map hub before it must resync.
 const BATCH_CHANNEL_CAPACITY: usize = 256;
 /// Pause between attempts to record the cluster settings while no leader answers.
@@ -72,6 +74,8 @@ pub(super) struct Inner {
     pub(super) tasks: TaskTracker,
     /// A fast leader-loss campaign is pending (see `leader_seems_gone`).
     pub(super) campaigning: std::sync::atomic::AtomicBool,
+    /// When a leader's AppendEntries (entries or heartbeat) last reached this member.
+    pub(super) leader_contact: super::membership::LastContact,
     /// Cancelled when Raft stops; ends long polls other members hold open on this one.
     pub(super) stop: CancellationToken,
     pub(super) drain: CancellationToken,
@@ -135,6 +139,7 @@ impl Cluster {
                 server_tls: opts.tls.server.clone(),
                 election_timeout_max: Duration::from_millis(election_min * 2),
                 campaigning: Default::default(),
+                leader_contact: Default::default(),
                 tasks: tasks.clone(),
                 stop: stop.clone(),
                 drain: opts.drain.clone(),
@@ -299,6 +304,10 @@ fn raft_config(opts: &ClusterOptions) -> Result<Config, StartError> {
         heartbeat_interval: opts.heartbeat_ms.clamp(10, election_min / 2),
         install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT_MS,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every_logs.max(100)),
+        // openraft 0.9 gives each AppendEntries one heartbeat interval to answer: a lagging
+        // follower on a loaded machine must be able to write a payload in that time, or it
+        // never catches up (entries are group-committed batches of up to 512 writes).
+        max_payload_entries: MAX_PAYLOAD_ENTRIES,
         // Entries kept behind a snapshot, so a briefly lagging follower catches up from
         // the log instead of a full snapshot.
         max_in_snapshot_log_to_keep: 50,

@@ -22,6 +22,25 @@ const LEASE_MARGIN: Duration = Duration::from_millis(30);
 /// How long `cluster add` waits for the new learner to apply what it was sent.
 const LEARNER_APPLY_WAIT: Duration = Duration::from_secs(30);
 
+/// When the leader last reached this member through Raft itself. A follower that hears
+/// the leader's AppendEntries does not call it gone because another call to it failed (a
+/// loaded leader can be slow to answer a status or presence call and still lead).
+#[derive(Default)]
+pub(super) struct LastContact(std::sync::Mutex<Option<tokio::time::Instant>>);
+
+impl LastContact {
+    pub(super) fn note(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
+    }
+
+    fn within(&self, window: Duration) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < window)
+    }
+}
+
 /// Turns the leader's heartbeats back on when dropped, whatever path a hand-over takes
 /// (success, error, timeout or cancellation): a leader left silent would let its followers
 /// elect someone else at random.
@@ -316,12 +335,18 @@ impl Cluster {
         }
     }
 
+    /// An AppendEntries from the current leader reached this member.
+    pub(super) fn noted_leader_contact(&self) {
+        self.inner.leader_contact.note();
+    }
+
     /// A call to the leader failed as calls to a dead process fail. Once every follower's
     /// lease on that leader must have lapsed (its election timeout at most), this member
-    /// checks that the leader still does not answer and campaigns at once, instead of
-    /// waiting out its own election timer on top of the lease. Followers go in member-id
-    /// order, a beat apart, so they do not split the vote. A live leader answers the check
-    /// (and keeps the others' leases fresh), so a false alarm elects no one.
+    /// checks that the leader's AppendEntries stopped reaching it and that the leader does
+    /// not answer, and campaigns at once, instead of waiting out its own election timer on
+    /// top of the lease. Followers go in member-id order, a beat apart, so they do not split
+    /// the vote. A live leader keeps reaching its followers and answers the check, so a
+    /// false alarm elects no one.
     pub(super) fn leader_seems_gone(&self, leader: u64) {
         let m = self.metrics().borrow().clone();
         if m.current_leader != Some(leader) || leader == self.inner.id {
@@ -344,7 +369,12 @@ impl Cluster {
         let wait = self.inner.election_timeout_max + LEASE_MARGIN + LEASE_MARGIN * 5 * rank as u32;
         self.inner.tasks.spawn(async move {
             tokio::time::sleep(wait).await;
+            let heard = cluster
+                .inner
+                .leader_contact
+                .within(cluster.inner.election_timeout_max);
             if cluster.metrics().borrow().current_leader == Some(leader)
+                && !heard
                 && !cluster.answers(leader).await
             {
                 tracing::info!(

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
+};
 
 use super::TypeConfig;
 use super::cluster::Cluster;
@@ -101,6 +103,12 @@ impl RaftService for RaftRpc {
             r.vote.leader_id().voted_for()
         })?;
         let result = self.cluster.raft().append_entries(rpc).await;
+        if result
+            .as_ref()
+            .is_ok_and(|r| !matches!(r, AppendEntriesResponse::HigherVote(_)))
+        {
+            self.cluster.noted_leader_contact();
+        }
         Ok(Response::new(encode(&result)))
     }
 
