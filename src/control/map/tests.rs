@@ -85,6 +85,28 @@ impl Feed {
         applied.outcomes.remove(0)
     }
 
+    /// Registers machine `n` and tags it.
+    fn register_tagged(&mut self, n: u32, host: &str, tag: &str) -> NodeId {
+        let id = self.register(n, host);
+        self.apply(Command::TagNode {
+            id,
+            tags: vec![tag.into()],
+        });
+        id
+    }
+
+    /// Sets a policy that lets `tag:ok` reach port 80 of `tag:srv`, and nothing else.
+    fn with_ok_to_srv_policy(mut self) -> Feed {
+        self.apply(Command::SetPolicy {
+            policy: r#"{
+                "tagOwners": {"tag:srv": ["u@"], "tag:ok": ["u@"]},
+                "acls": [{"action": "accept", "src": ["tag:ok"], "dst": ["tag:srv:80"]}],
+            }"#
+            .into(),
+        });
+        self
+    }
+
     /// Registers machine `n` (its keys derive from `n`).
     fn register(&mut self, n: u32, host: &str) -> NodeId {
         self.register_with(n, host, format!("{{\"Hostname\":\"{host}\"}}"))
@@ -506,6 +528,16 @@ impl HeldFilter {
     }
 }
 
+/// The session's next frame that changes its packet filter.
+async fn next_filter_change(rx: &mut BoxStream<'static, Message>) -> Value {
+    loop {
+        let frame = next(rx).await;
+        if frame.get("PacketFilters").is_some() {
+            return frame;
+        }
+    }
+}
+
 fn addresses(feed: &Feed, id: NodeId) -> Vec<String> {
     let node = feed.registry.node(id).unwrap();
     vec![
@@ -520,24 +552,9 @@ fn addresses(feed: &Feed, id: NodeId) -> Vec<String> {
 /// no one.
 #[tokio::test(start_paused = true)]
 async fn a_policy_shapes_netmaps_and_filters_and_follows_changes() {
-    let mut feed = Feed::new();
-    feed.apply(Command::SetPolicy {
-        policy: r#"{
-            "tagOwners": {"tag:srv": ["u@"], "tag:ok": ["u@"]},
-            "acls": [{"action": "accept", "src": ["tag:ok"], "dst": ["tag:srv:80"]}],
-        }"#
-        .into(),
-    });
-    let tag = |feed: &mut Feed, id: NodeId, t: &str| {
-        feed.apply(Command::TagNode {
-            id,
-            tags: vec![t.into()],
-        });
-    };
-    let srv = feed.register(1, "srv");
-    tag(&mut feed, srv, "tag:srv");
-    let ok = feed.register(2, "ok");
-    tag(&mut feed, ok, "tag:ok");
+    let mut feed = Feed::new().with_ok_to_srv_policy();
+    let srv = feed.register_tagged(1, "srv", "tag:srv");
+    let ok = feed.register_tagged(2, "ok", "tag:ok");
     let other = feed.register(3, "other");
     let h = Harness::start(&feed);
 
@@ -558,8 +575,7 @@ async fn a_policy_shapes_netmaps_and_filters_and_follows_changes() {
     assert_eq!(lonely["Peers"], serde_json::json!([]), "{lonely}");
     assert_eq!(lonely["PacketFilters"], serde_json::json!({"*": null}));
 
-    let ok2 = feed.register(4, "ok2");
-    tag(&mut feed, ok2, "tag:ok");
+    let ok2 = feed.register_tagged(4, "ok2", "tag:ok");
     let mut delta = next(&mut srv_rx).await;
     while delta.get("PacketFilters").is_none() {
         assert!(
@@ -580,27 +596,12 @@ async fn a_policy_shapes_netmaps_and_filters_and_follows_changes() {
 /// group: the delta carries those, and the filter the client then holds is the whole one.
 #[tokio::test(start_paused = true)]
 async fn a_filter_changes_by_the_chunk_a_new_source_falls_in() {
-    let mut feed = Feed::new();
-    feed.apply(Command::SetPolicy {
-        policy: r#"{
-            "tagOwners": {"tag:srv": ["u@"], "tag:ok": ["u@"]},
-            "acls": [{"action": "accept", "src": ["tag:ok"], "dst": ["tag:srv:80"]}],
-        }"#
-        .into(),
-    });
-    let tagged = |feed: &mut Feed, n: u32, host: &str, tag: &str| {
-        let id = feed.register(n, host);
-        feed.apply(Command::TagNode {
-            id,
-            tags: vec![tag.into()],
-        });
-        id
-    };
-    let srv = tagged(&mut feed, 1, "srv", "tag:srv");
+    let mut feed = Feed::new().with_ok_to_srv_policy();
+    let srv = feed.register_tagged(1, "srv", "tag:srv");
     // Every other node is a source, so addresses do not merge into ranges.
     let mut sources = Vec::new();
     for i in 0..600u32 {
-        let id = tagged(&mut feed, 2 * i + 2, &format!("ok{i}"), "tag:ok");
+        let id = feed.register_tagged(2 * i + 2, &format!("ok{i}"), "tag:ok");
         sources.extend(addresses(&feed, id));
         feed.register(2 * i + 3, &format!("other{i}"));
     }
@@ -612,11 +613,8 @@ async fn a_filter_changes_by_the_chunk_a_new_source_falls_in() {
     assert_eq!(held.sources(), sources);
     assert!(held.0.len() > 1, "1,200 sources go out in several chunks");
 
-    let joined = tagged(&mut feed, 5000, "ok-new", "tag:ok");
-    let mut delta = next(&mut rx).await;
-    while delta.get("PacketFilters").is_none() {
-        delta = next(&mut rx).await;
-    }
+    let joined = feed.register_tagged(5000, "ok-new", "tag:ok");
+    let delta = next_filter_change(&mut rx).await;
     assert!(delta.get("Peers").is_none(), "a delta, not a full map");
     let chunks = delta["PacketFilters"].as_object().unwrap();
     let new_addresses = addresses(&feed, joined);
@@ -638,10 +636,7 @@ async fn a_filter_changes_by_the_chunk_a_new_source_falls_in() {
 
     // Its leaving drops those addresses again (in the chunks they were in).
     feed.apply(Command::DeleteNode { id: joined });
-    let mut delta = next(&mut rx).await;
-    while delta.get("PacketFilters").is_none() {
-        delta = next(&mut rx).await;
-    }
+    let delta = next_filter_change(&mut rx).await;
     held.apply(&delta);
     assert_eq!(held.sources(), before_join);
     h.stop.cancel();
