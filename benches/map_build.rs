@@ -23,12 +23,7 @@ use hsd::registry::*;
 fn tailnet(nodes: u32) -> Registry {
     let mut reg = Registry::new(ClusterSettings::default());
     let at = Timestamp(1_700_000_000_000);
-    reg.apply(&Request::single(
-        at,
-        Command::CreateUser {
-            name: "bench".into(),
-        },
-    ));
+    reg.apply(&Request::single(at, Command::create_user("bench")));
     let secret = secrets::generate(SecretKind::PreAuth);
     reg.apply(&Request::single(
         at,

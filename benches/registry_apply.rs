@@ -12,12 +12,7 @@ use hsd::registry::*;
 fn registry_with(nodes: u32) -> (Registry, String) {
     let mut reg = Registry::new(ClusterSettings::default());
     let at = Timestamp(1_700_000_000_000);
-    reg.apply(&Request::single(
-        at,
-        Command::CreateUser {
-            name: "bench".into(),
-        },
-    ));
+    reg.apply(&Request::single(at, Command::create_user("bench")));
     let secret = secrets::generate(SecretKind::PreAuth);
     reg.apply(&Request::single(
         at,

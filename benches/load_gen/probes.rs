@@ -168,6 +168,7 @@ async fn writer(cluster: &LocalCluster, via: usize, stop: Instant) -> Vec<(Insta
             admin
                 .create_user(pb::CreateUserRequest {
                     name: format!("failover-{}-{i}", std::process::id()),
+                    ..Default::default()
                 })
                 .await?;
             anyhow::Ok(())

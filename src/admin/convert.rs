@@ -36,6 +36,8 @@ pub fn user(u: &reg::User) -> pb::User {
         id: u.id.0,
         name: u.name.clone(),
         created_at: Some(timestamp(u.created_at)),
+        display_name: u.display_name.clone(),
+        email: u.email.clone(),
     }
 }
 
@@ -112,6 +114,8 @@ pub fn node(
         advertised_routes: strings(&advertised),
         approved_routes: strings(&approved),
         primary_routes: strings(&primary),
+        disco_key: n.disco_key.to_text(),
+        pre_auth_key_id: n.auth_key.map(|k| k.0),
     }
 }
 

@@ -17,7 +17,7 @@ use crate::proto::admin as pb;
 use crate::proto::admin::admin_service_server::AdminService;
 use crate::registry::secrets::{self, SecretKind};
 use crate::registry::{
-    Command, Expiry, NodeId, Outcome, Proposal, Registry, Rejection, Timestamp, names,
+    Command, ExpireUntil, Expiry, NodeId, Outcome, Proposal, Registry, Rejection, Timestamp, names,
 };
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -31,6 +31,10 @@ pub struct AdminApi {
 impl AdminApi {
     pub fn new(deps: AdminDeps) -> Self {
         AdminApi { deps }
+    }
+
+    pub fn deps(&self) -> &AdminDeps {
+        &self.deps
     }
 
     fn view(&self) -> Arc<Registry> {
@@ -121,6 +125,25 @@ impl AdminApi {
         }
     }
 
+    /// Proposes a change to `user`'s pre-auth key and answers with the key as it became.
+    async fn propose_preauth_key(
+        &self,
+        command: Command,
+        user: String,
+    ) -> Reply<pb::PreAuthKeyResponse> {
+        let what = command.name();
+        match self.propose(command).await? {
+            Outcome::PreAuthKey(key) => {
+                let mut key = convert::preauth_key(&self.view(), &key, None, Timestamp::now());
+                key.user = user;
+                Ok(Response::new(pb::PreAuthKeyResponse {
+                    pre_auth_key: Some(key),
+                }))
+            }
+            _ => Err(status::unexpected(what)),
+        }
+    }
+
     async fn propose_api_key(&self, command: Command) -> Reply<pb::ApiKeyResponse> {
         let what = command.name();
         match self.propose(command).await? {
@@ -183,6 +206,24 @@ fn user_must_exist(view: &Registry, name: &str) -> Result<(), Status> {
 fn validate_user_name(name: &str) -> Result<(), Status> {
     names::validate_user_name(name)
         .map_err(|reason| status::from_rejection(&Rejection::InvalidName(name.to_string(), reason)))
+}
+
+/// A display name and an email are optional; set, they must look like what they are.
+fn validate_profile(display_name: &str, email: &str) -> Result<(), Status> {
+    if display_name.chars().count() > 256 || display_name.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(
+            "a display name has at most 256 characters and no control characters",
+        ));
+    }
+    let looks_like_email = email.len() <= 320
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
+        && matches!(email.split_once('@'), Some((local, domain)) if !local.is_empty() && !domain.is_empty() && !domain.contains('@'));
+    if !email.is_empty() && !looks_like_email {
+        return Err(Status::invalid_argument(format!(
+            "{email:?} is not an email address"
+        )));
+    }
+    Ok(())
 }
 
 fn validate_tags(tags: &[String]) -> Result<(), Status> {
@@ -253,9 +294,15 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::CreateUserRequest>,
     ) -> Reply<pb::UserResponse> {
-        let name = request.into_inner().name;
-        validate_user_name(&name)?;
-        self.propose_user(Command::CreateUser { name }).await
+        let request = request.into_inner();
+        validate_user_name(&request.name)?;
+        validate_profile(&request.display_name, &request.email)?;
+        self.propose_user(Command::CreateUser {
+            name: request.name,
+            display_name: request.display_name,
+            email: request.email,
+        })
+        .await
     }
 
     async fn list_users(
@@ -352,16 +399,20 @@ impl AdminService for AdminApi {
             user: request.user.clone(),
             prefix,
         };
-        match self.propose(command).await? {
-            Outcome::PreAuthKey(key) => {
-                let mut key = convert::preauth_key(&self.view(), &key, None, Timestamp::now());
-                key.user = request.user;
-                Ok(Response::new(pb::PreAuthKeyResponse {
-                    pre_auth_key: Some(key),
-                }))
-            }
-            _ => Err(status::unexpected("expire_preauthkey")),
-        }
+        self.propose_preauth_key(command, request.user).await
+    }
+
+    async fn delete_pre_auth_key(
+        &self,
+        request: Request<pb::ExpirePreAuthKeyRequest>,
+    ) -> Reply<pb::PreAuthKeyResponse> {
+        let request = request.into_inner();
+        let prefix = key_prefix(SecretKind::PreAuth, &request.key)?;
+        let command = Command::DeletePreAuthKey {
+            user: request.user.clone(),
+            prefix,
+        };
+        self.propose_preauth_key(command, request.user).await
     }
 
     // ----- nodes -----
@@ -429,9 +480,19 @@ impl AdminService for AdminApi {
         self.propose_node(Command::ApproveNode { id }, None).await
     }
 
-    async fn expire_node(&self, request: Request<pb::NodeIdRequest>) -> Reply<pb::NodeResponse> {
-        let id = node_id(request.into_inner().id)?;
-        self.propose_node(Command::ExpireNode { id }, None).await
+    async fn expire_node(
+        &self,
+        request: Request<pb::ExpireNodeRequest>,
+    ) -> Reply<pb::NodeResponse> {
+        let request = request.into_inner();
+        let id = node_id(request.id)?;
+        let until = match (request.disable_expiry, &request.expiry) {
+            (true, _) => ExpireUntil::Never,
+            (false, Some(at)) => ExpireUntil::At(convert::from_timestamp(at)),
+            (false, None) => ExpireUntil::Now,
+        };
+        self.propose_node(Command::ExpireNode { id, until }, None)
+            .await
     }
 
     async fn rename_node(

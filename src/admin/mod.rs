@@ -10,6 +10,7 @@ pub mod audit;
 pub mod auth;
 pub mod convert;
 pub mod grpc;
+mod openapi;
 pub mod rest;
 pub mod status;
 mod tcp;

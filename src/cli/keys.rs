@@ -42,6 +42,14 @@ pub enum PreAuthKeysCommand {
         /// The full key or its prefix.
         key: String,
     },
+    /// Delete a pre-auth key; nodes that joined with it stay.
+    #[command(visible_aliases = ["del", "rm"])]
+    Delete {
+        #[arg(short = 'u', long)]
+        user: String,
+        /// The full key or its prefix.
+        key: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -171,6 +179,20 @@ pub async fn run_preauthkeys(
                 .pre_auth_key
                 .ok_or_else(|| missing("a key"))?;
             let text = format!("Expired pre-auth key {}", key.prefix);
+            Ok(Output::new(preauth_key_json(&key), text))
+        }
+        PreAuthKeysCommand::Delete { user, key } => {
+            let request = pb::ExpirePreAuthKeyRequest {
+                user: user.clone(),
+                key: key.clone(),
+            };
+            let key = client
+                .delete_pre_auth_key(request)
+                .await?
+                .into_inner()
+                .pre_auth_key
+                .ok_or_else(|| missing("a key"))?;
+            let text = format!("Deleted pre-auth key {}", key.prefix);
             Ok(Output::new(preauth_key_json(&key), text))
         }
     }

@@ -180,7 +180,10 @@ pub async fn run(cmd: &NodesCommand, client: &mut Client) -> Result<Output, CliE
         ),
         NodesCommand::Expire { id } => one_node(
             client
-                .expire_node(pb::NodeIdRequest { id: *id })
+                .expire_node(pb::ExpireNodeRequest {
+                    id: *id,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner(),
         ),

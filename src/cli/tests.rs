@@ -36,6 +36,8 @@ fn sample_node() -> pb::Node {
         advertised_routes: vec![],
         approved_routes: vec![],
         primary_routes: vec![],
+        disco_key: "discokey:00".into(),
+        pre_auth_key_id: Some(1),
     }
 }
 

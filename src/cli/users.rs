@@ -11,7 +11,15 @@ use crate::proto::admin as pb;
 #[derive(Subcommand, Debug)]
 pub enum UsersCommand {
     /// Create a user.
-    Create { name: String },
+    Create {
+        name: String,
+        /// Shown instead of the name where set.
+        #[arg(long, short = 'd')]
+        display_name: Option<String>,
+        /// The user's email, which policies may name instead of `name@`.
+        #[arg(long, short = 'e')]
+        email: Option<String>,
+    },
     /// List users.
     #[command(visible_alias = "ls")]
     List {
@@ -49,12 +57,17 @@ fn one(user: Option<pb::User>) -> Result<pb::User, CliError> {
 
 pub async fn run(cmd: &UsersCommand, client: &mut Client) -> Result<Output, CliError> {
     match cmd {
-        UsersCommand::Create { name } => {
-            let user = one(client
-                .create_user(pb::CreateUserRequest { name: name.clone() })
-                .await?
-                .into_inner()
-                .user)?;
+        UsersCommand::Create {
+            name,
+            display_name,
+            email,
+        } => {
+            let request = pb::CreateUserRequest {
+                name: name.clone(),
+                display_name: display_name.clone().unwrap_or_default(),
+                email: email.clone().unwrap_or_default(),
+            };
+            let user = one(client.create_user(request).await?.into_inner().user)?;
             Ok(Output::new(
                 user_json(&user),
                 users_table(std::slice::from_ref(&user)),

@@ -330,7 +330,9 @@ fn tailnet(view: &Registry, presence: &Presence) -> policy::Tailnet {
         .map(|u| policy::User {
             id: u.id.0,
             name: u.name.clone(),
-            email: if u.name.contains('@') {
+            email: if !u.email.is_empty() {
+                u.email.clone()
+            } else if u.name.contains('@') {
                 u.name.clone()
             } else {
                 String::new()
@@ -391,7 +393,7 @@ mod tests {
     /// A registry with a policy and two nodes of user `u`.
     fn tailnet_of_two() -> (Registry, NodeId) {
         let mut registry = Registry::new(ClusterSettings::default());
-        apply(&mut registry, Command::CreateUser { name: "u".into() });
+        apply(&mut registry, Command::create_user("u"));
         apply(
             &mut registry,
             Command::SetPolicy {

@@ -6,7 +6,13 @@ use serde_json::{Value, json};
 use super::admin as pb;
 
 pub fn user(u: &pb::User) -> Value {
-    json!({ "id": u.id, "name": u.name, "created_at": time(&u.created_at) })
+    json!({
+        "id": u.id,
+        "name": u.name,
+        "display_name": u.display_name,
+        "email": u.email,
+        "created_at": time(&u.created_at),
+    })
 }
 
 pub fn preauth_key(k: &pb::PreAuthKey) -> Value {

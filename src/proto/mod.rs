@@ -13,6 +13,7 @@ pub mod raft {
 }
 
 /// JSON views of admin messages (hsctl output, REST API).
+pub mod gateway;
 pub mod json;
 
 /// A relative expiry as admins write it (`1h`, `90d`), or `never`; used by hsctl and the

@@ -117,6 +117,10 @@ pub enum Command {
     Noop,
     CreateUser {
         name: String,
+        #[serde(default)]
+        display_name: String,
+        #[serde(default)]
+        email: String,
     },
     RenameUser {
         old: String,
@@ -135,6 +139,10 @@ pub enum Command {
         tags: Vec<String>,
     },
     ExpirePreAuthKey {
+        user: String,
+        prefix: String,
+    },
+    DeletePreAuthKey {
         user: String,
         prefix: String,
     },
@@ -202,8 +210,11 @@ pub enum Command {
     ApproveNode {
         id: NodeId,
     },
+    /// Sets a node's key expiry: now unless `until` says otherwise.
     ExpireNode {
         id: NodeId,
+        #[serde(default)]
+        until: ExpireUntil,
     },
     DeleteNode {
         id: NodeId,
@@ -267,14 +278,33 @@ pub enum Command {
     },
 }
 
+/// Where `ExpireNode` puts a node's key expiry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExpireUntil {
+    /// Expire it now (an already expired key keeps its time).
+    #[default]
+    Now,
+    At(Timestamp),
+    Never,
+}
+
 impl Command {
+    /// A user with no display name or email (what `hsctl users create` proposes).
+    pub fn create_user(name: impl Into<String>) -> Command {
+        Command::CreateUser {
+            name: name.into(),
+            display_name: String::new(),
+            email: String::new(),
+        }
+    }
+
     /// What the command acts on, for the audit log (names and ids, never secrets).
     pub fn target(&self) -> String {
         match self {
-            Command::CreateUser { name } | Command::DeleteUser { name } => name.clone(),
+            Command::CreateUser { name, .. } | Command::DeleteUser { name } => name.clone(),
             Command::RenameUser { old, new } => format!("{old} -> {new}"),
             Command::ApproveNode { id }
-            | Command::ExpireNode { id }
+            | Command::ExpireNode { id, .. }
             | Command::DeleteNode { id } => format!("node {id}"),
             Command::ExpireApiKey { prefix } | Command::DeleteApiKey { prefix } => {
                 format!("api key {prefix}")
@@ -288,7 +318,8 @@ impl Command {
                 format!("node {id} routes {}", routes.join(","))
             }
             Command::CreatePreAuthKey { user, prefix, .. }
-            | Command::ExpirePreAuthKey { user, prefix } => {
+            | Command::ExpirePreAuthKey { user, prefix }
+            | Command::DeletePreAuthKey { user, prefix } => {
                 format!("pre-auth key {prefix} of {user}")
             }
             Command::CreateApiKey { prefix, .. } => format!("api key {prefix}"),
@@ -312,6 +343,7 @@ impl Command {
             Command::DeleteUser { .. } => "delete_user",
             Command::CreatePreAuthKey { .. } => "create_preauthkey",
             Command::ExpirePreAuthKey { .. } => "expire_preauthkey",
+            Command::DeletePreAuthKey { .. } => "delete_preauthkey",
             Command::CreateApiKey { .. } => "create_apikey",
             Command::ExpireApiKey { .. } => "expire_apikey",
             Command::DeleteApiKey { .. } => "delete_apikey",

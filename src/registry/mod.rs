@@ -12,6 +12,8 @@ pub mod state;
 pub mod types;
 
 pub use change::{Change, Record};
-pub use command::{Command, NodeAuth, Outcome, Proposal, Rejection, Request, RequestId};
+pub use command::{
+    Command, ExpireUntil, NodeAuth, Outcome, Proposal, Rejection, Request, RequestId,
+};
 pub use state::{AUDIT_MAX, Applied, Registry, StoreError};
 pub use types::*;

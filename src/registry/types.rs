@@ -258,6 +258,12 @@ pub struct User {
     pub id: UserId,
     pub name: String,
     pub created_at: Timestamp,
+    /// Shown instead of the name where set (headscale's `displayName`).
+    #[serde(default)]
+    pub display_name: String,
+    /// The user's email, which policies may name instead of `name@`.
+    #[serde(default)]
+    pub email: String,
 }
 
 /// A Tailscale device. Replicated through Raft. High-rate soft state (online, endpoints,

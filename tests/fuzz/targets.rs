@@ -156,12 +156,15 @@ pub fn all() -> Vec<Target> {
         Target {
             name: "rest_input",
             seeds: vec![
-                b"\x00{\"name\":\"alice\"}".to_vec(),
-                b"\x01{\"user\":\"a\",\"reusable\":true,\"expiration\":\"1h\",\"tags\":[\"tag:x\"]}"
+                b"\x00{\"name\":\"alice\",\"displayName\":\"A\",\"email\":\"a@b.c\"}".to_vec(),
+                b"\x01{\"user\":\"1\",\"reusable\":true,\"expiration\":\"2030-01-01T00:00:00Z\",\"aclTags\":[\"tag:x\"]}"
                     .to_vec(),
+                b"\x02{\"id\":7}".to_vec(),
                 b"\x03{\"expiration\":\"2030-01-01T00:00:00Z\"}".to_vec(),
-                b"\x05local=true&user=bob".to_vec(),
-                b"\x06user=a&key=abcdef".to_vec(),
+                b"\x04{\"prefix\":\"hskey-api-abc-***\",\"id\":\"3\"}".to_vec(),
+                b"\x05{\"user\":\"bob\",\"authId\":\"abcdef\"}".to_vec(),
+                b"\x06expiry=2030-01-01T00:00:00Z&disableExpiry=false".to_vec(),
+                b"\x07local=true&id=12".to_vec(),
             ],
             check: |b| {
                 if let Some((which, rest)) = b.split_first() {

@@ -13,5 +13,6 @@ mod history;
 mod history_scale;
 mod policy;
 mod protocol;
+mod rest;
 mod scripts;
 mod security;

@@ -35,10 +35,7 @@ impl Feed {
     fn new() -> Feed {
         let mut registry = Registry::new(ClusterSettings::default());
         let at = Timestamp(1_700_000_000_000);
-        registry.apply(&Request::single(
-            at,
-            Command::CreateUser { name: "u".into() },
-        ));
+        registry.apply(&Request::single(at, Command::create_user("u")));
         let secret = secrets::generate(SecretKind::PreAuth);
         registry.apply(&Request::single(
             at,

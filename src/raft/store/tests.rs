@@ -46,13 +46,8 @@ async fn applied_state_survives_reopen() {
         let (_log, mut sm) = open(dir.path(), view_tx, watch::channel(0).0, batches).unwrap();
         let out = sm
             .apply(vec![
-                entry(
-                    1,
-                    Command::CreateUser {
-                        name: "alice".into(),
-                    },
-                ),
-                entry(2, Command::CreateUser { name: "bob".into() }),
+                entry(1, Command::create_user("alice")),
+                entry(2, Command::create_user("bob")),
             ])
             .await
             .unwrap();
@@ -74,14 +69,9 @@ async fn snapshot_round_trip() {
     let (view_tx, _) = watch::channel(Arc::new(Registry::default()));
     let (batches, _) = broadcast::channel(16);
     let (_l1, mut sm1) = open(d1.path(), view_tx, watch::channel(0).0, batches).unwrap();
-    sm1.apply(vec![entry(
-        1,
-        Command::CreateUser {
-            name: "carol".into(),
-        },
-    )])
-    .await
-    .unwrap();
+    sm1.apply(vec![entry(1, Command::create_user("carol"))])
+        .await
+        .unwrap();
     let snap = sm1
         .get_snapshot_builder()
         .await

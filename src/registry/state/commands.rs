@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::super::command::{Command, NodeAuth, Outcome, Rejection};
+use super::super::command::{Command, ExpireUntil, NodeAuth, Outcome, Rejection};
 use super::super::{ipalloc, names};
 use super::{Effects, Registry};
 use crate::registry::change::{Change, Record};
@@ -51,7 +51,20 @@ impl Registry {
     ) -> Result<Outcome, Rejection> {
         match cmd {
             Command::Noop => Ok(Outcome::Done),
-            Command::CreateUser { name } => self.create_user(name, now, fx),
+            Command::CreateUser {
+                name,
+                display_name,
+                email,
+            } => {
+                let user = User {
+                    id: UserId(0),
+                    name: name.clone(),
+                    created_at: now,
+                    display_name: display_name.clone(),
+                    email: email.clone(),
+                };
+                self.create_user(user, fx)
+            }
             Command::RenameUser { old, new } => self.rename_user(old, new, fx),
             Command::DeleteUser { name } => self.delete_user(name, fx),
             Command::CreatePreAuthKey {
@@ -80,6 +93,7 @@ impl Registry {
             Command::ExpirePreAuthKey { user, prefix } => {
                 self.expire_preauth_key(user, prefix, now, fx)
             }
+            Command::DeletePreAuthKey { user, prefix } => self.delete_preauth_key(user, prefix, fx),
             Command::CreateApiKey {
                 prefix,
                 hash,
@@ -162,10 +176,11 @@ impl Registry {
             }
             Command::SetLastSeen { id } => self.edit_node(*id, fx, |n| n.last_seen = Some(now)),
             Command::ApproveNode { id } => self.edit_node(*id, fx, |n| n.approved = true),
-            Command::ExpireNode { id } => self.edit_node(*id, fx, |n| {
-                if !n.is_expired(now) {
-                    n.expiry = Some(now)
-                }
+            Command::ExpireNode { id, until } => self.edit_node(*id, fx, |n| match until {
+                ExpireUntil::Now if !n.is_expired(now) => n.expiry = Some(now),
+                ExpireUntil::Now => {}
+                ExpireUntil::At(at) => n.expiry = Some(*at),
+                ExpireUntil::Never => n.expiry = None,
             }),
             Command::DeleteNode { id } => {
                 self.node_exists(*id)?;
@@ -248,23 +263,16 @@ impl Registry {
             .ok_or_else(|| Rejection::UserNotFound(name.to_string()))
     }
 
-    fn create_user(
-        &mut self,
-        name: &str,
-        now: Timestamp,
-        fx: &mut Effects,
-    ) -> Result<Outcome, Rejection> {
+    /// Adds `user` under the next user id (its `id` is ignored).
+    fn create_user(&mut self, mut user: User, fx: &mut Effects) -> Result<Outcome, Rejection> {
+        let name = user.name.as_str();
         names::validate_user_name(name).map_err(|e| Rejection::InvalidName(name.into(), e))?;
         if self.user_by_name(name).is_some() {
             return Err(Rejection::UserExists(name.into()));
         }
         let meta = Arc::make_mut(&mut self.meta);
         meta.next_user += 1;
-        let user = User {
-            id: UserId(meta.next_user),
-            name: name.into(),
-            created_at: now,
-        };
+        user.id = UserId(meta.next_user);
         self.users.insert(user.id, Arc::new(user.clone()));
         self.user_by_name.insert(user.name.as_str().into(), user.id);
         fx.records.extend([Record::Meta, Record::User(user.id)]);
@@ -335,6 +343,28 @@ impl Registry {
         Ok(Outcome::PreAuthKey(key))
     }
 
+    /// The id of `user`'s pre-auth key with `prefix`.
+    fn users_preauth_key(&self, user: &str, prefix: &str) -> Result<PreAuthKeyId, Rejection> {
+        let user = self.user_id(user)?;
+        self.preauth_key_by_prefix(prefix)
+            .filter(|k| k.user == user)
+            .map(|k| k.id)
+            .ok_or(Rejection::PreAuthKeyNotFound)
+    }
+
+    fn delete_preauth_key(
+        &mut self,
+        user: &str,
+        prefix: &str,
+        fx: &mut Effects,
+    ) -> Result<Outcome, Rejection> {
+        let id = self.users_preauth_key(user, prefix)?;
+        let key = (*self.preauth_keys.remove(&id).expect("looked up above")).clone();
+        self.preauth_by_prefix.remove(prefix);
+        fx.records.push(Record::PreAuthKey(id));
+        Ok(Outcome::PreAuthKey(key))
+    }
+
     fn expire_preauth_key(
         &mut self,
         user: &str,
@@ -342,12 +372,7 @@ impl Registry {
         now: Timestamp,
         fx: &mut Effects,
     ) -> Result<Outcome, Rejection> {
-        let user = self.user_id(user)?;
-        let id = self
-            .preauth_key_by_prefix(prefix)
-            .filter(|k| k.user == user)
-            .map(|k| k.id)
-            .ok_or(Rejection::PreAuthKeyNotFound)?;
+        let id = self.users_preauth_key(user, prefix)?;
         let key = Arc::make_mut(self.preauth_keys.get_mut(&id).expect("looked up above"));
         if !key.is_expired(now) {
             key.expiration = Some(now);

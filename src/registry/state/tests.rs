@@ -1,7 +1,7 @@
 use std::collections::BTreeSet;
 
 use super::*;
-use crate::registry::command::{Command, NodeAuth, Proposal};
+use crate::registry::command::{Command, ExpireUntil, NodeAuth, Proposal};
 use crate::registry::secrets::{self, SecretKind};
 
 fn at(ms: i64) -> Timestamp {
@@ -38,13 +38,7 @@ struct Fixture {
 fn fixture(reusable: bool, expiration: Option<Timestamp>) -> Fixture {
     let mut reg = Registry::new(ClusterSettings::default());
     assert!(matches!(
-        run(
-            &mut reg,
-            0,
-            Command::CreateUser {
-                name: "alice".into()
-            }
-        ),
+        run(&mut reg, 0, Command::create_user("alice")),
         Outcome::User(_)
     ));
     let secret = secrets::generate(SecretKind::PreAuth);
@@ -86,13 +80,7 @@ fn register(f: &mut Fixture, t: i64, req: NodeRequest) -> Outcome {
 fn duplicate_user_is_rejected_and_changes_nothing() {
     let mut f = fixture(false, None);
     let before = f.reg.clone();
-    let out = run(
-        &mut f.reg,
-        5,
-        Command::CreateUser {
-            name: "alice".into(),
-        },
-    );
+    let out = run(&mut f.reg, 5, Command::create_user("alice"));
     assert_eq!(
         out,
         Outcome::Rejected(Rejection::UserExists("alice".into()))
@@ -125,7 +113,14 @@ fn single_use_key_registers_one_machine_only() {
     assert_eq!(again.ipv4, node.ipv4);
     assert_eq!(f.reg.node_count(), 1);
     // Once the node is expired (by an admin, or a logout), the used key cannot revive it.
-    run(&mut f.reg, 13, Command::ExpireNode { id: node.id });
+    run(
+        &mut f.reg,
+        13,
+        Command::ExpireNode {
+            id: node.id,
+            until: ExpireUntil::Now,
+        },
+    );
     let out = register(&mut f, 14, node_request(1, 14, "a"));
     assert!(
         matches!(out, Outcome::Rejected(Rejection::PreAuthKeyUsed(_))),
@@ -273,7 +268,7 @@ fn rotation_logout_and_ephemeral_removal() {
 #[test]
 fn interactive_registration_completes_once_and_expires() {
     let mut reg = Registry::new(ClusterSettings::default());
-    run(&mut reg, 0, Command::CreateUser { name: "bob".into() });
+    run(&mut reg, 0, Command::create_user("bob"));
     run(
         &mut reg,
         1,
@@ -428,13 +423,7 @@ fn invalid_tags_and_names_are_rejected() {
         },
     );
     assert!(matches!(out, Outcome::Rejected(Rejection::InvalidTag(_))));
-    let out = run(
-        &mut f.reg,
-        6,
-        Command::CreateUser {
-            name: "has space".into(),
-        },
-    );
+    let out = run(&mut f.reg, 6, Command::create_user("has space"));
     assert!(matches!(out, Outcome::Rejected(Rejection::InvalidName(..))));
 }
 
@@ -463,7 +452,7 @@ fn a_repeated_request_id_answers_the_first_outcome_and_changes_nothing() {
     assert!(again.changes.is_empty());
     assert_eq!(f.reg.preauth_keys().count(), keys, "applied once");
     // A user create retried the same way is not "already exists".
-    let create = Proposal::new(Command::CreateUser { name: "bob".into() });
+    let create = Proposal::new(Command::create_user("bob"));
     let once = f.reg.apply(&Request {
         at: at(30),
         proposals: vec![create.clone()].into(),
@@ -479,7 +468,7 @@ fn a_repeated_request_id_answers_the_first_outcome_and_changes_nothing() {
 #[test]
 fn remembered_outcomes_are_forgotten_after_the_window_and_survive_storage() {
     let mut reg = Registry::new(ClusterSettings::default());
-    let create = Proposal::new(Command::CreateUser { name: "a".into() });
+    let create = Proposal::new(Command::create_user("a"));
     reg.apply(&Request {
         at: at(0),
         proposals: vec![create.clone()].into(),
@@ -507,13 +496,7 @@ fn the_clock_never_goes_backwards() {
     let mut reg = Registry::new(ClusterSettings::default());
     run(&mut reg, 1000, Command::Noop);
     // A new leader with a slow clock stamps an earlier time: the registry keeps its own.
-    let out = run(
-        &mut reg,
-        10,
-        Command::CreateUser {
-            name: "late".into(),
-        },
-    );
+    let out = run(&mut reg, 10, Command::create_user("late"));
     let Outcome::User(user) = out else {
         panic!("{out:?}")
     };
@@ -524,7 +507,7 @@ fn the_clock_never_goes_backwards() {
 #[test]
 fn expiry_spans_are_measured_from_the_stamp() {
     let mut reg = Registry::new(ClusterSettings::default());
-    run(&mut reg, 0, Command::CreateUser { name: "bob".into() });
+    run(&mut reg, 0, Command::create_user("bob"));
     run(
         &mut reg,
         500,
@@ -557,7 +540,7 @@ fn settings_are_recorded_once_and_a_different_proposal_names_the_key() {
     let mut reg = Registry::default();
     let mut f = ClusterSettings::default();
     // Without settings a node cannot get addresses.
-    run(&mut reg, 0, Command::CreateUser { name: "u".into() });
+    run(&mut reg, 0, Command::create_user("u"));
     run(
         &mut reg,
         1,
@@ -700,8 +683,8 @@ fn one_open_interactive_registration_per_machine_and_a_cap_on_all() {
 #[test]
 fn admin_writes_are_audited_once_with_their_outcome() {
     let mut reg = Registry::new(ClusterSettings::default());
-    let create = Proposal::by("uid:7".into(), Command::CreateUser { name: "ann".into() });
-    let again = Proposal::by("uid:7".into(), Command::CreateUser { name: "ann".into() });
+    let create = Proposal::by("uid:7".into(), Command::create_user("ann"));
+    let again = Proposal::by("uid:7".into(), Command::create_user("ann"));
     for (t, proposal) in [(1, create.clone()), (2, create), (3, again)] {
         reg.apply(&Request {
             at: at(t),
