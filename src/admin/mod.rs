@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod auth;
+mod console;
 pub mod convert;
 pub mod grpc;
 mod openapi;

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use tonic::Code;
 
 use super::grpc::AdminApi;
-use super::{AdminDeps, auth};
+use super::{AdminDeps, auth, console};
 use crate::proto::admin as pb;
 use crate::proto::admin::admin_service_server::AdminService;
 use crate::proto::gateway;
@@ -88,10 +88,24 @@ async fn require_api_key(State(deps): State<AdminDeps>, request: Request, next: 
     if let Some(refusal) = deps.failed_auth.refusal_for(source) {
         return ApiError::from(refusal).into_response();
     }
-    let header = request
+    // A script sends its key as a bearer token; the console's page, as its session cookie.
+    let bearer = request
         .headers()
         .get("authorization")
-        .and_then(|v| v.to_str().ok());
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let from_cookie = console::session_key(request.headers()).map(|k| format!("Bearer {k}"));
+    if bearer.is_none()
+        && from_cookie.is_some()
+        && !console::csrf_allows(request.method(), request.headers())
+    {
+        return ApiError::from(tonic::Status::permission_denied(
+            "a console write needs its CSRF token in the X-CSRF-Token header",
+        ))
+        .into_response();
+    }
+    let header = bearer.or(from_cookie);
+    let header = header.as_deref();
     let actor = super::audit::bearer_actor(header);
     match auth::check_bearer(&deps.cluster.view(), header, Timestamp::now()) {
         Ok(()) => super::audit::with_actor(actor, next.run(request)).await,
@@ -107,9 +121,11 @@ async fn require_api_key(State(deps): State<AdminDeps>, request: Request, next: 
     }
 }
 
-/// The `/api/v1` routes and `/version`, to merge into the control router.
+/// The `/api/v1` routes, `/version` and the console at `/admin`, to merge into the control
+/// router.
 pub fn router(deps: AdminDeps) -> Router {
     let api = AdminApi::new(deps.clone());
+    let deps_for_console = deps.clone();
     let authenticated = Router::new()
         .route("/api/v1/health", get(health))
         .route("/api/v1/version", get(version))
@@ -152,10 +168,13 @@ pub fn router(deps: AdminDeps) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(api.clone())
         .layer(middleware::from_fn_with_state(deps, require_api_key));
-    Router::new()
+    let public = Router::new()
         .route("/api/v1/openapi.json", get(super::openapi::document))
         .route("/version", get(version))
-        .with_state(api)
+        .with_state(api);
+    Router::new()
+        .merge(console::router(deps_for_console))
+        .merge(public)
         .merge(authenticated)
 }
 

@@ -6,6 +6,7 @@ mod harness;
 mod cli;
 mod clients;
 mod cluster;
+mod console;
 mod control_tls;
 mod durability;
 mod faults;
