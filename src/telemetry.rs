@@ -6,7 +6,7 @@ use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, T
 /// `hsd=debug,info`); `RUST_LOG` overrides it.
 pub fn init_logging(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter_for(level)))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -17,6 +17,18 @@ pub fn init_logging(level: &str, json: bool) {
     } else {
         builder.try_init()
     };
+}
+
+/// A bare `info` (or `warn`, `error`) keeps openraft at `warn`: its info lines dump whole
+/// vote and log states, one readable line per event is ours. `debug`, `trace` and any
+/// filter naming targets are taken as written.
+fn filter_for(level: &str) -> String {
+    let level = level.trim();
+    if level.contains('=') || matches!(level, "debug" | "trace") {
+        level.to_string()
+    } else {
+        format!("{level},openraft=warn")
+    }
 }
 
 /// Every metric this member exports. Cheap to share (`Arc`); counters are atomics.
@@ -161,5 +173,17 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod logging_tests {
+    use super::filter_for;
+
+    #[test]
+    fn openraft_is_quiet_at_info_and_as_asked_otherwise() {
+        assert_eq!(filter_for("info"), "info,openraft=warn");
+        assert_eq!(filter_for("debug"), "debug");
+        assert_eq!(filter_for("info,openraft=info"), "info,openraft=info");
     }
 }

@@ -475,6 +475,15 @@ impl AdminService for AdminApi {
         self.propose_node(command, Some(&request.user)).await
     }
 
+    async fn reject_registration(
+        &self,
+        request: Request<pb::RejectRegistrationRequest>,
+    ) -> Reply<pb::RejectRegistrationResponse> {
+        let auth_id = registration_id(&request.into_inner().auth_id)?;
+        self.propose(Command::RejectInteractive { auth_id }).await?;
+        Ok(Response::new(pb::RejectRegistrationResponse {}))
+    }
+
     async fn approve_node(&self, request: Request<pb::NodeIdRequest>) -> Reply<pb::NodeResponse> {
         let id = node_id(request.into_inner().id)?;
         self.propose_node(Command::ApproveNode { id }, None).await

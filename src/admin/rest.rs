@@ -772,12 +772,13 @@ async fn auth_approve(State(api): State<AdminApi>, bytes: Bytes) -> ApiResult {
     ))))
 }
 
+/// Voids the registration: its AuthURL stops working and the client starts over.
 async fn auth_reject(State(api): State<AdminApi>, bytes: Bytes) -> ApiResult {
     let auth_id = body::<AuthId>(&bytes)?.auth_id;
     pending_registration(&api, &auth_id)?;
-    Err(ApiError::from(tonic::Status::unimplemented(format!(
-        "registration {auth_id} stays open until it expires; hsd cannot reject it yet"
-    ))))
+    api.reject_registration(req(pb::RejectRegistrationRequest { auth_id }))
+        .await?;
+    Ok(Json(json!({})))
 }
 
 fn pending_registration(api: &AdminApi, auth_id: &str) -> Result<(), ApiError> {

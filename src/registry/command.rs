@@ -185,6 +185,11 @@ pub enum Command {
         auto_approve: bool,
         expiry: Option<Expiry>,
     },
+    /// Void an open interactive registration: its AuthURL stops working and the waiting
+    /// client starts over with a new one.
+    RejectInteractive {
+        auth_id: String,
+    },
     /// Replace a node's key (`RegisterRequest.OldNodeKey`).
     RotateNodeKey {
         machine_key: MachineKey,
@@ -323,6 +328,7 @@ impl Command {
                 format!("pre-auth key {prefix} of {user}")
             }
             Command::CreateApiKey { prefix, .. } => format!("api key {prefix}"),
+            Command::RejectInteractive { auth_id } => format!("registration {auth_id}"),
             Command::CompleteInteractive { auth_id, user, .. } => {
                 format!("registration {auth_id} for {user}")
             }
@@ -344,6 +350,7 @@ impl Command {
             Command::CreatePreAuthKey { .. } => "create_preauthkey",
             Command::ExpirePreAuthKey { .. } => "expire_preauthkey",
             Command::DeletePreAuthKey { .. } => "delete_preauthkey",
+            Command::RejectInteractive { .. } => "reject_registration",
             Command::CreateApiKey { .. } => "create_apikey",
             Command::ExpireApiKey { .. } => "expire_apikey",
             Command::DeleteApiKey { .. } => "delete_apikey",

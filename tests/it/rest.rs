@@ -543,6 +543,30 @@ fn nodes_as_headscale_serves_them() {
         400,
         3,
     );
+    // A rejected registration is void: completing it afterwards finds nothing.
+    let auth_id = begin_interactive(&api.addr, "stranger");
+    assert_eq!(
+        api.ok(
+            "POST",
+            "/api/v1/auth/reject",
+            Some(json!({"authId": auth_id}))
+        ),
+        json!({})
+    );
+    api.refused(
+        "POST",
+        "/api/v1/auth/register",
+        Some(json!({"user": "ops", "authId": auth_id})),
+        404,
+        5,
+    );
+    api.refused(
+        "POST",
+        "/api/v1/auth/reject",
+        Some(json!({"authId": auth_id})),
+        404,
+        5,
+    );
 
     assert_eq!(
         api.ok("POST", "/api/v1/node/backfillips?confirmed=true", None),

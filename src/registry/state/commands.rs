@@ -125,6 +125,7 @@ impl Registry {
                 auto_approve,
                 expiry,
             } => self.complete_interactive(auth_id, user, *auto_approve, *expiry, now, fx),
+            Command::RejectInteractive { auth_id } => self.reject_interactive(auth_id, fx),
             Command::RotateNodeKey {
                 machine_key,
                 old,
@@ -564,6 +565,24 @@ impl Registry {
         fx.records.push(Record::Pending(auth_id.into()));
         fx.changes.push(Change::PendingChanged(auth_id.into()));
         Ok(Outcome::Pending(Box::new(pending)))
+    }
+
+    fn reject_interactive(
+        &mut self,
+        auth_id: &str,
+        fx: &mut Effects,
+    ) -> Result<Outcome, Rejection> {
+        match self.pending.get(auth_id) {
+            None => return Err(Rejection::RegistrationNotFound(auth_id.into())),
+            Some(p) if p.node.is_some() => {
+                return Err(Rejection::RegistrationCompleted(auth_id.into()));
+            }
+            Some(_) => {}
+        }
+        self.remove_pending(auth_id);
+        fx.records.push(Record::Pending(auth_id.into()));
+        fx.changes.push(Change::PendingChanged(auth_id.into()));
+        Ok(Outcome::Done)
     }
 
     fn complete_interactive(
