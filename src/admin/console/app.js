@@ -356,20 +356,23 @@ async function route(fresh) {
   document.getElementById('nav').hidden = false;
   for (const link of document.querySelectorAll('nav a')) link.classList.toggle('current', link.getAttribute('href') === '#' + name);
   if (fresh) say('');
-  const root = main();
-  root.dataset.page = name;
+  // Each visit draws into its own element: a redraw of the page just left that is still
+  // waiting for its answer then lands in a detached element, not over this page.
+  const root = el('div', { class: 'page' });
+  main().replaceChildren(root);
+  main().dataset.page = name;
   try {
     await page.draw(root);
   } catch (error) {
-    if (error instanceof ApiError || error instanceof TypeError) say(error.message || 'This member did not answer.');
+    if (error instanceof ApiError || error instanceof TypeError) { if (root.isConnected) say(error.message || 'This member did not answer.'); }
     else throw error;
   }
-  if (page.every) {
+  if (page.every && root.isConnected) {
     timer = setInterval(async () => {
       // Live pages redraw unless the admin is typing or a panel is open.
       const busy = document.activeElement && ['INPUT', 'TEXTAREA', 'SELECT'].includes(document.activeElement.tagName);
       if (busy || document.querySelector('#node-panel .card')) return;
-      try { await page.draw(root); root.dataset.refreshed = Date.now(); } catch (error) { say(error.message || 'This member did not answer.'); }
+      try { await page.draw(root); main().dataset.refreshed = Date.now(); } catch (error) { if (root.isConnected) say(error.message || 'This member did not answer.'); }
     }, page.every);
   }
 }
