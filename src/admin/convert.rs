@@ -38,6 +38,8 @@ pub fn user(u: &reg::User) -> pb::User {
         created_at: Some(timestamp(u.created_at)),
         display_name: u.display_name.clone(),
         email: u.email.clone(),
+        provider: if u.provider_id.is_empty() { "" } else { "oidc" }.into(),
+        provider_id: u.provider_id.clone(),
     }
 }
 

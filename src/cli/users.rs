@@ -40,11 +40,13 @@ pub enum UsersCommand {
 }
 
 pub fn users_table(users: &[pb::User]) -> String {
-    let mut t = Table::new(&["ID", "NAME", "CREATED"]);
+    let mut t = Table::new(&["ID", "NAME", "EMAIL", "PROVIDER", "CREATED"]);
     for u in users {
         t.row(vec![
             u.id.to_string(),
             u.name.clone(),
+            u.email.clone(),
+            u.provider.clone(),
             time_cell(&u.created_at),
         ]);
     }

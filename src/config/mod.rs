@@ -113,6 +113,81 @@ pub struct Config {
     /// Bounds on what outsiders can make a member hold.
     pub limits: LimitsConfig,
     pub audit: AuditConfig,
+    /// Login through an OpenID Connect provider (headscale's `oidc.*` keys). Off while
+    /// `oidc.issuer` is empty.
+    pub oidc: OidcConfig,
+}
+
+/// An OpenID Connect provider for interactive logins, with headscale's key names.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The provider's issuer URL (discovery at `<issuer>/.well-known/openid-configuration`).
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: String,
+    /// A file holding the client secret (instead of `client_secret`).
+    pub client_secret_path: Option<PathBuf>,
+    /// Scopes asked for; `openid` is always sent.
+    pub scope: Vec<String>,
+    /// Extra query parameters for the provider's authorization endpoint.
+    pub extra_params: std::collections::BTreeMap<String, String>,
+    /// When set, only users whose email is in one of these domains may log in.
+    pub allowed_domains: Vec<String>,
+    /// When set, only these emails may log in.
+    pub allowed_users: Vec<String>,
+    /// When set, only members of one of these groups (the `groups` claim) may log in.
+    pub allowed_groups: Vec<String>,
+    pub pkce: OidcPkceConfig,
+    /// Key expiry of a node registered through the provider; 0 = never.
+    pub expiry: ConfigDuration,
+    /// Use the ID token's expiry as the node's key expiry instead of `expiry`.
+    pub use_expiry_from_token: bool,
+}
+
+impl Default for OidcConfig {
+    fn default() -> Self {
+        OidcConfig {
+            issuer: String::new(),
+            client_id: String::new(),
+            client_secret: String::new(),
+            client_secret_path: None,
+            scope: vec!["openid".into(), "profile".into(), "email".into()],
+            extra_params: Default::default(),
+            allowed_domains: Vec::new(),
+            allowed_users: Vec::new(),
+            allowed_groups: Vec::new(),
+            pkce: OidcPkceConfig::default(),
+            expiry: ConfigDuration(Duration::from_secs(180 * 24 * 3600)),
+            use_expiry_from_token: false,
+        }
+    }
+}
+
+impl OidcConfig {
+    pub fn enabled(&self) -> bool {
+        !self.issuer.is_empty()
+    }
+}
+
+/// Proof Key for Code Exchange (RFC 7636) on the code flow.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OidcPkceConfig {
+    /// On by default here (headscale's default is off): it costs nothing with providers
+    /// that support it.
+    pub enabled: bool,
+    /// `S256`, the only method hsd sends.
+    pub method: String,
+}
+
+impl Default for OidcPkceConfig {
+    fn default() -> Self {
+        OidcPkceConfig {
+            enabled: true,
+            method: "S256".into(),
+        }
+    }
 }
 
 /// How long the replicated audit log keeps records. The leader prunes by its own values,
@@ -434,6 +509,7 @@ impl Default for Config {
             shutdown_grace: ConfigDuration(Duration::from_secs(30)),
             limits: LimitsConfig::default(),
             audit: AuditConfig::default(),
+            oidc: OidcConfig::default(),
         }
     }
 }

@@ -7,7 +7,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::{
     ClusterConfig, ClusterTlsConfig, Config, ConfigError, DerpConfig, DnsConfig, LimitsConfig,
-    LogConfig, PrefixesConfig, Validated, invalid, parse_addr,
+    LogConfig, OidcConfig, PrefixesConfig, Validated, invalid, parse_addr,
 };
 
 impl Config {
@@ -29,6 +29,7 @@ impl Config {
         self.dns.validate()?;
         self.log.validate()?;
         self.limits.validate()?;
+        self.oidc.validate()?;
         let cap = crate::registry::AUDIT_MAX as u64;
         if !(1..=cap).contains(&self.audit.max_records) {
             return Err(invalid(
@@ -97,6 +98,54 @@ impl Config {
                     ),
                 )
             })
+    }
+}
+
+impl OidcConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let issuer = self.issuer.as_str();
+        if !(issuer.starts_with("https://") || issuer.starts_with("http://")) {
+            return Err(invalid(
+                "oidc.issuer",
+                format!("{issuer:?} must be an http(s) URL"),
+            ));
+        }
+        if self.client_id.is_empty() {
+            return Err(invalid("oidc.client_id", "needed with oidc.issuer"));
+        }
+        if !self.client_secret.is_empty() && self.client_secret_path.is_some() {
+            return Err(invalid(
+                "oidc.client_secret_path",
+                "set client_secret or client_secret_path, not both",
+            ));
+        }
+        if self.pkce.method != "S256" {
+            return Err(invalid(
+                "oidc.pkce.method",
+                format!(
+                    "{:?}: only S256 is supported (plain sends the verifier in the clear)",
+                    self.pkce.method
+                ),
+            ));
+        }
+        for reserved in [
+            "state",
+            "nonce",
+            "redirect_uri",
+            "client_id",
+            "response_type",
+        ] {
+            if self.extra_params.contains_key(reserved) {
+                return Err(invalid(
+                    "oidc.extra_params",
+                    format!("{reserved} is set by hsd itself"),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

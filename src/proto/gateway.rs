@@ -28,8 +28,8 @@ pub fn user(u: &pb::User) -> Value {
         "createdAt": time(&u.created_at),
         "displayName": u.display_name,
         "email": u.email,
-        "providerId": "",
-        "provider": "",
+        "providerId": u.provider_id,
+        "provider": u.provider,
         "profilePicUrl": "",
     })
 }

@@ -11,6 +11,8 @@ pub fn user(u: &pb::User) -> Value {
         "name": u.name,
         "display_name": u.display_name,
         "email": u.email,
+        "provider": u.provider,
+        "provider_id": u.provider_id,
         "created_at": time(&u.created_at),
     })
 }

@@ -281,6 +281,15 @@ pub enum Command {
         member: u64,
         key: [u8; 32],
     },
+    /// Complete an interactive registration for whoever logged in at the OpenID provider:
+    /// their user is found by issuer and subject (made on the first login) and takes the
+    /// token's current display name and email.
+    OidcLogin {
+        auth_id: String,
+        identity: OidcIdentity,
+        auto_approve: bool,
+        expiry: Option<Expiry>,
+    },
 }
 
 /// Where `ExpireNode` puts a node's key expiry.
@@ -332,6 +341,9 @@ impl Command {
             Command::CompleteInteractive { auth_id, user, .. } => {
                 format!("registration {auth_id} for {user}")
             }
+            Command::OidcLogin {
+                auth_id, identity, ..
+            } => format!("registration {auth_id} for {}", identity.provider_id()),
             Command::RecordAudit { target, .. } => target.clone(),
             _ => String::new(),
         }
@@ -373,6 +385,7 @@ impl Command {
             Command::ApproveRoutes { .. } => "approve_routes",
             Command::RollbackPolicy { .. } => "rollback_policy",
             Command::InitSettings { .. } => "init_settings",
+            Command::OidcLogin { .. } => "oidc_login",
         }
     }
 }

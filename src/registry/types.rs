@@ -264,6 +264,27 @@ pub struct User {
     /// The user's email, which policies may name instead of `name@`.
     #[serde(default)]
     pub email: String,
+    /// `<issuer>/<subject>` for a user from an OpenID provider: who they are, whatever
+    /// their name or email become. Empty for users made by an admin.
+    #[serde(default)]
+    pub provider_id: String,
+}
+
+/// Who an OpenID provider says logged in, from a verified ID token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OidcIdentity {
+    pub issuer: String,
+    pub subject: String,
+    /// The name to give a new user (`preferred_username`, else the email).
+    pub name: String,
+    pub display_name: String,
+    pub email: String,
+}
+
+impl OidcIdentity {
+    pub fn provider_id(&self) -> String {
+        format!("{}/{}", self.issuer.trim_end_matches('/'), self.subject)
+    }
 }
 
 /// A Tailscale device. Replicated through Raft. High-rate soft state (online, endpoints,

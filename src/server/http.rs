@@ -4,11 +4,12 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 
+use super::login::{self, OidcLogin};
 use crate::control::{self, ControlDeps};
 use crate::derp::server::DerpServer;
 use crate::limit::conn::ConnGuard;
@@ -16,14 +17,21 @@ use crate::telemetry::Metrics;
 
 #[derive(Clone)]
 pub(super) struct HttpState {
-    control: ControlDeps,
+    pub control: ControlDeps,
     derp: Arc<DerpServer>,
+    /// Interactive logins through an identity provider, when `oidc.issuer` is set.
+    pub oidc: Option<Arc<OidcLogin>>,
 }
 
-pub(super) fn control_router(control: ControlDeps, derp: Arc<DerpServer>) -> Router {
+pub(super) fn control_router(
+    control: ControlDeps,
+    derp: Arc<DerpServer>,
+    oidc: Option<Arc<OidcLogin>>,
+) -> Router {
     let state = HttpState {
         control: control.clone(),
         derp,
+        oidc,
     };
     let inner = Router::new()
         .route("/key", get(control::upgrade::key_handler))
@@ -45,7 +53,8 @@ pub(super) fn control_router(control: ControlDeps, derp: Arc<DerpServer>) -> Rou
         )
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/register/{auth_id}", get(register_page))
+        .route("/register/{auth_id}", get(login::register_page))
+        .route("/oidc/callback", get(login::oidc_callback))
         .with_state(state)
         .merge(inner)
 }
@@ -80,19 +89,6 @@ async fn ready(State(s): State<HttpState>) -> Response {
             .into_response();
     }
     (StatusCode::OK, format!("ready (leader {leader})\n")).into_response()
-}
-
-/// The page an interactive AuthURL opens: tells the admin how to complete it.
-async fn register_page(UrlPath(auth_id): UrlPath<String>, State(s): State<HttpState>) -> Response {
-    let safe = auth_id.chars().all(|c| c.is_ascii_alphanumeric());
-    if !safe || s.control.cluster.view().pending(&auth_id).is_none() {
-        return (StatusCode::NOT_FOUND, "unknown or expired registration\n").into_response();
-    }
-    Html(format!(
-        "<!doctype html><title>hsd: register node</title><h1>Register this node</h1>\
-         <p>Ask an administrator to run:</p><pre>hsctl nodes register --user USERNAME --key {auth_id}</pre>"
-    ))
-    .into_response()
 }
 
 /// `/metrics`: the registry of counters, with DERP gauges refreshed per scrape.

@@ -9,6 +9,7 @@ use serde::Serialize;
 use tokio::net::{TcpListener, UdpSocket};
 
 use super::control_tls::ControlTls;
+use super::login::OidcLogin;
 use super::{Lifecycle, StartError, http};
 use crate::admin::AdminDeps;
 use crate::config::{Config, LimitsConfig, Validated};
@@ -45,6 +46,8 @@ pub(super) struct Listeners {
     /// Bound before the member reports ready, so `hsctl` never finds a stale socket file.
     unix: tokio::net::UnixListener,
     unix_socket: PathBuf,
+    /// Interactive logins through an identity provider, when configured.
+    oidc: Option<Arc<OidcLogin>>,
 }
 
 async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -68,6 +71,7 @@ impl Listeners {
         config: &Config,
         v: &Validated,
         control_tls: Option<ControlTls>,
+        oidc: Option<Arc<OidcLogin>>,
     ) -> Result<Listeners, StartError> {
         let stun = match v.stun_listen_addr {
             Some(addr) => Some(
@@ -93,6 +97,7 @@ impl Listeners {
                 .await
                 .map_err(StartError::AdminSocket)?,
             unix_socket: v.unix_socket.clone(),
+            oidc,
         })
     }
 
@@ -145,7 +150,7 @@ impl Listeners {
             max_concurrent_streams: self.limits.max_concurrent_streams,
             tls: self.control_tls.as_ref().map(ControlTls::acceptor),
         };
-        let app = http::control_router(control, derp.clone())
+        let app = http::control_router(control, derp.clone(), self.oidc)
             .merge(crate::admin::rest::router(admin.clone()));
         let admin_tls = self.control_tls.as_ref().map(ControlTls::acceptor);
         if let Some(tls) = self.control_tls {

@@ -6,6 +6,7 @@ mod background;
 mod control_tls;
 mod http;
 mod listeners;
+mod login;
 pub mod supervisor;
 
 use std::collections::BTreeMap;
@@ -72,6 +73,8 @@ pub enum StartError {
     Tls(#[from] crate::raft::tls::TlsError),
     #[error("loading the control port's TLS files (tls_cert_path, tls_key_path)")]
     ControlTls(#[from] control_tls::ControlTlsError),
+    #[error("setting up OIDC (oidc.*)")]
+    Oidc(#[from] crate::oidc::SetupError),
 }
 
 impl StartError {
@@ -82,6 +85,7 @@ impl StartError {
             StartError::Config(_)
                 | StartError::KeyFile(control::keys::KeyFileError::Missing { .. })
                 | StartError::ControlTls(_)
+                | StartError::Oidc(_)
                 | StartError::Raft(crate::raft::StartError::SettingsMismatch { .. })
         )
     }
@@ -224,7 +228,8 @@ impl Server {
             _ => None,
         };
         let keys = MemberKeys::load(&config, &v)?;
-        let listeners = Listeners::bind(&config, &v, control_tls).await?;
+        let oidc = login::oidc_login(&config.oidc, &keys.noise)?;
+        let listeners = Listeners::bind(&config, &v, control_tls, oidc).await?;
         let addrs = listeners.addrs(&config, &v);
         let life = Lifecycle::new()?;
         let presence = Presence::new(config.cluster.member_id);

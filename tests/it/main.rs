@@ -12,6 +12,7 @@ mod durability;
 mod faults;
 mod history;
 mod history_scale;
+mod oidc;
 mod policy;
 mod protocol;
 mod rest;

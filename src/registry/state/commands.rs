@@ -1,6 +1,7 @@
 //! What each command does to the registry. Every function here is deterministic: time
 //! comes in as the entry's stamp, ids from the registry's own counters.
 
+use sha2::Digest;
 use std::sync::Arc;
 
 use super::super::command::{Command, ExpireUntil, NodeAuth, Outcome, Rejection};
@@ -62,6 +63,7 @@ impl Registry {
                     created_at: now,
                     display_name: display_name.clone(),
                     email: email.clone(),
+                    provider_id: String::new(),
                 };
                 self.create_user(user, fx)
             }
@@ -231,6 +233,15 @@ impl Registry {
                 self.set_policy(&policy, now, fx)
             }
             Command::InitSettings { settings } => self.init_settings(settings, fx),
+            Command::OidcLogin {
+                auth_id,
+                identity,
+                auto_approve,
+                expiry,
+            } => {
+                let user = self.oidc_user(auth_id, identity, now, fx)?;
+                self.complete_interactive(auth_id, &user, *auto_approve, *expiry, now, fx)
+            }
         }
     }
 
@@ -618,6 +629,73 @@ impl Registry {
         fx.records.push(Record::Pending(auth_id.into()));
         fx.changes.push(Change::PendingChanged(auth_id.into()));
         Ok(Outcome::Node(Box::new(node)))
+    }
+
+    /// The name of the user `identity` is, made on their first login; later logins refresh
+    /// the display name and email (the name stays: policies may use it). A registration
+    /// that cannot complete is refused first, so a stale callback makes no user.
+    fn oidc_user(
+        &mut self,
+        auth_id: &str,
+        identity: &OidcIdentity,
+        now: Timestamp,
+        fx: &mut Effects,
+    ) -> Result<String, Rejection> {
+        match self.pending.get(auth_id) {
+            None => return Err(Rejection::RegistrationNotFound(auth_id.into())),
+            Some(p) if p.node.is_some() => {
+                return Err(Rejection::RegistrationCompleted(auth_id.into()));
+            }
+            Some(_) => {}
+        }
+        let provider_id = identity.provider_id();
+        // Logins are rare next to map traffic; a pass over the users is cheap enough.
+        let known = self.users.values().find(|u| u.provider_id == provider_id);
+        if let Some(user) = known.cloned() {
+            if user.display_name != identity.display_name || user.email != identity.email {
+                let u = Arc::make_mut(self.users.get_mut(&user.id).expect("found above"));
+                u.display_name = identity.display_name.clone();
+                u.email = identity.email.clone();
+                fx.records.push(Record::User(user.id));
+                fx.changes.push(Change::UserChanged(user.id));
+            }
+            return Ok(user.name.clone());
+        }
+        let user = User {
+            id: UserId(0),
+            name: self.free_user_name(identity, &provider_id),
+            created_at: now,
+            display_name: identity.display_name.clone(),
+            email: identity.email.clone(),
+            provider_id,
+        };
+        let name = user.name.clone();
+        self.create_user(user, fx)?;
+        Ok(name)
+    }
+
+    /// The token's name made valid; when an admin-made (or another provider's) user has
+    /// it, a suffix from the provider id keeps the two apart instead of merging them.
+    fn free_user_name(&self, identity: &OidcIdentity, provider_id: &str) -> String {
+        let clean = |s: &str| -> String {
+            s.chars()
+                .map(|c| {
+                    let ok = c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | '+');
+                    if ok { c } else { '-' }
+                })
+                .take(200)
+                .collect()
+        };
+        let digest = hex::encode(&sha2::Sha256::digest(provider_id.as_bytes())[..4]);
+        let base = [&identity.name, &identity.email]
+            .into_iter()
+            .map(|s| clean(s))
+            .find(|s| !s.is_empty())
+            .unwrap_or_else(|| format!("user-{digest}"));
+        if self.user_by_name(&base).is_none() {
+            return base;
+        }
+        format!("{base}-{digest}")
     }
 
     fn node_for_key(&self, machine_key: &MachineKey, key: &NodeKey) -> Result<NodeId, Rejection> {

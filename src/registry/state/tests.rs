@@ -327,6 +327,57 @@ fn interactive_registration_completes_once_and_expires() {
 }
 
 #[test]
+fn oidc_logins_find_their_user_by_issuer_and_subject() {
+    let mut reg = Registry::new(ClusterSettings::default());
+    // An admin-made user already has the name the provider suggests.
+    run(&mut reg, 0, Command::create_user("alice"));
+    let begin = |auth_id: &str, machine: u8| Command::BeginInteractive {
+        auth_id: auth_id.into(),
+        request: node_request(machine, machine, "dev"),
+        ttl_ms: 60_000,
+        max_pending: 1000,
+    };
+    let login = |auth_id: &str, display: &str| Command::OidcLogin {
+        auth_id: auth_id.into(),
+        identity: OidcIdentity {
+            issuer: "https://idp/".into(),
+            subject: "s-1".into(),
+            name: "alice".into(),
+            display_name: display.into(),
+            email: "alice@example.com".into(),
+        },
+        auto_approve: true,
+        expiry: None,
+    };
+    // A login for no open registration makes no user.
+    let out = run(&mut reg, 1, login("none", "Alice"));
+    assert!(
+        matches!(out, Outcome::Rejected(Rejection::RegistrationNotFound(_))),
+        "{out:?}"
+    );
+    assert_eq!(reg.users().count(), 1);
+
+    run(&mut reg, 2, begin("a1", 1));
+    let Outcome::Node(first) = run(&mut reg, 3, login("a1", "Alice")) else {
+        panic!("first login")
+    };
+    let user = reg.user(first.user).unwrap().clone();
+    assert_ne!(user.name, "alice", "the admin's alice is not taken over");
+    assert!(user.name.starts_with("alice-"), "{}", user.name);
+    assert_eq!(user.provider_id, "https://idp/s-1");
+    assert_eq!(user.display_name, "Alice");
+
+    // The next login is the same user, with the claims refreshed.
+    run(&mut reg, 4, begin("a2", 2));
+    let Outcome::Node(second) = run(&mut reg, 5, login("a2", "Alice L.")) else {
+        panic!("second login")
+    };
+    assert_eq!(second.user, first.user);
+    assert_eq!(reg.user(first.user).unwrap().display_name, "Alice L.");
+    assert_eq!(reg.users().count(), 2);
+}
+
+#[test]
 fn user_with_nodes_cannot_be_deleted() {
     let mut f = fixture(true, None);
     register(&mut f, 10, node_request(1, 11, "a"));
