@@ -5,6 +5,10 @@
 //! No member keeps the flow's secrets. They travel sealed inside the `state` parameter,
 //! under a key every member derives from the cluster's shared Noise key, so the member the
 //! provider calls back need not be the one that started the flow.
+//!
+//! The same flow logs admins in to the web console (`begin_console`): the callback then
+//! proves an admin (`oidc.admin_users` / `oidc.admin_groups`), and the console keeps a
+//! session sealed the same way under a key of its own, so any member accepts it.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -23,6 +27,7 @@ use sha2::Digest;
 
 use crate::config::OidcConfig;
 use crate::registry::{OidcIdentity, Timestamp};
+use crate::util::error_chain;
 
 /// How long a browser may take at the provider.
 const FLOW_TTL: Duration = Duration::from_secs(10 * 60);
@@ -30,8 +35,10 @@ const FLOW_TTL: Duration = Duration::from_secs(10 * 60);
 const DISCOVERY_TTL: Duration = Duration::from_secs(10 * 60);
 /// Bounds every call to the provider.
 const PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest `state` accepted back: an honest one is a few hundred bytes.
+/// Longest `state` or session accepted back: an honest one is a few hundred bytes.
 const MAX_STATE_LEN: usize = 4096;
+/// How long a console session lasts before the admin logs in again.
+pub const ADMIN_SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OidcError {
@@ -47,6 +54,21 @@ pub enum OidcError {
     Token(String),
     #[error("{who} may not log in to this tailnet")]
     NotAllowed { who: String, auth_id: String },
+}
+
+impl OidcError {
+    /// The status of the page that tells the browser.
+    pub fn http_status(&self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        match self {
+            OidcError::Provider(_) => StatusCode::BAD_GATEWAY,
+            OidcError::NotAllowed { .. } => StatusCode::FORBIDDEN,
+            OidcError::BadState
+            | OidcError::Expired
+            | OidcError::Refused(_)
+            | OidcError::Token(_) => StatusCode::BAD_REQUEST,
+        }
+    }
 }
 
 /// Why OIDC could not be set up at start.
@@ -71,10 +93,37 @@ pub struct Login {
     pub token_expiry: Option<Timestamp>,
 }
 
+/// An admin's console session: who, and what made them an admin, until when. Checked
+/// against the admin lists again on every use, so removing someone from the config ends
+/// their session.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AdminSession {
+    /// The email (or `issuer/subject`) the audit log names.
+    pub who: String,
+    email: String,
+    email_verified: bool,
+    /// Only the groups that `oidc.admin_groups` names (keeps the cookie small).
+    groups: BTreeSet<String>,
+    /// Unix seconds after which the session is refused.
+    until: i64,
+}
+
+/// What the provider's verified ID token says.
+struct Verified {
+    identity: OidcIdentity,
+    email_verified: Option<bool>,
+    groups: BTreeSet<String>,
+    expires: Timestamp,
+}
+
 /// The flow's secrets, sealed into `state`.
 #[derive(Serialize, Deserialize)]
 struct FlowState {
+    /// The registration this login completes (empty for a console login).
     auth_id: String,
+    /// A console login rather than a device's.
+    #[serde(default)]
+    console: bool,
     nonce: String,
     verifier: Option<String>,
     redirect: String,
@@ -87,7 +136,8 @@ pub struct Oidc {
     config: OidcConfig,
     client_secret: Option<String>,
     http: openidconnect::reqwest::Client,
-    seal: ChaCha20Poly1305,
+    flow_key: ChaCha20Poly1305,
+    session_key: ChaCha20Poly1305,
     provider: tokio::sync::Mutex<Option<(CoreProviderMetadata, Instant)>>,
 }
 
@@ -112,16 +162,12 @@ impl Oidc {
             .timeout(PROVIDER_TIMEOUT)
             .build()
             .map_err(SetupError::HttpClient)?;
-        let key: [u8; 32] = sha2::Sha256::new()
-            .chain_update(b"hsd oidc flow state")
-            .chain_update(cluster_secret)
-            .finalize()
-            .into();
         Ok(Oidc {
             config: config.clone(),
             client_secret,
             http,
-            seal: ChaCha20Poly1305::new(&key.into()),
+            flow_key: derived_key(b"hsd oidc flow state", cluster_secret),
+            session_key: derived_key(b"hsd console session", cluster_secret),
             provider: tokio::sync::Mutex::new(None),
         })
     }
@@ -129,6 +175,30 @@ impl Oidc {
     /// The provider's URL to send the browser to for registration `auth_id`; the provider
     /// will call back `redirect` (this member's `/oidc/callback`).
     pub async fn begin(&self, auth_id: &str, redirect: &str) -> Result<String, OidcError> {
+        self.begin_flow(auth_id, false, redirect).await
+    }
+
+    /// The provider's URL to send an admin to for a console login.
+    pub async fn begin_console(&self, redirect: &str) -> Result<String, OidcError> {
+        self.begin_flow("", true, redirect).await
+    }
+
+    /// Whether the web console offers a login through the provider.
+    pub fn console_enabled(&self) -> bool {
+        !self.config.admin_users.is_empty() || !self.config.admin_groups.is_empty()
+    }
+
+    /// Whether `state` (checked, not yet spent) belongs to a console login.
+    pub fn is_console_flow(&self, state: &str) -> bool {
+        self.open_state(state).is_ok_and(|flow| flow.console)
+    }
+
+    async fn begin_flow(
+        &self,
+        auth_id: &str,
+        console: bool,
+        redirect: &str,
+    ) -> Result<String, OidcError> {
         let client = self.client(redirect).await?;
         let nonce = Nonce::new_random();
         let (challenge, verifier) = if self.config.pkce.enabled {
@@ -139,12 +209,13 @@ impl Oidc {
         };
         let flow = FlowState {
             auth_id: auth_id.to_string(),
+            console,
             nonce: nonce.secret().clone(),
             verifier: verifier.map(|v| v.secret().clone()),
             redirect: redirect.to_string(),
             until: chrono::Utc::now().timestamp() + FLOW_TTL.as_secs() as i64,
         };
-        let state = self.seal_state(&flow);
+        let state = seal(&self.flow_key, &flow);
         let mut request = client.authorize_url(
             CoreAuthenticationFlow::AuthorizationCode,
             move || CsrfToken::new(state),
@@ -164,7 +235,76 @@ impl Oidc {
 
     /// Checks the provider's answer to `/oidc/callback` and says who logged in.
     pub async fn finish(&self, code: &str, state: &str) -> Result<Login, OidcError> {
+        let (flow, v) = self.exchange(code, state, false).await?;
+        self.check_allowed(&v.identity, v.email_verified, &v.groups)
+            .map_err(|who| OidcError::NotAllowed {
+                who,
+                auth_id: flow.auth_id.clone(),
+            })?;
+        Ok(Login {
+            auth_id: flow.auth_id,
+            identity: v.identity,
+            token_expiry: self.config.use_expiry_from_token.then_some(v.expires),
+        })
+    }
+
+    /// Checks the provider's answer to a console login; the admin's session if the
+    /// admin lists admit them.
+    pub async fn finish_console(&self, code: &str, state: &str) -> Result<AdminSession, OidcError> {
+        let (_, v) = self.exchange(code, state, true).await?;
+        let session = AdminSession {
+            who: label(&v.identity),
+            email: v.identity.email.clone(),
+            email_verified: v.email_verified != Some(false),
+            groups: v
+                .groups
+                .into_iter()
+                .filter(|g| self.config.admin_groups.contains(g))
+                .collect(),
+            until: chrono::Utc::now().timestamp() + ADMIN_SESSION_TTL.as_secs() as i64,
+        };
+        if !self.admits_admin(&session) {
+            return Err(OidcError::NotAllowed {
+                who: session.who,
+                auth_id: String::new(),
+            });
+        }
+        Ok(session)
+    }
+
+    /// The cookie value that carries `session`.
+    pub fn seal_session(&self, session: &AdminSession) -> String {
+        seal(&self.session_key, session)
+    }
+
+    /// The session a cookie carries, if it is genuine, current and still an admin's.
+    pub fn open_session(&self, sealed: &str) -> Option<AdminSession> {
+        let session: AdminSession = open(&self.session_key, sealed).ok()?;
+        (chrono::Utc::now().timestamp() <= session.until && self.admits_admin(&session))
+            .then_some(session)
+    }
+
+    fn admits_admin(&self, s: &AdminSession) -> bool {
+        let c = &self.config;
+        let by_email = s.email_verified
+            && !s.email.is_empty()
+            && c.admin_users
+                .iter()
+                .any(|u| u.eq_ignore_ascii_case(&s.email));
+        by_email || c.admin_groups.iter().any(|g| s.groups.contains(g))
+    }
+
+    /// Spends the provider's code for this flow and verifies the ID token it brings.
+    async fn exchange(
+        &self,
+        code: &str,
+        state: &str,
+        console: bool,
+    ) -> Result<(FlowState, Verified), OidcError> {
         let flow = self.open_state(state)?;
+        if flow.console != console {
+            return Err(OidcError::BadState);
+        }
         if chrono::Utc::now().timestamp() > flow.until {
             return Err(OidcError::Expired);
         }
@@ -172,8 +312,8 @@ impl Oidc {
         let mut exchange = client
             .exchange_code(AuthorizationCode::new(code.to_string()))
             .map_err(|e| OidcError::Provider(format!("no token endpoint: {e}")))?;
-        if let Some(verifier) = flow.verifier {
-            exchange = exchange.set_pkce_verifier(PkceCodeVerifier::new(verifier));
+        if let Some(verifier) = &flow.verifier {
+            exchange = exchange.set_pkce_verifier(PkceCodeVerifier::new(verifier.clone()));
         }
         let tokens = exchange
             .request_async(&self.http)
@@ -183,7 +323,7 @@ impl Oidc {
             .id_token()
             .ok_or_else(|| OidcError::Token("the answer had no ID token".into()))?;
         let claims = id_token
-            .claims(&client.id_token_verifier(), &Nonce::new(flow.nonce))
+            .claims(&client.id_token_verifier(), &Nonce::new(flow.nonce.clone()))
             .map_err(|e| OidcError::Token(error_chain(&e)))?;
         let email = claims
             .email()
@@ -203,22 +343,14 @@ impl Oidc {
                 .unwrap_or_default(),
             email,
         };
-        // Verified above; read once more for the one claim the core types do not carry.
-        let groups = groups_claim(&id_token.to_string());
-        self.check_allowed(&identity, claims.email_verified(), &groups)
-            .map_err(|who| OidcError::NotAllowed {
-                who,
-                auth_id: flow.auth_id.clone(),
-            })?;
-        let token_expiry = self
-            .config
-            .use_expiry_from_token
-            .then(|| Timestamp(claims.expiration().timestamp_millis()));
-        Ok(Login {
-            auth_id: flow.auth_id,
+        let verified = Verified {
             identity,
-            token_expiry,
-        })
+            email_verified: claims.email_verified(),
+            // Verified above; read once more for the one claim the core types do not carry.
+            groups: groups_claim(&id_token.to_string()),
+            expires: Timestamp(claims.expiration().timestamp_millis()),
+        };
+        Ok((flow, verified))
     }
 
     /// The allow-lists: each one configured must admit the user; `Err` names who was refused.
@@ -229,11 +361,7 @@ impl Oidc {
         groups: &BTreeSet<String>,
     ) -> Result<(), String> {
         let c = &self.config;
-        let label = if who.email.is_empty() {
-            who.provider_id()
-        } else {
-            who.email.clone()
-        };
+        let label = label(who);
         let email = who.email.to_ascii_lowercase();
         let by_email = !c.allowed_domains.is_empty() || !c.allowed_users.is_empty();
         if by_email && (email.is_empty() || email_verified == Some(false)) {
@@ -304,33 +432,58 @@ impl Oidc {
         Ok(metadata)
     }
 
-    fn seal_state(&self, flow: &FlowState) -> String {
-        let nonce: [u8; 12] = rand::random();
-        let plain = serde_json::to_vec(flow).expect("flow state serializes");
-        let sealed = self
-            .seal
-            .encrypt(AeadNonce::from_slice(&nonce), plain.as_slice())
-            .expect("sealing cannot fail");
-        URL_SAFE_NO_PAD.encode([nonce.as_slice(), &sealed].concat())
-    }
-
     fn open_state(&self, state: &str) -> Result<FlowState, OidcError> {
-        if state.len() > MAX_STATE_LEN {
-            return Err(OidcError::BadState);
-        }
-        let raw = URL_SAFE_NO_PAD
-            .decode(state)
-            .map_err(|_| OidcError::BadState)?;
-        if raw.len() < 12 {
-            return Err(OidcError::BadState);
-        }
-        let (nonce, sealed) = raw.split_at(12);
-        let plain = self
-            .seal
-            .decrypt(AeadNonce::from_slice(nonce), sealed)
-            .map_err(|_| OidcError::BadState)?;
-        serde_json::from_slice(&plain).map_err(|_| OidcError::BadState)
+        open(&self.flow_key, state)
     }
+}
+
+/// How the audit log and refusals name someone: their email, else `issuer/subject`.
+fn label(who: &OidcIdentity) -> String {
+    if who.email.is_empty() {
+        who.provider_id()
+    } else {
+        who.email.clone()
+    }
+}
+
+/// A key for one purpose, derived from the secret every member shares.
+fn derived_key(purpose: &[u8], cluster_secret: &[u8; 32]) -> ChaCha20Poly1305 {
+    let key: [u8; 32] = sha2::Sha256::new()
+        .chain_update(purpose)
+        .chain_update(cluster_secret)
+        .finalize()
+        .into();
+    ChaCha20Poly1305::new(&key.into())
+}
+
+/// `value` as JSON, encrypted and authenticated under `key`, URL- and cookie-safe.
+fn seal(key: &ChaCha20Poly1305, value: &impl Serialize) -> String {
+    let nonce: [u8; 12] = rand::random();
+    let plain = serde_json::to_vec(value).expect("sealed values serialize");
+    let sealed = key
+        .encrypt(AeadNonce::from_slice(&nonce), plain.as_slice())
+        .expect("sealing cannot fail");
+    URL_SAFE_NO_PAD.encode([nonce.as_slice(), &sealed].concat())
+}
+
+fn open<T: serde::de::DeserializeOwned>(
+    key: &ChaCha20Poly1305,
+    sealed: &str,
+) -> Result<T, OidcError> {
+    if sealed.len() > MAX_STATE_LEN {
+        return Err(OidcError::BadState);
+    }
+    let raw = URL_SAFE_NO_PAD
+        .decode(sealed)
+        .map_err(|_| OidcError::BadState)?;
+    if raw.len() < 12 {
+        return Err(OidcError::BadState);
+    }
+    let (nonce, sealed) = raw.split_at(12);
+    let plain = key
+        .decrypt(AeadNonce::from_slice(nonce), sealed)
+        .map_err(|_| OidcError::BadState)?;
+    serde_json::from_slice(&plain).map_err(|_| OidcError::BadState)
 }
 
 /// The `groups` claim of a JWT already verified: a list of names, or one name.
@@ -348,18 +501,6 @@ fn groups_claim(jwt: &str) -> BTreeSet<String> {
         Some(serde_json::Value::String(one)) => BTreeSet::from([one.clone()]),
         _ => BTreeSet::new(),
     }
-}
-
-/// An error with its causes, for messages that must say what went wrong.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
@@ -385,12 +526,13 @@ mod tests {
         let a = rp(OidcConfig::default());
         let flow = FlowState {
             auth_id: "abc".into(),
+            console: false,
             nonce: "n".into(),
             verifier: Some("v".into()),
             redirect: "http://m1/oidc/callback".into(),
             until: 1,
         };
-        let state = a.seal_state(&flow);
+        let state = seal(&a.flow_key, &flow);
         assert_eq!(a.open_state(&state).unwrap().auth_id, "abc");
         let other = Oidc::new(&OidcConfig::default(), &[8; 32]).unwrap();
         assert!(matches!(other.open_state(&state), Err(OidcError::BadState)));
@@ -447,6 +589,41 @@ mod tests {
             both.check_allowed(&someone("b@example.com"), Some(true), &admins)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn admin_sessions_open_on_any_member_until_the_admin_lists_drop_them() {
+        let config = OidcConfig {
+            admin_users: vec!["root@example.com".into()],
+            admin_groups: vec!["ops".into()],
+            ..Default::default()
+        };
+        let session = |email: &str, verified: bool, groups: &[&str]| AdminSession {
+            who: email.into(),
+            email: email.into(),
+            email_verified: verified,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            until: chrono::Utc::now().timestamp() + 60,
+        };
+        let (m1, m2) = (rp(config.clone()), rp(config));
+        let by_email = m1.seal_session(&session("Root@example.com", true, &[]));
+        assert_eq!(m2.open_session(&by_email).unwrap().who, "Root@example.com");
+        let by_group = m1.seal_session(&session("op@example.com", false, &["ops"]));
+        assert!(m2.open_session(&by_group).is_some());
+        // An unverified email is not enough; nor is someone else's group.
+        assert!(!m1.admits_admin(&session("root@example.com", false, &[])));
+        assert!(!m1.admits_admin(&session("x@example.com", true, &["devs"])));
+        // Expired, forged, sealed for flows, or no longer listed: refused.
+        let mut old = session("root@example.com", true, &[]);
+        old.until -= 120;
+        assert!(m1.open_session(&m1.seal_session(&old)).is_none());
+        assert!(m1.open_session("oidc.x").is_none());
+        assert!(
+            m1.open_session(&seal(&m1.flow_key, &session("root@example.com", true, &[])))
+                .is_none()
+        );
+        let demoted = rp(OidcConfig::default());
+        assert!(demoted.open_session(&by_email).is_none());
     }
 
     #[test]

@@ -53,6 +53,39 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// A small HTML page with a heading and one message, both escaped (parts come from
+/// outside): what a person's browser gets from the login flows.
+pub fn message_page(
+    status: axum::http::StatusCode,
+    title: &str,
+    message: &str,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let html = format!(
+        "<!doctype html><meta charset=utf-8><meta name=viewport content=\"width=device-width\">\
+         <title>hsd: {t}</title><h1>{t}</h1><p>{m}</p>",
+        t = html_escape(title),
+        m = html_escape(message),
+    );
+    (status, axum::response::Html(html)).into_response()
+}
+
+/// `text` safe to place in HTML text or a quoted attribute.
+pub fn html_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -72,5 +105,13 @@ mod tests {
         assert_eq!(std::fs::read(&key).unwrap(), b"secret");
         // Nothing left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn html_escape_covers_text_and_attributes() {
+        assert_eq!(
+            super::html_escape("<a href='x'>&\""),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;"
+        );
     }
 }

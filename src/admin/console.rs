@@ -7,9 +7,15 @@
 //! every write — a write authenticated by the cookie without a matching header is refused.
 //! Any member accepts the session (the key is checked against the replicated registry),
 //! expiring or deleting the key ends it, and login and logout are audited.
+//!
+//! With `oidc.admin_users` or `oidc.admin_groups` set, admins can instead log in through
+//! the identity provider (`/admin/oidc/login`; the provider's answer comes back through
+//! `/oidc/callback` to `/admin/oidc/finish`). The session cookie then carries
+//! `oidc.<sealed session>` (see `crate::oidc::AdminSession`): any member opens it, and it
+//! ends after 12 hours or as soon as the admin lists no longer name its holder.
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,9 +23,13 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{AdminDeps, auth};
+use crate::oidc::OidcError;
 use crate::registry::{Command, Timestamp};
+use crate::util::message_page;
 
 const SESSION_COOKIE: &str = "hsd_session";
+/// Marks a session cookie that carries an identity-provider login, not an API key.
+const OIDC_SESSION_PREFIX: &str = "oidc.";
 const CSRF_COOKIE: &str = "hsd_csrf";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// How long the browser keeps a session (the key's own expiry ends it sooner).
@@ -50,6 +60,9 @@ pub fn router(deps: AdminDeps) -> Router {
         )
         .route("/admin/login", post(login))
         .route("/admin/logout", post(logout))
+        .route("/admin/oidc", get(oidc_offered))
+        .route("/admin/oidc/login", get(oidc_login))
+        .route("/admin/oidc/finish", get(oidc_finish))
         .with_state(deps)
 }
 
@@ -81,9 +94,32 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, value)| value)
 }
 
-/// The API key of a console session, if the request carries one.
-pub fn session_key(headers: &HeaderMap) -> Option<&str> {
-    cookie(headers, SESSION_COOKIE).filter(|k| !k.is_empty())
+/// What a console session cookie carries.
+pub enum Session<'a> {
+    /// The API key the admin logged in with.
+    ApiKey(&'a str),
+    /// A sealed identity-provider login (`Oidc::open_session` opens it).
+    Oidc(&'a str),
+}
+
+/// The console session the request carries, if any.
+pub fn session(headers: &HeaderMap) -> Option<Session<'_>> {
+    let value = cookie(headers, SESSION_COOKIE).filter(|k| !k.is_empty())?;
+    Some(match value.strip_prefix(OIDC_SESSION_PREFIX) {
+        Some(sealed) => Session::Oidc(sealed),
+        None => Session::ApiKey(value),
+    })
+}
+
+/// The audit log's name for whoever holds the session `headers` carry.
+fn session_actor(deps: &AdminDeps, headers: &HeaderMap) -> Option<String> {
+    match session(headers)? {
+        Session::ApiKey(key) => Some(super::audit::bearer_actor(Some(&format!("Bearer {key}")))),
+        Session::Oidc(sealed) => {
+            let admin = deps.oidc.as_ref()?.open_session(sealed)?;
+            Some(format!("oidc:{}", admin.who))
+        }
+    }
 }
 
 /// Whether a request authenticated by the session cookie may go on: reads always; writes
@@ -162,24 +198,109 @@ async fn login(State(deps): State<AdminDeps>, request: Request) -> Response {
         );
     }
     record(&deps, actor, "console login").await;
+    let response = (StatusCode::OK, axum::Json(json!({ "ok": true }))).into_response();
+    with_session(&deps, response, &api_key)
+}
+
+/// `response` with the cookies of a new session carrying `value`, and a fresh CSRF token.
+fn with_session(deps: &AdminDeps, mut response: Response, value: &str) -> Response {
     let csrf = hex::encode(rand::random::<[u8; 16]>());
-    let mut response = (StatusCode::OK, axum::Json(json!({ "ok": true }))).into_response();
     let headers = response.headers_mut();
     headers.append(
         header::SET_COOKIE,
-        set_cookie(&deps, SESSION_COOKIE, &api_key, true, SESSION_SECONDS),
+        set_cookie(deps, SESSION_COOKIE, value, true, SESSION_SECONDS),
     );
     headers.append(
         header::SET_COOKIE,
-        set_cookie(&deps, CSRF_COOKIE, &csrf, false, SESSION_SECONDS),
+        set_cookie(deps, CSRF_COOKIE, &csrf, false, SESSION_SECONDS),
     );
     response
 }
 
+/// Whether the login page should offer the identity provider.
+async fn oidc_offered(State(deps): State<AdminDeps>) -> Response {
+    let enabled = deps.oidc.as_ref().is_some_and(|o| o.console_enabled());
+    axum::Json(json!({ "enabled": enabled })).into_response()
+}
+
+/// Sends the admin's browser to the identity provider.
+async fn oidc_login(State(deps): State<AdminDeps>) -> Response {
+    let Some(oidc) = deps.oidc.clone().filter(|o| o.console_enabled()) else {
+        return message_page(
+            StatusCode::NOT_FOUND,
+            "No identity provider",
+            "Console login through an identity provider needs oidc.admin_users or \
+             oidc.admin_groups in the config; log in with an API key instead.",
+        );
+    };
+    let callback = format!("{}/oidc/callback", deps.server_url);
+    match oidc.begin_console(&callback).await {
+        Ok(url) => axum::response::Redirect::to(&url).into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "console oidc login could not start");
+            message_page(error.http_status(), "Login failed", &error.to_string())
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ProviderAnswer {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// The provider's answer to a console login (forwarded by `/oidc/callback`): an admin
+/// gets a session and the console; anyone else a refusal, recorded.
+async fn oidc_finish(
+    State(deps): State<AdminDeps>,
+    Query(answer): Query<ProviderAnswer>,
+    request: Request,
+) -> Response {
+    let source = request
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
+    let Some(oidc) = deps.oidc.clone().filter(|o| o.console_enabled()) else {
+        return message_page(StatusCode::NOT_FOUND, "Not found", "No identity provider.");
+    };
+    if let Some(error) = answer.error {
+        let detail = answer.error_description.unwrap_or_default();
+        let message = format!("The identity provider answered {error}. {detail}");
+        return message_page(StatusCode::FORBIDDEN, "Login refused", &message);
+    }
+    let (Some(code), Some(state)) = (answer.code, answer.state) else {
+        let message = "The identity provider's answer had no code or state.";
+        return message_page(StatusCode::BAD_REQUEST, "Login failed", message);
+    };
+    match oidc.finish_console(&code, &state).await {
+        Ok(admin) => {
+            record(&deps, format!("oidc:{}", admin.who), "console login").await;
+            let sealed = format!("{OIDC_SESSION_PREFIX}{}", oidc.seal_session(&admin));
+            let back = axum::response::Redirect::to("/admin").into_response();
+            with_session(&deps, back, &sealed)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "console oidc login refused");
+            if let OidcError::NotAllowed { who, .. } = &error {
+                let actor = format!("oidc:{who}");
+                deps.failed_auth
+                    .report(actor, "console", "not in oidc.admin_*", source);
+                let message = format!(
+                    "{who} is not an administrator of this cluster \
+                     (oidc.admin_users, oidc.admin_groups)."
+                );
+                return message_page(StatusCode::FORBIDDEN, "Not an administrator", &message);
+            }
+            message_page(error.http_status(), "Login failed", &error.to_string())
+        }
+    }
+}
+
 /// Ends the browser's session (the key itself stays valid for its other users).
 async fn logout(State(deps): State<AdminDeps>, headers: HeaderMap) -> Response {
-    if let Some(key) = session_key(&headers) {
-        let actor = super::audit::bearer_actor(Some(&format!("Bearer {key}")));
+    if let Some(actor) = session_actor(&deps, &headers) {
         record(&deps, actor, "console logout").await;
     }
     let mut response = StatusCode::NO_CONTENT.into_response();
@@ -240,6 +361,14 @@ mod tests {
             &Method::PUT,
             &headers(&[("cookie", "hsd_csrf="), ("x-csrf-token", "")])
         ));
-        assert_eq!(session_key(&headers(&[cookies])), Some("k"));
+        assert!(matches!(
+            session(&headers(&[cookies])),
+            Some(Session::ApiKey("k"))
+        ));
+        let oidc = ("cookie", "hsd_session=oidc.abc");
+        assert!(matches!(
+            session(&headers(&[oidc])),
+            Some(Session::Oidc("abc"))
+        ));
     }
 }

@@ -50,6 +50,8 @@ pub struct AdminDeps {
     pub server_url: String,
     /// `policy.mode: file`: the file is the policy; admins edit it, not the API.
     pub policy_file: Option<std::path::PathBuf>,
+    /// The identity provider admins may log in to the console through, when configured.
+    pub oidc: Option<std::sync::Arc<crate::oidc::Oidc>>,
 }
 
 /// Serves the admin API on a unix socket at `path` with file mode `mode`, until `stop`.

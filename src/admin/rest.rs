@@ -94,16 +94,33 @@ async fn require_api_key(State(deps): State<AdminDeps>, request: Request, next: 
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let from_cookie = console::session_key(request.headers()).map(|k| format!("Bearer {k}"));
-    if bearer.is_none()
-        && from_cookie.is_some()
-        && !console::csrf_allows(request.method(), request.headers())
-    {
+    let session = match bearer {
+        Some(_) => None,
+        None => console::session(request.headers()),
+    };
+    if session.is_some() && !console::csrf_allows(request.method(), request.headers()) {
         return ApiError::from(tonic::Status::permission_denied(
             "a console write needs its CSRF token in the X-CSRF-Token header",
         ))
         .into_response();
     }
+    let from_cookie = match session {
+        Some(console::Session::ApiKey(key)) => Some(format!("Bearer {key}")),
+        Some(console::Session::Oidc(sealed)) => {
+            let admin = deps.oidc.as_ref().and_then(|o| o.open_session(sealed));
+            return match admin {
+                Some(admin) => {
+                    let actor = format!("oidc:{}", admin.who);
+                    super::audit::with_actor(actor, next.run(request)).await
+                }
+                None => ApiError::from(tonic::Status::unauthenticated(
+                    "the console session has ended; log in again",
+                ))
+                .into_response(),
+            };
+        }
+        None => None,
+    };
     let header = bearer.or(from_cookie);
     let header = header.as_deref();
     let actor = super::audit::bearer_actor(header);

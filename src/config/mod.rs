@@ -138,6 +138,10 @@ pub struct OidcConfig {
     pub allowed_users: Vec<String>,
     /// When set, only members of one of these groups (the `groups` claim) may log in.
     pub allowed_groups: Vec<String>,
+    /// hsd's own: these emails may log in to the web console through the provider.
+    pub admin_users: Vec<String>,
+    /// hsd's own: members of these groups may log in to the web console.
+    pub admin_groups: Vec<String>,
     pub pkce: OidcPkceConfig,
     /// Key expiry of a node registered through the provider; 0 = never.
     pub expiry: ConfigDuration,
@@ -157,6 +161,8 @@ impl Default for OidcConfig {
             allowed_domains: Vec::new(),
             allowed_users: Vec::new(),
             allowed_groups: Vec::new(),
+            admin_users: Vec::new(),
+            admin_groups: Vec::new(),
             pkce: OidcPkceConfig::default(),
             expiry: ConfigDuration(Duration::from_secs(180 * 24 * 3600)),
             use_expiry_from_token: false,

@@ -131,6 +131,12 @@ impl OidcConfig {
                 ),
             ));
         }
+        if let Some(odd) = self.admin_users.iter().find(|u| !u.contains('@')) {
+            return Err(invalid(
+                "oidc.admin_users",
+                format!("{odd:?} is not an email address"),
+            ));
+        }
         for reserved in [
             "state",
             "nonce",

@@ -4,18 +4,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{Path as UrlPath, Query, RawQuery, State};
 use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
 use super::http::HttpState;
 use crate::oidc::{Oidc, OidcError};
 use crate::registry::{Command, Expiry, Outcome, Proposal, Rejection};
+use crate::util::message_page as page;
 
 /// OIDC as this member runs it: the relying party and the key expiry it gives nodes.
 pub(super) struct OidcLogin {
-    pub rp: Oidc,
+    /// Shared with the web console, whose admins log in through the same provider.
+    pub rp: Arc<Oidc>,
     /// `oidc.expiry`; `None` = never.
     pub node_expiry: Option<Duration>,
 }
@@ -62,9 +64,11 @@ pub(super) struct Callback {
 }
 
 /// Where the provider sends the browser back, on any member: checks the answer, then
-/// registers the waiting device to the user it names.
+/// registers the waiting device to the user it names. An admin's console login (one
+/// callback URL serves both, as providers register one) goes on to the console.
 pub(super) async fn oidc_callback(
     Query(q): Query<Callback>,
+    RawQuery(raw): RawQuery,
     State(s): State<HttpState>,
 ) -> Response {
     let Some(oidc) = s.oidc.clone() else {
@@ -74,6 +78,13 @@ pub(super) async fn oidc_callback(
             "This cluster has no identity provider configured.",
         );
     };
+    if q.state
+        .as_deref()
+        .is_some_and(|st| oidc.rp.is_console_flow(st))
+    {
+        let query = raw.unwrap_or_default();
+        return Redirect::to(&format!("/admin/oidc/finish?{query}")).into_response();
+    }
     if let Some(error) = q.error {
         let detail = q.error_description.unwrap_or_default();
         return page(
@@ -181,40 +192,7 @@ fn actor(email: &str, provider_id: &str) -> String {
 }
 
 fn failure(error: &OidcError) -> Response {
-    let status = match error {
-        OidcError::Provider(_) => StatusCode::BAD_GATEWAY,
-        OidcError::NotAllowed { .. } => StatusCode::FORBIDDEN,
-        OidcError::BadState | OidcError::Expired | OidcError::Refused(_) | OidcError::Token(_) => {
-            StatusCode::BAD_REQUEST
-        }
-    };
-    page(status, "Login failed", &error.to_string())
-}
-
-/// A small page with a heading and one message (escaped: parts come from outside).
-fn page(status: StatusCode, title: &str, message: &str) -> Response {
-    let html = format!(
-        "<!doctype html><meta charset=utf-8><meta name=viewport content=\"width=device-width\">\
-         <title>hsd: {t}</title><h1>{t}</h1><p>{m}</p>",
-        t = escape(title),
-        m = escape(message),
-    );
-    (status, Html(html)).into_response()
-}
-
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
+    page(error.http_status(), "Login failed", &error.to_string())
 }
 
 /// Builds this member's OIDC login from its config, if one is configured.
@@ -226,20 +204,7 @@ pub(super) fn oidc_login(
         return Ok(None);
     }
     Ok(Some(Arc::new(OidcLogin {
-        rp: Oidc::new(config, cluster_secret)?,
+        rp: Arc::new(Oidc::new(config, cluster_secret)?),
         node_expiry: Some(config.expiry.0).filter(|d| !d.is_zero()),
     })))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pages_escape_what_comes_from_outside() {
-        assert_eq!(
-            escape("<a href='x'>&\""),
-            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;"
-        );
-    }
 }

@@ -229,6 +229,7 @@ impl Server {
         };
         let keys = MemberKeys::load(&config, &v)?;
         let oidc = login::oidc_login(&config.oidc, &keys.noise)?;
+        let console_oidc = oidc.as_ref().map(|o| o.rp.clone());
         let listeners = Listeners::bind(&config, &v, control_tls, oidc).await?;
         let addrs = listeners.addrs(&config, &v);
         let life = Lifecycle::new()?;
@@ -278,6 +279,7 @@ impl Server {
             access: control.settings.access.clone(),
             server_url: control.settings.server_url.clone(),
             policy_file: config.policy_file().map(Into::into),
+            oidc: console_oidc,
         };
         listeners.serve(
             &life,

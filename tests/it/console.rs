@@ -174,6 +174,53 @@ fn rows(b: &Browser, table: &str) -> usize {
     .unwrap() as usize
 }
 
+/// An admin logs in through the identity provider's own page (a different site than the
+/// member) and lands on the console with a working session; logging out ends it.
+#[test]
+fn an_admin_logs_in_through_the_identity_provider() {
+    let idp = crate::oidc::Provider::start(
+        9402,
+        &[json!({"sub": "root-sub", "email": "root@example.com", "email_verified": true})],
+    );
+    let yaml = format!(
+        "{}  admin_users: [root@example.com]\n",
+        crate::oidc::oidc_yaml(&idp)
+    );
+    let c = TestCluster::start(
+        1,
+        ClusterOpts {
+            extra_yaml: yaml,
+            ..Default::default()
+        },
+    );
+    let b = Browser::start();
+    b.goto(&format!("{}/admin", c.members[0].control_url()));
+    b.click("#oidc-login");
+    b.fill("input[name=sub]", "root-sub");
+    b.shot("oidc-provider");
+    b.click("form button[type=submit]");
+    b.wait_until(
+        "the cluster page",
+        "return document.querySelectorAll('#members tbody tr').length === 1;",
+    );
+    assert!(b.text("#cluster-summary").contains("Leader: member"));
+    b.shot("oidc-logged-in");
+    let records = c.hsctl_json(1, &["audit", "list", "--actor", "oidc:root@example.com"]);
+    assert!(
+        records
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"] == "console login"),
+        "{records:#}"
+    );
+    b.click("#logout");
+    b.wait_until(
+        "the login form",
+        "return !!document.getElementById('oidc-login');",
+    );
+}
+
 #[test]
 fn the_console_runs_the_tailnet_and_shows_the_cluster() {
     let mut c = TestCluster::start(3, ClusterOpts::default());

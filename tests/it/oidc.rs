@@ -14,22 +14,26 @@ use crate::harness::client::{ClientOpts, TsClient};
 use crate::harness::{ClusterOpts, TestCluster, rt, wait_for};
 
 const JOIN: Duration = Duration::from_secs(60);
+/// An issuer for config checks (nothing listens there).
 const ISSUER: &str = "http://127.0.0.1:9400";
 
 /// The OpenID provider, on this namespace's loopback; stopped when dropped.
-struct Provider {
+pub struct Provider {
     child: Child,
+    pub issuer: String,
 }
 
 impl Provider {
-    /// Starts it with `users` (JSON claims, each with a `sub`) and waits for discovery.
-    fn start(users: &[Value]) -> Provider {
+    /// Starts it on `port` (one per test: tests run in parallel) with `users` (JSON claims,
+    /// each with a `sub`) and waits for discovery.
+    pub fn start(port: u16, users: &[Value]) -> Provider {
         let mut cmd = Command::new("python3");
+        let port_arg = port.to_string();
         cmd.args([
             "-m",
             "oidc_provider_mock",
             "--port",
-            "9400",
+            &port_arg,
             "--require-nonce",
         ]);
         for user in users {
@@ -41,9 +45,13 @@ impl Provider {
             .stderr(Stdio::null())
             .spawn()
             .expect("python3 -m oidc_provider_mock (tests/run.sh installs it)");
-        let provider = Provider { child };
+        let issuer = format!("http://127.0.0.1:{port}");
+        let provider = Provider { child, issuer };
         wait_for("the OpenID provider", Duration::from_secs(30), || {
-            let (status, _) = get(&format!("{ISSUER}/.well-known/openid-configuration"));
+            let (status, _) = get(&format!(
+                "{}/.well-known/openid-configuration",
+                provider.issuer
+            ));
             (status == 200).then_some(())
         });
         provider
@@ -126,9 +134,10 @@ fn begin_interactive(c: &TestCluster, member: usize, hostname: &str) -> String {
     })
 }
 
-fn oidc_yaml() -> String {
+pub fn oidc_yaml(idp: &Provider) -> String {
+    let issuer = &idp.issuer;
     format!(
-        "oidc:\n  issuer: {ISSUER}\n  client_id: hsd\n  client_secret: s3cret\n  \
+        "oidc:\n  issuer: {issuer}\n  client_id: hsd\n  client_secret: s3cret\n  \
          allowed_domains: [example.com]\n"
     )
 }
@@ -142,15 +151,18 @@ fn users(c: &TestCluster) -> Vec<Value> {
 
 #[test]
 fn a_device_logs_in_through_the_identity_provider() {
-    let _idp = Provider::start(&[
-        json!({"sub": "alice-sub", "email": "alice@example.com", "email_verified": true,
+    let idp = Provider::start(
+        9400,
+        &[
+            json!({"sub": "alice-sub", "email": "alice@example.com", "email_verified": true,
                "preferred_username": "alice", "name": "Alice Liddell"}),
-        json!({"sub": "mallory-sub", "email": "mallory@evil.example", "preferred_username": "mallory"}),
-    ]);
+            json!({"sub": "mallory-sub", "email": "mallory@evil.example", "preferred_username": "mallory"}),
+        ],
+    );
     let c = TestCluster::start(
         3,
         ClusterOpts {
-            extra_yaml: oidc_yaml(),
+            extra_yaml: oidc_yaml(&idp),
             ..Default::default()
         },
     );
@@ -164,7 +176,7 @@ fn a_device_logs_in_through_the_identity_provider() {
     let auth_url = wait_for("an AuthURL in the client's log", JOIN, || client.auth_url());
     let authorize = provider_url(&auth_url);
     assert!(
-        authorize.starts_with(&format!("{ISSUER}/oauth2/authorize?")),
+        authorize.starts_with(&format!("{}/oauth2/authorize?", idp.issuer)),
         "{authorize}"
     );
     let query: Vec<(String, String)> = reqwest::Url::parse(&authorize)
@@ -201,7 +213,7 @@ fn a_device_logs_in_through_the_identity_provider() {
     assert_eq!(alice["email"], "alice@example.com");
     assert_eq!(alice["display_name"], "Alice Liddell");
     assert_eq!(alice["provider"], "oidc");
-    assert_eq!(alice["provider_id"], format!("{ISSUER}/alice-sub"));
+    assert_eq!(alice["provider_id"], format!("{}/alice-sub", idp.issuer));
 
     // The same answer again is refused (the provider's code is spent) and changes nothing.
     let (status, page) = get(&on_member(&callback, &c, 1, 2));
@@ -212,7 +224,7 @@ fn a_device_logs_in_through_the_identity_provider() {
     // Alice's second device lands on the same user, with her refreshed claims.
     let put = rt().block_on(async {
         http()
-            .put(format!("{ISSUER}/users/alice-sub"))
+            .put(format!("{}/users/alice-sub", idp.issuer))
             .header("content-type", "application/json")
             .body(
                 json!({"email": "alice@example.com", "email_verified": true,
@@ -311,6 +323,10 @@ fn a_bad_oidc_config_is_refused() {
             format!("issuer: {ISSUER}\n  client_id: a\n  colour: blue"),
             "colour",
         ),
+        (
+            format!("issuer: {ISSUER}\n  client_id: a\n  admin_users: [root]"),
+            "oidc.admin_users",
+        ),
     ] {
         std::fs::write(&config, format!("oidc:\n  {oidc}\n")).unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_hsd"))
@@ -321,4 +337,173 @@ fn a_bad_oidc_config_is_refused() {
         assert_eq!(out.status.code(), Some(64), "{oidc}: {err}");
         assert!(err.contains(key), "{oidc}: {err}");
     }
+}
+
+/// The `name=value` pairs of a response's `Set-Cookie` headers, and their full text.
+fn set_cookies(r: &reqwest::Response) -> (String, String) {
+    let all: Vec<&str> = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    let pairs: Vec<&str> = all.iter().map(|c| c.split(';').next().unwrap()).collect();
+    (pairs.join("; "), all.join("\n"))
+}
+
+/// (status, body) of an admin API call carrying `cookies` (and `csrf` when given).
+fn api_call(
+    method: reqwest::Method,
+    url: &str,
+    cookies: &str,
+    csrf: Option<&str>,
+    body: Option<Value>,
+) -> (u16, String) {
+    rt().block_on(async {
+        let mut request = http().request(method, url).header("cookie", cookies);
+        if let Some(token) = csrf {
+            request = request.header("x-csrf-token", token);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        let r = request.send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    })
+}
+
+/// The provider's answer for a console login by `sub`, begun on member `a` and taken back
+/// by member `b`: where `/oidc/callback` forwards the browser.
+fn console_login(c: &TestCluster, a: usize, b: usize, sub: &str) -> String {
+    let start = format!("{}/admin/oidc/login", c.members[a].control_url());
+    let back = on_member(&login_at_provider(&provider_url(&start), sub), c, a, b);
+    let (status, location) = get(&back);
+    assert_eq!(
+        status, 303,
+        "the callback forwards to the console: {location}"
+    );
+    assert!(location.starts_with("/admin/oidc/finish?"), "{location}");
+    format!("{}{location}", c.members[b].control_url())
+}
+
+#[test]
+fn an_admin_logs_in_to_the_console_through_the_identity_provider() {
+    let idp = Provider::start(
+        9401,
+        &[
+            json!({"sub": "root-sub", "email": "root@example.com", "email_verified": true,
+               "preferred_username": "root"}),
+            json!({"sub": "alice-sub", "email": "alice@example.com", "email_verified": true,
+               "preferred_username": "alice"}),
+        ],
+    );
+    let c = TestCluster::start(
+        3,
+        ClusterOpts {
+            extra_yaml: format!("{}  admin_users: [root@example.com]\n", oidc_yaml(&idp)),
+            ..Default::default()
+        },
+    );
+    let url = |m: usize, path: &str| format!("{}{path}", c.members[m].control_url());
+    let (status, offer) = get(&url(0, "/admin/oidc"));
+    assert_eq!((status, offer.as_str()), (200, r#"{"enabled":true}"#));
+
+    // Root logs in from member 1; the provider's answer lands on member 2.
+    let finish = console_login(&c, 0, 1, "root-sub");
+    let (status, location, cookies, raw) = rt().block_on(async {
+        let r = http().get(&finish).send().await.unwrap();
+        let (cookies, raw) = set_cookies(&r);
+        let location = r.headers()["location"].to_str().unwrap().to_string();
+        (r.status().as_u16(), location, cookies, raw)
+    });
+    assert_eq!((status, location.as_str()), (303, "/admin"), "{raw}");
+    assert!(cookies.contains("hsd_session=oidc."), "{raw}");
+    assert!(
+        raw.contains("HttpOnly") && raw.contains("SameSite=Strict"),
+        "{raw}"
+    );
+    let csrf = cookies
+        .split("; ")
+        .find_map(|c| c.strip_prefix("hsd_csrf="))
+        .expect("a CSRF token")
+        .to_string();
+
+    // The session works on every member; a write needs the CSRF token.
+    let (status, body) = api_call(
+        reqwest::Method::GET,
+        &url(2, "/api/v1/user"),
+        &cookies,
+        None,
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let bob = Some(json!({"name": "bob"}));
+    let users_url = url(2, "/api/v1/user");
+    let (status, body) = api_call(
+        reqwest::Method::POST,
+        &users_url,
+        &cookies,
+        None,
+        bob.clone(),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(users(&c).is_empty(), "a refused write changes nothing");
+    let (status, body) = api_call(
+        reqwest::Method::POST,
+        &users_url,
+        &cookies,
+        Some(&csrf),
+        bob,
+    );
+    assert_eq!(status, 200, "{body}");
+    wait_for("bob, made by root", Duration::from_secs(10), || {
+        let records = c.hsctl_json(1, &["audit", "list", "--actor", "oidc:root@example.com"]);
+        let records = records.as_array()?;
+        let made = records
+            .iter()
+            .any(|r| r["target"].as_str().unwrap_or("").contains("bob"));
+        let logged_in = records.iter().any(|r| r["action"] == "console login");
+        (made && logged_in).then_some(())
+    });
+
+    // A forged session is refused and changes nothing.
+    let (status, _) = api_call(
+        reqwest::Method::GET,
+        &url(0, "/api/v1/user"),
+        "hsd_session=oidc.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        None,
+        None,
+    );
+    assert_eq!(status, 401);
+
+    // Alice may join the tailnet, but she is not an admin: refused, recorded.
+    let finish = console_login(&c, 1, 2, "alice-sub");
+    let (status, page) = get(&finish);
+    assert_eq!(status, 403, "{page}");
+    assert!(
+        page.contains("alice@example.com is not an administrator"),
+        "{page}"
+    );
+    wait_for(
+        "alice's refusal in the audit log",
+        Duration::from_secs(10),
+        || {
+            let records = c.hsctl_json(1, &["audit", "list", "--actor", "oidc:alice@example.com"]);
+            records
+                .as_array()?
+                .iter()
+                .any(|r| r["action"] == "authenticate (console)")
+                .then_some(())
+        },
+    );
+
+    // A device's login cannot be turned into a console session.
+    let device = begin_interactive(&c, 0, "sneaky");
+    let back = login_at_provider(&provider_url(&device), "root-sub");
+    let query = back.split_once('?').expect("a query").1;
+    let (status, page) = get(&url(0, &format!("/admin/oidc/finish?{query}")));
+    assert_eq!(status, 400, "{page}");
+    assert!(c.node(1, "sneaky").is_none());
 }

@@ -120,6 +120,18 @@ function showLogin() {
   el('button', { type: 'submit' }, 'Log in'));
   main().replaceChildren(el('h2', {}, 'Log in'),
     el('p', {}, 'Paste an API key (hsctl apikeys create).'), form);
+  offerIdentityProvider();
+}
+
+// With oidc.admin_users or oidc.admin_groups configured, admins may log in through the
+// identity provider instead (it brings the company's MFA).
+async function offerIdentityProvider() {
+  const offer = await fetch('/admin/oidc', { credentials: 'same-origin' })
+    .then((r) => r.json()).catch(() => ({}));
+  const form = document.getElementById('login');
+  if (!offer.enabled || !form || document.getElementById('oidc-login')) return;
+  form.after(el('p', {}, el('a', { id: 'oidc-login', class: 'button', href: '/admin/oidc/login' },
+    'Log in with your identity provider')));
 }
 
 // ----- pages -----
