@@ -52,6 +52,8 @@ pub enum OidcError {
     Refused(String),
     #[error("the identity provider's token was not valid: {0}")]
     Token(String),
+    #[error("this login was started in another browser (or its cookie was lost); start again")]
+    OtherBrowser,
     #[error("{who} may not log in to this tailnet")]
     NotAllowed { who: String, auth_id: String },
 }
@@ -64,6 +66,7 @@ impl OidcError {
             OidcError::Provider(_) => StatusCode::BAD_GATEWAY,
             OidcError::NotAllowed { .. } => StatusCode::FORBIDDEN,
             OidcError::BadState
+            | OidcError::OtherBrowser
             | OidcError::Expired
             | OidcError::Refused(_)
             | OidcError::Token(_) => StatusCode::BAD_REQUEST,
@@ -124,6 +127,10 @@ struct FlowState {
     /// A console login rather than a device's.
     #[serde(default)]
     console: bool,
+    /// A console login's random binding to the browser that began it (also in a cookie
+    /// there), so nobody can slip their own login into someone else's browser.
+    #[serde(default)]
+    browser: Option<String>,
     nonce: String,
     verifier: Option<String>,
     redirect: String,
@@ -175,12 +182,14 @@ impl Oidc {
     /// The provider's URL to send the browser to for registration `auth_id`; the provider
     /// will call back `redirect` (this member's `/oidc/callback`).
     pub async fn begin(&self, auth_id: &str, redirect: &str) -> Result<String, OidcError> {
-        self.begin_flow(auth_id, false, redirect).await
+        self.begin_flow(auth_id, None, redirect).await
     }
 
-    /// The provider's URL to send an admin to for a console login.
-    pub async fn begin_console(&self, redirect: &str) -> Result<String, OidcError> {
-        self.begin_flow("", true, redirect).await
+    /// The provider's URL to send an admin to for a console login begun in the browser
+    /// holding `browser` (a random value the console keeps in a cookie).
+    pub async fn begin_console(&self, browser: &str, redirect: &str) -> Result<String, OidcError> {
+        self.begin_flow("", Some(browser.to_string()), redirect)
+            .await
     }
 
     /// Whether the web console offers a login through the provider.
@@ -193,10 +202,11 @@ impl Oidc {
         self.open_state(state).is_ok_and(|flow| flow.console)
     }
 
+    /// `browser` is set for console logins only.
     async fn begin_flow(
         &self,
         auth_id: &str,
-        console: bool,
+        browser: Option<String>,
         redirect: &str,
     ) -> Result<String, OidcError> {
         let client = self.client(redirect).await?;
@@ -209,7 +219,8 @@ impl Oidc {
         };
         let flow = FlowState {
             auth_id: auth_id.to_string(),
-            console,
+            console: browser.is_some(),
+            browser,
             nonce: nonce.secret().clone(),
             verifier: verifier.map(|v| v.secret().clone()),
             redirect: redirect.to_string(),
@@ -235,7 +246,7 @@ impl Oidc {
 
     /// Checks the provider's answer to `/oidc/callback` and says who logged in.
     pub async fn finish(&self, code: &str, state: &str) -> Result<Login, OidcError> {
-        let (flow, v) = self.exchange(code, state, false).await?;
+        let (flow, v) = self.exchange(code, state, None).await?;
         self.check_allowed(&v.identity, v.email_verified, &v.groups)
             .map_err(|who| OidcError::NotAllowed {
                 who,
@@ -248,10 +259,15 @@ impl Oidc {
         })
     }
 
-    /// Checks the provider's answer to a console login; the admin's session if the
-    /// admin lists admit them.
-    pub async fn finish_console(&self, code: &str, state: &str) -> Result<AdminSession, OidcError> {
-        let (_, v) = self.exchange(code, state, true).await?;
+    /// Checks the provider's answer to a console login in the browser holding `browser`;
+    /// the admin's session if the admin lists admit them.
+    pub async fn finish_console(
+        &self,
+        code: &str,
+        state: &str,
+        browser: Option<&str>,
+    ) -> Result<AdminSession, OidcError> {
+        let (_, v) = self.exchange(code, state, Some(browser)).await?;
         let session = AdminSession {
             who: label(&v.identity),
             email: v.identity.email.clone(),
@@ -295,15 +311,22 @@ impl Oidc {
     }
 
     /// Spends the provider's code for this flow and verifies the ID token it brings.
+    /// `console` is `None` for a device's login, else the browser binding the request
+    /// carried (checked before the code is spent).
     async fn exchange(
         &self,
         code: &str,
         state: &str,
-        console: bool,
+        console: Option<Option<&str>>,
     ) -> Result<(FlowState, Verified), OidcError> {
         let flow = self.open_state(state)?;
-        if flow.console != console {
+        if flow.console != console.is_some() {
             return Err(OidcError::BadState);
+        }
+        if let Some(browser) = console
+            && flow.browser.as_deref() != browser.filter(|b| !b.is_empty())
+        {
+            return Err(OidcError::OtherBrowser);
         }
         if chrono::Utc::now().timestamp() > flow.until {
             return Err(OidcError::Expired);
@@ -527,6 +550,7 @@ mod tests {
         let flow = FlowState {
             auth_id: "abc".into(),
             console: false,
+            browser: None,
             nonce: "n".into(),
             verifier: Some("v".into()),
             redirect: "http://m1/oidc/callback".into(),

@@ -10,7 +10,8 @@
 //!
 //! With `oidc.admin_users` or `oidc.admin_groups` set, admins can instead log in through
 //! the identity provider (`/admin/oidc/login`; the provider's answer comes back through
-//! `/oidc/callback` to `/admin/oidc/finish`). The session cookie then carries
+//! `/oidc/callback` to `/admin/oidc/finish`, which must see the `hsd_oidc_flow` cookie
+//! set when the login began in that browser). The session cookie then carries
 //! `oidc.<sealed session>` (see `crate::oidc::AdminSession`): any member opens it, and it
 //! ends after 12 hours or as soon as the admin lists no longer name its holder.
 
@@ -30,6 +31,10 @@ use crate::util::message_page;
 const SESSION_COOKIE: &str = "hsd_session";
 /// Marks a session cookie that carries an identity-provider login, not an API key.
 const OIDC_SESSION_PREFIX: &str = "oidc.";
+/// Binds a console login at the provider to the browser that began it. `SameSite=Lax`:
+/// it must come back on the provider's cross-site redirect, which a `Strict` one would not.
+const OIDC_FLOW_COOKIE: &str = "hsd_oidc_flow";
+const OIDC_FLOW_SECONDS: u64 = 10 * 60;
 const CSRF_COOKIE: &str = "hsd_csrf";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// How long the browser keeps a session (the key's own expiry ends it sooner).
@@ -143,6 +148,15 @@ fn constant_time_eq(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// Cookies are `Secure` when browsers reach the console over https.
+fn secure_attribute(deps: &AdminDeps) -> &'static str {
+    if deps.server_url.starts_with("https://") {
+        "; Secure"
+    } else {
+        ""
+    }
+}
+
 fn set_cookie(
     deps: &AdminDeps,
     name: &str,
@@ -150,11 +164,7 @@ fn set_cookie(
     http_only: bool,
     max_age: u64,
 ) -> HeaderValue {
-    let secure = if deps.server_url.starts_with("https://") {
-        "; Secure"
-    } else {
-        ""
-    };
+    let secure = secure_attribute(deps);
     let http_only = if http_only { "; HttpOnly" } else { "" };
     let text =
         format!("{name}={value}; Path=/; Max-Age={max_age}; SameSite=Strict{http_only}{secure}");
@@ -234,13 +244,30 @@ async fn oidc_login(State(deps): State<AdminDeps>) -> Response {
         );
     };
     let callback = format!("{}/oidc/callback", deps.server_url);
-    match oidc.begin_console(&callback).await {
-        Ok(url) => axum::response::Redirect::to(&url).into_response(),
+    let browser = hex::encode(rand::random::<[u8; 16]>());
+    match oidc.begin_console(&browser, &callback).await {
+        Ok(url) => {
+            let mut response = axum::response::Redirect::to(&url).into_response();
+            response.headers_mut().append(
+                header::SET_COOKIE,
+                flow_cookie(&deps, &browser, OIDC_FLOW_SECONDS),
+            );
+            response
+        }
         Err(error) => {
             tracing::warn!(%error, "console oidc login could not start");
             message_page(error.http_status(), "Login failed", &error.to_string())
         }
     }
+}
+
+/// The cookie binding a console login to this browser (`max_age` 0 clears it).
+fn flow_cookie(deps: &AdminDeps, value: &str, max_age: u64) -> HeaderValue {
+    let secure = secure_attribute(deps);
+    let text = format!(
+        "{OIDC_FLOW_COOKIE}={value}; Path=/admin/oidc; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}"
+    );
+    HeaderValue::from_str(&text).expect("cookie values are ASCII")
 }
 
 #[derive(Deserialize)]
@@ -274,11 +301,14 @@ async fn oidc_finish(
         let message = "The identity provider's answer had no code or state.";
         return message_page(StatusCode::BAD_REQUEST, "Login failed", message);
     };
-    match oidc.finish_console(&code, &state).await {
+    let browser = cookie(request.headers(), OIDC_FLOW_COOKIE);
+    match oidc.finish_console(&code, &state, browser).await {
         Ok(admin) => {
             record(&deps, format!("oidc:{}", admin.who), "console login").await;
             let sealed = format!("{OIDC_SESSION_PREFIX}{}", oidc.seal_session(&admin));
-            let back = axum::response::Redirect::to("/admin").into_response();
+            let mut back = axum::response::Redirect::to("/admin").into_response();
+            back.headers_mut()
+                .append(header::SET_COOKIE, flow_cookie(&deps, "", 0));
             with_session(&deps, back, &sealed)
         }
         Err(error) => {

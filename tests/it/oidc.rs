@@ -374,18 +374,45 @@ fn api_call(
     })
 }
 
-/// The provider's answer for a console login by `sub`, begun on member `a` and taken back
-/// by member `b`: where `/oidc/callback` forwards the browser.
-fn console_login(c: &TestCluster, a: usize, b: usize, sub: &str) -> String {
+/// A console login by `sub`, begun on member `a` and taken back by member `b`: the URL
+/// `/oidc/callback` forwards the browser to, and the cookie binding the login to the
+/// browser that began it.
+fn console_login(c: &TestCluster, a: usize, b: usize, sub: &str) -> (String, String) {
     let start = format!("{}/admin/oidc/login", c.members[a].control_url());
-    let back = on_member(&login_at_provider(&provider_url(&start), sub), c, a, b);
+    let (authorize, binding, raw) = rt().block_on(async {
+        let r = http().get(&start).send().await.unwrap();
+        let (cookies, raw) = set_cookies(&r);
+        let location = r.headers()["location"].to_str().unwrap().to_string();
+        (location, cookies, raw)
+    });
+    assert!(binding.starts_with("hsd_oidc_flow="), "{raw}");
+    assert!(
+        raw.contains("SameSite=Lax") && raw.contains("HttpOnly"),
+        "{raw}"
+    );
+    let back = on_member(&login_at_provider(&authorize, sub), c, a, b);
     let (status, location) = get(&back);
     assert_eq!(
         status, 303,
         "the callback forwards to the console: {location}"
     );
     assert!(location.starts_with("/admin/oidc/finish?"), "{location}");
-    format!("{}{location}", c.members[b].control_url())
+    (format!("{}{location}", c.members[b].control_url()), binding)
+}
+
+/// (status, Location or body, cookies set) of a GET carrying `cookies`.
+fn get_with(url: &str, cookies: &str) -> (u16, String, String) {
+    rt().block_on(async {
+        let r = http()
+            .get(url)
+            .header("cookie", cookies)
+            .send()
+            .await
+            .unwrap();
+        let (set, _) = set_cookies(&r);
+        let (status, text) = answer(r).await;
+        (status, text, set)
+    })
 }
 
 #[test]
@@ -397,12 +424,17 @@ fn an_admin_logs_in_to_the_console_through_the_identity_provider() {
                "preferred_username": "root"}),
             json!({"sub": "alice-sub", "email": "alice@example.com", "email_verified": true,
                "preferred_username": "alice"}),
+            json!({"sub": "ops-sub", "email": "oncall@contractor.example",
+                   "email_verified": true, "groups": ["hsd-admins", "staff"]}),
         ],
     );
     let c = TestCluster::start(
         3,
         ClusterOpts {
-            extra_yaml: format!("{}  admin_users: [root@example.com]\n", oidc_yaml(&idp)),
+            extra_yaml: format!(
+                "{}  admin_users: [root@example.com]\n  admin_groups: [hsd-admins]\n",
+                oidc_yaml(&idp)
+            ),
             ..Default::default()
         },
     );
@@ -411,9 +443,14 @@ fn an_admin_logs_in_to_the_console_through_the_identity_provider() {
     assert_eq!((status, offer.as_str()), (200, r#"{"enabled":true}"#));
 
     // Root logs in from member 1; the provider's answer lands on member 2.
-    let finish = console_login(&c, 0, 1, "root-sub");
+    let (finish, binding) = console_login(&c, 0, 1, "root-sub");
     let (status, location, cookies, raw) = rt().block_on(async {
-        let r = http().get(&finish).send().await.unwrap();
+        let r = http()
+            .get(&finish)
+            .header("cookie", &binding)
+            .send()
+            .await
+            .unwrap();
         let (cookies, raw) = set_cookies(&r);
         let location = r.headers()["location"].to_str().unwrap().to_string();
         (r.status().as_u16(), location, cookies, raw)
@@ -479,8 +516,8 @@ fn an_admin_logs_in_to_the_console_through_the_identity_provider() {
     assert_eq!(status, 401);
 
     // Alice may join the tailnet, but she is not an admin: refused, recorded.
-    let finish = console_login(&c, 1, 2, "alice-sub");
-    let (status, page) = get(&finish);
+    let (finish, binding) = console_login(&c, 1, 2, "alice-sub");
+    let (status, page, _) = get_with(&finish, &binding);
     assert_eq!(status, 403, "{page}");
     assert!(
         page.contains("alice@example.com is not an administrator"),
@@ -498,6 +535,17 @@ fn an_admin_logs_in_to_the_console_through_the_identity_provider() {
                 .then_some(())
         },
     );
+
+    // The on-call engineer is an admin by group (the device allow-lists do not apply).
+    // Its answer is refused in a browser that did not begin it (someone slipping their
+    // own login into another's browser), and taken in the one that did.
+    let (finish, binding) = console_login(&c, 2, 0, "ops-sub");
+    let (status, page) = get(&finish);
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("another browser"), "{page}");
+    let (status, location, set) = get_with(&finish, &binding);
+    assert_eq!((status, location.as_str()), (303, "/admin"));
+    assert!(set.contains("hsd_session=oidc."), "{set}");
 
     // A device's login cannot be turned into a console session.
     let device = begin_interactive(&c, 0, "sneaky");
