@@ -211,6 +211,14 @@ impl TsClient {
 
 impl Drop for TsClient {
     fn drop(&mut self) {
+        // A failed test shows every client's side, not only the one that noticed.
+        if std::thread::panicking() {
+            eprintln!(
+                "--- client {} log tail ---\n{}",
+                self.name,
+                tail(&self.log(), 80)
+            );
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
