@@ -27,7 +27,7 @@ use sha2::Digest;
 
 use crate::config::OidcConfig;
 use crate::registry::{OidcIdentity, Timestamp};
-use crate::util::error_chain;
+use crate::util::{error_chain, message_page};
 
 /// How long a browser may take at the provider.
 const FLOW_TTL: Duration = Duration::from_secs(10 * 60);
@@ -38,7 +38,7 @@ const PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest `state` or session accepted back: an honest one is a few hundred bytes.
 const MAX_STATE_LEN: usize = 4096;
 /// How long a console session lasts before the admin logs in again.
-pub const ADMIN_SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+const ADMIN_SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OidcError {
@@ -119,16 +119,69 @@ struct Verified {
     expires: Timestamp,
 }
 
+/// The provider's answer to `/oidc/callback`, as its query string carries it.
+#[derive(Deserialize)]
+pub struct ProviderAnswer {
+    code: Option<String>,
+    pub state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// Why a provider's answer cannot finish a login; its `IntoResponse` is the page that
+/// tells the browser.
+pub enum UnusableAnswer {
+    Refused { error: String, detail: String },
+    Incomplete,
+}
+
+impl ProviderAnswer {
+    /// The code and state to finish the login with.
+    pub fn code_and_state(self) -> Result<(String, String), UnusableAnswer> {
+        if let Some(error) = self.error {
+            let detail = self.error_description.unwrap_or_default();
+            return Err(UnusableAnswer::Refused { error, detail });
+        }
+        match (self.code, self.state) {
+            (Some(code), Some(state)) => Ok((code, state)),
+            _ => Err(UnusableAnswer::Incomplete),
+        }
+    }
+}
+
+impl axum::response::IntoResponse for UnusableAnswer {
+    fn into_response(self) -> axum::response::Response {
+        use axum::http::StatusCode;
+        match self {
+            UnusableAnswer::Refused { error, detail } => {
+                let message = format!("The identity provider answered {error}. {detail}");
+                message_page(StatusCode::FORBIDDEN, "Login refused", &message)
+            }
+            UnusableAnswer::Incomplete => {
+                let message = "The identity provider's answer had no code or state.";
+                message_page(StatusCode::BAD_REQUEST, "Login failed", message)
+            }
+        }
+    }
+}
+
+/// Which login an answer to `/oidc/callback` must complete.
+enum Expect<'a> {
+    Device,
+    /// A console login, in the browser carrying this binding cookie (if any).
+    Console {
+        browser: Option<&'a str>,
+    },
+}
+
 /// The flow's secrets, sealed into `state`.
 #[derive(Serialize, Deserialize)]
 struct FlowState {
     /// The registration this login completes (empty for a console login).
     auth_id: String,
-    /// A console login rather than a device's.
-    #[serde(default)]
-    console: bool,
-    /// A console login's random binding to the browser that began it (also in a cookie
-    /// there), so nobody can slip their own login into someone else's browser.
+    /// Set for a console login only: its random binding to the browser that began it
+    /// (also in a cookie there), so nobody can slip their own login into someone else's
+    /// browser.
     #[serde(default)]
     browser: Option<String>,
     nonce: String,
@@ -199,7 +252,8 @@ impl Oidc {
 
     /// Whether `state` (checked, not yet spent) belongs to a console login.
     pub fn is_console_flow(&self, state: &str) -> bool {
-        self.open_state(state).is_ok_and(|flow| flow.console)
+        self.open_state(state)
+            .is_ok_and(|flow| flow.browser.is_some())
     }
 
     /// `browser` is set for console logins only.
@@ -219,7 +273,6 @@ impl Oidc {
         };
         let flow = FlowState {
             auth_id: auth_id.to_string(),
-            console: browser.is_some(),
             browser,
             nonce: nonce.secret().clone(),
             verifier: verifier.map(|v| v.secret().clone()),
@@ -246,7 +299,7 @@ impl Oidc {
 
     /// Checks the provider's answer to `/oidc/callback` and says who logged in.
     pub async fn finish(&self, code: &str, state: &str) -> Result<Login, OidcError> {
-        let (flow, v) = self.exchange(code, state, None).await?;
+        let (flow, v) = self.exchange(code, state, Expect::Device).await?;
         self.check_allowed(&v.identity, v.email_verified, &v.groups)
             .map_err(|who| OidcError::NotAllowed {
                 who,
@@ -267,9 +320,11 @@ impl Oidc {
         state: &str,
         browser: Option<&str>,
     ) -> Result<AdminSession, OidcError> {
-        let (_, v) = self.exchange(code, state, Some(browser)).await?;
+        let (_, v) = self
+            .exchange(code, state, Expect::Console { browser })
+            .await?;
         let session = AdminSession {
-            who: label(&v.identity),
+            who: v.identity.label(),
             email: v.identity.email.clone(),
             email_verified: v.email_verified != Some(false),
             groups: v
@@ -310,23 +365,23 @@ impl Oidc {
         by_email || c.admin_groups.iter().any(|g| s.groups.contains(g))
     }
 
-    /// Spends the provider's code for this flow and verifies the ID token it brings.
-    /// `console` is `None` for a device's login, else the browser binding the request
-    /// carried (checked before the code is spent).
+    /// Spends the provider's code for this flow and verifies the ID token it brings. The
+    /// flow must be of the kind expected (checked before the code is spent).
     async fn exchange(
         &self,
         code: &str,
         state: &str,
-        console: Option<Option<&str>>,
+        expect: Expect<'_>,
     ) -> Result<(FlowState, Verified), OidcError> {
         let flow = self.open_state(state)?;
-        if flow.console != console.is_some() {
-            return Err(OidcError::BadState);
-        }
-        if let Some(browser) = console
-            && flow.browser.as_deref() != browser.filter(|b| !b.is_empty())
-        {
-            return Err(OidcError::OtherBrowser);
+        match (expect, flow.browser.as_deref()) {
+            (Expect::Device, None) => {}
+            (Expect::Console { browser }, Some(began_in)) => {
+                if browser != Some(began_in) {
+                    return Err(OidcError::OtherBrowser);
+                }
+            }
+            _ => return Err(OidcError::BadState),
         }
         if chrono::Utc::now().timestamp() > flow.until {
             return Err(OidcError::Expired);
@@ -384,7 +439,7 @@ impl Oidc {
         groups: &BTreeSet<String>,
     ) -> Result<(), String> {
         let c = &self.config;
-        let label = label(who);
+        let label = who.label();
         let email = who.email.to_ascii_lowercase();
         let by_email = !c.allowed_domains.is_empty() || !c.allowed_users.is_empty();
         if by_email && (email.is_empty() || email_verified == Some(false)) {
@@ -457,15 +512,6 @@ impl Oidc {
 
     fn open_state(&self, state: &str) -> Result<FlowState, OidcError> {
         open(&self.flow_key, state)
-    }
-}
-
-/// How the audit log and refusals name someone: their email, else `issuer/subject`.
-fn label(who: &OidcIdentity) -> String {
-    if who.email.is_empty() {
-        who.provider_id()
-    } else {
-        who.email.clone()
     }
 }
 
@@ -549,7 +595,6 @@ mod tests {
         let a = rp(OidcConfig::default());
         let flow = FlowState {
             auth_id: "abc".into(),
-            console: false,
             browser: None,
             nonce: "n".into(),
             verifier: Some("v".into()),

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{AdminDeps, auth};
-use crate::oidc::OidcError;
+use crate::oidc::{OidcError, ProviderAnswer};
 use crate::registry::{Command, Timestamp};
 use crate::util::message_page;
 
@@ -85,6 +85,14 @@ async fn asset(content_type: &'static str, body: &'static str) -> Response {
         (header::REFERRER_POLICY, "no-referrer"),
     ];
     (headers, body).into_response()
+}
+
+/// The address a request came from, for the per-source limit on failed logins.
+pub(super) fn source_ip(request: &Request) -> Option<std::net::IpAddr> {
+    request
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip())
 }
 
 /// The value of cookie `name` in the request, if sent.
@@ -178,10 +186,7 @@ struct Login {
 }
 
 async fn login(State(deps): State<AdminDeps>, request: Request) -> Response {
-    let source = request
-        .extensions()
-        .get::<ConnectInfo<std::net::SocketAddr>>()
-        .map(|info| info.0.ip());
+    let source = source_ip(&request);
     let Ok(body) = axum::body::to_bytes(request.into_body(), MAX_LOGIN_BYTES).await else {
         return refused(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -270,14 +275,6 @@ fn flow_cookie(deps: &AdminDeps, value: &str, max_age: u64) -> HeaderValue {
     HeaderValue::from_str(&text).expect("cookie values are ASCII")
 }
 
-#[derive(Deserialize)]
-struct ProviderAnswer {
-    code: Option<String>,
-    state: Option<String>,
-    error: Option<String>,
-    error_description: Option<String>,
-}
-
 /// The provider's answer to a console login (forwarded by `/oidc/callback`): an admin
 /// gets a session and the console; anyone else a refusal, recorded.
 async fn oidc_finish(
@@ -285,21 +282,13 @@ async fn oidc_finish(
     Query(answer): Query<ProviderAnswer>,
     request: Request,
 ) -> Response {
-    let source = request
-        .extensions()
-        .get::<ConnectInfo<std::net::SocketAddr>>()
-        .map(|info| info.0.ip());
+    let source = source_ip(&request);
     let Some(oidc) = deps.oidc.clone().filter(|o| o.console_enabled()) else {
         return message_page(StatusCode::NOT_FOUND, "Not found", "No identity provider.");
     };
-    if let Some(error) = answer.error {
-        let detail = answer.error_description.unwrap_or_default();
-        let message = format!("The identity provider answered {error}. {detail}");
-        return message_page(StatusCode::FORBIDDEN, "Login refused", &message);
-    }
-    let (Some(code), Some(state)) = (answer.code, answer.state) else {
-        let message = "The identity provider's answer had no code or state.";
-        return message_page(StatusCode::BAD_REQUEST, "Login failed", message);
+    let (code, state) = match answer.code_and_state() {
+        Ok(pair) => pair,
+        Err(unusable) => return unusable.into_response(),
     };
     let browser = cookie(request.headers(), OIDC_FLOW_COOKIE);
     match oidc.finish_console(&code, &state, browser).await {

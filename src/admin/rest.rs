@@ -81,10 +81,7 @@ fn not_found(message: impl Into<String>) -> ApiError {
 
 /// Every route requires a valid, unexpired API key.
 async fn require_api_key(State(deps): State<AdminDeps>, request: Request, next: Next) -> Response {
-    let source = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|info| info.0.ip());
+    let source = console::source_ip(&request);
     if let Some(refusal) = deps.failed_auth.refusal_for(source) {
         return ApiError::from(refusal).into_response();
     }

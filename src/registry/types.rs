@@ -285,6 +285,15 @@ impl OidcIdentity {
     pub fn provider_id(&self) -> String {
         format!("{}/{}", self.issuer.trim_end_matches('/'), self.subject)
     }
+
+    /// How the audit log and refusals name someone: their email, else `issuer/subject`.
+    pub fn label(&self) -> String {
+        if self.email.is_empty() {
+            self.provider_id()
+        } else {
+            self.email.clone()
+        }
+    }
 }
 
 /// A Tailscale device. Replicated through Raft. High-rate soft state (online, endpoints,

@@ -7,10 +7,9 @@ use std::time::Duration;
 use axum::extract::{Path as UrlPath, Query, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
-use serde::Deserialize;
 
 use super::http::HttpState;
-use crate::oidc::{Oidc, OidcError};
+use crate::oidc::{Oidc, OidcError, ProviderAnswer};
 use crate::registry::{Command, Expiry, Outcome, Proposal, Rejection};
 use crate::util::message_page as page;
 
@@ -55,19 +54,11 @@ pub(super) async fn register_page(
     }
 }
 
-#[derive(Deserialize)]
-pub(super) struct Callback {
-    code: Option<String>,
-    state: Option<String>,
-    error: Option<String>,
-    error_description: Option<String>,
-}
-
 /// Where the provider sends the browser back, on any member: checks the answer, then
 /// registers the waiting device to the user it names. An admin's console login (one
 /// callback URL serves both, as providers register one) goes on to the console.
 pub(super) async fn oidc_callback(
-    Query(q): Query<Callback>,
+    Query(answer): Query<ProviderAnswer>,
     RawQuery(raw): RawQuery,
     State(s): State<HttpState>,
 ) -> Response {
@@ -78,27 +69,17 @@ pub(super) async fn oidc_callback(
             "This cluster has no identity provider configured.",
         );
     };
-    if q.state
+    if answer
+        .state
         .as_deref()
         .is_some_and(|st| oidc.rp.is_console_flow(st))
     {
         let query = raw.unwrap_or_default();
         return Redirect::to(&format!("/admin/oidc/finish?{query}")).into_response();
     }
-    if let Some(error) = q.error {
-        let detail = q.error_description.unwrap_or_default();
-        return page(
-            StatusCode::FORBIDDEN,
-            "Login refused",
-            &format!("The identity provider answered {error}. {detail}"),
-        );
-    }
-    let (Some(code), Some(state)) = (q.code, q.state) else {
-        return page(
-            StatusCode::BAD_REQUEST,
-            "Login failed",
-            "The identity provider's answer had no code or state.",
-        );
+    let (code, state) = match answer.code_and_state() {
+        Ok(pair) => pair,
+        Err(unusable) => return unusable.into_response(),
     };
     let login = match oidc.rp.finish(&code, &state).await {
         Ok(login) => login,
@@ -120,7 +101,7 @@ async fn register(s: &HttpState, oidc: &OidcLogin, login: crate::oidc::Login) ->
             .node_expiry
             .map(|d| Expiry::AfterMillis(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))),
     };
-    let actor = actor(&login.identity.email, &login.identity.provider_id());
+    let actor = format!("oidc:{}", login.identity.label());
     let command = Command::OidcLogin {
         auth_id: login.auth_id.clone(),
         identity: login.identity,
@@ -180,14 +161,6 @@ async fn record_refusal(s: &HttpState, who: &str, auth_id: &str) {
     };
     if let Err(error) = s.control.cluster.propose(command).await {
         tracing::warn!(%error, "could not record a refused oidc login");
-    }
-}
-
-fn actor(email: &str, provider_id: &str) -> String {
-    if email.is_empty() {
-        format!("oidc:{provider_id}")
-    } else {
-        format!("oidc:{email}")
     }
 }
 
