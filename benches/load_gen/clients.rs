@@ -11,7 +11,6 @@ use futures::StreamExt;
 use hsd::control::client::{ControlClient, MapStream, fetch_server_key, keypair};
 use hsd::derp::DerpClient;
 use hsd::registry::{DiscoKey, NodeKey};
-use serde_json::Value;
 
 use super::cluster::LocalCluster;
 
@@ -160,40 +159,68 @@ impl Events {
             return;
         };
         let Ok(json) = stream.decode(raw) else { return };
-        let Ok(msg) = serde_json::from_slice::<Value>(&json) else {
+        let Ok(msg) = serde_json::from_slice::<Seen>(&json) else {
             return;
         };
-        if shows(&probe.target, &msg) {
+        if msg.shows(&probe.target) {
             probe.saw(client.idx);
         }
     }
 }
 
-fn entries<'a>(msg: &'a Value, field: &str) -> impl Iterator<Item = &'a Value> {
-    msg[field].as_array().into_iter().flatten()
+/// What a probe looks for in a map response; everything else (packet filters, DNS, …) is
+/// skipped without being built, so checking ten thousand responses stays cheap next to
+/// the members that send them. (Every field may be absent or `null`.)
+#[derive(serde::Deserialize, Default)]
+#[serde(default, rename_all = "PascalCase")]
+struct Seen {
+    peers: Option<Vec<SeenPeer>>,
+    peers_changed: Option<Vec<SeenPeer>>,
+    peers_changed_patch: Option<Vec<SeenPeer>>,
+    peers_removed: Option<Vec<u64>>,
+    online_change: Option<std::collections::HashMap<String, bool>>,
 }
 
-/// Whether a map response carries the probe's target.
-fn shows(target: &Target, msg: &Value) -> bool {
-    let peers = || entries(msg, "PeersChanged").chain(entries(msg, "Peers"));
-    let has_marker = |v: &Value, marker: &str| {
-        v["Endpoints"]
-            .as_array()
-            .is_some_and(|e| e.iter().any(|x| x == marker))
-    };
-    match target {
-        Target::Join { key } => peers().any(|p| p["Key"] == key.as_str()),
-        Target::Endpoint { id, marker } => {
-            entries(msg, "PeersChangedPatch").any(|p| p["NodeID"] == *id && has_marker(p, marker))
-                || peers().any(|p| p["ID"] == *id && has_marker(p, marker))
-        }
-        Target::Offline { id } => {
-            msg["OnlineChange"][id.to_string()] == false
-                || peers().any(|p| p["ID"] == *id && p["Online"] == false)
-        }
-        Target::Delete { id } => {
-            entries(msg, "PeersRemoved").any(|r| r == id)
-                || (msg["Peers"].is_array() && !entries(msg, "Peers").any(|p| p["ID"] == *id))
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct SeenPeer {
+    #[serde(rename = "ID", alias = "NodeID")]
+    id: u64,
+    #[serde(rename = "Key")]
+    key: Option<String>,
+    #[serde(rename = "Endpoints")]
+    endpoints: Option<Vec<String>>,
+    #[serde(rename = "Online")]
+    online: Option<bool>,
+}
+
+impl Seen {
+    /// Whether the response carries the probe's target.
+    fn shows(&self, target: &Target) -> bool {
+        let peers = || self.peers_changed.iter().chain(&self.peers).flatten();
+        let has_marker =
+            |p: &SeenPeer, marker: &str| p.endpoints.iter().flatten().any(|e| e == marker);
+        match target {
+            Target::Join { key } => peers().any(|p| p.key.as_deref() == Some(key)),
+            Target::Endpoint { id, marker } => self
+                .peers_changed_patch
+                .iter()
+                .flatten()
+                .chain(peers())
+                .any(|p| p.id == *id && has_marker(p, marker)),
+            Target::Offline { id } => {
+                self.online_change
+                    .as_ref()
+                    .is_some_and(|c| c.get(&id.to_string()) == Some(&false))
+                    || peers().any(|p| p.id == *id && p.online == Some(false))
+            }
+            Target::Delete { id } => {
+                self.peers_removed.iter().flatten().any(|r| r == id)
+                    || self
+                        .peers
+                        .as_ref()
+                        .is_some_and(|all| !all.iter().any(|p| p.id == *id))
+            }
         }
     }
 }

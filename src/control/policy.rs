@@ -28,6 +28,10 @@ pub struct Access(Option<Arc<PolicyMap>>);
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FilterSent(Vec<(u64, u64)>);
 
+/// Changed chunks of a packet filter by name (`None`: the client drops the chunk), as
+/// wire pieces whose sources are shared between receivers.
+pub type FilterChanges<'a> = Vec<(String, Option<Vec<policy::Piece<'a>>>)>;
+
 /// A compiled policy and where each node sits in it.
 pub struct PolicyMap {
     compiled: Compiled,
@@ -84,29 +88,29 @@ impl Access {
     }
 
     /// What `node`'s client, holding `sent`, must get to hold its current filter: the new
-    /// and changed chunks, `null` for the ones gone; with what it then holds. `None` when
+    /// and changed chunks, `None` for the ones gone; with what it then holds. `None` when
     /// nothing changed (or without a policy).
     pub fn packet_filter_changes(
         &self,
         node: &Node,
         sent: &FilterSent,
-    ) -> Option<(Value, FilterSent)> {
+    ) -> Option<(FilterChanges<'_>, FilterSent)> {
         let (map, i) = self.position(node)?;
         let rules = &map.compiled.node(i).filter;
         let chunks = policy::filter_chunks(rules);
         let held: HashMap<u64, u64> = sent.0.iter().copied().collect();
-        let mut out = Map::new();
+        let mut out = FilterChanges::new();
         for chunk in &chunks {
             if held.get(&chunk.key) != Some(&chunk.hash) {
-                out.insert(chunk.name(), chunk.to_json(rules));
+                out.push((chunk.name(), Some(chunk.pieces(rules))));
             }
         }
         let now: HashSet<u64> = chunks.iter().map(|c| c.key).collect();
         for &(key, _) in sent.0.iter().filter(|(key, _)| !now.contains(key)) {
-            out.insert(policy::chunk_name(key), Value::Null);
+            out.push((policy::chunk_name(key), None));
         }
         let sent = FilterSent(chunks.iter().map(|c| (c.key, c.hash)).collect());
-        (!out.is_empty()).then_some((Value::Object(out), sent))
+        (!out.is_empty()).then_some((out, sent))
     }
 
     /// What `node`'s client holds once it got `packet_filters(node)`.

@@ -7,10 +7,48 @@
 
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::OnceLock;
 
 use serde_json::Value;
 
 use super::filter::FilterRule;
+
+/// JSON text many receivers send alike (a bucket of sources), with its zstd frame once a
+/// map stream first compresses it.
+#[derive(Debug)]
+pub struct SharedText {
+    plain: bytes::Bytes,
+    compressed: OnceLock<bytes::Bytes>,
+}
+
+impl SharedText {
+    pub fn new(json: String) -> SharedText {
+        SharedText {
+            plain: json.into(),
+            compressed: OnceLock::new(),
+        }
+    }
+
+    /// The JSON text.
+    pub fn plain(&self) -> &bytes::Bytes {
+        &self.plain
+    }
+
+    /// The text compressed by `compress`, which runs once.
+    pub fn compressed(&self, compress: impl FnOnce(&[u8]) -> bytes::Bytes) -> bytes::Bytes {
+        self.compressed
+            .get_or_init(|| compress(&self.plain))
+            .clone()
+    }
+}
+
+/// A piece of a filter chunk's wire JSON: text of its own receiver, or text shared by
+/// every receiver whose filter holds the same sources.
+#[derive(Debug)]
+pub enum Piece<'a> {
+    Own(String),
+    Shared(&'a SharedText),
+}
 
 /// Part of a node's filter: the rules that grant the same thing, restricted to one
 /// bucket of their sources.
@@ -80,6 +118,28 @@ impl FilterChunk {
         });
         Value::Array(json.collect())
     }
+
+    /// Its rules on the wire as pieces (the same JSON as `to_json`, members in another
+    /// order): the sources are shared text, so a change that reaches thousands of
+    /// filters encodes and compresses each changed bucket once.
+    pub fn pieces<'r>(&self, rules: &'r [FilterRule]) -> Vec<Piece<'r>> {
+        let mut pieces = Vec::with_capacity(2 * self.parts.len() + 1);
+        let mut own = String::from("[");
+        for (n, &(r, b)) in self.parts.iter().enumerate() {
+            let rule = &rules[r];
+            if n > 0 {
+                own.push(',');
+            }
+            own.push_str("{\"SrcIPs\":");
+            pieces.push(Piece::Own(std::mem::take(&mut own)));
+            pieces.push(Piece::Shared(rule.src_ips.bucket_text(b)));
+            own.push_str(&rule.json_after_sources());
+            own.push('}');
+        }
+        own.push(']');
+        pieces.push(Piece::Own(own));
+        pieces
+    }
 }
 
 #[cfg(test)]
@@ -139,6 +199,29 @@ mod tests {
         assert_eq!(keys(&before), keys(&after), "the same buckets");
         let changed = before.iter().zip(&after).filter(|(a, b)| a.hash != b.hash);
         assert_eq!(changed.count(), 1);
+    }
+
+    #[test]
+    fn pieces_spell_the_same_rules_as_the_json() {
+        let mut with_proto = rule(addresses(700), 22);
+        with_proto.ip_proto = vec![6, 17];
+        let rules = vec![
+            with_proto,
+            rule(addresses(700), 22),
+            rule(vec!["*".into()], 80),
+        ];
+        for chunk in filter_chunks(&rules) {
+            let text: String = chunk
+                .pieces(&rules)
+                .iter()
+                .map(|p| match p {
+                    Piece::Own(t) => t.clone(),
+                    Piece::Shared(s) => String::from_utf8(s.plain().to_vec()).unwrap(),
+                })
+                .collect();
+            let parsed: Value = serde_json::from_str(&text).expect("valid JSON");
+            assert_eq!(parsed, chunk.to_json(&rules), "{text}");
+        }
     }
 
     #[test]

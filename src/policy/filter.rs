@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use ipnet::IpNet;
 use serde_json::{Map, Value, json};
 
+use super::chunks::SharedText;
 use super::ipset::IpSet;
 use super::model::{Alias, AutoGroup, Grant, PortRange, ProtoPorts};
 use super::resolve::{Resolver, the_internet};
@@ -31,6 +32,9 @@ const BUCKET_TARGET: usize = 256;
 pub struct SourceBucket {
     pub hash: u64,
     pub members: Box<[u32]>,
+    /// Its `SrcIPs` on the wire, made when first sent and then shared by every filter
+    /// that holds this bucket.
+    text: OnceLock<SharedText>,
 }
 
 impl Sources {
@@ -51,8 +55,22 @@ impl Sources {
                 .map(|m| SourceBucket {
                     hash: hash_of(&m.iter().map(|&i| &self.ips[i as usize]).collect::<Vec<_>>()),
                     members: m.into(),
+                    text: OnceLock::new(),
                 })
                 .collect()
+        })
+    }
+
+    /// Bucket `b`'s sources as a JSON array, encoded once for every filter holding them.
+    pub fn bucket_text(&self, b: usize) -> &SharedText {
+        let bucket = &self.buckets()[b];
+        bucket.text.get_or_init(|| {
+            let ips: Vec<&str> = bucket
+                .members
+                .iter()
+                .map(|&i| self.ips[i as usize].as_str())
+                .collect();
+            SharedText::new(serde_json::to_string(&ips).expect("strings serialize"))
         })
     }
 }
@@ -149,6 +167,20 @@ impl FilterRule {
             m.insert("CapGrant".into(), Value::Array(grants));
         }
         Value::Object(m)
+    }
+
+    /// The wire form's members other than `SrcIPs`, as `,"DstPorts":…` (empty when there
+    /// are none): what follows the sources in `{"SrcIPs":[…]…}`.
+    pub fn json_after_sources(&self) -> String {
+        let Value::Object(mut m) = self.to_json_from::<&str>(&[]) else {
+            unreachable!("a rule is a JSON object")
+        };
+        m.remove("SrcIPs");
+        let rest = Value::Object(m).to_string();
+        match rest.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
+            Some("") | None => String::new(),
+            Some(members) => format!(",{members}"),
+        }
     }
 
     /// The rule with `dst_ports` in place of its own (the rest shared).

@@ -24,7 +24,7 @@ use ipnet::IpNet;
 use serde_json::Value;
 
 pub use checks::run as run_tests;
-pub use chunks::{FilterChunk, chunk_name, filter_chunks};
+pub use chunks::{FilterChunk, Piece, SharedText, chunk_name, filter_chunks};
 pub use filter::FilterRule;
 pub use model::{Policy, PolicyError};
 pub use tailnet::{Node, NodeRoutes, Tailnet, User};

@@ -11,10 +11,11 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::control::ControlSettings;
-use crate::control::policy::Access;
+use crate::control::policy::{Access, FilterChanges};
 use crate::control::tailcfg::{
     GO_ZERO_TIME, MapResponse, NodeJson, PeerChange, RawJson, UserProfile,
 };
+use crate::policy::{Piece, SharedText};
 use crate::presence::Presence;
 use crate::registry::{Node, NodeId, Registry, Timestamp, UserId};
 
@@ -320,6 +321,101 @@ pub fn encode_frame(response: &MapResponse, compress: bool) -> Bytes {
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
     Bytes::from(out)
+}
+
+/// Frames `response` with `filters` as its `PacketFilters`. The body is assembled from
+/// pieces, each its own zstd frame: this receiver's text compressed here, the shared
+/// sources compressed once for every receiver (a source joining a group changes that
+/// bucket in thousands of filters at once) and copied in.
+pub fn encode_with_filters(
+    response: &MapResponse,
+    filters: &FilterChanges<'_>,
+    compress: bool,
+) -> Bytes {
+    let head = serde_json::to_string(response).expect("map responses always serialize");
+    let head = head
+        .strip_suffix('}')
+        .expect("a map response is a JSON object");
+    let mut body = FrameWriter::new(compress);
+    body.own(head);
+    if head != "{" {
+        body.own(",");
+    }
+    body.own("\"PacketFilters\":{");
+    for (n, (name, chunk)) in filters.iter().enumerate() {
+        if n > 0 {
+            body.own(",");
+        }
+        body.own(&serde_json::to_string(name).expect("strings serialize"));
+        body.own(":");
+        match chunk {
+            None => body.own("null"),
+            Some(pieces) => {
+                for piece in pieces {
+                    match piece {
+                        Piece::Own(text) => body.own(text),
+                        Piece::Shared(shared) => body.shared(shared),
+                    }
+                }
+            }
+        }
+    }
+    body.own("}}");
+    body.finish()
+}
+
+/// One framed message from text pieces, in one buffer: runs of a receiver's own text
+/// become one zstd frame each (when compressing), shared text its cached frame.
+struct FrameWriter {
+    compress: bool,
+    pending: String,
+    out: Vec<u8>,
+}
+
+impl FrameWriter {
+    fn new(compress: bool) -> Self {
+        let mut out = Vec::with_capacity(4096);
+        out.extend_from_slice(&[0; 4]); // the length, once known
+        FrameWriter {
+            compress,
+            pending: String::new(),
+            out,
+        }
+    }
+
+    fn own(&mut self, text: &str) {
+        self.pending.push_str(text);
+    }
+
+    fn shared(&mut self, text: &SharedText) {
+        self.flush();
+        if self.compress {
+            let frame = text.compressed(|plain| Bytes::copy_from_slice(&zstd_frame(plain)));
+            self.out.extend_from_slice(&frame);
+        } else {
+            self.out.extend_from_slice(text.plain());
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        if self.compress {
+            self.out
+                .extend_from_slice(&zstd_frame(self.pending.as_bytes()));
+        } else {
+            self.out.extend_from_slice(self.pending.as_bytes());
+        }
+        self.pending.clear();
+    }
+
+    fn finish(mut self) -> Bytes {
+        self.flush();
+        let len = (self.out.len() - 4) as u32;
+        self.out[..4].copy_from_slice(&len.to_le_bytes());
+        Bytes::from(self.out)
+    }
 }
 
 /// One zstd frame of `data` at the fastest level (what tailscale's own control sends).

@@ -357,8 +357,14 @@ impl Session {
             self.self_sent = me_json.clone();
         }
         let mut response = delta.response(Some(self.node), me_json, sees);
-        response.packet_filters = new_filter;
         response.ssh_policy = new_ssh;
+        if let Some(filters) = &new_filter {
+            return Ok(Some(Message::framed(build::encode_with_filters(
+                &response,
+                filters,
+                self.compress,
+            ))));
+        }
         if response.is_empty_delta() {
             return Ok(None);
         }

@@ -723,3 +723,50 @@ async fn ha_routers_fail_over_when_the_primary_goes_offline() {
     assert_eq!(peer_routes(&map, a), (vec![], vec![]), "{map}");
     h.stop.cancel();
 }
+
+#[test]
+fn a_filter_change_assembled_from_shared_sources_is_the_same_json_compressed_or_not() {
+    use crate::control::client::zstd_decode;
+    use crate::control::tailcfg::MapResponse;
+    use crate::policy::{Piece, SharedText};
+    let sources = SharedText::new(r#"["100.64.0.1","100.64.0.2"]"#.into());
+    let filters = vec![
+        (
+            "00000000000000aa".to_string(),
+            Some(vec![
+                Piece::Own(r#"[{"SrcIPs":"#.into()),
+                Piece::Shared(&sources),
+                Piece::Own(
+                    r#","DstPorts":[{"IP":"100.64.0.9","Ports":{"First":22,"Last":22}}]}]"#.into(),
+                ),
+            ]),
+        ),
+        ("00000000000000bb".to_string(), None),
+    ];
+    let want = serde_json::json!({
+        "00000000000000aa": [{"SrcIPs": ["100.64.0.1", "100.64.0.2"],
+            "DstPorts": [{"IP": "100.64.0.9", "Ports": {"First": 22, "Last": 22}}]}],
+        "00000000000000bb": null,
+    });
+    let peer = serde_json::value::RawValue::from_string(r#"{"ID":7}"#.into()).unwrap();
+    let responses = [
+        MapResponse::default(),
+        MapResponse {
+            peers_changed: vec![peer.into()],
+            ..Default::default()
+        },
+    ];
+    for response in &responses {
+        let plain = super::build::encode_with_filters(response, &filters, false);
+        let plain = decode(&plain);
+        assert_eq!(plain["PacketFilters"], want);
+        let packed = super::build::encode_with_filters(response, &filters, true);
+        let json = zstd_decode(&packed[4..]).expect("concatenated zstd frames");
+        let packed: Value = serde_json::from_slice(&json).expect("one JSON document");
+        assert_eq!(packed, plain);
+        assert_eq!(
+            packed["PeersChanged"].as_array().map(Vec::len),
+            (!response.peers_changed.is_empty()).then_some(1)
+        );
+    }
+}
