@@ -144,6 +144,22 @@ impl FilterRule {
     pub fn to_json_from<S: serde::Serialize>(&self, sources: &[S]) -> Value {
         let mut m = Map::new();
         m.insert("SrcIPs".into(), json!(sources));
+        m.extend(self.members_after_sources());
+        Value::Object(m)
+    }
+
+    /// The wire form's members other than `SrcIPs`, as `,"DstPorts":…` (empty when there
+    /// are none): what follows the sources in `{"SrcIPs":[…]…}`.
+    pub fn json_after_sources(&self) -> String {
+        self.members_after_sources()
+            .into_iter()
+            .map(|(key, value)| format!(",\"{key}\":{value}"))
+            .collect()
+    }
+
+    /// `DstPorts`, `IPProto` and `CapGrant`, those the rule has.
+    fn members_after_sources(&self) -> Map<String, Value> {
+        let mut m = Map::new();
         if !self.dst_ports.is_empty() {
             let ports: Vec<Value> = self
                 .dst_ports
@@ -166,21 +182,7 @@ impl FilterRule {
                 .collect();
             m.insert("CapGrant".into(), Value::Array(grants));
         }
-        Value::Object(m)
-    }
-
-    /// The wire form's members other than `SrcIPs`, as `,"DstPorts":…` (empty when there
-    /// are none): what follows the sources in `{"SrcIPs":[…]…}`.
-    pub fn json_after_sources(&self) -> String {
-        let Value::Object(mut m) = self.to_json_from::<&str>(&[]) else {
-            unreachable!("a rule is a JSON object")
-        };
-        m.remove("SrcIPs");
-        let rest = Value::Object(m).to_string();
-        match rest.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
-            Some("") | None => String::new(),
-            Some(members) => format!(",{members}"),
-        }
+        m
     }
 
     /// The rule with `dst_ports` in place of its own (the rest shared).

@@ -205,14 +205,11 @@ fn an_admin_logs_in_through_the_identity_provider() {
     );
     assert!(b.text("#cluster-summary").contains("Leader: member"));
     b.shot("oidc-logged-in");
-    let records = c.hsctl_json(1, &["audit", "list", "--actor", "oidc:root@example.com"]);
     assert!(
-        records
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["action"] == "console login"),
-        "{records:#}"
+        c.audited(1, &["--actor", "oidc:root@example.com"], |r| {
+            r["action"] == "console login"
+        }),
+        "the console login is audited"
     );
     b.click("#logout");
     b.wait_until(

@@ -265,25 +265,18 @@ fn a_device_logs_in_through_the_identity_provider() {
         "the refusal in the audit log",
         Duration::from_secs(10),
         || {
-            let records = c.hsctl_json(1, &["audit", "list", "--since", "1h"]);
-            records
-                .as_array()?
-                .iter()
-                .any(|r| {
-                    r["actor"] == "oidc:mallory@evil.example"
-                        && r["result"].as_str().unwrap_or("").contains("refused")
-                })
-                .then_some(())
+            c.audited(1, &["--since", "1h"], |r| {
+                r["actor"] == "oidc:mallory@evil.example"
+                    && r["result"].as_str().unwrap_or("").contains("refused")
+            })
+            .then_some(())
         },
     );
-    let records = c.hsctl_json(1, &["audit", "list", "--actor", "oidc:alice@example.com"]);
     assert!(
-        records
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["action"] == "oidc_login" && r["result"] == "ok"),
-        "{records:#}"
+        c.audited(1, &["--actor", "oidc:alice@example.com"], |r| {
+            r["action"] == "oidc_login" && r["result"] == "ok"
+        }),
+        "alice's login is audited"
     );
 
     // A forged state, a missing code and a provider's refusal each get a clear page.
@@ -527,12 +520,10 @@ fn an_admin_logs_in_to_the_console_through_the_identity_provider() {
         "alice's refusal in the audit log",
         Duration::from_secs(10),
         || {
-            let records = c.hsctl_json(1, &["audit", "list", "--actor", "oidc:alice@example.com"]);
-            records
-                .as_array()?
-                .iter()
-                .any(|r| r["action"] == "authenticate (console)")
-                .then_some(())
+            c.audited(1, &["--actor", "oidc:alice@example.com"], |r| {
+                r["action"] == "authenticate (console)"
+            })
+            .then_some(())
         },
     );
 

@@ -563,6 +563,13 @@ impl TestCluster {
     }
 
     /// Runs hsctl with `-o json`, asserts success, parses stdout.
+    /// Whether `hsctl audit list ARGS` on member `id` holds a record `matches` accepts.
+    pub fn audited(&self, id: u64, args: &[&str], matches: impl Fn(&Value) -> bool) -> bool {
+        let records = self.hsctl_json(id, &[&["audit", "list"], args].concat());
+        let records = records.as_array().expect("audit list prints an array");
+        records.iter().any(matches)
+    }
+
     pub fn hsctl_json(&self, id: u64, args: &[&str]) -> Value {
         let out = self.hsctl(id, &[args, &["-o", "json"]].concat());
         assert!(
