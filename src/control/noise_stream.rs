@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, BufMut, BytesMut};
 use chacha20poly1305::aead::AeadInPlace;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -28,7 +29,7 @@ pub struct NoiseStream<IO> {
     rx: CipherState,
     tx: CipherState,
     /// Bytes read from `io` not yet consumed: at most one record and the start of the next.
-    rbuf: Vec<u8>,
+    rbuf: BytesMut,
     /// The decrypted plaintext of the record at the front of `rbuf`, as a range of it.
     plain: std::ops::Range<usize>,
     /// Sealed records not yet written, from `wpos` on.
@@ -48,7 +49,7 @@ impl<IO> NoiseStream<IO> {
             io,
             rx: CipherState::new(&keys.receive),
             tx: CipherState::new(&keys.send),
-            rbuf: Vec::new(),
+            rbuf: BytesMut::new(),
             plain: 0..0,
             wbuf: Vec::new(),
             wpos: 0,
@@ -94,10 +95,10 @@ impl<IO> NoiseStream<IO> {
     /// buffer at all.
     fn consume_front(&mut self) {
         let record_end = self.plain.end + TAG_BYTES;
-        self.rbuf.drain(..record_end);
+        self.rbuf.advance(record_end);
         self.plain = 0..0;
         if self.rbuf.is_empty() {
-            self.rbuf = Vec::new();
+            self.rbuf = BytesMut::new();
         }
     }
 
@@ -165,14 +166,27 @@ impl<IO: AsyncRead + Unpin> AsyncRead for NoiseStream<IO> {
                 }
                 continue;
             }
-            // Read more of the current record (never more than one record ahead).
+            // Read more of the current record (never more than one record ahead), into
+            // memory that is not zeroed first: only what arrives is touched.
             let have = this.rbuf.len();
-            this.rbuf.resize(MAX_NOISE_FRAME_BYTES, 0);
-            let mut read = ReadBuf::new(&mut this.rbuf[have..]);
-            let polled = Pin::new(&mut this.io).poll_read(cx, &mut read);
-            let got = read.filled().len();
-            this.rbuf.truncate(have + got);
-            ready!(polled)?;
+            let room = MAX_NOISE_FRAME_BYTES - have;
+            this.rbuf.reserve(room);
+            let polled = tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.io),
+                cx,
+                &mut (&mut this.rbuf).limit(room),
+            );
+            let got = match polled {
+                Poll::Ready(got) => got?,
+                Poll::Pending => {
+                    // Waiting with nothing buffered is what an idle connection does, for
+                    // minutes at a time: it holds no buffer meanwhile.
+                    if have == 0 {
+                        this.rbuf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
+            };
             if got == 0 {
                 return if have == 0 {
                     Poll::Ready(Ok(())) // clean end of stream
@@ -251,6 +265,22 @@ mod tests {
         };
         let ((), got) = tokio::join!(writer, reader);
         assert_eq!(got, data);
+    }
+
+    #[tokio::test]
+    async fn a_connection_waiting_for_data_holds_no_read_buffer() {
+        let (ka, kb) = pair();
+        let (x, y) = tokio::io::duplex(1 << 16);
+        let mut a = NoiseStream::new(x, &ka);
+        let mut b = NoiseStream::new(y, &kb);
+        a.write_all(b"hello").await.unwrap();
+        a.flush().await.unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(b.read(&mut buf).await.unwrap(), 5);
+        // Nothing more has been sent: the next read waits, and meanwhile keeps no buffer.
+        let waiting = futures::poll!(std::pin::pin!(b.read(&mut buf)));
+        assert!(waiting.is_pending());
+        assert_eq!(b.rbuf.capacity(), 0);
     }
 
     #[tokio::test]
