@@ -35,8 +35,12 @@ pub(super) fn control_router(
     };
     let inner = Router::new()
         .route("/key", get(control::upgrade::key_handler))
-        .route("/ts2021", any(control::upgrade::ts2021_handler))
-        .with_state(control);
+        .with_state(control.clone())
+        .merge(
+            Router::new()
+                .route("/ts2021", any(control::upgrade::ts2021_handler))
+                .with_state(control::upgrade::Ts2021::new(control)),
+        );
     Router::new()
         .route(
             "/derp",
