@@ -93,6 +93,8 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
     );
     report.handshakes_per_s = fleet.connect_all(args.concurrency).await?;
     eprintln!("load: handshakes {:.0}/s", report.handshakes_per_s);
+    report.rss_kib_per_connection =
+        cluster.rss_kib().saturating_sub(rss_before) as f64 / args.clients as f64;
     report.registrations_per_s = fleet.join_all(args.concurrency).await?;
     report.joined = fleet.streaming();
     report.map_retries = fleet

@@ -108,6 +108,8 @@ pub struct Report {
     pub registrations_per_s: f64,
     pub propagation: Propagation,
     pub rss_kib_per_client: f64,
+    /// Of that, what an idle Noise + HTTP/2 connection costs before its client registers.
+    pub rss_kib_per_connection: f64,
     pub rss_kib_members: u64,
     pub cpu_s_by_member: Vec<f64>,
     pub failover: Option<FailoverReport>,
@@ -128,6 +130,7 @@ impl Report {
             registrations_per_s: 0.0,
             propagation: Propagation::default(),
             rss_kib_per_client: 0.0,
+            rss_kib_per_connection: 0.0,
             rss_kib_members: 0,
             cpu_s_by_member: Vec::new(),
             failover: None,
@@ -145,6 +148,7 @@ impl Report {
             "handshakes_per_s": round1(self.handshakes_per_s),
             "propagation_ms": self.propagation.json(),
             "rss_kib_per_client": round1(self.rss_kib_per_client),
+            "rss_kib_per_connection": round1(self.rss_kib_per_connection),
             "rss_kib_members": self.rss_kib_members,
             "cpu_s_per_member": round1(cpu.iter().sum::<f64>() / cpu.len().max(1) as f64),
             "cpu_s_by_member": cpu.iter().map(|c| round1(*c)).collect::<Vec<_>>(),
@@ -164,8 +168,9 @@ impl Report {
         );
         println!("propagation: {}", self.propagation.summary());
         println!(
-            "memory: {} KiB per client on the members ({} MiB in all); CPU per member {} s",
+            "memory: {} KiB per client on the members ({} KiB of it the connection before registering; {} MiB in all); CPU per member {} s",
             v["rss_kib_per_client"],
+            v["rss_kib_per_connection"],
             self.rss_kib_members / 1024,
             v["cpu_s_per_member"]
         );
