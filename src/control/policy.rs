@@ -15,6 +15,7 @@ use imbl::ordmap::DiffItem;
 use ipnet::IpNet;
 use serde_json::{Map, Value, json};
 
+use crate::control::tailcfg::RawJson;
 use crate::policy::{self, Compiled, PeerRoutes};
 use crate::presence::Presence;
 use crate::registry::{Node, NodeId, Registry, User, UserId};
@@ -174,11 +175,18 @@ impl Access {
     }
 
     /// `SSHPolicy` for `node`, when the policy has an `ssh` section.
-    pub fn ssh_policy(&self, node: &Node) -> Option<Value> {
+    pub fn ssh_policy(&self, node: &Node) -> Option<RawJson> {
+        #[derive(serde::Serialize)]
+        struct SshPolicy<'a> {
+            rules: Vec<&'a serde_json::value::RawValue>,
+        }
         let (map, i) = self.position(node)?;
-        map.compiled
-            .has_ssh()
-            .then(|| json!({ "rules": map.compiled.ssh_rules(i) }))
+        map.compiled.has_ssh().then(|| {
+            let rules = map.compiled.ssh_rules(i);
+            serde_json::value::to_raw_value(&SshPolicy { rules })
+                .expect("JSON text serializes")
+                .into()
+        })
     }
 
     /// Node attributes (`nodeAttrs`) for `node`'s capability map.

@@ -230,7 +230,7 @@ pub struct MapResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packet_filters: Option<Value>,
     #[serde(rename = "SSHPolicy", skip_serializing_if = "Option::is_none")]
-    pub ssh_policy: Option<Value>,
+    pub ssh_policy: Option<RawJson>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub user_profiles: Vec<RawJson>,
     #[serde(skip_serializing_if = "Option::is_none")]

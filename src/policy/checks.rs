@@ -335,7 +335,13 @@ impl Judge<'_> {
                 failed.push(format!("sshTest dst {text:?} is not a device"));
                 continue;
             };
-            let rules = self.compiled.ssh_rules(j);
+            let rules: Vec<Value> = self
+                .compiled
+                .ssh_rules(j)
+                .iter()
+                .map(|r| serde_json::from_str(r.get()).expect("rules are JSON we wrote"))
+                .collect();
+            let rules: Vec<&Value> = rules.iter().collect();
             let expectations = [
                 (&t.accept, SshVerdict::Accept),
                 (&t.check, SshVerdict::Check),

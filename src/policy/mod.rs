@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use ipnet::IpNet;
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 pub use checks::run as run_tests;
 pub use chunks::{FilterChunk, Piece, SharedText, chunk_name, filter_chunks};
@@ -416,8 +416,8 @@ impl Compiled {
     }
 
     /// Node `i`'s `SSHPolicy.rules` (empty without an `ssh` section).
-    pub fn ssh_rules(&self, i: usize) -> Vec<&Value> {
-        self.ssh_shared(i).iter().map(|r| &r.value).collect()
+    pub fn ssh_rules(&self, i: usize) -> Vec<&RawValue> {
+        self.ssh_shared(i).iter().map(|r| &*r.json).collect()
     }
 
     fn ssh_shared(&self, i: usize) -> &[std::sync::Arc<ssh::SshRuleJson>] {

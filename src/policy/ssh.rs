@@ -212,10 +212,12 @@ pub struct PreparedSsh {
     rules: Vec<PreparedRule>,
 }
 
-/// One rule as a node receives it, with a hash of its JSON (for fingerprints).
+/// One rule as a node receives it, with a hash of its JSON (for fingerprints). Kept as
+/// text: a rule lists every source device, and as JSON values those principals cost each
+/// member over a kilobyte per device.
 #[derive(Debug)]
 pub struct SshRuleJson {
-    pub value: Value,
+    pub json: Box<serde_json::value::RawValue>,
     pub hash: u64,
     check: bool,
 }
@@ -283,11 +285,12 @@ impl PreparedRule {
     fn shared(&self, principals: &[String], users: BTreeMap<String, String>) -> Shared {
         use std::hash::{Hash, Hasher};
         let value = rule_json(principals, users, &self.action, &self.accept_env);
+        let json = serde_json::value::to_raw_value(&value).expect("JSON values serialize");
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        value.to_string().hash(&mut h);
+        json.get().hash(&mut h);
         Arc::new(SshRuleJson {
             check: value["action"].get("holdAndDelegate").is_some(),
-            value,
+            json,
             hash: h.finish(),
         })
     }
