@@ -157,29 +157,53 @@ pub async fn run(
 
 /// Writes through member `via` every few milliseconds; returns (start, completion) of
 /// every write that succeeded.
+/// How often the failover writer starts a write, and how many may be in flight at once.
+const WRITE_EVERY: Duration = Duration::from_millis(50);
+const WRITES_IN_FLIGHT: usize = 64;
+
+/// Writes through member `via` until `stop`, starting a write every `WRITE_EVERY` whatever
+/// the earlier ones are doing: the first write acknowledged after a kill is seen within
+/// that interval, not only once an attempt that hung at the kill has timed out. Returns
+/// (started, acknowledged) per acknowledged write.
 async fn writer(cluster: &LocalCluster, via: usize, stop: Instant) -> Vec<(Instant, Instant)> {
+    use futures::StreamExt;
+    let mut attempts = futures::stream::FuturesUnordered::new();
     let mut done = Vec::new();
+    let mut next = tokio::time::Instant::now();
     let mut i = 0u64;
-    while Instant::now() < stop {
-        i += 1;
-        let started = Instant::now();
-        let write = async {
-            let mut admin = cluster.admin(via).await?;
-            admin
-                .create_user(pb::CreateUserRequest {
-                    name: format!("failover-{}-{i}", std::process::id()),
-                    ..Default::default()
-                })
-                .await?;
-            anyhow::Ok(())
-        };
-        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), write).await {
-            done.push((started, Instant::now()));
-        } else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    loop {
+        let may_start = Instant::now() < stop && attempts.len() < WRITES_IN_FLIGHT;
+        tokio::select! {
+            Some(acked) = attempts.next(), if !attempts.is_empty() => done.extend(acked),
+            () = tokio::time::sleep_until(next), if may_start => {
+                i += 1;
+                attempts.push(write_once(cluster, via, i));
+                next = tokio::time::Instant::now() + WRITE_EVERY;
+            }
+            else => break,
         }
     }
     done
+}
+
+/// One user created through member `via`: (started, acknowledged), or `None` if it failed
+/// or took longer than 5 s.
+async fn write_once(cluster: &LocalCluster, via: usize, i: u64) -> Option<(Instant, Instant)> {
+    let started = Instant::now();
+    let write = async {
+        let mut admin = cluster.admin(via).await?;
+        admin
+            .create_user(pb::CreateUserRequest {
+                name: format!("failover-{}-{i}", std::process::id()),
+                ..Default::default()
+            })
+            .await?;
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), write).await {
+        Ok(Ok(())) => Some((started, Instant::now())),
+        _ => None,
+    }
 }
 
 /// Kills member `victim` while a writer writes through `via`; waits for its clients to
@@ -212,12 +236,13 @@ async fn kill_and_watch(
     let (done, failover) = tokio::join!(writer(cluster, via, stop), kill);
     let failover = failover?;
     let killed = failover.killed_at;
-    // The first write made after the kill that was acknowledged (one in flight at the
-    // kill may still be answered by the dying leader's commit).
+    // The earliest acknowledgement of a write started after the kill (one in flight at
+    // the kill may still be answered by the dying leader's commit).
     let resumed = done
         .iter()
-        .find(|(started, _)| *started >= killed)
+        .filter(|(started, _)| *started >= killed)
         .map(|(_, acked)| acked.duration_since(killed).as_secs_f64())
+        .reduce(f64::min)
         .unwrap_or(f64::NAN);
     let deadline = Instant::now() + Duration::from_secs(60);
     while failover.restreamed.lock().unwrap().len() < holding && Instant::now() < deadline {

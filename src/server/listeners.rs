@@ -180,30 +180,41 @@ impl Listeners {
                 crate::derp::stun::serve(socket, stop.clone()),
             );
         }
-        sup.spawn_essential(
-            tasks,
-            "admin unix socket",
-            crate::admin::serve_unix(
-                self.unix,
-                self.unix_socket,
-                admin.clone(),
-                stop.clone(),
-                tasks.clone(),
-            ),
-        );
+        // Each listener is re-registered with the admin runtime's reactor before serving.
+        let unix = self.unix.into_std();
+        let (path, deps, serve_stop, serve_tasks) =
+            (self.unix_socket, admin.clone(), stop.clone(), tasks.clone());
+        let serve = life.admin_runtime.run(async move {
+            match unix.and_then(tokio::net::UnixListener::from_std) {
+                Ok(listener) => {
+                    crate::admin::serve_unix(listener, path, deps, serve_stop, serve_tasks).await
+                }
+                Err(error) => tracing::error!(%error, "admin socket could not move to its runtime"),
+            }
+        });
+        sup.spawn_essential(tasks, "admin unix socket", serve);
         if let Some(listener) = self.grpc {
-            sup.spawn_essential(
-                tasks,
-                "admin gRPC listener",
-                crate::admin::serve_tcp(
-                    listener,
-                    admin,
-                    guard(),
-                    admin_tls,
-                    stop.clone(),
-                    tasks.clone(),
-                ),
-            );
+            let listener = listener.into_std();
+            let (guard, serve_stop, serve_tasks) = (guard(), stop.clone(), tasks.clone());
+            let serve = life.admin_runtime.run(async move {
+                match listener.and_then(TcpListener::from_std) {
+                    Ok(listener) => {
+                        let serve = crate::admin::serve_tcp(
+                            listener,
+                            admin,
+                            guard,
+                            admin_tls,
+                            serve_stop,
+                            serve_tasks,
+                        );
+                        serve.await
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "admin gRPC listener could not move to its runtime")
+                    }
+                }
+            });
+            sup.spawn_essential(tasks, "admin gRPC listener", serve);
         }
         serve_members(self.cluster, life, cluster);
     }

@@ -103,26 +103,31 @@ struct Lifecycle {
     raft_tasks: TaskTracker,
     /// Raft, its storage and the member-to-member service run on a runtime of their own,
     /// so heartbeats and elections keep time while thousands of clients reconnect.
-    raft_runtime: RaftRuntime,
+    raft_runtime: SideRuntime,
+    /// The admin API (gRPC on the unix socket and TCP) likewise: `hsctl` keeps answering
+    /// while a reconnect storm keeps the client-facing workers busy.
+    admin_runtime: SideRuntime,
     supervisor: Supervisor,
 }
 
-/// The Raft runtime's one worker thread; shut down without blocking when dropped (a
-/// runtime dropped inside another's async context would panic).
-struct RaftRuntime(Option<tokio::runtime::Runtime>);
+/// A runtime with one worker thread of its own, beside the client-facing one (the OS
+/// shares the cores between their threads, so its tasks never queue behind thousands of
+/// client sessions); shut down without blocking when dropped (a runtime dropped inside
+/// another's async context would panic).
+struct SideRuntime(Option<tokio::runtime::Runtime>);
 
-impl RaftRuntime {
-    fn start() -> std::io::Result<Self> {
+impl SideRuntime {
+    fn start(thread_name: &str) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
-            .thread_name("hsd-raft")
+            .thread_name(thread_name)
             .enable_all()
             .build()?;
-        Ok(RaftRuntime(Some(runtime)))
+        Ok(SideRuntime(Some(runtime)))
     }
 
-    /// `task` run on the Raft runtime, as a future the caller awaits anywhere; a panic in
-    /// it resumes in the caller (so the supervisor sees it).
+    /// `task` run on this runtime, as a future the caller awaits anywhere; a panic in it
+    /// resumes in the caller (so the supervisor sees it).
     fn run<T: Send + 'static>(
         &self,
         task: impl std::future::Future<Output = T> + Send + 'static,
@@ -133,13 +138,13 @@ impl RaftRuntime {
             match handle.await {
                 Ok(value) => value,
                 Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-                Err(error) => panic!("raft runtime task cancelled: {error}"),
+                Err(error) => panic!("side runtime task cancelled: {error}"),
             }
         }
     }
 }
 
-impl Drop for RaftRuntime {
+impl Drop for SideRuntime {
     fn drop(&mut self) {
         if let Some(runtime) = self.0.take() {
             runtime.shutdown_background();
@@ -157,7 +162,8 @@ impl Lifecycle {
             tasks: TaskTracker::new(),
             raft_stop: CancellationToken::new(),
             raft_tasks: TaskTracker::new(),
-            raft_runtime: RaftRuntime::start().map_err(StartError::Runtime)?,
+            raft_runtime: SideRuntime::start("hsd-raft").map_err(StartError::Runtime)?,
+            admin_runtime: SideRuntime::start("hsd-admin").map_err(StartError::Runtime)?,
         })
     }
 }
