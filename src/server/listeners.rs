@@ -180,43 +180,56 @@ impl Listeners {
                 crate::derp::stun::serve(socket, stop.clone()),
             );
         }
+        let admin_listeners = AdminListeners {
+            unix: self.unix,
+            unix_socket: self.unix_socket,
+            grpc: self.grpc,
+        };
+        admin_listeners.serve(life, admin, guard(), admin_tls);
+        serve_members(self.cluster, life, cluster);
+    }
+}
+
+/// The admin API's listeners, served on the admin runtime (see `Lifecycle`).
+struct AdminListeners {
+    unix: tokio::net::UnixListener,
+    unix_socket: PathBuf,
+    grpc: Option<TcpListener>,
+}
+
+impl AdminListeners {
+    fn serve(
+        self,
+        life: &Lifecycle,
+        admin: AdminDeps,
+        guard: ConnGuard,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) {
+        let (stop, tasks) = (life.stop.clone(), life.tasks.clone());
         // Each listener is re-registered with the admin runtime's reactor before serving.
         let unix = self.unix.into_std();
-        let (path, deps, serve_stop, serve_tasks) =
+        let (path, deps, unix_stop, unix_tasks) =
             (self.unix_socket, admin.clone(), stop.clone(), tasks.clone());
         let serve = life.admin_runtime.run(async move {
             match unix.and_then(tokio::net::UnixListener::from_std) {
-                Ok(listener) => {
-                    crate::admin::serve_unix(listener, path, deps, serve_stop, serve_tasks).await
-                }
+                Ok(l) => crate::admin::serve_unix(l, path, deps, unix_stop, unix_tasks).await,
                 Err(error) => tracing::error!(%error, "admin socket could not move to its runtime"),
             }
         });
-        sup.spawn_essential(tasks, "admin unix socket", serve);
-        if let Some(listener) = self.grpc {
-            let listener = listener.into_std();
-            let (guard, serve_stop, serve_tasks) = (guard(), stop.clone(), tasks.clone());
-            let serve = life.admin_runtime.run(async move {
-                match listener.and_then(TcpListener::from_std) {
-                    Ok(listener) => {
-                        let serve = crate::admin::serve_tcp(
-                            listener,
-                            admin,
-                            guard,
-                            admin_tls,
-                            serve_stop,
-                            serve_tasks,
-                        );
-                        serve.await
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, "admin gRPC listener could not move to its runtime")
-                    }
+        life.supervisor
+            .spawn_essential(&life.tasks, "admin unix socket", serve);
+        let Some(listener) = self.grpc else { return };
+        let listener = listener.into_std();
+        let serve = life.admin_runtime.run(async move {
+            match listener.and_then(TcpListener::from_std) {
+                Ok(l) => crate::admin::serve_tcp(l, admin, guard, tls, stop, tasks).await,
+                Err(error) => {
+                    tracing::error!(%error, "admin gRPC listener could not move to its runtime")
                 }
-            });
-            sup.spawn_essential(tasks, "admin gRPC listener", serve);
-        }
-        serve_members(self.cluster, life, cluster);
+            }
+        });
+        life.supervisor
+            .spawn_essential(&life.tasks, "admin gRPC listener", serve);
     }
 }
 
