@@ -155,8 +155,6 @@ pub async fn run(
     Ok(out)
 }
 
-/// Writes through member `via` every few milliseconds; returns (start, completion) of
-/// every write that succeeded.
 /// How often the failover writer starts a write, and how many may be in flight at once.
 const WRITE_EVERY: Duration = Duration::from_millis(50);
 const WRITES_IN_FLIGHT: usize = 64;

@@ -114,16 +114,22 @@ struct Lifecycle {
 /// shares the cores between their threads, so its tasks never queue behind thousands of
 /// client sessions); shut down without blocking when dropped (a runtime dropped inside
 /// another's async context would panic).
-struct SideRuntime(Option<tokio::runtime::Runtime>);
+struct SideRuntime {
+    name: &'static str,
+    runtime: Option<tokio::runtime::Runtime>,
+}
 
 impl SideRuntime {
-    fn start(thread_name: &str) -> std::io::Result<Self> {
+    fn start(name: &'static str) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
-            .thread_name(thread_name)
+            .thread_name(name)
             .enable_all()
             .build()?;
-        Ok(SideRuntime(Some(runtime)))
+        Ok(SideRuntime {
+            name,
+            runtime: Some(runtime),
+        })
     }
 
     /// `task` run on this runtime, as a future the caller awaits anywhere; a panic in it
@@ -132,13 +138,14 @@ impl SideRuntime {
         &self,
         task: impl std::future::Future<Output = T> + Send + 'static,
     ) -> impl std::future::Future<Output = T> + Send + 'static {
-        let runtime = self.0.as_ref().expect("running until dropped");
+        let runtime = self.runtime.as_ref().expect("running until dropped");
+        let name = self.name;
         let handle = runtime.spawn(task);
         async move {
             match handle.await {
                 Ok(value) => value,
                 Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-                Err(error) => panic!("side runtime task cancelled: {error}"),
+                Err(error) => panic!("task on the {name} runtime cancelled: {error}"),
             }
         }
     }
@@ -146,7 +153,7 @@ impl SideRuntime {
 
 impl Drop for SideRuntime {
     fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
+        if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
     }
