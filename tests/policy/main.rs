@@ -145,14 +145,18 @@ const REQUIRED: &[(&str, f64)] = &[("acl", 1.0), ("routes", 1.0), ("ssh", 1.0), 
 const KNOWN: &[(&str, &str)] = &[
     (
         "acl-k03",
-        "the capture contradicts eleven others: squirtle's 10.33.0.0/16 is covered by \
-         autoApprovers (tag:router) yet was not approved here, while the same topology \
-         and approver approved it in acl-ah01, acl-c09, acl-w02 and the rest",
+        "the capture contradicts itself: under a policy that lets every node reach every \
+         other, beedrill, bulbasaur, ivysaur and venusaur see squirtle's 10.33.0.0/16 as \
+         its primary route while charmander, kakuna, weedle and squirtle itself do not (it \
+         was taken while the auto-approval spread); hsd gives every node the first answer, \
+         as in acl-ah01, acl-c09, acl-w02 and the other captures of this topology",
     ),
     (
         "ssh-e1",
-        "Tailscale refuses localpart:*@EXAMPLE.COM naming \"PASSKEY\" instead of the domain; \
-         hsd refuses it naming EXAMPLE.COM",
+        "both refuse localpart:*@EXAMPLE.COM; Tailscale's message names \"PASSKEY\", hsd's \
+         EXAMPLE.COM. The captures anonymize the tailnet's domain to example.com: d1, e2 and \
+         the multi-glob case show Tailscale naming the domain as written, so PASSKEY looks \
+         like the capture's real domain, upper-cased, left un-rewritten in the message",
     ),
 ];
 
