@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use imbl::OrdMap;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +35,18 @@ pub const GATHER_WINDOW: Duration = Duration::from_millis(10);
 /// Deltas a session may fall behind (6 s of ticks) before it must resync with a full
 /// netmap. Each retained delta keeps its state's changed blocks alive.
 pub const DELTA_CHANNEL_CAPACITY: usize = 64;
+
+/// Full netmaps a member sends at once, per core. After a member dies, its clients all
+/// reconnect to the others within a second: sent side by side, every netmap would finish
+/// only when the last one does; taken in turn, the first clients stream at once.
+const FULL_MAPS_PER_CORE: usize = 32;
+/// How many full netmaps this member sends at once.
+pub fn full_map_turns() -> usize {
+    FULL_MAPS_PER_CORE * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+/// The longest a session waits for its turn to send a full netmap before it sends anyway,
+/// so clients that stop reading while holding turns cannot hold back the others for long.
+pub const FULL_MAP_WAIT: Duration = Duration::from_secs(10);
 
 /// A peer as every receiver sees it, encoded once per change.
 #[derive(Debug)]
@@ -216,6 +228,7 @@ impl Delta {
 pub struct HubHandle {
     state: watch::Receiver<HubState>,
     deltas: broadcast::Sender<Arc<Delta>>,
+    full_maps: Arc<Semaphore>,
 }
 
 impl HubHandle {
@@ -229,6 +242,16 @@ impl HubHandle {
     /// The latest state (O(1): persistent maps).
     pub fn current(&self) -> HubState {
         self.state.borrow().clone()
+    }
+
+    /// Waits (first come, first served; at most `FULL_MAP_WAIT`) for a turn to send a full
+    /// netmap; the turn lasts as long as the returned permit. `None`: waited too long.
+    pub async fn full_map_turn(&self) -> Option<OwnedSemaphorePermit> {
+        let turn = self.full_maps.clone().acquire_owned();
+        match tokio::time::timeout(FULL_MAP_WAIT, turn).await {
+            Ok(permit) => Some(permit.expect("the semaphore is never closed")),
+            Err(_) => None,
+        }
     }
 }
 
@@ -384,6 +407,7 @@ impl MapHub {
         let handle = HubHandle {
             state: state_rx,
             deltas: deltas.clone(),
+            full_maps: Arc::new(Semaphore::new(full_map_turns())),
         };
         let hub = MapHub {
             feed,

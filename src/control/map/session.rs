@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
-use tokio::sync::broadcast;
+use tokio::sync::{OwnedSemaphorePermit, broadcast};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::task::TaskTracker;
 
@@ -103,6 +103,9 @@ pub(super) struct Session {
     expires_at: Option<Instant>,
     /// How the session ended, once it did.
     end: Option<End>,
+    /// This session's turn to send a full netmap (see `HubHandle::full_map_turn`), held
+    /// until HTTP/2 has taken the whole netmap.
+    full_turn: Option<OwnedSemaphorePermit>,
 }
 
 /// What woke the session.
@@ -141,6 +144,7 @@ impl Session {
             filter_sent: FilterSent::default(),
             expires_at: None,
             end: None,
+            full_turn: None,
         }
     }
 
@@ -159,12 +163,23 @@ impl Session {
         if self.end.is_some() {
             return None;
         }
-        if self.deltas.is_none() {
-            let (deltas, state) = self.deps.hub.subscribe();
-            self.deltas = Some(deltas);
-            return self.full(&state, "full");
-        }
+        // HTTP/2 asks for the next message once it has taken all of the last one: a turn
+        // to send a full netmap ends here.
+        self.full_turn = None;
         loop {
+            if self.deltas.is_none() {
+                // The turn first, then the state: the netmap is as fresh as it can be.
+                self.full_turn = tokio::select! {
+                    () = self.deps.stop.cancelled() => {
+                        self.end = Some(End::Stopped);
+                        return None;
+                    }
+                    turn = self.deps.hub.full_map_turn() => turn,
+                };
+                let (deltas, state) = self.deps.hub.subscribe();
+                self.deltas = Some(deltas);
+                return self.full(&state, "full");
+            }
             let event = {
                 let deltas = self.deltas.as_mut().expect("subscribed above");
                 tokio::select! {
@@ -188,10 +203,8 @@ impl Session {
                         return None;
                     }
                 },
-                Event::Delta(Err(broadcast::error::RecvError::Lagged(_))) => {
-                    let state = self.deps.hub.current();
-                    return self.full(&state, "full");
-                }
+                // Too far behind: a full netmap, in turn, from a fresh subscription.
+                Event::Delta(Err(broadcast::error::RecvError::Lagged(_))) => self.deltas = None,
                 Event::Delta(Err(broadcast::error::RecvError::Closed)) => {
                     self.end = Some(End::Stopped);
                     return None;

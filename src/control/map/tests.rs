@@ -342,6 +342,46 @@ async fn a_stalled_reader_is_owed_one_full_map_not_one_per_tick() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn full_netmaps_go_out_in_turn_and_a_stalled_turn_holds_no_one_for_long() {
+    use super::hub::{FULL_MAP_WAIT, full_map_turns};
+    let mut feed = Feed::new();
+    let turns = full_map_turns();
+    let nodes: Vec<NodeId> = (0..=turns as u32)
+        .map(|i| feed.register(1 + i, &format!("n{i}")))
+        .collect();
+    let h = Harness::start(&feed);
+    // Every turn is taken by a session whose netmap HTTP/2 has not finished taking.
+    let mut holders = Vec::new();
+    for node in &nodes[..turns] {
+        let mut rx = h.session(*node);
+        assert!(next(&mut rx).await.get("Peers").is_some());
+        holders.push(rx);
+    }
+    let mut late = h.session(nodes[turns]);
+    let early = tokio::time::timeout(FULL_MAP_WAIT / 2, next(&mut late)).await;
+    assert!(early.is_err(), "a netmap went out with every turn taken");
+    // One holder is asked for its next message: its netmap is all taken, its turn ends.
+    let _ = tokio::time::timeout(Duration::from_millis(1), holders[0].next()).await;
+    let netmap = tokio::time::timeout(Duration::from_millis(1), next(&mut late))
+        .await
+        .expect("the freed turn goes to the waiting session at once");
+    assert!(netmap.get("Peers").is_some());
+
+    // Every turn is held again (the late session has the freed one) and none ends: a
+    // newcomer waits for the bound, no longer.
+    let mut newcomer = h.session(nodes[0]);
+    let started = tokio::time::Instant::now();
+    assert!(next(&mut newcomer).await.get("Peers").is_some());
+    let waited = started.elapsed();
+    assert!(
+        waited >= FULL_MAP_WAIT - Duration::from_millis(10)
+            && waited < FULL_MAP_WAIT + Duration::from_secs(1),
+        "{waited:?}"
+    );
+    h.stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
 async fn receivers_share_one_frame_and_a_changed_node_gets_its_own() {
     let mut feed = Feed::new();
     let a = feed.register(1, "a");
