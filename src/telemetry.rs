@@ -38,6 +38,8 @@ pub struct Metrics {
     pub noise_connections: IntCounter,
     pub map_responses: IntCounterVec,
     pub map_bytes: IntCounter,
+    pub full_map_waiting: IntGauge,
+    pub full_map_turns_skipped: IntCounter,
     pub registrations: IntCounterVec,
     pub raft_applied_index: IntGauge,
     pub raft_is_leader: IntGauge,
@@ -94,6 +96,14 @@ impl Metrics {
             map_bytes: counter(
                 "hsd_map_response_bytes_total",
                 "Compressed map response bytes sent",
+            ),
+            full_map_waiting: gauge(
+                "hsd_full_map_waiting",
+                "Map sessions waiting for a turn to send a full netmap",
+            ),
+            full_map_turns_skipped: counter(
+                "hsd_full_map_turns_skipped_total",
+                "Full netmaps sent without a turn, after waiting the longest a session waits",
             ),
             registrations: counter_vec(
                 "hsd_registrations_total",

@@ -169,13 +169,21 @@ impl Session {
         loop {
             if self.deltas.is_none() {
                 // The turn first, then the state: the netmap is as fresh as it can be.
-                self.full_turn = tokio::select! {
-                    () = self.deps.stop.cancelled() => {
-                        self.end = Some(End::Stopped);
-                        return None;
-                    }
-                    turn = self.deps.hub.full_map_turn() => turn,
+                let metrics = &self.deps.metrics;
+                metrics.full_map_waiting.inc();
+                let turn = tokio::select! {
+                    () = self.deps.stop.cancelled() => None,
+                    turn = self.deps.hub.full_map_turn() => Some(turn),
                 };
+                metrics.full_map_waiting.dec();
+                let Some(turn) = turn else {
+                    self.end = Some(End::Stopped);
+                    return None;
+                };
+                if turn.is_none() {
+                    metrics.full_map_turns_skipped.inc();
+                }
+                self.full_turn = turn;
                 let (deltas, state) = self.deps.hub.subscribe();
                 self.deltas = Some(deltas);
                 return self.full(&state, "full");

@@ -360,6 +360,7 @@ async fn full_netmaps_go_out_in_turn_and_a_stalled_turn_holds_no_one_for_long() 
     let mut late = h.session(nodes[turns]);
     let early = tokio::time::timeout(FULL_MAP_WAIT / 2, next(&mut late)).await;
     assert!(early.is_err(), "a netmap went out with every turn taken");
+    assert_eq!(h.deps.metrics.full_map_waiting.get(), 1);
     // One holder is asked for its next message: its netmap is all taken, its turn ends.
     let _ = tokio::time::timeout(Duration::from_millis(1), holders[0].next()).await;
     let netmap = tokio::time::timeout(Duration::from_millis(1), next(&mut late))
@@ -378,6 +379,8 @@ async fn full_netmaps_go_out_in_turn_and_a_stalled_turn_holds_no_one_for_long() 
             && waited < FULL_MAP_WAIT + Duration::from_secs(1),
         "{waited:?}"
     );
+    assert_eq!(h.deps.metrics.full_map_turns_skipped.get(), 1);
+    assert_eq!(h.deps.metrics.full_map_waiting.get(), 0);
     h.stop.cancel();
 }
 
