@@ -31,6 +31,23 @@ fn filter_for(level: &str) -> String {
     }
 }
 
+/// A gauge raised by one while this guard lives: counts what is under way, also when the
+/// future doing it is dropped midway.
+pub struct GaugeRaised<'a>(&'a IntGauge);
+
+impl<'a> GaugeRaised<'a> {
+    pub fn new(gauge: &'a IntGauge) -> Self {
+        gauge.inc();
+        GaugeRaised(gauge)
+    }
+}
+
+impl Drop for GaugeRaised<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Every metric this member exports. Cheap to share (`Arc`); counters are atomics.
 pub struct Metrics {
     registry: Registry,

@@ -27,7 +27,7 @@ use crate::control::{ControlDeps, ControlSettings};
 use crate::presence::Presence;
 use crate::raft::Cluster;
 use crate::registry::{Command, Node, NodeId, Registry, Timestamp};
-use crate::telemetry::Metrics;
+use crate::telemetry::{GaugeRaised, Metrics};
 
 /// The client abandons a map poll that stays silent for 120 s (watchdogTimeout in
 /// tailscale's controlclient) and expects a keep-alive about once a minute.
@@ -169,21 +169,13 @@ impl Session {
         loop {
             if self.deltas.is_none() {
                 // The turn first, then the state: the netmap is as fresh as it can be.
-                let metrics = &self.deps.metrics;
-                metrics.full_map_waiting.inc();
-                let turn = tokio::select! {
-                    () = self.deps.stop.cancelled() => None,
-                    turn = self.deps.hub.full_map_turn() => Some(turn),
-                };
-                metrics.full_map_waiting.dec();
-                let Some(turn) = turn else {
-                    self.end = Some(End::Stopped);
-                    return None;
-                };
-                if turn.is_none() {
-                    metrics.full_map_turns_skipped.inc();
+                match self.wait_for_turn().await {
+                    Ok(turn) => self.full_turn = turn,
+                    Err(end) => {
+                        self.end = Some(end);
+                        return None;
+                    }
                 }
-                self.full_turn = turn;
                 let (deltas, state) = self.deps.hub.subscribe();
                 self.deltas = Some(deltas);
                 return self.full(&state, "full");
@@ -243,6 +235,21 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Waits for a turn to send a full netmap (`None`: waited the longest a session waits,
+    /// sending anyway); `Err` if the member is stopping meanwhile.
+    async fn wait_for_turn(&self) -> Result<Option<OwnedSemaphorePermit>, End> {
+        let metrics = &self.deps.metrics;
+        let _waiting = GaugeRaised::new(&metrics.full_map_waiting);
+        let turn = tokio::select! {
+            () = self.deps.stop.cancelled() => return Err(End::Stopped),
+            turn = self.deps.hub.full_map_turn() => turn,
+        };
+        if turn.is_none() {
+            metrics.full_map_turns_skipped.inc();
+        }
+        Ok(turn)
     }
 
     /// Counts a message and restarts the keep-alive clock.

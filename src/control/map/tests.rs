@@ -368,6 +368,13 @@ async fn full_netmaps_go_out_in_turn_and_a_stalled_turn_holds_no_one_for_long() 
         .expect("the freed turn goes to the waiting session at once");
     assert!(netmap.get("Peers").is_some());
 
+    // A client that leaves while it waits is no longer counted as waiting.
+    let mut gone = h.session(nodes[1]);
+    let _ = tokio::time::timeout(Duration::from_millis(1), gone.next()).await;
+    assert_eq!(h.deps.metrics.full_map_waiting.get(), 1);
+    drop(gone);
+    assert_eq!(h.deps.metrics.full_map_waiting.get(), 0);
+
     // Every turn is held again (the late session has the freed one) and none ends: a
     // newcomer waits for the bound, no longer.
     let mut newcomer = h.session(nodes[0]);
