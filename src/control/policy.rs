@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use imbl::OrdMap;
 use imbl::ordmap::DiffItem;
 use ipnet::IpNet;
+use rustc_hash::FxHashMap;
 use serde_json::{Map, Value, json};
 
 use crate::control::tailcfg::RawJson;
@@ -36,7 +37,9 @@ pub type FilterChanges<'a> = Vec<(String, Option<Vec<policy::Piece<'a>>>)>;
 /// A compiled policy and where each node sits in it.
 pub struct PolicyMap {
     compiled: Compiled,
-    index: HashMap<NodeId, usize>,
+    /// Asked twice per peer of every full netmap; node ids are ours, not a client's, so a
+    /// fast hash is safe.
+    index: FxHashMap<NodeId, usize>,
     /// Nodes that route something, with when they came online (that elects primaries).
     routers: Vec<(NodeId, Option<i64>)>,
 }
@@ -295,7 +298,7 @@ fn same_for_policy(
 /// checked when set) falls back to denying everything rather than allowing it.
 fn compile(view: &Registry, presence: &Presence, check_url: &str) -> Access {
     let tailnet = tailnet(view, presence);
-    let index: HashMap<NodeId, usize> = tailnet
+    let index: FxHashMap<NodeId, usize> = tailnet
         .nodes
         .iter()
         .enumerate()
