@@ -169,6 +169,9 @@ impl Lifecycle {
             tasks: TaskTracker::new(),
             raft_stop: CancellationToken::new(),
             raft_tasks: TaskTracker::new(),
+            // Started from the calling thread, whose priority their threads inherit: `hsd`
+            // calls this from its main thread, which keeps the normal priority while the
+            // client-facing workers run below it (see `below_raft_and_admin` in hsd.rs).
             raft_runtime: SideRuntime::start("hsd-raft").map_err(StartError::Runtime)?,
             admin_runtime: SideRuntime::start("hsd-admin").map_err(StartError::Runtime)?,
         })
