@@ -412,7 +412,10 @@ impl Cluster {
             if self.metrics().borrow().current_leader == Some(self.inner.id) {
                 return true;
             }
-            let _ = self.inner.raft.trigger().elect().await;
+            if self.inner.raft.trigger().elect().await.is_err() {
+                // Raft has stopped (this member is shutting down too): it cannot lead.
+                return false;
+            }
             tokio::time::sleep(CAMPAIGN_RETRY).await;
         }
         self.metrics().borrow().current_leader == Some(self.inner.id)
@@ -428,5 +431,62 @@ fn write_error(e: RaftError<u64, ClientWriteError<u64, MemberInfo>>) -> LeaderRe
             LeaderReply::Invalid(e.to_string())
         }
         RaftError::Fatal(e) => LeaderReply::Failed(format!("raft stopped: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::raft::{ClusterOptions, tls};
+
+    /// Member 1 of a two-member cluster whose member 2 never starts (so member 1 cannot
+    /// win an election), on a scratch directory, started in this process.
+    async fn member_without_quorum(dir: &std::path::Path) -> Cluster {
+        let (ca, cert, key) = tls::provision_default(dir, 1).unwrap();
+        let member = |name: &str| MemberInfo {
+            name: name.into(),
+            raft_addr: "127.0.0.1:1".into(),
+            control_url: String::new(),
+            region_id: None,
+        };
+        let opts = ClusterOptions {
+            member_id: 1,
+            member: member("m1"),
+            data_dir: dir.to_path_buf(),
+            settings: Default::default(),
+            initial_members: BTreeMap::from([(1, member("m1")), (2, member("m2"))]),
+            election_timeout_min_ms: 300,
+            heartbeat_ms: 100,
+            snapshot_every_logs: 1_000,
+            presence: crate::presence::Presence::new(1),
+            version: "test",
+            tls: tls::MemberTls::load(&ca, &cert, &key).unwrap(),
+            drain: CancellationToken::new(),
+        };
+        Cluster::start(opts, CancellationToken::new(), TaskTracker::new())
+            .await
+            .unwrap()
+    }
+
+    /// When every member of a cluster is stopped at once, one may be asked to take over
+    /// leadership while its own Raft is already stopped: it must give up at once, not
+    /// keep asking its stopped Raft (an error line each time) until the deadline.
+    #[tokio::test]
+    async fn a_member_whose_raft_has_stopped_gives_up_campaigning_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = member_without_quorum(dir.path()).await;
+        cluster.shutdown().await;
+        let asked = std::time::Instant::now();
+        assert!(!cluster.campaign(Duration::from_secs(20)).await);
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "kept campaigning for {:?}",
+            asked.elapsed()
+        );
     }
 }
