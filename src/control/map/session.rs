@@ -92,9 +92,10 @@ pub(super) struct Session {
     approved: bool,
     /// The hub state the client's netmap reflects; older deltas are skipped.
     seq: u64,
-    /// The node's own JSON as last sent: a delta that touches the node without changing
-    /// what its client sees of itself does not resend it.
-    self_sent: Option<RawJson>,
+    /// A digest of the node's own JSON as last sent: a delta that touches the node without
+    /// changing what its client sees of itself does not resend it. (The JSON itself would
+    /// cost every session about a kilobyte.)
+    self_sent: Option<u64>,
     /// Under a policy: what the client holds of it (see `PolicyView`), and the chunks of
     /// its packet filter.
     policy_sent: Option<PolicyView>,
@@ -309,7 +310,7 @@ impl Session {
         self.expires_at = expiry_instant(me);
         self.approved = me.approved;
         self.seq = state.seq;
-        self.self_sent = Some(ctx.self_json(me));
+        self.self_sent = Some(self_digest(&ctx.self_json(me)));
         self.policy_sent = PolicyView::of(&ctx, me);
         self.filter_sent = ctx.access().filter_sent(me);
         Ok(frame)
@@ -369,11 +370,9 @@ impl Session {
         self.seq = delta.seq;
         let sees = |peer: &crate::registry::Node| access.can_see(me, peer);
         let touched = delta.touches(self.node);
-        let me_json = touched.then(|| ctx.self_json(me)).filter(|json| {
-            self.self_sent
-                .as_ref()
-                .is_none_or(|sent| sent.get() != json.get())
-        });
+        let me_json = touched
+            .then(|| ctx.self_json(me))
+            .filter(|json| self.self_sent != Some(self_digest(json)));
         let policy_news = new_filter.is_some() || new_ssh.is_some();
         if !touched && !policy_news && delta.upserted.iter().all(|p| sees(&p.node)) {
             if delta.is_empty() || delta.only_presence_of(self.node) {
@@ -381,8 +380,8 @@ impl Session {
             }
             return Ok(Some(Message::framed(delta.shared_frame(self.compress))));
         }
-        if me_json.is_some() {
-            self.self_sent = me_json.clone();
+        if let Some(json) = &me_json {
+            self.self_sent = Some(self_digest(json));
         }
         let mut response = delta.response(Some(self.node), me_json, sees);
         response.ssh_policy = new_ssh;
@@ -506,4 +505,12 @@ impl Drop for Session {
 
 fn jitter() -> Duration {
     Duration::from_millis(rand::random::<u64>() % 9000)
+}
+
+/// A digest of a node's own JSON, keyed per process so that a client cannot craft two
+/// versions of its Hostinfo that look the same.
+fn self_digest(json: &RawJson) -> u64 {
+    static KEYS: std::sync::LazyLock<std::hash::RandomState> =
+        std::sync::LazyLock::new(std::hash::RandomState::new);
+    std::hash::BuildHasher::hash_one(&*KEYS, json.get())
 }

@@ -436,6 +436,28 @@ async fn receivers_share_one_frame_and_a_changed_node_gets_its_own() {
         "the renamed node gets its own new self: {for_c}"
     );
     assert!(for_c.get("PeersChanged").is_none(), "{for_c}");
+    // A change to c's record that leaves its own JSON as it was (the same name again) does
+    // not resend c its self; the next news c gets is about a peer only.
+    feed.apply(Command::RenameNode {
+        id: c,
+        name: "renamed".into(),
+    });
+    feed.apply(Command::RenameNode {
+        id: a,
+        name: "a2".into(),
+    });
+    let for_c = next(&mut rx_c).await;
+    assert!(
+        for_c.get("Node").is_none(),
+        "self resent unchanged: {for_c}"
+    );
+    assert!(
+        for_c["PeersChanged"][0]["Name"]
+            .as_str()
+            .unwrap()
+            .starts_with("a2."),
+        "{for_c}"
+    );
     h.stop.cancel();
 }
 
