@@ -390,7 +390,7 @@ impl FrameWriter {
     fn shared(&mut self, text: &SharedText) {
         self.flush();
         if self.compress {
-            let frame = text.compressed(|plain| Bytes::copy_from_slice(&zstd_frame(plain)));
+            let frame = text.compressed(|plain| Bytes::from(zstd_frame(plain)));
             self.out.extend_from_slice(&frame);
         } else {
             self.out.extend_from_slice(text.plain());
@@ -432,9 +432,13 @@ pub fn zstd_frame(data: &[u8]) -> Vec<u8> {
             Some(c) => c,
             None => cell.insert(zstd::bulk::Compressor::new(1).expect("a zstd context")),
         };
-        compressor
+        let mut frame = compressor
             .compress(data)
-            .expect("zstd compression into a Vec cannot fail")
+            .expect("zstd compression into a Vec cannot fail");
+        // `compress` reserves room for the worst case, about the input's size, and frames
+        // are kept (a hub's shared blocks of peers, deltas): give the slack back.
+        frame.shrink_to_fit();
+        frame
     })
 }
 

@@ -842,3 +842,27 @@ fn a_filter_change_assembled_from_shared_sources_is_the_same_json_compressed_or_
         );
     }
 }
+
+#[test]
+fn a_zstd_frame_keeps_no_room_for_the_worst_case() {
+    // Peer JSON compresses well; the frame is kept for as long as its block or delta is,
+    // so it must not hold on to the input-sized buffer it was compressed into.
+    let json = r#"{"ID":1,"Name":"node.hsd.internal.","Addresses":["100.64.0.1/32"]},"#.repeat(256);
+    let frame = super::build::zstd_frame(json.as_bytes());
+    assert!(
+        frame.len() < json.len() / 4,
+        "{} of {}",
+        frame.len(),
+        json.len()
+    );
+    assert!(
+        frame.capacity() < json.len() / 2,
+        "holds {} bytes for a {}-byte frame",
+        frame.capacity(),
+        frame.len()
+    );
+    assert_eq!(
+        zstd::bulk::decompress(&frame, json.len()).unwrap(),
+        json.as_bytes()
+    );
+}
