@@ -82,7 +82,10 @@ struct Recent {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Remembered {
     Node(NodeId),
-    Outcome(Outcome),
+    /// Boxed: most outcomes remembered are nodes, and an `Outcome` inline would make every
+    /// remembered write as large as the largest one (a burst of 10,000 registrations is
+    /// remembered on every member for ten minutes).
+    Outcome(Box<Outcome>),
 }
 
 /// The whole applied registry. Cloning is O(1) (persistent maps), so the state machine
@@ -408,14 +411,14 @@ impl Registry {
                 Some(node) => Outcome::Node(Box::new((**node).clone())),
                 None => Outcome::Rejected(Rejection::NodeNotFound(*id)),
             },
-            Remembered::Outcome(outcome) => outcome.clone(),
+            Remembered::Outcome(outcome) => (**outcome).clone(),
         }
     }
 
     fn remember(&mut self, id: RequestId, now: Timestamp, outcome: Outcome, fx: &mut Effects) {
         let outcome = match outcome {
             Outcome::Node(node) => Remembered::Node(node.id),
-            other => Remembered::Outcome(other),
+            other => Remembered::Outcome(Box::new(other)),
         };
         self.recent
             .insert(id, Arc::new(Recent { at: now, outcome }));
