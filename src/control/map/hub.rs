@@ -44,6 +44,9 @@ const FULL_MAPS_PER_CORE: usize = 32;
 pub fn full_map_turns() -> usize {
     FULL_MAPS_PER_CORE * std::thread::available_parallelism().map_or(1, |n| n.get())
 }
+/// The longest a new node's first netmap waits for the hub to hold the node (one tick, as a
+/// rule) before it is built from the member's latest view instead.
+pub const HUB_HOLD_WAIT: Duration = Duration::from_secs(1);
 /// The longest a session waits for its turn to send a full netmap before it sends anyway,
 /// so clients that stop reading while holding turns cannot hold back the others for long.
 pub const FULL_MAP_WAIT: Duration = Duration::from_secs(10);
@@ -242,6 +245,16 @@ impl HubHandle {
     /// The latest state (O(1): persistent maps).
     pub fn current(&self) -> HubState {
         self.state.borrow().clone()
+    }
+
+    /// Waits (at most `HUB_HOLD_WAIT`) until the hub's state holds `node`; whether it does.
+    /// A client streams right after it registered, before the tick that adds its node:
+    /// answering it from the hub's next state rather than the member's latest view keeps
+    /// the policy compiled once per tick instead of once per registration.
+    pub async fn holds(&self, node: NodeId) -> bool {
+        let mut state = self.state.clone();
+        let held = state.wait_for(|s| s.view.node(node).is_some());
+        matches!(tokio::time::timeout(HUB_HOLD_WAIT, held).await, Ok(Ok(_)))
     }
 
     /// Waits (first come, first served; at most `FULL_MAP_WAIT`) for a turn to send a full

@@ -169,6 +169,9 @@ impl Session {
         self.full_turn = None;
         loop {
             if self.deltas.is_none() {
+                // A node that just registered: its first netmap from the hub's next tick.
+                // (`view` falls back to the member's latest if the tick is late.)
+                self.deps.hub.holds(self.node).await;
                 // The turn first, then the state: the netmap is as fresh as it can be.
                 match self.wait_for_turn().await {
                     Ok(turn) => self.full_turn = turn,
@@ -282,8 +285,8 @@ impl Session {
 
     /// The registry view a session answers from: the hub's, which moves once per tick,
     /// so a member compiles its policy at most once per tick however fast writes apply —
-    /// unless it does not hold this node yet (a client streaming right after it
-    /// registered), then the member's latest.
+    /// unless it still does not hold this node after `HubHandle::holds` waited, then the
+    /// member's latest.
     fn view(&self, state: &HubState) -> Arc<Registry> {
         if state.view.node(self.node).is_some() {
             state.view.clone()

@@ -311,6 +311,53 @@ async fn a_silent_stream_gets_a_keepalive_about_every_fifty_seconds() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_node_that_just_registered_gets_its_first_netmap_from_the_hubs_next_tick() {
+    use super::hub::GATHER_WINDOW;
+    let mut feed = Feed::new();
+    let first = feed.register(1, "first");
+    let h = Harness::start(&feed);
+    let mut watcher = h.session(first);
+    next(&mut watcher).await;
+
+    // Registered, and streaming at once: before the hub's tick that adds the node.
+    let t0 = tokio::time::Instant::now();
+    let newcomer = feed.register(2, "newcomer");
+    assert!(h.deps.hub.current().view.node(newcomer).is_none());
+    let mut rx = h.session(newcomer);
+    let full = next(&mut rx).await;
+    assert!(
+        t0.elapsed() >= GATHER_WINDOW,
+        "answered from the member's latest view, not the hub's tick"
+    );
+    assert!(h.deps.hub.current().view.node(newcomer).is_some());
+    assert_eq!(peer_keys(&full, "Peers").len(), 1, "{full}");
+    h.stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hub_that_falls_behind_delays_a_new_nodes_first_netmap_by_a_second_at_most() {
+    use super::hub::HUB_HOLD_WAIT;
+    let mut feed = Feed::new();
+    feed.register(1, "first");
+    let mut h = Harness::start(&feed);
+    // A hub that never ticks again: its state will not hold the newcomer.
+    let (_stalled, handle) = MapHub::new(feed.registry_feed(), h.deps.presence.clone(), settings());
+    h.deps.hub = handle;
+    let t0 = tokio::time::Instant::now();
+    let newcomer = feed.register(2, "newcomer");
+    let mut rx = h.session(newcomer);
+    let full = next(&mut rx).await;
+    let waited = t0.elapsed();
+    assert!(
+        waited >= HUB_HOLD_WAIT && waited < HUB_HOLD_WAIT + Duration::from_millis(100),
+        "waited {waited:?}"
+    );
+    // From the member's latest view: the peer is there.
+    assert_eq!(peer_keys(&full, "Peers").len(), 1, "{full}");
+    h.stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_stalled_reader_is_owed_one_full_map_not_one_per_tick() {
     let mut feed = Feed::new();
     let me = feed.register(1, "slow");
