@@ -171,7 +171,10 @@ impl Session {
             if self.deltas.is_none() {
                 // A node that just registered: its first netmap from the hub's next tick.
                 // (`view` falls back to the member's latest if the tick is late.)
-                self.deps.hub.holds(self.node).await;
+                tokio::select! {
+                    () = self.deps.stop.cancelled() => {}
+                    _ = self.deps.hub.holds(self.node) => {}
+                }
                 // The turn first, then the state: the netmap is as fresh as it can be.
                 match self.wait_for_turn().await {
                     Ok(turn) => self.full_turn = turn,
