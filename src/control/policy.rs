@@ -245,7 +245,7 @@ impl AccessCache {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = slot.as_mut()
             && c.policy == view.policy()
-            && c.users.ptr_eq(view.user_map())
+            && same_users_for_policy(&c.users, view)
             && same_for_policy(&c.nodes, view.node_map(), presence)
             && c.access.0.as_ref().is_none_or(|m| {
                 m.routers
@@ -253,7 +253,8 @@ impl AccessCache {
                     .all(|(id, since)| presence.online_since(*id) == *since)
             })
         {
-            // Keep the newest map so the next comparison only walks what changed since.
+            // Keep the newest maps so the next comparison only walks what changed since.
+            c.users = view.user_map().clone();
             c.nodes = view.node_map().clone();
             return c.access.clone();
         }
@@ -291,6 +292,29 @@ fn same_for_policy(
                 new: (_, b),
             } => engine_node(a, presence) == engine_node(b, presence),
             DiffItem::Add(_, n) | DiffItem::Remove(_, n) => !n.approved,
+        })
+}
+
+/// Whether `view`'s users differ from `old` only in what the compiled policy cannot see:
+/// users added since who own no node yet. (Each new user, from `hsctl` or an OIDC login,
+/// used to recompile the whole policy on every member; under `benches/load`'s failover
+/// probe, which creates one every 50 ms, that was a compile per tick during the clients'
+/// reconnection.) A rename or an email change is seen (aliases name users), and so is a
+/// removal (the first user's domain is the tailnet's, which SSH and `user:*@domain`
+/// check).
+fn same_users_for_policy(old: &OrdMap<UserId, Arc<User>>, view: &Registry) -> bool {
+    let new = view.user_map();
+    let first = old.keys().next().copied();
+    old.ptr_eq(new)
+        || old.diff(new).all(|change| match change {
+            DiffItem::Update {
+                old: (_, a),
+                new: (_, b),
+            } => engine_user(a) == engine_user(b),
+            DiffItem::Add(id, _) => {
+                first.is_some_and(|first| *id > first) && !view.nodes().any(|n| n.user == *id)
+            }
+            DiffItem::Remove(..) => false,
         })
 }
 
@@ -340,25 +364,27 @@ pub fn check(view: &Registry, presence: &Presence, text: &str) -> Result<(), pol
 
 /// The registry's approved nodes as the engine sees them, in registration (id) order.
 fn tailnet(view: &Registry, presence: &Presence) -> policy::Tailnet {
-    let users = view
-        .users()
-        .map(|u| policy::User {
-            id: u.id.0,
-            name: u.name.clone(),
-            email: if !u.email.is_empty() {
-                u.email.clone()
-            } else if u.name.contains('@') {
-                u.name.clone()
-            } else {
-                String::new()
-            },
-        })
-        .collect();
+    let users = view.users().map(engine_user).collect();
     let nodes = view
         .nodes()
         .filter_map(|n| engine_node(n, presence))
         .collect();
     policy::Tailnet { users, nodes }
+}
+
+/// A registry user as the engine reads it: a name like an email address stands for one.
+fn engine_user(u: &User) -> policy::User {
+    policy::User {
+        id: u.id.0,
+        name: u.name.clone(),
+        email: if !u.email.is_empty() {
+            u.email.clone()
+        } else if u.name.contains('@') {
+            u.name.clone()
+        } else {
+            String::new()
+        },
+    }
 }
 
 /// A registry node as the engine reads it; `None` while it waits for approval (it is not
@@ -504,5 +530,28 @@ mod tests {
         );
         let renamed = cache.access(&registry, &presence, "");
         assert!(!same(&routed, &renamed), "a rename was not compiled");
+    }
+
+    #[test]
+    fn a_new_user_without_nodes_keeps_the_compiled_policy_and_a_renamed_one_does_not() {
+        let (mut registry, _) = tailnet_of_two();
+        let presence = Presence::new(1);
+        let cache = AccessCache::default();
+        let first = cache.access(&registry, &presence, "");
+
+        apply(&mut registry, Command::create_user("newcomer"));
+        let added = cache.access(&registry, &presence, "");
+        assert!(same(&first, &added), "recompiled for a user with no nodes");
+
+        // The policy names `u@`: renaming the nodes' owner changes what it resolves to.
+        apply(
+            &mut registry,
+            Command::RenameUser {
+                old: "u".into(),
+                new: "v".into(),
+            },
+        );
+        let renamed = cache.access(&registry, &presence, "");
+        assert!(!same(&added, &renamed), "a user's rename was not compiled");
     }
 }

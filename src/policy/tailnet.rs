@@ -9,7 +9,7 @@ use super::ipset::IpSet;
 use super::model::Policy;
 use super::resolve::Resolver;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct User {
     pub id: u64,
     pub name: String,
