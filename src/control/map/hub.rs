@@ -247,14 +247,15 @@ impl HubHandle {
         self.state.borrow().clone()
     }
 
-    /// Waits (at most `HUB_HOLD_WAIT`) until the hub's state holds `node`; whether it does.
-    /// A client streams right after it registered, before the tick that adds its node:
-    /// answering it from the hub's next state rather than the member's latest view keeps
-    /// the policy compiled once per tick instead of once per registration.
-    pub async fn holds(&self, node: NodeId) -> bool {
+    /// Waits (at most `HUB_HOLD_WAIT`) until the hub's state holds `node`. A client
+    /// streams right after it registered, before the tick that adds its node: answering it
+    /// from the hub's next state rather than the member's latest view keeps the policy
+    /// compiled once per tick instead of once per registration.
+    pub async fn wait_to_hold(&self, node: NodeId) {
         let mut state = self.state.clone();
         let held = state.wait_for(|s| s.view.node(node).is_some());
-        matches!(tokio::time::timeout(HUB_HOLD_WAIT, held).await, Ok(Ok(_)))
+        // Late (or the hub stopped): the session falls back to the member's latest view.
+        let _ = tokio::time::timeout(HUB_HOLD_WAIT, held).await;
     }
 
     /// Waits (first come, first served; at most `FULL_MAP_WAIT`) for a turn to send a full

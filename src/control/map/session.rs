@@ -173,7 +173,7 @@ impl Session {
                 // (`view` falls back to the member's latest if the tick is late.)
                 tokio::select! {
                     () = self.deps.stop.cancelled() => {}
-                    _ = self.deps.hub.holds(self.node) => {}
+                    () = self.deps.hub.wait_to_hold(self.node) => {}
                 }
                 // The turn first, then the state: the netmap is as fresh as it can be.
                 match self.wait_for_turn().await {
@@ -288,7 +288,7 @@ impl Session {
 
     /// The registry view a session answers from: the hub's, which moves once per tick,
     /// so a member compiles its policy at most once per tick however fast writes apply —
-    /// unless it still does not hold this node after `HubHandle::holds` waited, then the
+    /// unless it still does not hold this node after `HubHandle::wait_to_hold`, then the
     /// member's latest.
     fn view(&self, state: &HubState) -> Arc<Registry> {
         if state.view.node(self.node).is_some() {
@@ -376,18 +376,23 @@ impl Session {
         self.seq = delta.seq;
         let sees = |peer: &crate::registry::Node| access.can_see(me, peer);
         let touched = delta.touches(self.node);
-        let me_json = touched
-            .then(|| ctx.self_json(me))
-            .filter(|json| self.self_sent != Some(self_digest(json)));
+        // The node's own JSON, only when it differs from what its client last got.
+        let me_json = if touched {
+            let json = ctx.self_json(me);
+            let digest = Some(self_digest(&json));
+            (self.self_sent != digest).then(|| {
+                self.self_sent = digest;
+                json
+            })
+        } else {
+            None
+        };
         let policy_news = new_filter.is_some() || new_ssh.is_some();
         if !touched && !policy_news && delta.upserted.iter().all(|p| sees(&p.node)) {
             if delta.is_empty() || delta.only_presence_of(self.node) {
                 return Ok(None);
             }
             return Ok(Some(Message::framed(delta.shared_frame(self.compress))));
-        }
-        if let Some(json) = &me_json {
-            self.self_sent = Some(self_digest(json));
         }
         let mut response = delta.response(Some(self.node), me_json, sees);
         response.ssh_policy = new_ssh;
