@@ -116,20 +116,19 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let mut next = state.clone();
                 let delta = next.advance(&ctx, view.clone(), &changes);
-                delta.shared_frame(true)
+                delta.shared_frame(true, |_| true)
             })
         });
         let mut next = state.clone();
         let delta = next.advance(&ctx, view.clone(), &changes);
-        delta.shared_frame(true);
+        delta.shared_frame(true, |_| true);
         group.bench_with_input(
             BenchmarkId::new("delta_per_receiver", size),
             &size,
             |b, _| {
                 b.iter(|| {
                     let access = ctx.access();
-                    let sees = delta.upserted.iter().all(|p| access.can_see(&me, &p.node));
-                    (sees, delta.shared_frame(true))
+                    delta.shared_frame(true, |peer| access.can_see(&me, peer))
                 })
             },
         );

@@ -323,24 +323,27 @@ pub fn encode_frame(response: &MapResponse, compress: bool) -> Bytes {
     Bytes::from(out)
 }
 
-/// Frames `response` with `filters` as its `PacketFilters`. The body is assembled from
-/// pieces, each its own zstd frame: this receiver's text compressed here, the shared
-/// sources compressed once for every receiver (a source joining a group changes that
-/// bucket in thousands of filters at once) and copied in.
-pub fn encode_with_filters(
-    response: &MapResponse,
-    filters: &FilterChanges<'_>,
-    compress: bool,
-) -> Bytes {
-    let head = serde_json::to_string(response).expect("map responses always serialize");
-    let head = head
-        .strip_suffix('}')
-        .expect("a map response is a JSON object");
-    let mut body = FrameWriter::new(compress);
-    body.own(head);
+/// The JSON of `response` up to where its `PacketFilters` go: the opening brace and each
+/// field with its comma (see `encode_with_filters`).
+pub fn head_before_filters(response: &MapResponse) -> String {
+    let mut head = serde_json::to_string(response).expect("map responses always serialize");
+    let closing = head.pop();
+    debug_assert_eq!(closing, Some('}'), "a map response is a JSON object");
     if head != "{" {
-        body.own(",");
+        head.push(',');
     }
+    head
+}
+
+/// Frames a response with `filters` as its `PacketFilters`; `head` is the rest of it (see
+/// `head_before_filters`): this receiver's own, or one shared by the receivers of a delta
+/// that see the same of it. The body is assembled from pieces, each its own zstd frame:
+/// this receiver's text compressed here, shared text (the head, the sources: a source
+/// joining a group changes that bucket in thousands of filters at once) compressed once
+/// for every receiver and copied in.
+pub fn encode_with_filters(head: Piece<'_>, filters: &FilterChanges<'_>, compress: bool) -> Bytes {
+    let mut body = FrameWriter::new(compress);
+    body.piece(&head);
     body.own("\"PacketFilters\":{");
     for (n, (name, chunk)) in filters.iter().enumerate() {
         if n > 0 {
@@ -350,14 +353,7 @@ pub fn encode_with_filters(
         body.own(":");
         match chunk {
             None => body.own("null"),
-            Some(pieces) => {
-                for piece in pieces {
-                    match piece {
-                        Piece::Own(text) => body.own(text),
-                        Piece::Shared(shared) => body.shared(shared),
-                    }
-                }
-            }
+            Some(pieces) => pieces.iter().for_each(|piece| body.piece(piece)),
         }
     }
     body.own("}}");
@@ -385,6 +381,13 @@ impl FrameWriter {
 
     fn own(&mut self, text: &str) {
         self.pending.push_str(text);
+    }
+
+    fn piece(&mut self, piece: &Piece<'_>) {
+        match piece {
+            Piece::Own(text) => self.own(text),
+            Piece::Shared(shared) => self.shared(shared),
+        }
     }
 
     fn shared(&mut self, text: &SharedText) {

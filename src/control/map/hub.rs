@@ -6,11 +6,11 @@
 //! stream of changes, at most one delta per 100 ms tick. Per tick, the hub re-encodes each
 //! changed peer's JSON once,
 //! keeps it in the peer cache (from which full netmaps are assembled without encoding), and
-//! broadcasts one `Delta`. Sessions filter it by what their node may see and usually share
-//! one encoded frame per delta (`Delta::shared_frame`).
+//! broadcasts one `Delta`. Sessions filter it by what their node may see; sessions that see
+//! the same of it share one encoded frame (`Delta::shared_frame`).
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, OnceLock};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::build::{self, MapContext};
 use crate::control::ControlSettings;
 use crate::control::tailcfg::{MapResponse, RawJson};
+use crate::policy::SharedText;
 use crate::presence::{Presence, PresenceChange};
 use crate::raft::{AppliedBatch, RegistryFeed};
 use crate::registry::{Change, Node, NodeId, Registry, UserId};
@@ -143,18 +144,99 @@ pub struct Delta {
     pub profiles: Vec<RawJson>,
     /// Something no delta expresses (DNS, policy, topology, lost track): send full maps.
     pub full: bool,
-    /// The frame a session sends when it sees every upserted peer and none is itself:
-    /// built by the first such session, sent by all of them. [plain, zstd].
-    shared: [OnceLock<Bytes>; 2],
+    /// The frames sessions share, one per way of seeing the upserted peers (see
+    /// `shared_frame`).
+    shared: Mutex<SharedFrames>,
 }
 
+/// Which of a delta's upserted peers a receiver sees (bit i: `upserted[i]`), and whether it
+/// takes zstd: receivers alike in both get the same bytes.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Sight {
+    compress: bool,
+    seen: Box<[u64]>,
+}
+
+/// A delta's shared frames and heads, bounded: under a policy that gives every user its own
+/// view, the ring of recent deltas must not keep one frame per user per delta.
+#[derive(Default)]
+struct SharedFrames {
+    frames: HashMap<Sight, Arc<OnceLock<Option<Bytes>>>>,
+    heads: HashMap<Box<[u64]>, Arc<SharedText>>,
+    bytes: usize,
+}
+
+impl SharedFrames {
+    fn has_room(&self) -> bool {
+        self.frames.len() + self.heads.len() < SHARED_FRAMES_PER_DELTA
+            && self.bytes < SHARED_BYTES_PER_DELTA
+    }
+}
+
+/// Frames and heads one delta shares; beyond either bound, receivers encode their own.
+const SHARED_FRAMES_PER_DELTA: usize = 32;
+const SHARED_BYTES_PER_DELTA: usize = 256 * 1024;
+
 impl Delta {
-    /// The delta as one frame for a receiver that sees every upserted peer and is not
-    /// among them.
-    pub fn shared_frame(&self, compress: bool) -> Bytes {
-        self.shared[usize::from(compress)]
-            .get_or_init(|| build::encode_frame(&self.response(None, None, |_| true), compress))
-            .clone()
+    /// The delta as one frame for a receiver that is not among the upserted peers and sees
+    /// those `visible` says; `None` if that receiver needs nothing of it. The first receiver
+    /// with a given sight encodes it, the others that see the same share it: under a policy,
+    /// receivers fall into a few such classes (a user's own devices, a group's).
+    pub fn shared_frame(&self, compress: bool, visible: impl Fn(&Node) -> bool) -> Option<Bytes> {
+        let encode = || {
+            let response = self.response(None, None, &visible);
+            (!response.is_empty_delta()).then(|| build::encode_frame(&response, compress))
+        };
+        let sight = Sight {
+            compress,
+            seen: self.seen(&visible),
+        };
+        let slot = {
+            let mut shared = self.shared.lock().expect("shared frames");
+            match shared.frames.get(&sight) {
+                Some(slot) => slot.clone(),
+                None if shared.has_room() => shared.frames.entry(sight).or_default().clone(),
+                None => return encode(),
+            }
+        };
+        let mut encoded_here = 0;
+        let frame = slot.get_or_init(|| {
+            let frame = encode();
+            encoded_here = frame.as_ref().map_or(0, Bytes::len);
+            frame
+        });
+        if encoded_here > 0 {
+            self.shared.lock().expect("shared frames").bytes += encoded_here;
+        }
+        frame.clone()
+    }
+
+    /// What `shared_frame` holds, as the head of a message that goes on with a packet
+    /// filter (`build::head_before_filters`), shared the same way.
+    pub fn shared_head(&self, visible: impl Fn(&Node) -> bool) -> Arc<SharedText> {
+        let seen = self.seen(&visible);
+        let mut shared = self.shared.lock().expect("shared frames");
+        if let Some(head) = shared.heads.get(&seen) {
+            return head.clone();
+        }
+        let text = build::head_before_filters(&self.response(None, None, &visible));
+        let head = Arc::new(SharedText::new(text));
+        if shared.has_room() {
+            shared.bytes += head.plain().len();
+            shared.heads.insert(seen, head.clone());
+        }
+        head
+    }
+
+    /// Which upserted peers `visible` admits, one bit each.
+    fn seen(&self, visible: &impl Fn(&Node) -> bool) -> Box<[u64]> {
+        let mut seen = vec![0u64; self.upserted.len().div_ceil(64)].into_boxed_slice();
+        for (i, peer) in self.upserted.iter().enumerate() {
+            if visible(&peer.node) {
+                seen[i / 64] |= 1 << (i % 64);
+            }
+        }
+        seen
     }
 
     /// The delta for one receiver: `me` is its own node (never sent as a peer), `me_json`

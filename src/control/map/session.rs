@@ -24,6 +24,7 @@ use super::hub::{Delta, HubHandle, HubState};
 use crate::control::policy::FilterSent;
 use crate::control::tailcfg::{MapResponse, RawJson};
 use crate::control::{ControlDeps, ControlSettings};
+use crate::policy::Piece;
 use crate::presence::Presence;
 use crate::raft::Cluster;
 use crate::registry::{Command, Node, NodeId, Registry, Timestamp};
@@ -388,17 +389,30 @@ impl Session {
             None
         };
         let policy_news = new_filter.is_some() || new_ssh.is_some();
-        if !touched && !policy_news && delta.upserted.iter().all(|p| sees(&p.node)) {
+        if !touched && !policy_news {
             if delta.is_empty() || delta.only_presence_of(self.node) {
                 return Ok(None);
             }
-            return Ok(Some(Message::framed(delta.shared_frame(self.compress))));
+            return Ok(delta.shared_frame(self.compress, sees).map(Message::framed));
+        }
+        if let Some(filters) = &new_filter
+            && !touched
+            && new_ssh.is_none()
+        {
+            // The rest of the message is what every receiver that sees the same gets.
+            let head = delta.shared_head(sees);
+            return Ok(Some(Message::framed(build::encode_with_filters(
+                Piece::Shared(&head),
+                filters,
+                self.compress,
+            ))));
         }
         let mut response = delta.response(Some(self.node), me_json, sees);
         response.ssh_policy = new_ssh;
         if let Some(filters) = &new_filter {
+            let head = Piece::Own(build::head_before_filters(&response));
             return Ok(Some(Message::framed(build::encode_with_filters(
-                &response,
+                head,
                 filters,
                 self.compress,
             ))));

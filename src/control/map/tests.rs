@@ -508,6 +508,64 @@ async fn receivers_share_one_frame_and_a_changed_node_gets_its_own() {
     h.stop.cancel();
 }
 
+/// Under a policy, receivers that see the same part of a delta share one encoding of it,
+/// and a receiver that sees another part gets its own, with the peers it may not see
+/// removed.
+#[tokio::test(start_paused = true)]
+async fn receivers_that_see_the_same_part_of_a_delta_share_one_frame() {
+    let mut feed = Feed::new();
+    feed.apply(Command::SetPolicy {
+        policy: r#"{
+            "tagOwners": {"tag:a": ["u@"], "tag:b": ["u@"], "tag:srv": ["u@"]},
+            "acls": [
+                {"action": "accept", "src": ["tag:a"], "dst": ["tag:srv:80"]},
+                {"action": "accept", "src": ["tag:b"], "dst": ["tag:b:80"]},
+            ],
+        }"#
+        .into(),
+    });
+    let srv = feed.register_tagged(1, "srv", "tag:srv");
+    let a1 = feed.register_tagged(2, "a1", "tag:a");
+    let a2 = feed.register_tagged(3, "a2", "tag:a");
+    let b1 = feed.register_tagged(4, "b1", "tag:b");
+    let b2 = feed.register_tagged(5, "b2", "tag:b");
+    let h = Harness::start(&feed);
+    let mut rx_a1 = h.session(a1);
+    let mut rx_a2 = h.session(a2);
+    let mut rx_b1 = h.session(b1);
+    for rx in [&mut rx_a1, &mut rx_a2, &mut rx_b1] {
+        next(rx).await;
+    }
+    for rx in [&mut rx_a1, &mut rx_a2, &mut rx_b1] {
+        rx.next().await.unwrap();
+    }
+    // One tick changes a peer the a-nodes see and one only b1 sees.
+    for (id, name) in [(srv, "srv-new"), (b2, "b2-new")] {
+        feed.apply(Command::RenameNode {
+            id,
+            name: name.into(),
+        });
+    }
+    let frame_a1 = rx_a1.next().await.unwrap().to_bytes();
+    let frame_a2 = rx_a2.next().await.unwrap().to_bytes();
+    assert_eq!(
+        frame_a1.as_ptr(),
+        frame_a2.as_ptr(),
+        "a1 and a2 see the same part: one encoding, shared"
+    );
+    let for_a = decode(&frame_a1);
+    assert_eq!(for_a["PeersChanged"][0]["ID"], srv.0, "{for_a}");
+    assert_eq!(for_a["PeersChanged"].as_array().unwrap().len(), 1);
+    assert_eq!(for_a["PeersRemoved"], serde_json::json!([b2.0]), "{for_a}");
+    let frame_b1 = rx_b1.next().await.unwrap().to_bytes();
+    assert_ne!(frame_b1.as_ptr(), frame_a1.as_ptr());
+    let for_b = decode(&frame_b1);
+    assert_eq!(for_b["PeersChanged"][0]["ID"], b2.0, "{for_b}");
+    assert_eq!(for_b["PeersChanged"].as_array().unwrap().len(), 1);
+    assert_eq!(for_b["PeersRemoved"], serde_json::json!([srv.0]), "{for_b}");
+    h.stop.cancel();
+}
+
 #[test]
 fn a_netmap_assembled_from_shared_blocks_equals_one_encoded_for_the_node() {
     let mut feed = Feed::new();
@@ -876,10 +934,15 @@ fn a_filter_change_assembled_from_shared_sources_is_the_same_json_compressed_or_
         },
     ];
     for response in &responses {
-        let plain = super::build::encode_with_filters(response, &filters, false);
+        let head = super::build::head_before_filters(response);
+        let shared_head = SharedText::new(head.clone());
+        let plain = super::build::encode_with_filters(Piece::Own(head.clone()), &filters, false);
         let plain = decode(&plain);
         assert_eq!(plain["PacketFilters"], want);
-        let packed = super::build::encode_with_filters(response, &filters, true);
+        let from_shared =
+            super::build::encode_with_filters(Piece::Shared(&shared_head), &filters, false);
+        assert_eq!(decode(&from_shared), plain);
+        let packed = super::build::encode_with_filters(Piece::Own(head), &filters, true);
         let json = zstd_decode(&packed[4..]).expect("concatenated zstd frames");
         let packed: Value = serde_json::from_slice(&json).expect("one JSON document");
         assert_eq!(packed, plain);
