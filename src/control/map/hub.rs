@@ -10,6 +10,7 @@
 //! the same of it share one encoded frame (`Delta::shared_frame`).
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -33,6 +34,15 @@ pub const COALESCE_WINDOW: Duration = Duration::from_millis(100);
 /// A change that finds the hub quiet waits only this long, for the rest of its burst (a node
 /// registering touches several records, applied in one or two batches).
 pub const GATHER_WINDOW: Duration = Duration::from_millis(10);
+/// Under load, a tick also waits while the sessions are still working through the last
+/// delta: until this share of them (in tenths) took it, or none took it for a `PACE_POLL`
+/// (the rest are stalled, not busy), or for `PACE_WAIT_MAX` at most. When members are
+/// short of CPU, sessions that fall behind would each work through every queued delta (its
+/// policy check, its frame, its write) where one covering the same changes would do; slower
+/// ticks carry more changes each instead, and the policy is compiled less often.
+const PACE_SHARE_TENTHS: usize = 9;
+const PACE_POLL: Duration = Duration::from_millis(10);
+pub const PACE_WAIT_MAX: Duration = Duration::from_secs(1);
 /// Deltas a session may fall behind (6 s of ticks) before it must resync with a full
 /// netmap. Each retained delta keeps its state's changed blocks alive.
 pub const DELTA_CHANNEL_CAPACITY: usize = 64;
@@ -147,6 +157,8 @@ pub struct Delta {
     /// The frames sessions share, one per way of seeing the upserted peers (see
     /// `shared_frame`).
     shared: Mutex<SharedFrames>,
+    /// Sessions that took it (see `PACE_SHARE_TENTHS`).
+    taken: AtomicUsize,
 }
 
 /// Which of a delta's upserted peers a receiver sees (bit i: `upserted[i]`), and whether it
@@ -178,6 +190,11 @@ const SHARED_FRAMES_PER_DELTA: usize = 32;
 const SHARED_BYTES_PER_DELTA: usize = 256 * 1024;
 
 impl Delta {
+    /// A session is done with this delta.
+    pub fn taken(&self) {
+        self.taken.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The delta as one frame for a receiver that is not among the upserted peers and sees
     /// those `visible` says; `None` if that receiver needs nothing of it. The first receiver
     /// with a given sight encodes it, the others that see the same share it: under a policy,
@@ -477,6 +494,8 @@ pub struct MapHub {
     deltas: broadcast::Sender<Arc<Delta>>,
     pending: Pending,
     last_flush: Option<Instant>,
+    /// The last delta sent, to how many sessions, and how many had taken it at the last look.
+    last_sent: Option<(Arc<Delta>, usize, usize)>,
 }
 
 impl MapHub {
@@ -515,6 +534,7 @@ impl MapHub {
             deltas,
             pending: Pending::default(),
             last_flush: None,
+            last_sent: None,
         };
         (hub, handle)
     }
@@ -542,7 +562,13 @@ impl MapHub {
                     Ok(()) => { self.pending.changes.full = true; self.arm(); }
                     Err(_) => topology_live = false,
                 },
-                () = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => self.flush(),
+                () = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => {
+                    if self.sessions_busy() {
+                        self.pending.deadline = Some(Instant::now() + PACE_POLL);
+                    } else {
+                        self.flush();
+                    }
+                }
             }
         }
     }
@@ -553,6 +579,17 @@ impl MapHub {
             .last_flush
             .map_or_else(Instant::now, |at| at + COALESCE_WINDOW);
         self.pending.arm(not_before);
+    }
+
+    /// Whether sessions are still taking the last delta (see `PACE_SHARE_TENTHS`).
+    fn sessions_busy(&mut self) -> bool {
+        let (Some((delta, receivers, seen)), Some(at)) = (&mut self.last_sent, self.last_flush)
+        else {
+            return false;
+        };
+        let taken = delta.taken.load(Ordering::Relaxed);
+        let progress = taken > std::mem::replace(seen, taken);
+        progress && taken * 10 < *receivers * PACE_SHARE_TENTHS && at.elapsed() < PACE_WAIT_MAX
     }
 
     /// Missed changes: re-encode everything and have every session resync.
@@ -600,8 +637,10 @@ impl MapHub {
         // Compile the policy for this view here, once, before the sessions ask for it.
         ctx.access();
         self.state.send_replace(state);
+        let delta = Arc::new(delta);
         // No receivers is fine: nobody is streaming.
-        let _ = self.deltas.send(Arc::new(delta));
+        let receivers = self.deltas.send(delta.clone()).unwrap_or(0);
+        self.last_sent = Some((delta, receivers, 0));
     }
 }
 

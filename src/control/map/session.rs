@@ -203,7 +203,7 @@ impl Session {
                     self.end = Some(End::Stopped);
                     return None;
                 }
-                Event::Delta(Ok(delta)) => match self.on_delta(&delta) {
+                Event::Delta(Ok(delta)) => match self.on_delta(&delta).inspect(|_| delta.taken()) {
                     Ok(Some(message)) => return self.sent(message, "delta"),
                     Ok(None) => {}
                     Err(end) => {

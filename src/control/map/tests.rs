@@ -291,6 +291,46 @@ async fn a_change_after_a_quiet_spell_goes_out_soon_and_a_stream_of_changes_once
     h.stop.cancel();
 }
 
+/// Sessions still working through the last delta hold the next tick back, so the changes
+/// meanwhile go out together. (Sessions that stopped taking deltas do not: see the test
+/// above, whose receiver never takes one.)
+#[tokio::test(start_paused = true)]
+async fn a_tick_waits_while_sessions_are_still_taking_the_last_delta() {
+    let mut feed = Feed::new();
+    feed.register(1, "first");
+    let h = Harness::start(&feed);
+    // Fifty sessions on a member short of CPU: they take each delta one after another,
+    // 6 ms apart.
+    let mut receivers: Vec<_> = (0..50).map(|_| h.deps.hub.subscribe().0).collect();
+    let (tx, mut taken) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(delta) = receivers[0].recv().await {
+            for _ in 0..50 {
+                tokio::time::sleep(Duration::from_millis(6)).await;
+                delta.taken();
+            }
+            if tx.send(delta).is_err() {
+                return;
+            }
+        }
+    });
+    // One change every 10 ms for a second.
+    let changes = 100u32;
+    for n in 0..changes {
+        feed.register(10 + n, &format!("s{n}"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (mut deltas, mut seen) = (0, std::collections::BTreeSet::new());
+    while seen.len() < changes as usize {
+        let delta = taken.recv().await.unwrap();
+        deltas += 1;
+        seen.extend(delta.upserted.iter().map(|p| p.node.id));
+    }
+    // Ticks every 100 ms would take ten deltas; each waits about 300 ms here.
+    assert!(deltas <= 6, "{deltas} deltas for a second of changes");
+    h.stop.cancel();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_silent_stream_gets_a_keepalive_about_every_fifty_seconds() {
     let mut feed = Feed::new();
