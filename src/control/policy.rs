@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 use crate::control::tailcfg::RawJson;
 use crate::policy::{self, Compiled, PeerRoutes};
 use crate::presence::Presence;
-use crate::registry::{Node, NodeId, Registry, User, UserId};
+use crate::registry::{Node, NodeId, Registry, Timestamp, User, UserId};
 
 /// The access decisions for one registry view.
 #[derive(Clone, Default)]
@@ -233,6 +233,8 @@ impl std::fmt::Debug for AccessCache {
 }
 
 struct Cached {
+    /// The clock of the view it was compiled for.
+    clock: Timestamp,
     policy: String,
     users: OrdMap<UserId, Arc<User>>,
     nodes: OrdMap<NodeId, Arc<Node>>,
@@ -267,7 +269,13 @@ impl AccessCache {
         } else {
             compile(view, presence, check_url)
         };
+        // A session still answering from an older view (it read the hub's state just before
+        // a tick) must not evict the newer compile every other session asks for.
+        if slot.as_ref().is_some_and(|c| c.clock > view.clock()) {
+            return access;
+        }
         *slot = Some(Cached {
+            clock: view.clock(),
             policy: view.policy().to_string(),
             users: view.user_map().clone(),
             nodes: view.node_map().clone(),
@@ -553,5 +561,26 @@ mod tests {
         );
         let renamed = cache.access(&registry, &presence, "");
         assert!(!same(&added, &renamed), "a user's rename was not compiled");
+    }
+
+    #[test]
+    fn an_older_view_does_not_evict_the_policy_compiled_for_a_newer_one() {
+        let (older, _) = tailnet_of_two();
+        let mut newer = older.clone();
+        let rename = Command::RenameUser {
+            old: "u".into(),
+            new: "v".into(),
+        };
+        newer.apply(&Request::single(Timestamp(1_700_000_001_000), rename));
+        let presence = Presence::new(1);
+        let cache = AccessCache::default();
+        let for_newer = cache.access(&newer, &presence, "");
+        let for_older = cache.access(&older, &presence, "");
+        assert!(!same(&for_newer, &for_older));
+        let again = cache.access(&newer, &presence, "");
+        assert!(
+            same(&for_newer, &again),
+            "the older view evicted the newer compile"
+        );
     }
 }

@@ -634,9 +634,11 @@ impl MapHub {
         };
         let mut state = self.state.borrow().clone();
         let delta = state.advance(&ctx, view.clone(), &pending.changes);
-        // Compile the policy for this view here, once, before the sessions ask for it.
-        ctx.access();
+        // Sessions answer from the new state from here on; compile the policy for its view
+        // now, once, before they are told about the delta (one that asks meanwhile waits for
+        // this compile rather than making its own).
         self.state.send_replace(state);
+        ctx.access();
         let delta = Arc::new(delta);
         // No receivers is fine: nobody is streaming.
         let receivers = self.deltas.send(delta.clone()).unwrap_or(0);
