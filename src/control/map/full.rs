@@ -119,7 +119,7 @@ impl Assembly {
 
 fn encode(data: &[u8], compress: bool) -> Bytes {
     if compress {
-        Bytes::from(build::zstd_frame(data))
+        Bytes::from(build::zstd_frame_for_one(data))
     } else {
         Bytes::copy_from_slice(data)
     }
