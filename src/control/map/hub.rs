@@ -176,11 +176,14 @@ struct SharedFrames {
     frames: HashMap<Sight, Arc<OnceLock<Option<Bytes>>>>,
     heads: HashMap<Box<[u64]>, Arc<SharedText>>,
     bytes: usize,
+    /// A newer delta went out: the few sessions still on this one encode their own.
+    released: bool,
 }
 
 impl SharedFrames {
     fn has_room(&self) -> bool {
-        self.frames.len() + self.heads.len() < SHARED_FRAMES_PER_DELTA
+        !self.released
+            && self.frames.len() + self.heads.len() < SHARED_FRAMES_PER_DELTA
             && self.bytes < SHARED_BYTES_PER_DELTA
     }
 }
@@ -193,6 +196,16 @@ impl Delta {
     /// A session is done with this delta.
     pub fn taken(&self) {
         self.taken.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops the shared frames: most sessions took the delta (see `PACE_SHARE_TENTHS`), and
+    /// the ring of recent deltas kept for the others must not hold them all.
+    fn release_shared(&self) {
+        let mut shared = self.shared.lock().expect("shared frames");
+        *shared = SharedFrames {
+            released: true,
+            ..SharedFrames::default()
+        };
     }
 
     /// The delta as one frame for a receiver that is not among the upserted peers and sees
@@ -642,7 +655,9 @@ impl MapHub {
         let delta = Arc::new(delta);
         // No receivers is fine: nobody is streaming.
         let receivers = self.deltas.send(delta.clone()).unwrap_or(0);
-        self.last_sent = Some((delta, receivers, 0));
+        if let Some((previous, ..)) = self.last_sent.replace((delta, receivers, 0)) {
+            previous.release_shared();
+        }
     }
 }
 

@@ -606,6 +606,40 @@ async fn receivers_that_see_the_same_part_of_a_delta_share_one_frame() {
     h.stop.cancel();
 }
 
+/// Once a newer delta goes out, an older one keeps no shared frames: the ring of recent
+/// deltas is there for a few laggards, which encode their own.
+#[tokio::test(start_paused = true)]
+async fn a_superseded_delta_keeps_no_shared_frames() {
+    let mut feed = Feed::new();
+    let a = feed.register(1, "a");
+    let h = Harness::start(&feed);
+    let (mut deltas, _) = h.deps.hub.subscribe();
+    // Both frames held while compared: a freed one's address may be reused.
+    let shared = |delta: &super::hub::Delta| {
+        let frame = |_| {
+            delta
+                .shared_frame(false, |_| true)
+                .expect("a rename is news")
+        };
+        let (x, y): (Bytes, Bytes) = (frame(()), frame(()));
+        x.as_ptr() == y.as_ptr()
+    };
+    feed.apply(Command::RenameNode {
+        id: a,
+        name: "a1".into(),
+    });
+    let first = deltas.recv().await.unwrap();
+    first.taken();
+    assert!(shared(&first), "not shared while current");
+    feed.apply(Command::RenameNode {
+        id: a,
+        name: "a2".into(),
+    });
+    deltas.recv().await.unwrap();
+    assert!(!shared(&first), "kept after a newer delta");
+    h.stop.cancel();
+}
+
 #[test]
 fn a_netmap_assembled_from_shared_blocks_equals_one_encoded_for_the_node() {
     let mut feed = Feed::new();
