@@ -442,10 +442,10 @@ pub fn zstd_frame_for_one(data: &[u8]) -> Vec<u8> {
 
 const FAST_LEVEL_MAX_BYTES: usize = 4096;
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Level {
-    Shared = 0,
-    Fast = 1,
+    Shared,
+    Fast,
 }
 
 impl Level {
@@ -458,20 +458,28 @@ impl Level {
 }
 
 fn compress_with(level: Level, data: &[u8]) -> Vec<u8> {
-    // One compression context per thread and level: making one per frame was a few percent
-    // of the CPU when thousands of clients fetched netmaps at once.
-    type Compressors = [Option<zstd::bulk::Compressor<'static>>; 2];
+    // One compression context per thread, its level switched as needed (a parameter, not a
+    // new context: a second context per thread cost each member about a megabyte). Making
+    // one per frame was a few percent of the CPU when thousands of clients fetched netmaps.
     thread_local! {
-        static COMPRESSORS: std::cell::RefCell<Compressors> =
-            const { std::cell::RefCell::new([None, None]) };
+        static COMPRESSOR: std::cell::RefCell<Option<(zstd::bulk::Compressor<'static>, Level)>> =
+            const { std::cell::RefCell::new(None) };
     }
-    COMPRESSORS.with(|cell| {
+    COMPRESSOR.with(|cell| {
         let mut cell = cell.borrow_mut();
-        let slot = &mut cell[level as usize];
-        let compressor = match slot.as_mut() {
+        let (compressor, set) = match cell.as_mut() {
             Some(c) => c,
-            None => slot.insert(zstd::bulk::Compressor::new(level.zstd()).expect("a zstd context")),
+            None => cell.insert((
+                zstd::bulk::Compressor::new(level.zstd()).expect("a zstd context"),
+                level,
+            )),
         };
+        if *set != level {
+            compressor
+                .set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level.zstd()))
+                .expect("zstd accepts levels -1 and 1");
+            *set = level;
+        }
         let mut frame = compressor
             .compress(data)
             .expect("zstd compression into a Vec cannot fail");
