@@ -184,6 +184,25 @@ async fn writer(cluster: &LocalCluster, via: usize, stop: Instant) -> Vec<(Insta
     done
 }
 
+/// `writer` on a thread and runtime of its own, as an admin's `hsctl` on another machine
+/// would be: in this process it shares the CPU with ten thousand simulated clients, and a
+/// reconnect storm would otherwise delay when its acknowledgements are seen.
+async fn write_apart(
+    cluster: Arc<LocalCluster>,
+    via: usize,
+    stop: Instant,
+) -> Vec<(Instant, Instant)> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the writer");
+        let _ = tx.send(runtime.block_on(writer(&cluster, via, stop)));
+    });
+    rx.await.unwrap_or_default()
+}
+
 /// One user created through member `via`: (started, acknowledged), or `None` if it failed
 /// or took longer than 5 s.
 async fn write_once(cluster: &LocalCluster, via: usize, i: u64) -> Option<(Instant, Instant)> {
@@ -231,7 +250,8 @@ async fn kill_and_watch(
         cluster.kill(victim)?;
         anyhow::Ok(failover)
     };
-    let (done, failover) = tokio::join!(writer(cluster, via, stop), kill);
+    let writes = write_apart(fleet.cluster.clone(), via, stop);
+    let (done, failover) = tokio::join!(writes, kill);
     let failover = failover?;
     let killed = failover.killed_at;
     // The earliest acknowledgement of a write started after the kill (one in flight at
