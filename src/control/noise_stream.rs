@@ -32,9 +32,13 @@ pub struct NoiseStream<IO> {
     rbuf: BytesMut,
     /// The decrypted plaintext of the record at the front of `rbuf`, as a range of it.
     plain: std::ops::Range<usize>,
-    /// Sealed records not yet written, from `wpos` on.
+    /// Records not yet written, from `wpos` on; the last one may still be open.
     wbuf: Vec<u8>,
     wpos: usize,
+    /// Where the open record starts in `wbuf`: plaintext is gathered into it until it is
+    /// full or the stream flushes. (h2 writes a frame's head and its data separately;
+    /// sealed apart, each would be a record of its own, with its own tag and seal.)
+    open: Option<usize>,
     violated: Arc<AtomicBool>,
 }
 
@@ -53,6 +57,7 @@ impl<IO> NoiseStream<IO> {
             plain: 0..0,
             wbuf: Vec::new(),
             wpos: 0,
+            open: None,
             violated: Arc::default(),
         }
     }
@@ -102,31 +107,49 @@ impl<IO> NoiseStream<IO> {
         }
     }
 
-    /// Seals up to one record's worth of `data` into `wbuf`; returns how much it took.
-    fn seal(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(MAX_PLAINTEXT_BYTES);
+    /// Adds as much of `data` to the open record as fits (opening one if needed), sealing
+    /// it once full; returns how much it took.
+    fn gather(&mut self, data: &[u8]) -> io::Result<usize> {
+        let at = *self.open.get_or_insert_with(|| {
+            let at = self.wbuf.len();
+            self.wbuf.extend_from_slice(&[MSG_RECORD, 0, 0]);
+            at
+        });
+        let held = self.wbuf.len() - (at + FRAME_HEADER_BYTES);
+        let n = data.len().min(MAX_PLAINTEXT_BYTES - held);
+        self.wbuf.extend_from_slice(&data[..n]);
+        if held + n == MAX_PLAINTEXT_BYTES {
+            self.seal_open()?;
+        }
+        Ok(n)
+    }
+
+    /// Encrypts the open record in place and closes it.
+    fn seal_open(&mut self) -> io::Result<()> {
+        let Some(at) = self.open.take() else {
+            return Ok(());
+        };
+        let start = at + FRAME_HEADER_BYTES;
+        let len = self.wbuf.len() - start;
+        self.wbuf[at + 1..start].copy_from_slice(&((len + TAG_BYTES) as u16).to_be_bytes());
         let nonce = self
             .tx
             .next_nonce()
             .map_err(|_| io::Error::other("nonce exhausted"))?;
-        self.wbuf.push(MSG_RECORD);
-        self.wbuf
-            .extend_from_slice(&((n + TAG_BYTES) as u16).to_be_bytes());
-        let start = self.wbuf.len();
-        self.wbuf.extend_from_slice(&data[..n]);
         let tag = self
             .tx
             .cipher()
             .encrypt_in_place_detached(&nonce, b"", &mut self.wbuf[start..])
             .map_err(|_| io::Error::other("sealing a record"))?;
         self.wbuf.extend_from_slice(&tag);
-        Ok(n)
+        Ok(())
     }
 }
 
 impl<IO: AsyncWrite + Unpin> NoiseStream<IO> {
     /// Writes buffered records out; Ready once all are written.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.seal_open()?;
         while self.wpos < self.wbuf.len() {
             let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]))?;
             if n == 0 {
@@ -205,10 +228,13 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for NoiseStream<IO> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
         if this.wbuf.len() - this.wpos >= WRITE_BUFFER_BYTES {
             ready!(this.poll_drain(cx))?;
         }
-        let n = this.seal(data)?;
+        let n = this.gather(data)?;
         if this.wbuf.len() - this.wpos >= WRITE_BUFFER_BYTES {
             // Start writing; finishing is poll_flush's job.
             let _ = this.poll_drain(cx)?;
@@ -265,6 +291,33 @@ mod tests {
         };
         let ((), got) = tokio::join!(writer, reader);
         assert_eq!(got, data);
+    }
+
+    /// Small writes before a flush (h2's frame head, then its data) go out as one record.
+    #[tokio::test]
+    async fn small_writes_before_a_flush_share_one_record() {
+        let (ka, kb) = pair();
+        let (x, mut raw) = tokio::io::duplex(1 << 16);
+        let mut a = NoiseStream::new(x, &ka);
+        a.write_all(b"head:").await.unwrap();
+        a.write_all(b"data").await.unwrap();
+        a.flush().await.unwrap();
+        let mut wire = vec![0u8; FRAME_HEADER_BYTES + 9 + TAG_BYTES];
+        raw.read_exact(&mut wire).await.unwrap();
+        assert_eq!(
+            wire[..FRAME_HEADER_BYTES],
+            [MSG_RECORD, 0, (9 + TAG_BYTES) as u8]
+        );
+        let nothing_more = futures::poll!(std::pin::pin!(raw.read_u8()));
+        assert!(nothing_more.is_pending(), "a second record followed");
+        // And the peer reads it back whole.
+        let (x, y) = tokio::io::duplex(1 << 16);
+        let mut b = NoiseStream::new(y, &kb);
+        let mut x = x;
+        x.write_all(&wire).await.unwrap();
+        let mut got = [0u8; 9];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"head:data");
     }
 
     #[tokio::test]
