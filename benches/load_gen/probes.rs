@@ -192,15 +192,15 @@ async fn write_apart(
     via: usize,
     stop: Instant,
 ) -> Vec<(Instant, Instant)> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
+    tokio::task::spawn_blocking(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("a runtime for the writer");
-        let _ = tx.send(runtime.block_on(writer(&cluster, via, stop)));
-    });
-    rx.await.unwrap_or_default()
+        runtime.block_on(writer(&cluster, via, stop))
+    })
+    .await
+    .unwrap_or_default()
 }
 
 /// One user created through member `via`: (started, acknowledged), or `None` if it failed

@@ -311,9 +311,8 @@ mod tests {
         let nothing_more = futures::poll!(std::pin::pin!(raw.read_u8()));
         assert!(nothing_more.is_pending(), "a second record followed");
         // And the peer reads it back whole.
-        let (x, y) = tokio::io::duplex(1 << 16);
+        let (mut x, y) = tokio::io::duplex(1 << 16);
         let mut b = NoiseStream::new(y, &kb);
-        let mut x = x;
         x.write_all(&wire).await.unwrap();
         let mut got = [0u8; 9];
         b.read_exact(&mut got).await.unwrap();

@@ -424,7 +424,7 @@ impl FrameWriter {
 /// One zstd frame of `data` at level 1 (what tailscale's own control sends): for text many
 /// receivers share, where the bytes saved count once per receiver.
 pub fn zstd_frame(data: &[u8]) -> Vec<u8> {
-    compress_with(Level::Shared, data)
+    compress_with(SHARED_LEVEL, data)
 }
 
 /// One zstd frame of text that goes to one receiver only. Runs of a few hundred bytes (a
@@ -433,36 +433,23 @@ pub fn zstd_frame(data: &[u8]) -> Vec<u8> {
 /// for about a tenth more bytes. Longer runs keep level 1.
 pub fn zstd_frame_for_one(data: &[u8]) -> Vec<u8> {
     let level = if data.len() <= FAST_LEVEL_MAX_BYTES {
-        Level::Fast
+        FAST_LEVEL
     } else {
-        Level::Shared
+        SHARED_LEVEL
     };
     compress_with(level, data)
 }
 
+const SHARED_LEVEL: i32 = 1;
+const FAST_LEVEL: i32 = -1;
 const FAST_LEVEL_MAX_BYTES: usize = 4096;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Level {
-    Shared,
-    Fast,
-}
-
-impl Level {
-    fn zstd(self) -> i32 {
-        match self {
-            Level::Shared => 1,
-            Level::Fast => -1,
-        }
-    }
-}
-
-fn compress_with(level: Level, data: &[u8]) -> Vec<u8> {
+fn compress_with(level: i32, data: &[u8]) -> Vec<u8> {
     // One compression context per thread, its level switched as needed (a parameter, not a
     // new context: a second context per thread cost each member about a megabyte). Making
     // one per frame was a few percent of the CPU when thousands of clients fetched netmaps.
     thread_local! {
-        static COMPRESSOR: std::cell::RefCell<Option<(zstd::bulk::Compressor<'static>, Level)>> =
+        static COMPRESSOR: std::cell::RefCell<Option<(zstd::bulk::Compressor<'static>, i32)>> =
             const { std::cell::RefCell::new(None) };
     }
     COMPRESSOR.with(|cell| {
@@ -470,13 +457,13 @@ fn compress_with(level: Level, data: &[u8]) -> Vec<u8> {
         let (compressor, set) = match cell.as_mut() {
             Some(c) => c,
             None => cell.insert((
-                zstd::bulk::Compressor::new(level.zstd()).expect("a zstd context"),
+                zstd::bulk::Compressor::new(level).expect("a zstd context"),
                 level,
             )),
         };
         if *set != level {
             compressor
-                .set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level.zstd()))
+                .set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level))
                 .expect("zstd accepts levels -1 and 1");
             *set = level;
         }

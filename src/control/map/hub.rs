@@ -224,21 +224,22 @@ impl Delta {
         let slot = {
             let mut shared = self.shared.lock().expect("shared frames");
             match shared.frames.get(&sight) {
-                Some(slot) => slot.clone(),
-                None if shared.has_room() => shared.frames.entry(sight).or_default().clone(),
-                None => return encode(),
+                Some(slot) => Some(slot.clone()),
+                None if shared.has_room() => Some(shared.frames.entry(sight).or_default().clone()),
+                None => None,
             }
         };
-        let mut encoded_here = 0;
-        let frame = slot.get_or_init(|| {
+        // Encoded without the lock held: other sights go on meanwhile.
+        let Some(slot) = slot else {
+            return encode();
+        };
+        slot.get_or_init(|| {
             let frame = encode();
-            encoded_here = frame.as_ref().map_or(0, Bytes::len);
+            self.shared.lock().expect("shared frames").bytes +=
+                frame.as_ref().map_or(0, Bytes::len);
             frame
-        });
-        if encoded_here > 0 {
-            self.shared.lock().expect("shared frames").bytes += encoded_here;
-        }
-        frame.clone()
+        })
+        .clone()
     }
 
     /// What `shared_frame` holds, as the head of a message that goes on with a packet
@@ -507,8 +508,16 @@ pub struct MapHub {
     deltas: broadcast::Sender<Arc<Delta>>,
     pending: Pending,
     last_flush: Option<Instant>,
-    /// The last delta sent, to how many sessions, and how many had taken it at the last look.
-    last_sent: Option<(Arc<Delta>, usize, usize)>,
+    last_sent: Option<LastDelta>,
+}
+
+/// The last delta the hub sent, for pacing (see `PACE_SHARE_TENTHS`).
+struct LastDelta {
+    delta: Arc<Delta>,
+    /// Sessions it went to.
+    receivers: usize,
+    /// How many had taken it when the hub last looked.
+    taken_seen: usize,
 }
 
 impl MapHub {
@@ -596,13 +605,12 @@ impl MapHub {
 
     /// Whether sessions are still taking the last delta (see `PACE_SHARE_TENTHS`).
     fn sessions_busy(&mut self) -> bool {
-        let (Some((delta, receivers, seen)), Some(at)) = (&mut self.last_sent, self.last_flush)
-        else {
+        let (Some(last), Some(at)) = (&mut self.last_sent, self.last_flush) else {
             return false;
         };
-        let taken = delta.taken.load(Ordering::Relaxed);
-        let progress = taken > std::mem::replace(seen, taken);
-        progress && taken * 10 < *receivers * PACE_SHARE_TENTHS && at.elapsed() < PACE_WAIT_MAX
+        let taken = last.delta.taken.load(Ordering::Relaxed);
+        let progress = taken > std::mem::replace(&mut last.taken_seen, taken);
+        progress && taken * 10 < last.receivers * PACE_SHARE_TENTHS && at.elapsed() < PACE_WAIT_MAX
     }
 
     /// Missed changes: re-encode everything and have every session resync.
@@ -655,8 +663,13 @@ impl MapHub {
         let delta = Arc::new(delta);
         // No receivers is fine: nobody is streaming.
         let receivers = self.deltas.send(delta.clone()).unwrap_or(0);
-        if let Some((previous, ..)) = self.last_sent.replace((delta, receivers, 0)) {
-            previous.release_shared();
+        let last = LastDelta {
+            delta,
+            receivers,
+            taken_seen: 0,
+        };
+        if let Some(previous) = self.last_sent.replace(last) {
+            previous.delta.release_shared();
         }
     }
 }
