@@ -11,8 +11,15 @@ use super::types::*;
 pub struct RequestId(pub u128);
 
 impl RequestId {
+    /// A fresh id: the wall clock's milliseconds in the top 48 bits, 80 random bits below.
+    /// Unique as a random id is; ordered by time, so each member's map of recent ids grows
+    /// at its end (a persistent map copies one path per applied entry, not one per write).
     pub fn random() -> Self {
-        RequestId(rand::random())
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let random: u128 = rand::random::<u128>() >> 48;
+        RequestId(((millis & ((1 << 48) - 1)) << 80) | random)
     }
 }
 
@@ -468,5 +475,26 @@ impl Outcome {
             Outcome::Rejected(r) => Err(r),
             other => Ok(other),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ids taken later sort later (by the millisecond), and never repeat.
+    #[test]
+    fn request_ids_are_unique_and_ordered_by_time() {
+        let first: Vec<RequestId> = (0..1_000).map(|_| RequestId::random()).collect();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let later = RequestId::random();
+        assert!(first.iter().all(|id| *id < later));
+        let distinct: std::collections::HashSet<_> = first.iter().collect();
+        assert_eq!(distinct.len(), first.len());
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        assert!((later.0 >> 80).abs_diff(millis & ((1 << 48) - 1)) < 60_000);
     }
 }
