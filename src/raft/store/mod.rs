@@ -40,6 +40,8 @@ const CF_SM: &str = "sm";
 
 /// Memory all memtables may use together before rocksdb flushes them.
 const MEMTABLE_BUDGET_BYTES: usize = 32 << 20;
+/// Level-0 files of registry records that trigger a compaction (rocksdb's default is 4).
+const SM_L0_FILES_PER_COMPACTION: i32 = 16;
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
@@ -76,12 +78,21 @@ pub fn open(
     // The registry lives in memory; rocksdb only needs to absorb writes between flushes.
     // Its default (64 MiB memtables per column family) would cost more than the registry.
     opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
-    let cf_options = || {
+    let cf_options = |name: &str| {
         let mut cf = Options::default();
         cf.set_write_buffer_size(MEMTABLE_BUDGET_BYTES / 4);
+        if name == CF_SM {
+            // The registry's records: every memtable flushed into level 0 overlaps all of
+            // the records below it, so each compaction rewrites the whole registry. Let more
+            // level-0 files gather first (they are only read when a member starts).
+            cf.set_level_zero_file_num_compaction_trigger(SM_L0_FILES_PER_COMPACTION);
+            cf.set_level_zero_slowdown_writes_trigger(SM_L0_FILES_PER_COMPACTION * 3);
+            cf.set_level_zero_stop_writes_trigger(SM_L0_FILES_PER_COMPACTION * 4);
+        }
         cf
     };
-    let cfs = [CF_LOGS, CF_META, CF_SM].map(|name| ColumnFamilyDescriptor::new(name, cf_options()));
+    let cfs =
+        [CF_LOGS, CF_META, CF_SM].map(|name| ColumnFamilyDescriptor::new(name, cf_options(name)));
     let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|source| OpenError::Open {
         path: path.display().to_string(),
         source,
