@@ -200,7 +200,7 @@ async fn write_apart(
         runtime.block_on(writer(&cluster, via, stop))
     })
     .await
-    .unwrap_or_default()
+    .expect("the failover writer ended without its results (it panicked)")
 }
 
 /// One user created through member `via`: (started, acknowledged), or `None` if it failed

@@ -15,11 +15,9 @@ impl RequestId {
     /// Unique as a random id is; ordered by time, so each member's map of recent ids grows
     /// at its end (a persistent map copies one path per applied entry, not one per write).
     pub fn random() -> Self {
-        let millis = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
+        let millis = Timestamp::now().0 as u128 & ((1 << 48) - 1);
         let random: u128 = rand::random::<u128>() >> 48;
-        RequestId(((millis & ((1 << 48) - 1)) << 80) | random)
+        RequestId((millis << 80) | random)
     }
 }
 
@@ -491,10 +489,7 @@ mod tests {
         assert!(first.iter().all(|id| *id < later));
         let distinct: std::collections::HashSet<_> = first.iter().collect();
         assert_eq!(distinct.len(), first.len());
-        let millis = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis();
-        assert!((later.0 >> 80).abs_diff(millis & ((1 << 48) - 1)) < 60_000);
+        let millis = Timestamp::now().0 as u128 & ((1 << 48) - 1);
+        assert!((later.0 >> 80).abs_diff(millis) < 60_000);
     }
 }
