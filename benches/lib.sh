@@ -1,5 +1,6 @@
 # Shared by benches/load, benches/derp and benches/compare-etcd. Sourced, not run.
-# bench_binary NAME: builds the release binaries and the bench target NAME; prints its path.
+# bench_binary NAME: builds the bench target NAME and the binaries hsd and hsctl
+#   (target/release); prints the bench binary's path.
 # in_cluster N GEN ARGS...: in a new network namespace (loopback only), starts an N-member
 #   cluster with cluster/up, creates a reusable pre-auth key, runs GEN --members-json F
 #   --auth-key K ARGS..., and takes the cluster down. With HSD_BENCH_POLICY set, that
@@ -11,9 +12,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
 bench_binary() { # NAME
-  echo "==> building (release)" >&2
-  (cd "$ROOT" && cargo build --release --locked --bins >&2)
-  (cd "$ROOT" && cargo bench --locked --bench "$1" --no-run --message-format=json 2>/dev/null) \
+  # One build: a bench target makes cargo build the package's binaries too (for
+  # CARGO_BIN_EXE_*), with the same features, into target/release. A separate
+  # `cargo build --release` resolves features without the dev-dependencies, so on a fresh
+  # machine it compiled every dependency (rocksdb too) a second time.
+  echo "==> building (release, bench profile; the first build on a machine takes a while)" >&2
+  (cd "$ROOT" && cargo bench --locked --bench "$1" --no-run --message-format=json-render-diagnostics) \
     | python3 -c 'import json,sys
 name = sys.argv[1]
 for line in sys.stdin:
