@@ -14,10 +14,10 @@ use crate::raft::TypeConfig;
 
 /// Entries kept in memory after they are written: replication to followers and applying
 /// read the recent log, and serving it from memory saves a read and a decode each. A
-/// follower in step is a few entries behind (at most `ENTRIES_IN_FLIGHT` of the batcher,
-/// 4); one further back (restarting) reads rocksdb. Each entry costs about 600 bytes on
-/// every member, and a burst of registrations is about one entry each: with 1,024 kept,
-/// 1,000 clients joining cost the members about 1.5 KiB more per client than with 256.
+/// follower in step is a few entries behind; one further back (restarting) reads rocksdb.
+/// Each entry costs about 600 bytes on every member, and a burst of registrations is about
+/// one entry each: with 1,024 kept, 1,000 clients joining cost the members about 1.5 KiB
+/// more per client than with 256.
 const CACHED_ENTRIES: usize = 256;
 
 /// The tail of the log, contiguous: `entries[0]` has index `first`.
