@@ -1,6 +1,8 @@
 //! Logging (tracing) and Prometheus metrics.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// Installs the global tracing subscriber. `level` is a tracing filter (`info`,
 /// `hsd=debug,info`); `RUST_LOG` overrides it.
@@ -65,6 +67,7 @@ pub struct Metrics {
     pub audit_dropped: IntCounter,
     pub raft_snapshot_index: IntGauge,
     pub raft_purged_index: IntGauge,
+    pub memtable_bytes: IntGaugeVec,
     pub derp_clients: IntGauge,
     pub derp_mesh_links_up: IntGauge,
     pub derp_packets_relayed: IntCounter,
@@ -154,6 +157,20 @@ impl Metrics {
                 "hsd_raft_purged_index",
                 "Last log index this member has purged (compacted into a snapshot)",
             ),
+            memtable_bytes: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "hsd_rocksdb_memtable_bytes",
+                        "Memory held by rocksdb's memtables, by column family",
+                    ),
+                    &["cf"],
+                )
+                .expect("valid metric name");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric name");
+                g
+            },
             derp_clients: gauge(
                 "hsd_derp_clients",
                 "Clients connected to this member's DERP relay",

@@ -66,6 +66,7 @@ pub(super) struct Inner {
     pub(super) batcher: Batcher,
     pub(super) forwarder: super::forwarder::Forwarder,
     pub(super) presence: Presence,
+    pub(super) store_stats: store::StoreStats,
     pub(super) version: &'static str,
     pub(super) settings: ClusterSettings,
     pub(super) server_tls: tonic::transport::ServerTlsConfig,
@@ -94,7 +95,7 @@ impl Cluster {
         let (batches, _) = broadcast::channel(BATCH_CHANNEL_CAPACITY);
         let data_dir = opts.data_dir.clone();
         let batches_for_store = batches.clone();
-        let (log_store, state_machine) = tokio::task::spawn_blocking(move || {
+        let (log_store, state_machine, store_stats) = tokio::task::spawn_blocking(move || {
             store::open(&data_dir, view_tx, applied_tx, batches_for_store)
         })
         .await
@@ -134,6 +135,7 @@ impl Cluster {
                 batcher,
                 forwarder,
                 presence: opts.presence,
+                store_stats,
                 version: opts.version,
                 settings: opts.settings,
                 server_tls: opts.tls.server.clone(),
@@ -160,6 +162,11 @@ impl Cluster {
 
     pub fn member_id(&self) -> u64 {
         self.inner.id
+    }
+
+    /// Bytes in each column family's memtables (blocking: a few rocksdb property reads).
+    pub fn memtable_bytes(&self) -> Vec<(&'static str, u64)> {
+        self.inner.store_stats.memtable_bytes()
     }
 
     /// The ids in the current Raft membership (voters and learners); empty before this

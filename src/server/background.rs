@@ -152,6 +152,12 @@ pub(super) async fn refresh_gauges(
         let index = |l: Option<openraft::LogId<u64>>| l.map(|l| l.index as i64).unwrap_or(0);
         metrics.raft_snapshot_index.set(index(m.snapshot));
         metrics.raft_purged_index.set(index(m.purged));
+        for (cf, bytes) in cluster.memtable_bytes() {
+            metrics
+                .memtable_bytes
+                .with_label_values(&[cf])
+                .set(bytes as i64);
+        }
     }
 }
 

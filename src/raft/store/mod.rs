@@ -29,6 +29,29 @@ use crate::registry::Registry;
 pub use log_store::LogStore;
 pub use state_machine::{StateMachine, check_snapshot};
 
+/// Read-only figures about the database, for gauges.
+#[derive(Clone)]
+pub struct StoreStats(Store);
+
+impl StoreStats {
+    /// Bytes held by each column family's memtables (active, immutable and pinned).
+    pub fn memtable_bytes(&self) -> Vec<(&'static str, u64)> {
+        let store = &self.0;
+        [CF_LOGS, CF_META, CF_SM]
+            .into_iter()
+            .map(|name| {
+                let bytes = store
+                    .db
+                    .property_int_value_cf(store.cf(name), "rocksdb.size-all-mem-tables")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                (name, bytes)
+            })
+            .collect()
+    }
+}
+
 pub type StorageError = openraft::StorageError<u64>;
 type Membership = StoredMembership<u64, MemberInfo>;
 /// Raw (key, value) pairs of one column family.
@@ -70,7 +93,7 @@ pub fn open(
     view_tx: watch::Sender<Arc<Registry>>,
     applied_tx: watch::Sender<u64>,
     batches: broadcast::Sender<Arc<AppliedBatch>>,
-) -> Result<(LogStore, StateMachine), OpenError> {
+) -> Result<(LogStore, StateMachine, StoreStats), OpenError> {
     let path = dir.join("raft");
     let mut opts = Options::default();
     opts.create_if_missing(true);
@@ -123,7 +146,7 @@ pub fn open(
         applied_tx,
         batches,
     );
-    Ok((LogStore::new(store), sm))
+    Ok((LogStore::new(store.clone()), sm, StoreStats(store)))
 }
 
 /// Shared access to the database with JSON helpers.

@@ -17,7 +17,7 @@ impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachine, tempfil
         let dir = tempfile::tempdir().expect("tempdir");
         let (view_tx, _) = watch::channel(Arc::new(Registry::default()));
         let (batches, _) = broadcast::channel(16);
-        let (log, sm) =
+        let (log, sm, _) =
             open(dir.path(), view_tx, watch::channel(0).0, batches).expect("open store");
         Ok((dir, log, sm))
     }
@@ -43,7 +43,7 @@ async fn applied_state_survives_reopen() {
     {
         let (view_tx, _) = watch::channel(Arc::new(Registry::default()));
         let (batches, _) = broadcast::channel(16);
-        let (_log, mut sm) = open(dir.path(), view_tx, watch::channel(0).0, batches).unwrap();
+        let (_log, mut sm, _) = open(dir.path(), view_tx, watch::channel(0).0, batches).unwrap();
         let out = sm
             .apply(vec![
                 entry(1, Command::create_user("alice")),
@@ -55,7 +55,7 @@ async fn applied_state_survives_reopen() {
     }
     let (view_tx, view_rx) = watch::channel(Arc::new(Registry::default()));
     let (batches, _) = broadcast::channel(16);
-    let (_log, mut sm) = open(dir.path(), view_tx, watch::channel(0).0, batches).unwrap();
+    let (_log, mut sm, _) = open(dir.path(), view_tx, watch::channel(0).0, batches).unwrap();
     let (applied, _) = sm.applied_state().await.unwrap();
     assert_eq!(applied.map(|l| l.index), Some(2));
     let view = view_rx.borrow().clone();
@@ -68,7 +68,7 @@ async fn snapshot_round_trip() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (view_tx, _) = watch::channel(Arc::new(Registry::default()));
     let (batches, _) = broadcast::channel(16);
-    let (_l1, mut sm1) = open(d1.path(), view_tx, watch::channel(0).0, batches).unwrap();
+    let (_l1, mut sm1, _) = open(d1.path(), view_tx, watch::channel(0).0, batches).unwrap();
     sm1.apply(vec![entry(1, Command::create_user("carol"))])
         .await
         .unwrap();
@@ -81,7 +81,7 @@ async fn snapshot_round_trip() {
 
     let (view_tx, view_rx) = watch::channel(Arc::new(Registry::default()));
     let (batches, mut batch_rx) = broadcast::channel(16);
-    let (_l2, mut sm2) = open(d2.path(), view_tx, watch::channel(0).0, batches).unwrap();
+    let (_l2, mut sm2, _) = open(d2.path(), view_tx, watch::channel(0).0, batches).unwrap();
     sm2.install_snapshot(&snap.meta, snap.snapshot)
         .await
         .unwrap();
