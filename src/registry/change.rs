@@ -25,7 +25,12 @@ pub enum Change {
 /// the registry (present → put, absent → delete) and writes it with the last-applied id.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Record {
+    /// The id counters and last addresses handed out.
     Meta,
+    /// The running policy's text.
+    Policy,
+    /// The DNS settings.
+    Dns,
     /// The cluster clock (the latest applied stamp).
     Clock,
     /// The cluster-wide settings.

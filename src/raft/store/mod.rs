@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 use super::{AppliedBatch, MemberInfo};
-use crate::registry::Registry;
+use crate::registry::{Record, Registry};
 
 pub use log_store::LogStore;
 pub use state_machine::{StateMachine, check_snapshot};
@@ -134,6 +134,7 @@ pub fn open(
         .unwrap_or_default();
     let records = store.scan(CF_SM).map_err(load)?;
     let registry = Registry::from_records(records).map_err(|e| OpenError::Load(Box::new(e)))?;
+    store.rewrite_settings(&registry).map_err(load)?;
     view_tx.send_replace(Arc::new(registry.clone()));
     applied_tx.send_replace(last_applied.map(|l| l.index).unwrap_or(0));
 
@@ -219,6 +220,20 @@ impl Store {
             out.push((k.to_vec(), v.to_vec()));
         }
         Ok(out)
+    }
+
+    /// Writes the records whose layout changed between versions (the counters, policy and
+    /// DNS settings; see `Registry::snapshot_records`) in this version's layout, so a store
+    /// written by an earlier version never mixes the two. Unsynced, like an applied batch.
+    fn rewrite_settings(&self, registry: &Registry) -> Result<(), DbError> {
+        let mut batch = WriteBatch::default();
+        for record in [Record::Meta, Record::Policy, Record::Dns] {
+            match registry.encode_record(&record) {
+                (key, Some(value)) => batch.put_cf(self.cf(CF_SM), key, value),
+                (key, None) => batch.delete_cf(self.cf(CF_SM), key),
+            }
+        }
+        self.write(batch, false)
     }
 
     /// Writes a batch; `sync` waits for the fsync.

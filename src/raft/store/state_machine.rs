@@ -40,7 +40,7 @@ pub struct StateMachine {
 struct SnapshotFile {
     last_applied: Option<LogId<u64>>,
     membership: Membership,
-    /// (key, value) pairs as written by `Registry::encode_record`; both are UTF-8.
+    /// (key, value) pairs as listed by `Registry::snapshot_records`; both are UTF-8.
     records: Vec<(String, String)>,
 }
 
@@ -109,6 +109,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut replies = Vec::new();
         let mut changes = Vec::new();
         let mut touched = BTreeSet::new();
+        let mut membership_changed = false;
         for entry in entries {
             self.last_applied = Some(entry.log_id);
             match entry.payload {
@@ -121,13 +122,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), m);
+                    membership_changed = true;
                     replies.push(Vec::new());
                 }
             }
         }
         let records = self.applied_batch(&touched);
         let applied = json(&self.last_applied);
-        let membership = json(&self.membership);
+        // Rewritten only when it changed: every batch would fill the memtable with copies.
+        let membership = membership_changed.then(|| json(&self.membership));
         self.store
             .run(move |s| {
                 let mut batch = WriteBatch::default();
@@ -139,7 +142,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                 }
                 batch.put_cf(s.cf(CF_META), KEY_APPLIED, applied);
-                batch.put_cf(s.cf(CF_META), KEY_MEMBERSHIP, membership);
+                if let Some(membership) = membership {
+                    batch.put_cf(s.cf(CF_META), KEY_MEMBERSHIP, membership);
+                }
                 // See the module doc: made durable by the next synced write.
                 s.write(batch, false)
             })
@@ -181,14 +186,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         key: "snapshot".into(),
                         source,
                     })?;
-                let records: Vec<(Vec<u8>, Vec<u8>)> = file
+                let records = file
                     .records
                     .into_iter()
-                    .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
-                    .collect();
-                let registry = Registry::from_records(records.clone())
+                    .map(|(k, v)| (k.into_bytes(), v.into_bytes()));
+                let registry = Registry::from_records(records)
                     .map_err(|e| DbError::Task(format!("snapshot records: {e}")))?;
-                install_records(s, &meta_owned, &data, records)?;
+                // Stored in this member's layout, which may differ from the snapshot's.
+                install_records(s, &meta_owned, &data, registry.all_records())?;
                 Ok(registry)
             })
             .await
@@ -300,7 +305,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 
 fn encode_snapshot(registry: &Registry, meta: &SnapshotMeta<u64, MemberInfo>) -> Vec<u8> {
     let records = registry
-        .all_records()
+        .snapshot_records()
         .into_iter()
         .map(|(k, v)| {
             (

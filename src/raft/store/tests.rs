@@ -94,3 +94,45 @@ async fn snapshot_round_trip() {
         .expect("snapshot stored");
     assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(1));
 }
+
+/// A store written before the policy had a record of its own keeps it inside `meta`. Opening
+/// rewrites that in this version's layout, so the counters rewritten by the next
+/// registration do not take the policy with them.
+#[tokio::test]
+async fn a_store_from_an_earlier_version_keeps_its_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let open_here = || {
+        let (view_tx, view_rx) = watch::channel(Arc::new(Registry::default()));
+        let (batches, _) = broadcast::channel(16);
+        let (_log, sm, _) = open(dir.path(), view_tx, watch::channel(0).0, batches).unwrap();
+        (sm, view_rx)
+    };
+    let policy = r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#;
+    let mut earlier = Registry::default();
+    earlier.apply(&Request::single(
+        Timestamp(1_700_000_000_000),
+        Command::SetPolicy {
+            policy: policy.into(),
+        },
+    ));
+    {
+        // The earlier layout, as a snapshot still carries it: the policy inside `meta`.
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let db = DB::open_cf(&opts, dir.path().join("raft"), [CF_LOGS, CF_META, CF_SM]).unwrap();
+        let sm = db.cf_handle(CF_SM).unwrap();
+        for (key, value) in earlier.snapshot_records() {
+            db.put_cf(sm, key, value).unwrap();
+        }
+    }
+    let (mut sm, view) = open_here();
+    assert_eq!(view.borrow().policy(), policy);
+    sm.apply(vec![entry(1, Command::create_user("dave"))])
+        .await
+        .unwrap();
+    drop(sm);
+    let (_sm, view) = open_here();
+    assert_eq!(view.borrow().policy(), policy);
+    assert!(view.borrow().user_by_name("dave").is_some());
+}

@@ -218,8 +218,8 @@ impl Registry {
                 self.edit_node(*id, fx, |n| n.approved_routes = routes.clone())
             }
             Command::SetDns { dns } => {
-                Arc::make_mut(&mut self.meta).dns = Some(dns.clone());
-                fx.records.push(Record::Meta);
+                self.dns = Some(Arc::new(dns.clone()));
+                fx.records.push(Record::Dns);
                 fx.changes.push(Change::DnsChanged);
                 Ok(Outcome::Done)
             }
@@ -460,11 +460,11 @@ impl Registry {
         now: Timestamp,
         fx: &mut Effects,
     ) -> Result<Outcome, Rejection> {
-        if self.meta.policy == policy {
+        if *self.policy == *policy {
             return Ok(Outcome::Done);
         }
-        Arc::make_mut(&mut self.meta).policy = policy.to_string();
-        fx.records.push(Record::Meta);
+        self.policy = policy.into();
+        fx.records.push(Record::Policy);
         fx.changes.push(Change::PolicyChanged);
         let version = self.policy_versions.get_max().map_or(1, |(v, _)| v + 1);
         self.policy_versions.insert(
@@ -489,10 +489,10 @@ impl Registry {
     /// The tags a client asked for (Hostinfo `RequestTags`) that the policy's `tagOwners`
     /// let `user` apply; the others are ignored, as Tailscale ignores them.
     fn owned_tags(&self, user: UserId, requested: &[String]) -> Vec<String> {
-        if requested.is_empty() || self.meta.policy.trim().is_empty() {
+        if requested.is_empty() || self.policy.trim().is_empty() {
             return Vec::new();
         }
-        let Ok(policy) = crate::policy::Policy::parse(&self.meta.policy) else {
+        let Ok(policy) = crate::policy::Policy::parse(&self.policy) else {
             return Vec::new();
         };
         let Some(name) = self.users.get(&user).map(|u| u.name.clone()) else {

@@ -29,15 +29,15 @@ pub const AUDIT_MAX: usize = 100_000;
 /// Policy versions kept for `policy history` and `policy rollback`; older ones go.
 pub const POLICY_VERSIONS_MAX: usize = 100;
 
-/// Counters and singletons, stored as one record.
+/// Counters, stored as one record that most creating writes rewrite. The policy and DNS
+/// settings, which can be large and change rarely, are records of their own (see
+/// `records::Layout` for snapshots).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Meta {
     next_user: u64,
     next_node: u64,
     next_preauth: u64,
     next_api: u64,
-    dns: Option<DnsSettings>,
-    policy: String,
     /// The last address handed out; allocation continues after it, so a freed address is
     /// not given to the next node at once (peers may still hold the old node).
     #[serde(default)]
@@ -93,6 +93,9 @@ enum Remembered {
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     meta: Arc<Meta>,
+    /// The running policy's text (empty: none).
+    policy: Arc<str>,
+    dns: Option<Arc<DnsSettings>>,
     /// The cluster-wide settings; `None` until the first `InitSettings` is applied.
     settings: Option<Arc<ClusterSettings>>,
     /// The latest entry stamp applied: the cluster's clock, which never goes backwards.
@@ -245,7 +248,7 @@ impl Registry {
         self.pending(id)
     }
     pub fn dns(&self) -> Option<&DnsSettings> {
-        self.meta.dns.as_ref()
+        self.dns.as_deref()
     }
     /// Kept policy versions, oldest first.
     pub fn policy_versions(&self) -> impl Iterator<Item = &PolicyVersion> {
@@ -255,7 +258,7 @@ impl Registry {
         self.policy_versions.get(&version).map(|p| p.as_ref())
     }
     pub fn policy(&self) -> &str {
-        &self.meta.policy
+        &self.policy
     }
     /// Outcomes remembered for retried writes (bounded by time and count).
     pub fn recent_count(&self) -> usize {

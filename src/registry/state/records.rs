@@ -3,22 +3,47 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::{Recent, Registry, StoreError};
+use super::{Meta, Recent, Registry, StoreError};
 use crate::registry::change::Record;
 use crate::registry::command::RequestId;
 use crate::registry::types::*;
 
-fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+/// Where the policy and DNS settings go. A member's own store keeps them as records of their
+/// own, written only when they change: the counters in `meta` change with most creating
+/// writes (every registration), and rewriting a large policy with each filled rocksdb's
+/// memtables. A snapshot keeps them inside `meta`, the layout members of earlier versions
+/// read, so members of mixed versions still exchange snapshots during a rolling upgrade.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Layout {
+    Store,
+    Snapshot,
+}
+
+/// The `meta` record as stored in either layout.
+#[derive(Serialize, Deserialize)]
+struct MetaRecord {
+    #[serde(flatten)]
+    meta: Meta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dns: Option<DnsSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    policy: Option<String>,
+}
+
+fn enc<T: Serialize + ?Sized>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("registry types always serialize")
 }
 
 impl Registry {
-    /// The storage key and current value of a record (`None` = deleted).
+    /// The storage key and current value of a record (`None` = deleted), as this member
+    /// stores it (`Layout::Store`).
     pub fn encode_record(&self, record: &Record) -> (Vec<u8>, Option<Vec<u8>>) {
         match record {
             Record::Meta => (b"meta".to_vec(), Some(enc(&*self.meta))),
+            Record::Policy => (b"policy".to_vec(), Some(enc(&*self.policy))),
+            Record::Dns => (b"dns".to_vec(), self.dns.as_deref().map(enc)),
             Record::Clock => (b"clock".to_vec(), Some(enc(&self.clock))),
             Record::Settings => (b"settings".to_vec(), self.settings.as_deref().map(enc)),
             Record::User(id) => (
@@ -60,9 +85,21 @@ impl Registry {
         }
     }
 
-    /// Every record, for a snapshot.
+    /// Every record, as this member stores them.
     pub fn all_records(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.records_in(Layout::Store)
+    }
+
+    /// Every record, as a snapshot carries them.
+    pub fn snapshot_records(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.records_in(Layout::Snapshot)
+    }
+
+    fn records_in(&self, layout: Layout) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut records = vec![Record::Meta, Record::Clock, Record::Settings];
+        if layout == Layout::Store {
+            records.extend([Record::Policy, Record::Dns]);
+        }
         records.extend(self.users.keys().map(|id| Record::User(*id)));
         records.extend(self.nodes.keys().map(|id| Record::Node(*id)));
         records.extend(self.preauth_keys.keys().map(|id| Record::PreAuthKey(*id)));
@@ -87,10 +124,24 @@ impl Registry {
         records
             .iter()
             .filter_map(|r| {
-                let (k, v) = self.encode_record(r);
+                let (k, v) = match (layout, r) {
+                    (Layout::Snapshot, Record::Meta) => {
+                        (b"meta".to_vec(), Some(self.inline_meta()))
+                    }
+                    _ => self.encode_record(r),
+                };
                 v.map(|v| (k, v))
             })
             .collect()
+    }
+
+    /// `meta` with the policy and DNS settings inside it, as every version reads it.
+    fn inline_meta(&self) -> Vec<u8> {
+        enc(&MetaRecord {
+            meta: (*self.meta).clone(),
+            dns: self.dns.as_deref().cloned(),
+            policy: Some(self.policy.to_string()),
+        })
     }
 
     /// Rebuilds a registry from stored records (as written by `encode_record`).
@@ -114,7 +165,20 @@ impl Registry {
         }
         let (kind, rest) = key.split_once('/').unwrap_or((key, ""));
         match kind {
-            "meta" => self.meta = Arc::new(de(key, value)?),
+            "meta" => {
+                let record: MetaRecord = de(key, value)?;
+                self.meta = Arc::new(record.meta);
+                // Inline in snapshots and in stores written before they had records of
+                // their own; absent otherwise (and then their own records set them).
+                if let Some(policy) = record.policy {
+                    self.policy = policy.into();
+                }
+                if let Some(dns) = record.dns {
+                    self.dns = Some(Arc::new(dns));
+                }
+            }
+            "policy" => self.policy = de::<String>(key, value)?.into(),
+            "dns" => self.dns = Some(Arc::new(de(key, value)?)),
             "clock" => self.clock = de(key, value)?,
             "settings" => self.settings = Some(Arc::new(de(key, value)?)),
             "user" => {

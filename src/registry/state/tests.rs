@@ -429,6 +429,105 @@ fn records_round_trip_through_storage_encoding() {
     assert!(original.same_data(&reloaded));
 }
 
+/// A registry with a policy and DNS settings set, and one node.
+fn with_policy_and_dns() -> (Fixture, String) {
+    let mut f = fixture(true, None);
+    let policy = format!(
+        "{{\"acls\": [{{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"]}}], \"hosts\": {{{}}}}}",
+        (0..200)
+            .map(|i| format!("\"host{i}\": \"10.1.{}.{}\"", i / 250, i % 250))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    run(
+        &mut f.reg,
+        1,
+        Command::SetPolicy {
+            policy: policy.clone(),
+        },
+    );
+    let dns = DnsSettings {
+        magic_dns: true,
+        base_domain: "tail.example".into(),
+        nameservers: vec!["10.0.0.53".into()],
+        search_domains: vec!["corp.example".into()],
+    };
+    run(&mut f.reg, 2, Command::SetDns { dns });
+    register(&mut f, 10, node_request(1, 11, "a"));
+    (f, policy)
+}
+
+/// A registration rewrites the counters, not the policy: a large policy would otherwise be
+/// written to rocksdb again with every node that joins.
+#[test]
+fn a_registration_does_not_rewrite_the_policy() {
+    let (mut f, policy) = with_policy_and_dns();
+    let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &f.key_full).unwrap();
+    let applied = f.reg.apply(&Request::single(
+        at(20),
+        Command::RegisterNode {
+            request: node_request(2, 12, "b"),
+            auth: NodeAuth::PreAuthKey { prefix, hash },
+            auto_approve: true,
+            expiry: None,
+        },
+    ));
+    assert!(applied.records.contains(&Record::Meta));
+    assert!(!applied.records.contains(&Record::Policy));
+    assert!(!applied.records.contains(&Record::Dns));
+    let (_, meta) = f.reg.encode_record(&Record::Meta);
+    let meta = meta.unwrap();
+    assert!(meta.len() < 300, "meta is {} bytes", meta.len());
+    let (_, stored) = f.reg.encode_record(&Record::Policy);
+    let stored: String = serde_json::from_slice(&stored.unwrap()).unwrap();
+    assert_eq!(stored, policy);
+}
+
+/// A snapshot keeps the policy and DNS settings inside `meta`, where earlier versions read
+/// them; both layouts load back to the same registry.
+#[test]
+fn snapshot_layout_keeps_settings_inside_meta() {
+    let (f, policy) = with_policy_and_dns();
+    let snapshot = f.reg.snapshot_records();
+    assert!(
+        snapshot
+            .iter()
+            .all(|(k, _)| k.as_slice() != b"policy" && k.as_slice() != b"dns")
+    );
+    let (_, meta) = snapshot
+        .iter()
+        .find(|(k, _)| k.as_slice() == b"meta")
+        .unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(meta).unwrap();
+    assert_eq!(meta["policy"], policy.as_str());
+    assert_eq!(meta["dns"]["base_domain"], "tail.example");
+    assert!(meta["next_node"].as_u64().unwrap() >= 1);
+    for records in [snapshot, f.reg.all_records()] {
+        let loaded = Registry::from_records(records).unwrap();
+        assert!(loaded.same_data(&f.reg));
+        assert_eq!(loaded.policy(), policy);
+        assert_eq!(loaded.dns().unwrap().base_domain, "tail.example");
+    }
+}
+
+/// A store written before the policy and DNS settings had records of their own (both
+/// inside `meta`) loads with them, and DNS cleared in the new layout stays cleared.
+#[test]
+fn a_store_from_an_earlier_version_loads() {
+    let (f, policy) = with_policy_and_dns();
+    let old: Vec<_> = f.reg.snapshot_records();
+    let loaded = Registry::from_records(old).unwrap();
+    assert_eq!(loaded.policy(), policy);
+    assert!(loaded.dns().is_some());
+    assert!(loaded.same_data(&f.reg));
+
+    let mut records = f.reg.all_records();
+    records.retain(|(k, _)| k.as_slice() != b"dns");
+    let loaded = Registry::from_records(records).unwrap();
+    assert!(loaded.dns().is_none());
+    assert_eq!(loaded.policy(), policy);
+}
+
 #[test]
 fn applied_effects_name_every_touched_record() {
     let mut f = fixture(false, None);
