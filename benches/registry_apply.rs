@@ -1,7 +1,9 @@
 //! Measures `Registry::apply` for node registrations: the per-entry CPU cost every member
 //! pays when it applies the Raft log, and so a ceiling on cluster-wide registration rate.
 //! Measured at several registry sizes (lookups are indexed: the cost should not grow), and
-//! for a batch of 256 proposals in one entry (the leader's group commit).
+//! for a batch of 256 proposals in one entry (the leader's group commit), and with what
+//! the state machine then stores (every touched record encoded) under policies of two
+//! sizes: what a registration costs must not grow with the policy.
 //!
 //! Run: `cargo bench --bench registry_apply`
 
@@ -89,6 +91,67 @@ fn bench(c: &mut Criterion) {
         )
     });
     group.finish();
+
+    // Apply one registration and encode the records it touched, as the state machine does
+    // before writing them, with a small and an enterprise-sized policy loaded.
+    let mut group = c.benchmark_group("register_and_store");
+    for rules in [10usize, 1_000] {
+        let (mut base, key) = registry_with(1_000);
+        let policy = policy_with(rules);
+        base.apply(&Request::single(
+            Timestamp(1_700_000_000_000),
+            Command::SetPolicy {
+                policy: policy.clone(),
+            },
+        ));
+        let name = format!("policy_{}_kib", policy.len() / 1024);
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || base.clone(),
+                |mut reg| {
+                    let applied = reg.apply(&register(&key, 50_000));
+                    let bytes: usize = applied
+                        .records
+                        .iter()
+                        .filter_map(|r| reg.encode_record(r).1)
+                        .map(|v| v.len())
+                        .sum();
+                    (reg, bytes)
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+/// A policy with `rules` ACL rules over groups and hosts, in the shape large tailnets use.
+fn policy_with(rules: usize) -> String {
+    let groups: Vec<String> = (0..rules / 10 + 1)
+        .map(|g| {
+            let members: Vec<String> = (0..20)
+                .map(|u| format!("\"user{g}-{u}@example.com\""))
+                .collect();
+            format!("\"group:team{g}\": [{}]", members.join(", "))
+        })
+        .collect();
+    let hosts: Vec<String> = (0..rules)
+        .map(|h| format!("\"host{h}\": \"10.{}.{}.0/24\"", h / 250, h % 250))
+        .collect();
+    let acls: Vec<String> = (0..rules)
+        .map(|r| {
+            format!(
+                "{{\"action\": \"accept\", \"src\": [\"group:team{}\"], \"dst\": [\"host{r}:22,443,8000-8100\"]}}",
+                r / 10
+            )
+        })
+        .collect();
+    format!(
+        "{{\"groups\": {{{}}}, \"hosts\": {{{}}}, \"acls\": [{}]}}",
+        groups.join(", "),
+        hosts.join(", "),
+        acls.join(", ")
+    )
 }
 
 criterion_group!(benches, bench);
