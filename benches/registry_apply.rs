@@ -35,6 +35,11 @@ fn registry_with(nodes: u32) -> (Registry, String) {
 }
 
 fn register(key: &str, i: u32) -> Request {
+    register_asking(key, i, vec![])
+}
+
+/// A registration whose client asks for `tags` (Hostinfo `RequestTags`).
+fn register_asking(key: &str, i: u32, request_tags: Vec<String>) -> Request {
     let (prefix, hash) = secrets::parse(SecretKind::PreAuth, key).expect("generated key parses");
     let mut machine = [0u8; 32];
     machine[..4].copy_from_slice(&i.to_be_bytes());
@@ -48,7 +53,7 @@ fn register(key: &str, i: u32) -> Request {
                 node_key: NodeKey(node),
                 hostname: format!("host{i}"),
                 hostinfo: "{}".into(),
-                request_tags: vec![],
+                request_tags,
                 ephemeral: false,
             },
             auth: NodeAuth::PreAuthKey { prefix, hash },
@@ -104,23 +109,30 @@ fn bench(c: &mut Criterion) {
                 policy: policy.clone(),
             },
         ));
-        let name = format!("policy_{}_kib", policy.len() / 1024);
-        group.bench_function(name, |b| {
-            b.iter_batched(
-                || base.clone(),
-                |mut reg| {
-                    let applied = reg.apply(&register(&key, 50_000));
-                    let bytes: usize = applied
-                        .records
-                        .iter()
-                        .filter_map(|r| reg.encode_record(r).1)
-                        .map(|v| v.len())
-                        .sum();
-                    (reg, bytes)
-                },
-                criterion::BatchSize::LargeInput,
-            )
-        });
+        for tags in [vec![], vec!["tag:server".to_string()]] {
+            let name = format!(
+                "policy_{}_kib{}",
+                policy.len() / 1024,
+                if tags.is_empty() { "" } else { "_tag_asked" }
+            );
+            let request = register_asking(&key, 50_000, tags);
+            group.bench_function(name, |b| {
+                b.iter_batched(
+                    || base.clone(),
+                    |mut reg| {
+                        let applied = reg.apply(&request);
+                        let bytes: usize = applied
+                            .records
+                            .iter()
+                            .filter_map(|r| reg.encode_record(r).1)
+                            .map(|v| v.len())
+                            .sum();
+                        (reg, bytes)
+                    },
+                    criterion::BatchSize::LargeInput,
+                )
+            });
+        }
     }
     group.finish();
 }

@@ -463,7 +463,7 @@ impl Registry {
         if *self.policy == *policy {
             return Ok(Outcome::Done);
         }
-        self.policy = policy.into();
+        self.set_policy_text(policy.into());
         fx.records.push(Record::Policy);
         fx.changes.push(Change::PolicyChanged);
         let version = self.policy_versions.get_max().map_or(1, |(v, _)| v + 1);
@@ -489,12 +489,12 @@ impl Registry {
     /// The tags a client asked for (Hostinfo `RequestTags`) that the policy's `tagOwners`
     /// let `user` apply; the others are ignored, as Tailscale ignores them.
     fn owned_tags(&self, user: UserId, requested: &[String]) -> Vec<String> {
-        if requested.is_empty() || self.policy.trim().is_empty() {
-            return Vec::new();
-        }
-        let Ok(policy) = crate::policy::Policy::parse(&self.policy) else {
+        let Some(policy) = &self.parsed_policy else {
             return Vec::new();
         };
+        if requested.is_empty() {
+            return Vec::new();
+        }
         let Some(name) = self.users.get(&user).map(|u| u.name.clone()) else {
             return Vec::new();
         };

@@ -95,6 +95,10 @@ pub struct Registry {
     meta: Arc<Meta>,
     /// The running policy's text (empty: none).
     policy: Arc<str>,
+    /// The same, parsed (`None` when empty or unparsable). A registration that asks for tags
+    /// looks up their owners in it: parsing a large policy each time cost milliseconds on
+    /// every member.
+    parsed_policy: Option<Arc<crate::policy::Policy>>,
     dns: Option<Arc<DnsSettings>>,
     /// The cluster-wide settings; `None` until the first `InitSettings` is applied.
     settings: Option<Arc<ClusterSettings>>,
@@ -259,6 +263,16 @@ impl Registry {
     }
     pub fn policy(&self) -> &str {
         &self.policy
+    }
+
+    /// Makes `text` the running policy (the caller records the change).
+    fn set_policy_text(&mut self, text: Arc<str>) {
+        self.parsed_policy = if text.trim().is_empty() {
+            None
+        } else {
+            crate::policy::Policy::parse(&text).ok().map(Arc::new)
+        };
+        self.policy = text;
     }
     /// Outcomes remembered for retried writes (bounded by time and count).
     pub fn recent_count(&self) -> usize {

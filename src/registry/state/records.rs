@@ -171,13 +171,13 @@ impl Registry {
                 // Inline in snapshots and in stores written before they had records of
                 // their own; absent otherwise (and then their own records set them).
                 if let Some(policy) = record.policy {
-                    self.policy = policy.into();
+                    self.set_policy_text(policy.into());
                 }
                 if let Some(dns) = record.dns {
                     self.dns = Some(Arc::new(dns));
                 }
             }
-            "policy" => self.policy = de::<String>(key, value)?.into(),
+            "policy" => self.set_policy_text(de::<String>(key, value)?.into()),
             "dns" => self.dns = Some(Arc::new(de(key, value)?)),
             "clock" => self.clock = de(key, value)?,
             "settings" => self.settings = Some(Arc::new(de(key, value)?)),

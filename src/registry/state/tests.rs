@@ -966,6 +966,20 @@ fn requested_tags_need_an_owner_in_the_policy() {
         "bob owns tag:x, not alice: {:?}",
         node.tags
     );
+
+    // Loaded from its records (a restart, or a snapshot), the registry knows the owners too.
+    for records in [f.reg.all_records(), f.reg.snapshot_records()] {
+        let mut loaded = Fixture {
+            reg: Registry::from_records(records).unwrap(),
+            key_full: f.key_full.clone(),
+        };
+        let mut again = node_request(3, 3, "again");
+        again.request_tags = vec!["tag:web".into()];
+        let Outcome::Node(node) = register(&mut loaded, 5, again) else {
+            panic!("registration refused")
+        };
+        assert_eq!(node.tags, ["tag:web"]);
+    }
 }
 
 /// Each accepted policy is kept as a version (the same text again is no change); a
