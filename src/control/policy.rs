@@ -336,7 +336,12 @@ fn compile(view: &Registry, presence: &Presence, check_url: &str) -> Access {
         .enumerate()
         .map(|(i, n)| (NodeId(n.id), i))
         .collect();
-    let compiled = policy::Policy::parse(view.policy())
+    // The registry keeps the running policy parsed; only an empty or damaged one is not.
+    let parsed = match view.parsed_policy() {
+        Some(p) => Ok(Arc::clone(p)),
+        None => policy::Policy::parse(view.policy()).map(Arc::new),
+    };
+    let compiled = parsed
         .and_then(|p| Compiled::new(p, tailnet.clone(), check_url))
         .or_else(|e| {
             tracing::error!(error = %e, "the stored policy does not compile; denying all");

@@ -18,7 +18,7 @@ mod ssh;
 mod tailnet;
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use ipnet::IpNet;
 use serde_json::value::RawValue;
@@ -34,7 +34,7 @@ use resolve::Resolver;
 
 /// A policy compiled against one tailnet.
 pub struct Compiled {
-    policy: Policy,
+    policy: Arc<Policy>,
     tailnet: Tailnet,
     routes: Vec<NodeRoutes>,
     grants: Vec<CompiledGrant>,
@@ -90,7 +90,12 @@ pub struct PeerRoutes {
 impl Compiled {
     /// Compiles `policy` for `tailnet`. `check_url` is where SSH `check` actions send
     /// clients (the control server's URL). Fails only on checks that need the tailnet.
-    pub fn new(policy: Policy, tailnet: Tailnet, check_url: &str) -> Result<Self, PolicyError> {
+    pub fn new(
+        policy: impl Into<Arc<Policy>>,
+        tailnet: Tailnet,
+        check_url: &str,
+    ) -> Result<Self, PolicyError> {
+        let policy = policy.into();
         ssh::check_domains(&policy, &tailnet)?;
         let (routes, grants, global) = {
             let resolver = Resolver::new(&policy, &tailnet);

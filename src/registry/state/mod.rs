@@ -265,6 +265,11 @@ impl Registry {
         &self.policy
     }
 
+    /// The running policy, parsed (`None` when there is none or it does not parse).
+    pub fn parsed_policy(&self) -> Option<&Arc<crate::policy::Policy>> {
+        self.parsed_policy.as_ref()
+    }
+
     /// Makes `text` the running policy (the caller records the change).
     fn set_policy_text(&mut self, text: Arc<str>) {
         self.parsed_policy = if text.trim().is_empty() {
