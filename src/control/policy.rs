@@ -235,7 +235,7 @@ impl std::fmt::Debug for AccessCache {
 struct Cached {
     /// The clock of the view it was compiled for.
     clock: Timestamp,
-    policy: String,
+    policy: Arc<str>,
     users: OrdMap<UserId, Arc<User>>,
     nodes: OrdMap<NodeId, Arc<Node>>,
     access: Access,
@@ -246,7 +246,7 @@ impl AccessCache {
     pub fn access(&self, view: &Registry, presence: &Presence, check_url: &str) -> Access {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = slot.as_mut()
-            && c.policy == view.policy()
+            && (Arc::ptr_eq(&c.policy, view.policy_text()) || *c.policy == *view.policy())
             && same_users_for_policy(&c.users, view)
             && same_for_policy(&c.nodes, view.node_map(), presence)
             && c.access.0.as_ref().is_none_or(|m| {
@@ -276,7 +276,7 @@ impl AccessCache {
         }
         *slot = Some(Cached {
             clock: view.clock(),
-            policy: view.policy().to_string(),
+            policy: Arc::clone(view.policy_text()),
             users: view.user_map().clone(),
             nodes: view.node_map().clone(),
             access: access.clone(),

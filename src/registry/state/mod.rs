@@ -265,6 +265,12 @@ impl Registry {
         &self.policy
     }
 
+    /// The running policy's text, shared: views of the same policy share one allocation,
+    /// so comparing them is a pointer comparison.
+    pub fn policy_text(&self) -> &Arc<str> {
+        &self.policy
+    }
+
     /// The running policy, parsed (`None` when there is none or it does not parse).
     pub fn parsed_policy(&self) -> Option<&Arc<crate::policy::Policy>> {
         self.parsed_policy.as_ref()
