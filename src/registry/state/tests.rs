@@ -62,11 +62,11 @@ fn fixture(reusable: bool, expiration: Option<Timestamp>) -> Fixture {
     }
 }
 
-fn register(f: &mut Fixture, t: i64, req: NodeRequest) -> Outcome {
+/// The request registering `req` at `t` with the fixture's pre-auth key.
+fn registration(f: &Fixture, t: i64, req: NodeRequest) -> Request {
     let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &f.key_full).unwrap();
-    run(
-        &mut f.reg,
-        t,
+    Request::single(
+        at(t),
         Command::RegisterNode {
             request: req,
             auth: NodeAuth::PreAuthKey { prefix, hash },
@@ -74,6 +74,11 @@ fn register(f: &mut Fixture, t: i64, req: NodeRequest) -> Outcome {
             expiry: None,
         },
     )
+}
+
+fn register(f: &mut Fixture, t: i64, req: NodeRequest) -> Outcome {
+    let request = registration(f, t, req);
+    f.reg.apply(&request).outcomes.remove(0)
 }
 
 #[test]
@@ -166,15 +171,10 @@ fn addresses_and_names_are_unique_and_deterministic() {
     let mut f = fixture(true, None);
     let mut log = Vec::new();
     for i in 0..50u8 {
-        let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &f.key_full).unwrap();
-        log.push(Request::single(
-            at(10 + i as i64),
-            Command::RegisterNode {
-                request: node_request(100 + i, 200u8.wrapping_add(i), "web"),
-                auth: NodeAuth::PreAuthKey { prefix, hash },
-                auto_approve: true,
-                expiry: None,
-            },
+        log.push(registration(
+            &f,
+            10 + i as i64,
+            node_request(100 + i, 200u8.wrapping_add(i), "web"),
         ));
     }
     let mut replica = f.reg.clone();
@@ -414,16 +414,7 @@ fn records_round_trip_through_storage_encoding() {
     // Continuing on the loaded copy allocates exactly as the original would.
     let mut original = f.reg.clone();
     let mut reloaded = loaded;
-    let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &f.key_full).unwrap();
-    let req = Request::single(
-        at(20),
-        Command::RegisterNode {
-            request: node_request(3, 13, "c"),
-            auth: NodeAuth::PreAuthKey { prefix, hash },
-            auto_approve: true,
-            expiry: None,
-        },
-    );
+    let req = registration(&f, 20, node_request(3, 13, "c"));
     original.apply(&req);
     reloaded.apply(&req);
     assert!(original.same_data(&reloaded));
@@ -462,16 +453,7 @@ fn with_policy_and_dns() -> (Fixture, String) {
 #[test]
 fn a_registration_does_not_rewrite_the_policy() {
     let (mut f, policy) = with_policy_and_dns();
-    let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &f.key_full).unwrap();
-    let applied = f.reg.apply(&Request::single(
-        at(20),
-        Command::RegisterNode {
-            request: node_request(2, 12, "b"),
-            auth: NodeAuth::PreAuthKey { prefix, hash },
-            auto_approve: true,
-            expiry: None,
-        },
-    ));
+    let applied = f.reg.apply(&registration(&f, 20, node_request(2, 12, "b")));
     assert!(applied.records.contains(&Record::Meta));
     assert!(!applied.records.contains(&Record::Policy));
     assert!(!applied.records.contains(&Record::Dns));
@@ -531,16 +513,7 @@ fn a_store_from_an_earlier_version_loads() {
 #[test]
 fn applied_effects_name_every_touched_record() {
     let mut f = fixture(false, None);
-    let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &f.key_full).unwrap();
-    let applied = f.reg.apply(&Request::single(
-        at(10),
-        Command::RegisterNode {
-            request: node_request(1, 11, "a"),
-            auth: NodeAuth::PreAuthKey { prefix, hash },
-            auto_approve: true,
-            expiry: None,
-        },
-    ));
+    let applied = f.reg.apply(&registration(&f, 10, node_request(1, 11, "a")));
     let Outcome::Node(node) = applied.outcomes[0].clone() else {
         panic!()
     };
