@@ -1050,3 +1050,30 @@ fn a_zstd_frame_keeps_no_room_for_the_worst_case() {
         json.as_bytes()
     );
 }
+
+#[test]
+fn zstd_frames_use_a_64_kib_window() {
+    // A hub's block of peers is larger than the window: the frame must still say 64 KiB,
+    // as each thread's compression context is sized by it.
+    let json: String = (0..4_000)
+        .map(|i| {
+            format!(
+                r#"{{"ID":{i},"Name":"node{i}.hsd.internal.","Addresses":["100.64.{}.{}/32"]}},"#,
+                i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    assert!(json.len() > 256 * 1024);
+    for frame in [
+        super::build::zstd_frame(json.as_bytes()),
+        super::build::zstd_frame_for_one(json.as_bytes()),
+    ] {
+        let mut decoder = zstd::stream::read::Decoder::new(&frame[..]).unwrap();
+        decoder.window_log_max(16).unwrap();
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut decoder, &mut out)
+            .expect("a frame that a decoder limited to a 64 KiB window reads");
+        assert_eq!(out, json.as_bytes());
+    }
+}
