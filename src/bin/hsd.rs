@@ -25,6 +25,22 @@ unsafe impl Sync for MallocConf {}
 static MALLOC_CONF: MallocConf =
     MallocConf(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
 
+/// rocksdb allocates its memtables with the C allocator, in blocks of
+/// `MEMTABLE_BLOCK_BYTES`. glibc maps a block that large on its own only until the first one
+/// is freed; then it raises its threshold to that size and serves later blocks from its
+/// heap, where freeing them returns nothing to the OS. A fixed threshold keeps each block
+/// its own mapping, so a flushed memtable (see `reclaim_memtables`) leaves the process.
+fn map_memtable_blocks_alone() {
+    #[cfg(target_env = "gnu")]
+    {
+        let threshold = hsd::raft::MEMTABLE_BLOCK_BYTES as libc::c_int;
+        // SAFETY: mallopt only changes glibc's tuning, before any rocksdb allocation.
+        if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, threshold) } != 1 {
+            eprintln!("hsd: glibc refused a fixed mmap threshold; flushed memtables stay resident");
+        }
+    }
+}
+
 /// The client-facing runtime's threads run one step below the Raft and admin runtimes
 /// (nice 5; theirs are started from the main thread and keep 0), so that when thousands of
 /// clients reconnect at once the OS still gives consensus and `hsctl` the CPU on time.
@@ -291,6 +307,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     hsd::telemetry::init_logging(&config.log.level, config.log.format == "json");
+    map_memtable_blocks_alone();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_start(below_raft_and_admin)

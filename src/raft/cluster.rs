@@ -66,7 +66,7 @@ pub(super) struct Inner {
     pub(super) batcher: Batcher,
     pub(super) forwarder: super::forwarder::Forwarder,
     pub(super) presence: Presence,
-    pub(super) store_stats: store::StoreStats,
+    pub(super) store_memory: store::StoreMemory,
     pub(super) version: &'static str,
     pub(super) settings: ClusterSettings,
     pub(super) server_tls: tonic::transport::ServerTlsConfig,
@@ -95,7 +95,7 @@ impl Cluster {
         let (batches, _) = broadcast::channel(BATCH_CHANNEL_CAPACITY);
         let data_dir = opts.data_dir.clone();
         let batches_for_store = batches.clone();
-        let (log_store, state_machine, store_stats) = tokio::task::spawn_blocking(move || {
+        let (log_store, state_machine, store_memory) = tokio::task::spawn_blocking(move || {
             store::open(&data_dir, view_tx, applied_tx, batches_for_store)
         })
         .await
@@ -135,7 +135,7 @@ impl Cluster {
                 batcher,
                 forwarder,
                 presence: opts.presence,
-                store_stats,
+                store_memory,
                 version: opts.version,
                 settings: opts.settings,
                 server_tls: opts.tls.server.clone(),
@@ -166,7 +166,23 @@ impl Cluster {
 
     /// Bytes in each column family's memtables (blocking: a few rocksdb property reads).
     pub fn memtable_bytes(&self) -> Vec<(&'static str, u64)> {
-        self.inner.store_stats.memtable_bytes()
+        self.inner.store_memory.memtable_bytes()
+    }
+
+    /// Flushes memtables that took no write since the previous call (see
+    /// `StoreMemory::flush_quiet`). Runs on the blocking pool.
+    pub async fn flush_quiet_memtables(
+        &self,
+        check: store::QuietCheck,
+    ) -> (store::QuietCheck, Result<Vec<&'static str>, rocksdb::Error>) {
+        let memory = self.inner.store_memory.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut check = check;
+            let flushed = memory.flush_quiet(&mut check);
+            (check, flushed)
+        })
+        .await
+        .expect("a memtable flush does not panic")
     }
 
     /// The ids in the current Raft membership (voters and learners); empty before this

@@ -28,7 +28,7 @@ use crate::registry::{Change, ClusterSettings, Outcome, Proposal, Registry, Requ
 
 pub use cluster::{Cluster, StartError};
 pub use service::check_member_message;
-pub use store::{StorageError, check_snapshot};
+pub use store::{MEMTABLE_BLOCK_BYTES, QuietCheck, StorageError, check_snapshot};
 
 openraft::declare_raft_types!(
     /// The Raft types of the registry: a `Request` per log entry, an `Outcome` per reply.

@@ -10,7 +10,7 @@ use crate::config::{AuditConfig, ClusterMemberConfig};
 use crate::control::{ControlDeps, Topology};
 use crate::derp::region::TopologyInputs;
 use crate::derp::server::DerpServer;
-use crate::raft::Cluster;
+use crate::raft::{Cluster, QuietCheck};
 use crate::registry::{Command, Timestamp};
 use crate::telemetry::Metrics;
 
@@ -27,6 +27,10 @@ const DERP_PIN_RECHECK: Duration = Duration::from_secs(30);
 const DERP_PIN_RETRY: Duration = Duration::from_secs(1);
 /// How often gauges that mirror Raft state are refreshed.
 const GAUGE_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a memtable must go without writes before it is flushed: the same second after
+/// which the allocator hands freed pages back (`hsd.rs`), so a member's memory follows a
+/// burst of joins down on both sides.
+const MEMTABLE_QUIET_AFTER: Duration = Duration::from_secs(1);
 
 /// The current Raft membership as member entries of the config (empty = not known yet).
 fn raft_members(cluster: &Cluster) -> Vec<ClusterMemberConfig> {
@@ -157,6 +161,26 @@ pub(super) async fn refresh_gauges(
                 .memtable_bytes
                 .with_label_values(&[cf])
                 .set(bytes as i64);
+        }
+    }
+}
+
+/// Flushes memtables that writes have left alone for `MEMTABLE_QUIET_AFTER`, returning
+/// their memory; under a steady stream of writes it does nothing.
+pub(super) async fn reclaim_memtables(cluster: Cluster, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(MEMTABLE_QUIET_AFTER);
+    let mut check = QuietCheck::default();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (next, flushed) = cluster.flush_quiet_memtables(check).await;
+        check = next;
+        match flushed {
+            Ok(cfs) if !cfs.is_empty() => tracing::debug!(?cfs, "flushed quiet memtables"),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "could not flush quiet memtables"),
         }
     }
 }

@@ -588,4 +588,8 @@ fn spawn_background(
         metrics,
         life.stop.clone(),
     ));
+    life.tasks.spawn(background::reclaim_memtables(
+        cluster.clone(),
+        life.stop.clone(),
+    ));
 }

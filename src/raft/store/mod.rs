@@ -29,26 +29,56 @@ use crate::registry::{Record, Registry};
 pub use log_store::LogStore;
 pub use state_machine::{StateMachine, check_snapshot};
 
-/// Read-only figures about the database, for gauges.
+/// The memory the database holds: figures for gauges, and giving memtables back once
+/// writes pause.
 #[derive(Clone)]
-pub struct StoreStats(Store);
+pub struct StoreMemory(Store);
 
-impl StoreStats {
+/// How many entries each active memtable held at one `flush_quiet` call, for the next
+/// call to compare (its size in bytes moves in whole arena blocks, so it can stay put
+/// while writes go on).
+#[derive(Default)]
+pub struct QuietCheck {
+    active_entries: [u64; 3],
+}
+
+impl StoreMemory {
     /// Bytes held by each column family's memtables (active, immutable and pinned).
     pub fn memtable_bytes(&self) -> Vec<(&'static str, u64)> {
-        let store = &self.0;
-        [CF_LOGS, CF_META, CF_SM]
+        ALL_CFS
             .into_iter()
-            .map(|name| {
-                let bytes = store
-                    .db
-                    .property_int_value_cf(store.cf(name), "rocksdb.size-all-mem-tables")
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0);
-                (name, bytes)
-            })
+            .map(|name| (name, self.int_property(name, "rocksdb.size-all-mem-tables")))
             .collect()
+    }
+
+    /// Flushes the memtables of column families that took no write since the previous
+    /// call and hold at least `QUIET_FLUSH_MIN_BYTES`; returns their names. A memtable
+    /// otherwise keeps every write since its last flush resident until it fills (8 MiB
+    /// per column family), which after a burst of joins is memory nobody reads: the
+    /// registry lives in memory, the log tail too. Blocking: call it on a blocking thread.
+    pub fn flush_quiet(&self, check: &mut QuietCheck) -> Result<Vec<&'static str>, rocksdb::Error> {
+        let mut flushed = Vec::new();
+        for (i, name) in ALL_CFS.into_iter().enumerate() {
+            let entries = self.int_property(name, ACTIVE_ENTRIES);
+            let quiet = entries == check.active_entries[i];
+            check.active_entries[i] = entries;
+            if quiet && self.int_property(name, ACTIVE_BYTES) >= QUIET_FLUSH_MIN_BYTES {
+                self.0.db.flush_cf(self.0.cf(name))?;
+                check.active_entries[i] = self.int_property(name, ACTIVE_ENTRIES);
+                flushed.push(name);
+            }
+        }
+        Ok(flushed)
+    }
+
+    fn int_property(&self, cf: &str, property: &str) -> u64 {
+        let store = &self.0;
+        store
+            .db
+            .property_int_value_cf(store.cf(cf), property)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
     }
 }
 
@@ -60,9 +90,18 @@ type Records = Vec<(Vec<u8>, Vec<u8>)>;
 const CF_LOGS: &str = "logs";
 const CF_META: &str = "meta";
 const CF_SM: &str = "sm";
+const ALL_CFS: [&str; 3] = [CF_LOGS, CF_META, CF_SM];
 
 /// Memory all memtables may use together before rocksdb flushes them.
 const MEMTABLE_BUDGET_BYTES: usize = 32 << 20;
+/// A quiet memtable smaller than this is not worth a level-0 file of its own.
+const QUIET_FLUSH_MIN_BYTES: u64 = 256 << 10;
+const ACTIVE_ENTRIES: &str = "rocksdb.num-entries-active-mem-table";
+const ACTIVE_BYTES: &str = "rocksdb.cur-size-active-mem-table";
+/// Memtable memory comes in blocks of this size, allocated with the C allocator; `hsd`
+/// makes glibc map blocks this large on their own, so a flushed memtable's memory leaves
+/// the process.
+pub const MEMTABLE_BLOCK_BYTES: usize = 1 << 20;
 /// Level-0 files of registry records that trigger a compaction (rocksdb's default is 4).
 const SM_L0_FILES_PER_COMPACTION: i32 = 16;
 
@@ -93,7 +132,7 @@ pub fn open(
     view_tx: watch::Sender<Arc<Registry>>,
     applied_tx: watch::Sender<u64>,
     batches: broadcast::Sender<Arc<AppliedBatch>>,
-) -> Result<(LogStore, StateMachine, StoreStats), OpenError> {
+) -> Result<(LogStore, StateMachine, StoreMemory), OpenError> {
     let path = dir.join("raft");
     let mut opts = Options::default();
     opts.create_if_missing(true);
@@ -104,6 +143,7 @@ pub fn open(
     let cf_options = |name: &str| {
         let mut cf = Options::default();
         cf.set_write_buffer_size(MEMTABLE_BUDGET_BYTES / 4);
+        cf.set_arena_block_size(MEMTABLE_BLOCK_BYTES);
         if name == CF_SM {
             // The registry's records: every memtable flushed into level 0 overlaps all of
             // the records below it, so each compaction rewrites the whole registry. Let more
@@ -114,8 +154,7 @@ pub fn open(
         }
         cf
     };
-    let cfs =
-        [CF_LOGS, CF_META, CF_SM].map(|name| ColumnFamilyDescriptor::new(name, cf_options(name)));
+    let cfs = ALL_CFS.map(|name| ColumnFamilyDescriptor::new(name, cf_options(name)));
     let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|source| OpenError::Open {
         path: path.display().to_string(),
         source,
@@ -147,7 +186,7 @@ pub fn open(
         applied_tx,
         batches,
     );
-    Ok((LogStore::new(store.clone()), sm, StoreStats(store)))
+    Ok((LogStore::new(store.clone()), sm, StoreMemory(store)))
 }
 
 /// Shared access to the database with JSON helpers.

@@ -136,3 +136,44 @@ async fn a_store_from_an_earlier_version_keeps_its_policy() {
     assert_eq!(view.borrow().policy(), policy);
     assert!(view.borrow().user_by_name("dave").is_some());
 }
+
+/// A memtable that writes have left alone is flushed (its memory given back); one that is
+/// still being written is not.
+#[tokio::test]
+async fn quiet_memtables_are_flushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (view_tx, _) = watch::channel(Arc::new(Registry::default()));
+    let (batches, _) = broadcast::channel(16);
+    let (_log, mut sm, memory) = open(dir.path(), view_tx, watch::channel(0).0, batches).unwrap();
+    let registry_bytes = |memory: &StoreMemory| {
+        memory
+            .memtable_bytes()
+            .into_iter()
+            .find(|(cf, _)| *cf == CF_SM)
+            .map(|(_, bytes)| bytes)
+            .unwrap()
+    };
+    let users = |from: u64, to: u64| {
+        (from..to)
+            .map(|i| entry(i, Command::create_user(format!("user{i}"))))
+            .collect::<Vec<_>>()
+    };
+    sm.apply(users(1, 4_001)).await.unwrap();
+    assert!(registry_bytes(&memory) >= QUIET_FLUSH_MIN_BYTES);
+
+    let mut check = QuietCheck::default();
+    assert_eq!(memory.flush_quiet(&mut check).unwrap(), Vec::<&str>::new());
+    sm.apply(users(4_001, 4_002)).await.unwrap();
+    assert!(
+        !memory.flush_quiet(&mut check).unwrap().contains(&CF_SM),
+        "written since the last check"
+    );
+    let full = registry_bytes(&memory);
+    assert!(memory.flush_quiet(&mut check).unwrap().contains(&CF_SM));
+    let after = registry_bytes(&memory);
+    assert!(
+        after < full / 4,
+        "{full} bytes before the flush, {after} after"
+    );
+    assert_eq!(memory.flush_quiet(&mut check).unwrap(), Vec::<&str>::new());
+}
