@@ -16,6 +16,7 @@ mod log_store;
 mod state_machine;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::{LogId, StoredMembership};
@@ -34,12 +35,13 @@ pub use state_machine::{StateMachine, check_snapshot};
 #[derive(Clone)]
 pub struct StoreMemory(Store);
 
-/// How many entries each active memtable held at one `flush_quiet` call, for the next
-/// call to compare (its size in bytes moves in whole arena blocks, so it can stay put
-/// while writes go on).
+/// What one `flush_quiet` call saw, for the next call to compare.
 #[derive(Default)]
 pub struct QuietCheck {
-    active_entries: [u64; 3],
+    /// The store's written bytes at the previous call.
+    written: u64,
+    /// The store's written bytes when the memtables were last flushed.
+    flushed_at: u64,
 }
 
 impl StoreMemory {
@@ -51,20 +53,25 @@ impl StoreMemory {
             .collect()
     }
 
-    /// Flushes the memtables of column families that took no write since the previous
-    /// call and hold at least `QUIET_FLUSH_MIN_BYTES`; returns their names. A memtable
-    /// otherwise keeps every write since its last flush resident until it fills (8 MiB
-    /// per column family), which after a burst of joins is memory nobody reads: the
-    /// registry lives in memory, the log tail too. Blocking: call it on a blocking thread.
+    /// Flushes the memtables once the store took no write since the previous call, if at
+    /// least `QUIET_FLUSH_MIN_BYTES` were written since the last such flush; returns the
+    /// column families flushed. A memtable otherwise keeps every write since its last flush
+    /// resident until it fills (8 MiB per column family), which after a burst of joins is
+    /// memory nobody reads: the registry lives in memory, the log tail too. (The memtables'
+    /// own sizes cannot tell: they grow in whole arena blocks.) Blocking: call it on a
+    /// blocking thread.
     pub fn flush_quiet(&self, check: &mut QuietCheck) -> Result<Vec<&'static str>, rocksdb::Error> {
+        let written = self.0.written.load(Ordering::Relaxed);
+        let quiet = written == check.written;
+        check.written = written;
+        if !quiet || written - check.flushed_at < QUIET_FLUSH_MIN_BYTES {
+            return Ok(Vec::new());
+        }
+        check.flushed_at = written;
         let mut flushed = Vec::new();
-        for (i, name) in ALL_CFS.into_iter().enumerate() {
-            let entries = self.int_property(name, ACTIVE_ENTRIES);
-            let quiet = entries == check.active_entries[i];
-            check.active_entries[i] = entries;
-            if quiet && self.int_property(name, ACTIVE_BYTES) >= QUIET_FLUSH_MIN_BYTES {
+        for name in ALL_CFS {
+            if self.int_property(name, "rocksdb.num-entries-active-mem-table") > 0 {
                 self.0.db.flush_cf(self.0.cf(name))?;
-                check.active_entries[i] = self.int_property(name, ACTIVE_ENTRIES);
                 flushed.push(name);
             }
         }
@@ -94,10 +101,8 @@ const ALL_CFS: [&str; 3] = [CF_LOGS, CF_META, CF_SM];
 
 /// Memory all memtables may use together before rocksdb flushes them.
 const MEMTABLE_BUDGET_BYTES: usize = 32 << 20;
-/// A quiet memtable smaller than this is not worth a level-0 file of its own.
+/// Fewer bytes written since the last flush are not worth level-0 files of their own.
 const QUIET_FLUSH_MIN_BYTES: u64 = 256 << 10;
-const ACTIVE_ENTRIES: &str = "rocksdb.num-entries-active-mem-table";
-const ACTIVE_BYTES: &str = "rocksdb.cur-size-active-mem-table";
 /// Memtable memory comes in blocks of this size, allocated with the C allocator; `hsd`
 /// makes glibc map blocks this large on their own, so a flushed memtable's memory leaves
 /// the process.
@@ -163,6 +168,7 @@ pub fn open(
         db: Arc::new(db),
         data_dir: dir.to_path_buf(),
         snapshot_lock: Arc::default(),
+        written: Arc::default(),
     };
 
     let load = |e: DbError| OpenError::Load(Box::new(e));
@@ -197,6 +203,8 @@ struct Store {
     /// Held while the current snapshot is compared and replaced, so a build that finishes
     /// late never overwrites a newer snapshot installed meanwhile.
     snapshot_lock: Arc<Mutex<()>>,
+    /// Bytes of write batches written so far (what the memtables took), for `flush_quiet`.
+    written: Arc<AtomicU64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -280,7 +288,10 @@ impl Store {
         self.check_injected_failure()?;
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        Ok(self.db.write_opt(batch, &wo)?)
+        let bytes = batch.size_in_bytes() as u64;
+        self.db.write_opt(batch, &wo)?;
+        self.written.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Test builds only: a file `FAIL_STORAGE` in the data dir makes every write fail, as a
