@@ -36,7 +36,7 @@ fn map_memtable_blocks_alone() {
         let threshold = hsd::raft::MEMTABLE_BLOCK_BYTES as libc::c_int;
         // SAFETY: mallopt only changes glibc's tuning, before any rocksdb allocation.
         if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, threshold) } != 1 {
-            eprintln!("hsd: glibc refused a fixed mmap threshold; flushed memtables stay resident");
+            tracing::warn!("glibc refused a fixed mmap threshold; flushed memtables stay resident");
         }
     }
 }

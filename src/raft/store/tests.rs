@@ -8,6 +8,29 @@ use super::*;
 use crate::raft::TypeConfig;
 use crate::registry::{Command, Outcome, Registry, Request, Timestamp};
 
+/// A store opened in `dir`, with the receiving ends of what it publishes.
+struct Opened {
+    log: LogStore,
+    sm: StateMachine,
+    memory: StoreMemory,
+    view: watch::Receiver<Arc<Registry>>,
+    batches: broadcast::Receiver<Arc<AppliedBatch>>,
+}
+
+fn open_in(dir: &Path) -> Opened {
+    let (view_tx, view) = watch::channel(Arc::new(Registry::default()));
+    let (batches_tx, batches) = broadcast::channel(16);
+    let (log, sm, memory) =
+        open(dir, view_tx, watch::channel(0).0, batches_tx).expect("open store");
+    Opened {
+        log,
+        sm,
+        memory,
+        view,
+        batches,
+    }
+}
+
 struct Builder;
 
 impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir>
@@ -15,10 +38,7 @@ impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachine, tempfil
 {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (view_tx, _) = watch::channel(Arc::new(Registry::default()));
-        let (batches, _) = broadcast::channel(16);
-        let (log, sm, _) =
-            open(dir.path(), view_tx, watch::channel(0).0, batches).expect("open store");
+        let Opened { log, sm, .. } = open_in(dir.path());
         Ok((dir, log, sm))
     }
 }
@@ -41,9 +61,7 @@ fn entry(index: u64, command: Command) -> Entry<TypeConfig> {
 async fn applied_state_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (view_tx, _) = watch::channel(Arc::new(Registry::default()));
-        let (batches, _) = broadcast::channel(16);
-        let (_log, mut sm, _) = open(dir.path(), view_tx, watch::channel(0).0, batches).unwrap();
+        let mut sm = open_in(dir.path()).sm;
         let out = sm
             .apply(vec![
                 entry(1, Command::create_user("alice")),
@@ -53,12 +71,10 @@ async fn applied_state_survives_reopen() {
             .unwrap();
         assert!(matches!(out[0][0], Outcome::User(_)));
     }
-    let (view_tx, view_rx) = watch::channel(Arc::new(Registry::default()));
-    let (batches, _) = broadcast::channel(16);
-    let (_log, mut sm, _) = open(dir.path(), view_tx, watch::channel(0).0, batches).unwrap();
+    let Opened { mut sm, view, .. } = open_in(dir.path());
     let (applied, _) = sm.applied_state().await.unwrap();
     assert_eq!(applied.map(|l| l.index), Some(2));
-    let view = view_rx.borrow().clone();
+    let view = view.borrow().clone();
     assert!(view.user_by_name("alice").is_some() && view.user_by_name("bob").is_some());
 }
 
@@ -66,9 +82,7 @@ async fn applied_state_survives_reopen() {
 #[tokio::test]
 async fn snapshot_round_trip() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (view_tx, _) = watch::channel(Arc::new(Registry::default()));
-    let (batches, _) = broadcast::channel(16);
-    let (_l1, mut sm1, _) = open(d1.path(), view_tx, watch::channel(0).0, batches).unwrap();
+    let mut sm1 = open_in(d1.path()).sm;
     sm1.apply(vec![entry(1, Command::create_user("carol"))])
         .await
         .unwrap();
@@ -79,9 +93,12 @@ async fn snapshot_round_trip() {
         .await
         .unwrap();
 
-    let (view_tx, view_rx) = watch::channel(Arc::new(Registry::default()));
-    let (batches, mut batch_rx) = broadcast::channel(16);
-    let (_l2, mut sm2, _) = open(d2.path(), view_tx, watch::channel(0).0, batches).unwrap();
+    let Opened {
+        sm: mut sm2,
+        view: view_rx,
+        batches: mut batch_rx,
+        ..
+    } = open_in(d2.path());
     sm2.install_snapshot(&snap.meta, snap.snapshot)
         .await
         .unwrap();
@@ -102,10 +119,8 @@ async fn snapshot_round_trip() {
 async fn a_store_from_an_earlier_version_keeps_its_policy() {
     let dir = tempfile::tempdir().unwrap();
     let open_here = || {
-        let (view_tx, view_rx) = watch::channel(Arc::new(Registry::default()));
-        let (batches, _) = broadcast::channel(16);
-        let (_log, sm, _) = open(dir.path(), view_tx, watch::channel(0).0, batches).unwrap();
-        (sm, view_rx)
+        let Opened { sm, view, .. } = open_in(dir.path());
+        (sm, view)
     };
     let policy = r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#;
     let mut earlier = Registry::default();
@@ -142,9 +157,7 @@ async fn a_store_from_an_earlier_version_keeps_its_policy() {
 #[tokio::test]
 async fn quiet_memtables_are_flushed() {
     let dir = tempfile::tempdir().unwrap();
-    let (view_tx, _) = watch::channel(Arc::new(Registry::default()));
-    let (batches, _) = broadcast::channel(16);
-    let (_log, mut sm, memory) = open(dir.path(), view_tx, watch::channel(0).0, batches).unwrap();
+    let Opened { mut sm, memory, .. } = open_in(dir.path());
     let registry_bytes = |memory: &StoreMemory| {
         memory
             .memtable_bytes()
