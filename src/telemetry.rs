@@ -68,6 +68,7 @@ pub struct Metrics {
     pub raft_snapshot_index: IntGauge,
     pub raft_purged_index: IntGauge,
     pub memtable_bytes: IntGaugeVec,
+    pub presence_polls_failed: IntCounterVec,
     pub derp_clients: IntGauge,
     pub derp_mesh_links_up: IntGauge,
     pub derp_packets_relayed: IntCounter,
@@ -156,6 +157,12 @@ impl Metrics {
             raft_purged_index: gauge(
                 "hsd_raft_purged_index",
                 "Last log index this member has purged (compacted into a snapshot)",
+            ),
+            presence_polls_failed: counter_vec(
+                "hsd_presence_polls_failed_total",
+                "Polls of another member's sessions that got no answer, by reason \
+                 (slow: timed out; refused: refused, reset or not made)",
+                "reason",
             ),
             memtable_bytes: {
                 let g = IntGaugeVec::new(

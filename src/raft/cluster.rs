@@ -66,6 +66,7 @@ pub(super) struct Inner {
     pub(super) batcher: Batcher,
     pub(super) forwarder: super::forwarder::Forwarder,
     pub(super) presence: Presence,
+    pub(super) presence_poll_failures: super::presence_sync::PollFailures,
     pub(super) store_memory: store::StoreMemory,
     pub(super) version: &'static str,
     pub(super) settings: ClusterSettings,
@@ -135,6 +136,7 @@ impl Cluster {
                 batcher,
                 forwarder,
                 presence: opts.presence,
+                presence_poll_failures: Default::default(),
                 store_memory,
                 version: opts.version,
                 settings: opts.settings,
@@ -162,6 +164,11 @@ impl Cluster {
 
     pub fn member_id(&self) -> u64 {
         self.inner.id
+    }
+
+    /// Polls of other members' presence that got no answer: (timed out, refused).
+    pub fn presence_poll_failures(&self) -> (u64, u64) {
+        self.inner.presence_poll_failures.totals()
     }
 
     /// Bytes in each column family's memtables (blocking: a few rocksdb property reads).

@@ -13,6 +13,11 @@ mod hooks {
     /// A file whose existence makes the leader drop the reply to the next forwarded call
     /// after doing its work (the file is removed): a reply lost on the way back.
     const LOSE_REPLY: &str = "HSD_FAULT_LOSE_FORWARD_REPLY";
+    /// A file whose existence makes this member hold every presence answer longer than
+    /// the caller waits for it: a member alive but too busy to answer in time.
+    const SLOW_PRESENCE: &str = "HSD_FAULT_SLOW_PRESENCE";
+    /// How long a held presence answer waits (the caller gives up after 12 s).
+    const PRESENCE_HOLD: std::time::Duration = std::time::Duration::from_secs(15);
 
     fn path(
         var: &'static str,
@@ -33,6 +38,13 @@ mod hooks {
         static FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
         path(LOSE_REPLY, &FILE).is_some_and(|file| std::fs::remove_file(file).is_ok())
     }
+
+    pub async fn hold_presence_answer() {
+        static FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+        if path(SLOW_PRESENCE, &FILE).is_some_and(|file| file.exists()) {
+            tokio::time::sleep(PRESENCE_HOLD).await;
+        }
+    }
 }
 
 #[cfg(not(feature = "fault-injection"))]
@@ -44,6 +56,8 @@ mod hooks {
     pub fn lose_forward_reply() -> bool {
         false
     }
+
+    pub async fn hold_presence_answer() {}
 }
 
-pub use hooks::{blocked, lose_forward_reply};
+pub use hooks::{blocked, hold_presence_answer, lose_forward_reply};

@@ -160,6 +160,7 @@ impl RaftService for RaftRpc {
         req: Request<WatchPresenceRequest>,
     ) -> Result<Response<PresenceSnapshot>, Status> {
         self.admit(&req)?;
+        super::fault::hold_presence_answer().await;
         let wait = Duration::from_millis(req.get_ref().wait_ms.min(30_000));
         let presence = self.cluster.presence();
         tokio::select! {

@@ -156,6 +156,11 @@ pub(super) async fn refresh_gauges(
         let index = |l: Option<openraft::LogId<u64>>| l.map(|l| l.index as i64).unwrap_or(0);
         metrics.raft_snapshot_index.set(index(m.snapshot));
         metrics.raft_purged_index.set(index(m.purged));
+        let (slow, refused) = cluster.presence_poll_failures();
+        for (reason, total) in [("slow", slow), ("refused", refused)] {
+            let counter = metrics.presence_polls_failed.with_label_values(&[reason]);
+            Metrics::mirror_counter(&counter, total);
+        }
         for (cf, bytes) in cluster.memtable_bytes() {
             metrics
                 .memtable_bytes

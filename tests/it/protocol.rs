@@ -348,6 +348,49 @@ fn presence_reaches_streams_on_other_members() {
     });
 }
 
+/// A member that is alive but answers presence polls too late (as under a join storm)
+/// keeps its nodes online on the other members: taking them offline would send every client
+/// a delta for each of them, and another when they come back. Its nodes go offline only
+/// once it refuses calls.
+#[test]
+fn a_member_too_busy_to_answer_presence_keeps_its_nodes_online() {
+    let mut c = TestCluster::start(3, ClusterOpts::default());
+    let key = c.user_with_key("busy", &["--reusable"]);
+    let m2 = format!("{}:8080", c.members[1].ip);
+    rt().block_on(async {
+        let mut b = ControlClient::connect(&m2, &keypair().0).await.unwrap();
+        let nb = NodeKey(keypair().1);
+        assert_eq!(b.register(&nb, &key, "on2").await.unwrap().0, 200);
+        let mut sb = b
+            .map_stream(&nb, &DiscoKey(keypair().1), "127.0.0.1:41663")
+            .await
+            .unwrap();
+        sb.next_update(T).await.unwrap();
+        crate::harness::wait_for("member 1 sees on2 online", T, || {
+            c.node(1, "on2").filter(|n| n["online"] == true)
+        });
+
+        std::fs::write(c.members[1].dir.join("slow-presence"), "").unwrap();
+        let slow = r#"hsd_presence_polls_failed_total{reason="slow"}"#;
+        crate::harness::wait_for(
+            "a poll of member 2 by member 1 timing out",
+            Duration::from_secs(40),
+            || (c.members[0].metric(slow) >= 1.0).then_some(()),
+        );
+        let seen = c.node(1, "on2").expect("on2 listed");
+        assert_eq!(
+            seen["online"], true,
+            "a busy member's node went offline: {seen}"
+        );
+
+        // A member that refuses calls is another matter.
+        c.members[1].kill();
+        crate::harness::wait_for("member 1 sees on2 offline", Duration::from_secs(30), || {
+            c.node(1, "on2").filter(|n| n["online"] == false)
+        });
+    });
+}
+
 /// Clients learn membership changes: after `hsctl cluster add`, an open map stream gets a
 /// new DERP map and dial plan that include the new member, without reconnecting.
 #[test]

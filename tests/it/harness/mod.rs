@@ -193,6 +193,7 @@ impl Member {
                 "HSD_FAULT_LOSE_FORWARD_REPLY",
                 self.dir.join("lose-forward-reply"),
             )
+            .env("HSD_FAULT_SLOW_PRESENCE", self.dir.join("slow-presence"))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
