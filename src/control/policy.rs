@@ -7,7 +7,7 @@
 //! engine in `crate::policy` answers (with no policy file, Tailscale's allow-all default): compiled once per registry version (and per online state of
 //! the routers, which decides HA primaries), then shared by every session of the member.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use imbl::OrdMap;
@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 use crate::control::tailcfg::RawJson;
 use crate::policy::{self, Compiled, PeerRoutes};
 use crate::presence::Presence;
-use crate::registry::{Node, NodeId, Registry, Timestamp, User, UserId};
+use crate::registry::{Node, NodeId, Registry, User, UserId};
 
 /// The access decisions for one registry view.
 #[derive(Clone, Default)]
@@ -219,12 +219,19 @@ impl Access {
     }
 }
 
-/// The last compiled policy of a member, reused while the registry's users, nodes and
-/// policy and the routers' online state are unchanged.
+/// The last compiled policies of a member, each reused while the registry's users, nodes
+/// and policy and the routers' online state are unchanged for what it reads.
 #[derive(Default)]
 pub struct AccessCache {
-    slot: Mutex<Option<Cached>>,
+    /// Least recently used first; at most `COMPILES_KEPT`.
+    slots: Mutex<VecDeque<Cached>>,
 }
+
+/// Compiles kept at once. Two versions are asked for side by side: the hub's, which every
+/// session answers its deltas from, and the member's newest, which a node the hub does not
+/// hold yet gets its first netmap from. With one slot each evicted the other, and in a join
+/// storm every session recompiled the whole policy for each delta.
+const COMPILES_KEPT: usize = 2;
 
 impl std::fmt::Debug for AccessCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -233,32 +240,38 @@ impl std::fmt::Debug for AccessCache {
 }
 
 struct Cached {
-    /// The clock of the view it was compiled for.
-    clock: Timestamp,
     policy: Arc<str>,
     users: OrdMap<UserId, Arc<User>>,
     nodes: OrdMap<NodeId, Arc<Node>>,
     access: Access,
 }
 
-impl AccessCache {
-    /// The access decisions for `view`. `check_url` is where SSH `check` actions call.
-    pub fn access(&self, view: &Registry, presence: &Presence, check_url: &str) -> Access {
-        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = slot.as_mut()
-            && (Arc::ptr_eq(&c.policy, view.policy_text()) || *c.policy == *view.policy())
-            && same_users_for_policy(&c.users, view)
-            && same_for_policy(&c.nodes, view.node_map(), presence)
-            && c.access.0.as_ref().is_none_or(|m| {
+impl Cached {
+    /// Whether this compile holds for `view`: nothing it reads differs.
+    fn holds_for(&self, view: &Registry, presence: &Presence) -> bool {
+        (Arc::ptr_eq(&self.policy, view.policy_text()) || *self.policy == *view.policy())
+            && same_users_for_policy(&self.users, view)
+            && same_for_policy(&self.nodes, view.node_map(), presence)
+            && self.access.0.as_ref().is_none_or(|m| {
                 m.routers
                     .iter()
                     .all(|(id, since)| presence.online_since(*id) == *since)
             })
-        {
+    }
+}
+
+impl AccessCache {
+    /// The access decisions for `view`. `check_url` is where SSH `check` actions call.
+    pub fn access(&self, view: &Registry, presence: &Presence, check_url: &str) -> Access {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = slots.iter().rposition(|c| c.holds_for(view, presence)) {
+            let mut c = slots.remove(i).expect("a found slot");
             // Keep the newest maps so the next comparison only walks what changed since.
             c.users = view.user_map().clone();
             c.nodes = view.node_map().clone();
-            return c.access.clone();
+            let access = c.access.clone();
+            slots.push_back(c);
+            return access;
         }
         // Without a policy or routes everyone sees everyone the same way: nothing to
         // compile. Routes (even without a policy) need per-viewer netmaps.
@@ -269,13 +282,10 @@ impl AccessCache {
         } else {
             compile(view, presence, check_url)
         };
-        // A session still answering from an older view (it read the hub's state just before
-        // a tick) must not evict the newer compile every other session asks for.
-        if slot.as_ref().is_some_and(|c| c.clock > view.clock()) {
-            return access;
+        if slots.len() >= COMPILES_KEPT {
+            slots.pop_front();
         }
-        *slot = Some(Cached {
-            clock: view.clock(),
+        slots.push_back(Cached {
             policy: Arc::clone(view.policy_text()),
             users: view.user_map().clone(),
             nodes: view.node_map().clone(),
@@ -569,23 +579,29 @@ mod tests {
     }
 
     #[test]
-    fn an_older_view_does_not_evict_the_policy_compiled_for_a_newer_one() {
-        let (older, _) = tailnet_of_two();
-        let mut newer = older.clone();
+    fn the_hubs_view_and_a_newer_one_keep_a_compile_each() {
+        let (hub, _) = tailnet_of_two();
+        let mut newest = hub.clone();
         let rename = Command::RenameUser {
             old: "u".into(),
             new: "v".into(),
         };
-        newer.apply(&Request::single(Timestamp(1_700_000_001_000), rename));
+        newest.apply(&Request::single(Timestamp(1_700_000_001_000), rename));
         let presence = Presence::new(1);
         let cache = AccessCache::default();
-        let for_newer = cache.access(&newer, &presence, "");
-        let for_older = cache.access(&older, &presence, "");
-        assert!(!same(&for_newer, &for_older));
-        let again = cache.access(&newer, &presence, "");
-        assert!(
-            same(&for_newer, &again),
-            "the older view evicted the newer compile"
-        );
+        let for_hub = cache.access(&hub, &presence, "");
+        let for_newest = cache.access(&newest, &presence, "");
+        assert!(!same(&for_hub, &for_newest));
+        // Sessions answer from the hub's view while a joining node asks for the newest.
+        for _ in 0..3 {
+            assert!(
+                same(&for_hub, &cache.access(&hub, &presence, "")),
+                "the newer view evicted the hub's compile"
+            );
+            assert!(
+                same(&for_newest, &cache.access(&newest, &presence, "")),
+                "the hub's view evicted the newer compile"
+            );
+        }
     }
 }
