@@ -18,6 +18,11 @@ use super::cluster::LocalCluster;
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 /// A stream silent for longer than the server's keep-alive period plus slack is dead.
 const STREAM_SILENCE: Duration = Duration::from_secs(130);
+/// A real client cancels a map poll that brought no frame for this long and starts another
+/// (tailscale's `controlclient` watchdog).
+const MAP_WATCHDOG: Duration = Duration::from_secs(120);
+/// How long a real client's Noise dial may take without a dial plan.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct SimClient {
     pub idx: usize,
@@ -416,6 +421,8 @@ async fn follow(
     }
 }
 
+/// Dials the other members in the dial plan's order, backing off between failures as a
+/// real client does, until one streams.
 async fn redial(
     client: &SimClient,
     cluster: &LocalCluster,
@@ -428,26 +435,46 @@ async fn redial(
         .copied()
         .collect();
     let mut tries = order.iter().cycle();
+    // The broken stream is the first failure.
+    let mut failures = 1;
     loop {
+        tokio::time::sleep(control_backoff(failures)).await;
         let member = *tries.next().expect("at least one other member");
-        let addr = &cluster.members[member].control_addr;
-        let attempt = async {
-            let mut conn =
-                ControlClient::connect_with_key(addr, server_key, &client.machine).await?;
-            // The same Hostinfo as before, as a real client sends after a reconnect.
-            conn.set_hostname(&client.hostname());
-            let mut stream = conn
-                .map_stream_with(&client.node_key, &client.disco, &endpoint(client.idx), true)
-                .await?;
-            stream.next_raw(Duration::from_secs(30)).await?;
-            anyhow::Ok((conn, stream))
-        };
-        match tokio::time::timeout(Duration::from_secs(30), attempt).await {
-            Ok(Ok(pair)) => {
+        match dial_and_poll(client, &cluster.members[member].control_addr, server_key).await {
+            Ok(pair) => {
                 client.home.store(member, Ordering::SeqCst);
                 return pair;
             }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) => failures += 1,
         }
     }
+}
+
+/// One new Noise dial and map poll, as a real client makes after its stream broke: the
+/// same Hostinfo as before, and the poll given up once no frame came for `MAP_WATCHDOG`.
+async fn dial_and_poll(
+    client: &SimClient,
+    addr: &str,
+    server_key: &[u8; 32],
+) -> anyhow::Result<(ControlClient, MapStream)> {
+    let dial = ControlClient::connect_with_key(addr, server_key, &client.machine);
+    let mut conn = tokio::time::timeout(DIAL_TIMEOUT, dial).await??;
+    conn.set_hostname(&client.hostname());
+    let poll = async {
+        let mut stream = conn
+            .map_stream_with(&client.node_key, &client.disco, &endpoint(client.idx), true)
+            .await?;
+        stream.next_raw(MAP_WATCHDOG).await?;
+        anyhow::Ok(stream)
+    };
+    let stream = tokio::time::timeout(MAP_WATCHDOG, poll).await??;
+    Ok((conn, stream))
+}
+
+/// A real client's pause after its n-th failure in a row (tailscale's `util/backoff`):
+/// n²·10 ms, at most 30 s, times a random factor in [0.5, 1.5).
+fn control_backoff(failures: u32) -> Duration {
+    let n = u64::from(failures);
+    let base = Duration::from_millis(10 * n * n).min(Duration::from_secs(30));
+    base.mul_f64(0.5 + rand::random::<f64>())
 }
