@@ -7,7 +7,7 @@
 //! engine in `crate::policy` answers (with no policy file, Tailscale's allow-all default): compiled once per registry version (and per online state of
 //! the routers, which decides HA primaries), then shared by every session of the member.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use imbl::OrdMap;
@@ -219,19 +219,13 @@ impl Access {
     }
 }
 
-/// The last compiled policies of a member, each reused while the registry's users, nodes
-/// and policy and the routers' online state are unchanged for what it reads.
+/// The compiled policy a member keeps: the hub's, for the view every session answers from
+/// until the next tick, reused while the registry's users, nodes and policy and the
+/// routers' online state are unchanged for what it reads.
 #[derive(Default)]
 pub struct AccessCache {
-    /// Least recently used first; at most `COMPILES_KEPT`.
-    slots: Mutex<VecDeque<Cached>>,
+    slot: Mutex<Option<Cached>>,
 }
-
-/// Compiles kept at once. Two versions are asked for side by side: the hub's, which every
-/// session answers its deltas from, and the member's newest, which a node the hub does not
-/// hold yet gets its first netmap from. With one slot each evicted the other, and in a join
-/// storm every session recompiled the whole policy for each delta.
-const COMPILES_KEPT: usize = 2;
 
 impl std::fmt::Debug for AccessCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -247,6 +241,15 @@ struct Cached {
 }
 
 impl Cached {
+    fn new(view: &Registry, access: Access) -> Cached {
+        Cached {
+            policy: Arc::clone(view.policy_text()),
+            users: view.user_map().clone(),
+            nodes: view.node_map().clone(),
+            access,
+        }
+    }
+
     /// Whether this compile holds for `view`: nothing it reads differs.
     fn holds_for(&self, view: &Registry, presence: &Presence) -> bool {
         (Arc::ptr_eq(&self.policy, view.policy_text()) || *self.policy == *view.policy())
@@ -261,37 +264,61 @@ impl Cached {
 }
 
 impl AccessCache {
-    /// The access decisions for `view`. `check_url` is where SSH `check` actions call.
+    /// The access decisions for `view`: the kept compile if it holds, else one made for
+    /// this call alone (a node's first netmap before the hub holds it, an admin call) and
+    /// made outside the lock, so sessions are not held up. Keeping it would evict the
+    /// hub's, and then every session recompiled the whole policy for each delta (a
+    /// 10,000-client join storm stalled on that at about 7,000).
+    /// `check_url` is where SSH `check` actions call.
     pub fn access(&self, view: &Registry, presence: &Presence, check_url: &str) -> Access {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = slots.iter().rposition(|c| c.holds_for(view, presence)) {
-            let mut c = slots.remove(i).expect("a found slot");
+        let slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref() {
+            Some(c) if c.holds_for(view, presence) => c.access.clone(),
+            Some(_) => {
+                drop(slot);
+                compile_view(view, presence, check_url)
+            }
+            None => self.keep_locked(slot, view, presence, check_url),
+        }
+    }
+
+    /// The access decisions for the hub's view at a tick, kept for the sessions. One that
+    /// asks meanwhile waits for this compile rather than making its own.
+    pub fn keep(&self, view: &Registry, presence: &Presence, check_url: &str) -> Access {
+        let slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        self.keep_locked(slot, view, presence, check_url)
+    }
+
+    fn keep_locked(
+        &self,
+        mut slot: std::sync::MutexGuard<'_, Option<Cached>>,
+        view: &Registry,
+        presence: &Presence,
+        check_url: &str,
+    ) -> Access {
+        if let Some(c) = slot.as_mut()
+            && c.holds_for(view, presence)
+        {
             // Keep the newest maps so the next comparison only walks what changed since.
             c.users = view.user_map().clone();
             c.nodes = view.node_map().clone();
-            let access = c.access.clone();
-            slots.push_back(c);
-            return access;
+            return c.access.clone();
         }
-        // Without a policy or routes everyone sees everyone the same way: nothing to
-        // compile. Routes (even without a policy) need per-viewer netmaps.
-        let plain =
-            view.policy().trim().is_empty() && view.nodes().all(|n| n.approved_routes.is_empty());
-        let access = if plain {
-            Access(None)
-        } else {
-            compile(view, presence, check_url)
-        };
-        if slots.len() >= COMPILES_KEPT {
-            slots.pop_front();
-        }
-        slots.push_back(Cached {
-            policy: Arc::clone(view.policy_text()),
-            users: view.user_map().clone(),
-            nodes: view.node_map().clone(),
-            access: access.clone(),
-        });
+        let access = compile_view(view, presence, check_url);
+        *slot = Some(Cached::new(view, access.clone()));
         access
+    }
+}
+
+/// Without a policy or routes everyone sees everyone the same way: nothing to compile.
+/// Routes (even without a policy) need per-viewer netmaps.
+fn compile_view(view: &Registry, presence: &Presence, check_url: &str) -> Access {
+    let plain =
+        view.policy().trim().is_empty() && view.nodes().all(|n| n.approved_routes.is_empty());
+    if plain {
+        Access(None)
+    } else {
+        compile(view, presence, check_url)
     }
 }
 
@@ -519,7 +546,7 @@ mod tests {
         let (mut registry, id) = tailnet_of_two();
         let presence = Presence::new(1);
         let cache = AccessCache::default();
-        let first = cache.access(&registry, &presence, "");
+        let first = cache.keep(&registry, &presence, "");
         assert!(first.has_policy());
 
         // Last seen and hostinfo without routes: the engine reads neither.
@@ -531,7 +558,7 @@ mod tests {
             disco_key: DiscoKey([9; 32]),
         };
         apply(&mut registry, info(""));
-        let again = cache.access(&registry, &presence, "");
+        let again = cache.keep(&registry, &presence, "");
         assert!(
             same(&first, &again),
             "recompiled for a change it does not read"
@@ -539,7 +566,7 @@ mod tests {
 
         // A route advertised, a rename: both feed the engine.
         apply(&mut registry, info(r#""10.9.0.0/16""#));
-        let routed = cache.access(&registry, &presence, "");
+        let routed = cache.keep(&registry, &presence, "");
         assert!(
             !same(&again, &routed),
             "a new advertised route was not compiled"
@@ -551,7 +578,7 @@ mod tests {
                 name: "renamed".into(),
             },
         );
-        let renamed = cache.access(&registry, &presence, "");
+        let renamed = cache.keep(&registry, &presence, "");
         assert!(!same(&routed, &renamed), "a rename was not compiled");
     }
 
@@ -560,10 +587,10 @@ mod tests {
         let (mut registry, _) = tailnet_of_two();
         let presence = Presence::new(1);
         let cache = AccessCache::default();
-        let first = cache.access(&registry, &presence, "");
+        let first = cache.keep(&registry, &presence, "");
 
         apply(&mut registry, Command::create_user("newcomer"));
-        let added = cache.access(&registry, &presence, "");
+        let added = cache.keep(&registry, &presence, "");
         assert!(same(&first, &added), "recompiled for a user with no nodes");
 
         // The policy names `u@`: renaming the nodes' owner changes what it resolves to.
@@ -574,12 +601,12 @@ mod tests {
                 new: "v".into(),
             },
         );
-        let renamed = cache.access(&registry, &presence, "");
+        let renamed = cache.keep(&registry, &presence, "");
         assert!(!same(&added, &renamed), "a user's rename was not compiled");
     }
 
     #[test]
-    fn the_hubs_view_and_a_newer_one_keep_a_compile_each() {
+    fn the_hubs_compile_is_kept_while_newer_views_are_compiled_alone() {
         let (hub, _) = tailnet_of_two();
         let mut newest = hub.clone();
         let rename = Command::RenameUser {
@@ -589,19 +616,17 @@ mod tests {
         newest.apply(&Request::single(Timestamp(1_700_000_001_000), rename));
         let presence = Presence::new(1);
         let cache = AccessCache::default();
-        let for_hub = cache.access(&hub, &presence, "");
+        let for_hub = cache.keep(&hub, &presence, "");
+        // A joining node's first netmap, from the member's newest view.
         let for_newest = cache.access(&newest, &presence, "");
         assert!(!same(&for_hub, &for_newest));
-        // Sessions answer from the hub's view while a joining node asks for the newest.
-        for _ in 0..3 {
-            assert!(
-                same(&for_hub, &cache.access(&hub, &presence, "")),
-                "the newer view evicted the hub's compile"
-            );
-            assert!(
-                same(&for_newest, &cache.access(&newest, &presence, "")),
-                "the hub's view evicted the newer compile"
-            );
-        }
+        assert!(
+            same(&for_hub, &cache.access(&hub, &presence, "")),
+            "a newer view evicted the hub's compile"
+        );
+        // The hub's next tick: its compile of the newest view is the one kept now.
+        let next = cache.keep(&newest, &presence, "");
+        assert!(same(&next, &cache.access(&newest, &presence, "")));
+        assert!(!same(&next, &for_hub));
     }
 }

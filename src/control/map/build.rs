@@ -115,6 +115,13 @@ impl MapContext<'_> {
             .access(self.view, self.presence, &self.settings.server_url)
     }
 
+    /// Compiles the policy for this view as the one the member keeps (the hub's, at a tick).
+    pub fn keep_access(&self) {
+        self.settings
+            .access
+            .keep(self.view, self.presence, &self.settings.server_url);
+    }
+
     /// A peer's JSON as every receiver sees it.
     pub fn peer_json(&self, node: &Node) -> RawJson {
         raw(&self.node_json(node, false))

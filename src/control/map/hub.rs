@@ -659,7 +659,7 @@ impl MapHub {
         // now, once, before they are told about the delta (one that asks meanwhile waits for
         // this compile rather than making its own).
         self.state.send_replace(state);
-        ctx.access();
+        ctx.keep_access();
         let delta = Arc::new(delta);
         // No receivers is fine: nobody is streaming.
         let receivers = self.deltas.send(delta.clone()).unwrap_or(0);
