@@ -434,14 +434,12 @@ async fn redial(
     let order: Vec<usize> = hsd::derp::region::dial_order(&others, client.dial_seed)
         .copied()
         .collect();
-    let mut tries = order.iter().cycle();
     // The broken stream is the first failure.
     let mut failures = 1;
     loop {
         tokio::time::sleep(control_backoff(failures)).await;
-        let member = *tries.next().expect("at least one other member");
-        match dial_and_poll(client, &cluster.members[member].control_addr, server_key).await {
-            Ok(pair) => {
+        match dial_and_poll(client, cluster, &order, server_key).await {
+            Ok((member, pair)) => {
                 client.home.store(member, Ordering::SeqCst);
                 return pair;
             }
@@ -450,15 +448,28 @@ async fn redial(
     }
 }
 
-/// One new Noise dial and map poll, as a real client makes after its stream broke: the
-/// same Hostinfo as before, and the poll given up once no frame came for `MAP_WATCHDOG`.
+/// One new Noise dial and map poll, as a real client makes after its stream broke. The
+/// dial goes down the plan: a member that refuses falls through to the next within the
+/// same dial. The poll sends the same Hostinfo as before and is given up once no frame
+/// came for `MAP_WATCHDOG`.
 async fn dial_and_poll(
     client: &SimClient,
-    addr: &str,
+    cluster: &LocalCluster,
+    order: &[usize],
     server_key: &[u8; 32],
-) -> anyhow::Result<(ControlClient, MapStream)> {
-    let dial = ControlClient::connect_with_key(addr, server_key, &client.machine);
-    let mut conn = tokio::time::timeout(DIAL_TIMEOUT, dial).await??;
+) -> anyhow::Result<(usize, (ControlClient, MapStream))> {
+    let dial = async {
+        let mut refused = anyhow::anyhow!("an empty dial plan");
+        for &member in order {
+            let addr = &cluster.members[member].control_addr;
+            match ControlClient::connect_with_key(addr, server_key, &client.machine).await {
+                Ok(conn) => return Ok((member, conn)),
+                Err(e) => refused = e.into(),
+            }
+        }
+        Err(refused)
+    };
+    let (member, mut conn) = tokio::time::timeout(DIAL_TIMEOUT, dial).await??;
     conn.set_hostname(&client.hostname());
     let poll = async {
         let mut stream = conn
@@ -468,7 +479,7 @@ async fn dial_and_poll(
         anyhow::Ok(stream)
     };
     let stream = tokio::time::timeout(MAP_WATCHDOG, poll).await??;
-    Ok((conn, stream))
+    Ok((member, (conn, stream)))
 }
 
 /// A real client's pause after its n-th failure in a row (tailscale's `util/backoff`):
