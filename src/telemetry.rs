@@ -69,6 +69,7 @@ pub struct Metrics {
     pub raft_purged_index: IntGauge,
     pub memtable_bytes: IntGaugeVec,
     pub presence_polls_failed: IntCounterVec,
+    pub policy_compiles: IntCounterVec,
     pub derp_clients: IntGauge,
     pub derp_mesh_links_up: IntGauge,
     pub derp_packets_relayed: IntCounter,
@@ -157,6 +158,12 @@ impl Metrics {
             raft_purged_index: gauge(
                 "hsd_raft_purged_index",
                 "Last log index this member has purged (compacted into a snapshot)",
+            ),
+            policy_compiles: counter_vec(
+                "hsd_policy_compiles_total",
+                "Policies compiled: kept for the sessions at a hub tick (kept), or for one \
+                 view the kept one does not hold for (alone)",
+                "kind",
             ),
             presence_polls_failed: counter_vec(
                 "hsd_presence_polls_failed_total",

@@ -8,6 +8,7 @@
 //! the routers, which decides HA primaries), then shared by every session of the member.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use imbl::OrdMap;
@@ -225,6 +226,9 @@ impl Access {
 #[derive(Default)]
 pub struct AccessCache {
     slot: Mutex<Option<Cached>>,
+    /// Policies compiled and kept (the hub's ticks), and compiled for one call alone.
+    compiled_kept: AtomicU64,
+    compiled_alone: AtomicU64,
 }
 
 impl std::fmt::Debug for AccessCache {
@@ -276,6 +280,7 @@ impl AccessCache {
             Some(c) if c.holds_for(view, presence) => c.access.clone(),
             Some(_) => {
                 drop(slot);
+                self.compiled_alone.fetch_add(1, Ordering::Relaxed);
                 compile_view(view, presence, check_url)
             }
             None => self.keep_locked(slot, view, presence, check_url),
@@ -304,9 +309,19 @@ impl AccessCache {
             c.nodes = view.node_map().clone();
             return c.access.clone();
         }
+        self.compiled_kept.fetch_add(1, Ordering::Relaxed);
         let access = compile_view(view, presence, check_url);
         *slot = Some(Cached::new(view, access.clone()));
         access
+    }
+
+    /// How many times the policy was compiled: (kept, for one call alone). A steady climb
+    /// of the second means sessions ask for views the hub's compile does not hold for.
+    pub fn compiles(&self) -> (u64, u64) {
+        (
+            self.compiled_kept.load(Ordering::Relaxed),
+            self.compiled_alone.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -628,5 +643,6 @@ mod tests {
         let next = cache.keep(&newest, &presence, "");
         assert!(same(&next, &cache.access(&newest, &presence, "")));
         assert!(!same(&next, &for_hub));
+        assert_eq!(cache.compiles(), (2, 1), "(kept, alone)");
     }
 }

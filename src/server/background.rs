@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AuditConfig, ClusterMemberConfig};
+use crate::control::policy::AccessCache;
 use crate::control::{ControlDeps, Topology};
 use crate::derp::region::TopologyInputs;
 use crate::derp::server::DerpServer;
@@ -137,6 +138,7 @@ pub(super) async fn ephemeral_gc(deps: ControlDeps) {
 
 pub(super) async fn refresh_gauges(
     cluster: Cluster,
+    access: Arc<AccessCache>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
@@ -156,6 +158,11 @@ pub(super) async fn refresh_gauges(
         let index = |l: Option<openraft::LogId<u64>>| l.map(|l| l.index as i64).unwrap_or(0);
         metrics.raft_snapshot_index.set(index(m.snapshot));
         metrics.raft_purged_index.set(index(m.purged));
+        let (kept, alone) = access.compiles();
+        for (kind, total) in [("kept", kept), ("alone", alone)] {
+            let counter = metrics.policy_compiles.with_label_values(&[kind]);
+            Metrics::mirror_counter(&counter, total);
+        }
         let (slow, refused) = cluster.presence_poll_failures();
         for (reason, total) in [("slow", slow), ("refused", refused)] {
             let counter = metrics.presence_polls_failed.with_label_values(&[reason]);

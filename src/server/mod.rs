@@ -582,9 +582,11 @@ fn spawn_background(
     control: ControlDeps,
     metrics: Arc<Metrics>,
 ) {
+    let access = control.settings.access.clone();
     life.tasks.spawn(background::ephemeral_gc(control));
     life.tasks.spawn(background::refresh_gauges(
         cluster.clone(),
+        access,
         metrics,
         life.stop.clone(),
     ));
