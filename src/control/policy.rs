@@ -280,8 +280,9 @@ impl AccessCache {
             Some(c) if c.holds_for(view, presence) => c.access.clone(),
             Some(_) => {
                 drop(slot);
-                self.compiled_alone.fetch_add(1, Ordering::Relaxed);
-                compile_view(view, presence, check_url)
+                let access = compile_view(view, presence, check_url);
+                count_compile(&self.compiled_alone, &access);
+                access
             }
             None => self.keep_locked(slot, view, presence, check_url),
         }
@@ -309,8 +310,8 @@ impl AccessCache {
             c.nodes = view.node_map().clone();
             return c.access.clone();
         }
-        self.compiled_kept.fetch_add(1, Ordering::Relaxed);
         let access = compile_view(view, presence, check_url);
+        count_compile(&self.compiled_kept, &access);
         *slot = Some(Cached::new(view, access.clone()));
         access
     }
@@ -322,6 +323,13 @@ impl AccessCache {
             self.compiled_kept.load(Ordering::Relaxed),
             self.compiled_alone.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// Counts a compile that was one (not a view without a policy or routes).
+fn count_compile(counter: &AtomicU64, access: &Access) {
+    if access.0.is_some() {
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 
