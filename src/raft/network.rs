@@ -82,6 +82,16 @@ impl Peers {
     }
 }
 
+/// Whether a member call failed by running out of time (the member may only be busy)
+/// rather than being refused or reset. tonic reports its own deadline as `Cancelled`, the
+/// remote's as `DeadlineExceeded`.
+pub fn timed_out(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+    )
+}
+
 pub fn encode<T: Serialize>(v: &T) -> Json {
     Json {
         data: serde_json::to_vec(v).expect("raft messages always serialize"),
@@ -137,10 +147,7 @@ impl PeerLink {
         let reply = match reply {
             Ok(r) => r.into_inner(),
             Err(status) => {
-                let slow = matches!(
-                    status.code(),
-                    tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
-                );
+                let slow = timed_out(&status);
                 let e = CallError::Status {
                     addr: self.addr.clone(),
                     status: Box::new(status),

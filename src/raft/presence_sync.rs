@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::cluster::Cluster;
+use super::network::timed_out;
 use crate::presence::NodePresence;
 use crate::proto::raft::{PresenceSnapshot, WatchPresenceRequest};
 use crate::registry::NodeId;
@@ -40,10 +41,10 @@ enum NoAnswer {
 
 impl NoAnswer {
     fn of(status: &tonic::Status) -> NoAnswer {
-        // tonic reports its own deadline as `Cancelled`, the remote's as `DeadlineExceeded`.
-        match status.code() {
-            tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => NoAnswer::Slow,
-            _ => NoAnswer::Refused,
+        if timed_out(status) {
+            NoAnswer::Slow
+        } else {
+            NoAnswer::Refused
         }
     }
 

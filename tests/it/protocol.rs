@@ -3,13 +3,32 @@
 
 use std::time::Duration;
 
-use hsd::control::client::{ControlClient, keypair};
+use hsd::control::client::{ControlClient, MapStream, keypair};
 use hsd::registry::{DiscoKey, NodeKey};
 use serde_json::Value;
 
 use crate::harness::{ClusterOpts, TestCluster, rt};
 
 const T: Duration = Duration::from_secs(10);
+
+/// A node registered with `key` through the member at `addr`, its map stream open and its
+/// first (full) netmap read.
+async fn streaming_node(
+    addr: &str,
+    key: &str,
+    hostname: &str,
+    endpoint: &str,
+) -> (ControlClient, MapStream, Value) {
+    let mut client = ControlClient::connect(addr, &keypair().0).await.unwrap();
+    let node = NodeKey(keypair().1);
+    assert_eq!(client.register(&node, key, hostname).await.unwrap().0, 200);
+    let mut stream = client
+        .map_stream(&node, &DiscoKey(keypair().1), endpoint)
+        .await
+        .unwrap();
+    let full = stream.next_update(T).await.unwrap();
+    (client, stream, full)
+}
 
 #[test]
 fn bad_register_input_is_refused_and_changes_nothing() {
@@ -287,14 +306,7 @@ fn presence_reaches_streams_on_other_members() {
         format!("{}:8080", c.members[1].ip),
     );
     rt().block_on(async {
-        let mut a = ControlClient::connect(&m1, &keypair().0).await.unwrap();
-        let na = NodeKey(keypair().1);
-        assert_eq!(a.register(&na, &key, "on1").await.unwrap().0, 200);
-        let mut sa = a
-            .map_stream(&na, &DiscoKey(keypair().1), "127.0.0.1:41661")
-            .await
-            .unwrap();
-        sa.next_update(T).await.unwrap();
+        let (_a, mut sa, _) = streaming_node(&m1, &key, "on1", "127.0.0.1:41661").await;
 
         let mut b = ControlClient::connect(&m2, &keypair().0).await.unwrap();
         let nb = NodeKey(keypair().1);
@@ -358,14 +370,7 @@ fn a_member_too_busy_to_answer_presence_keeps_its_nodes_online() {
     let key = c.user_with_key("busy", &["--reusable"]);
     let m2 = format!("{}:8080", c.members[1].ip);
     rt().block_on(async {
-        let mut b = ControlClient::connect(&m2, &keypair().0).await.unwrap();
-        let nb = NodeKey(keypair().1);
-        assert_eq!(b.register(&nb, &key, "on2").await.unwrap().0, 200);
-        let mut sb = b
-            .map_stream(&nb, &DiscoKey(keypair().1), "127.0.0.1:41663")
-            .await
-            .unwrap();
-        sb.next_update(T).await.unwrap();
+        let (_b, _sb, _) = streaming_node(&m2, &key, "on2", "127.0.0.1:41663").await;
         crate::harness::wait_for("member 1 sees on2 online", T, || {
             c.node(1, "on2").filter(|n| n["online"] == true)
         });
@@ -400,14 +405,7 @@ fn membership_changes_reach_open_map_streams() {
     let addr = format!("{}:8080", c.members[0].ip);
     let rt = rt();
     let (_client, mut stream) = rt.block_on(async {
-        let mut a = ControlClient::connect(&addr, &keypair().0).await.unwrap();
-        let na = NodeKey(keypair().1);
-        assert_eq!(a.register(&na, &key, "watcher").await.unwrap().0, 200);
-        let mut s = a
-            .map_stream(&na, &DiscoKey(keypair().1), "127.0.0.1:41671")
-            .await
-            .unwrap();
-        let full = s.next_update(T).await.unwrap();
+        let (a, s, full) = streaming_node(&addr, &key, "watcher", "127.0.0.1:41671").await;
         assert_eq!(derp_nodes(&full), 3, "{}", full["DERPMap"]);
         assert_eq!(
             full["ControlDialPlan"]["Candidates"]
