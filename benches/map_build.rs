@@ -132,9 +132,35 @@ fn bench(c: &mut Criterion) {
                 })
             },
         );
+        // The same full netmap under a policy (every member may reach every other): each
+        // peer is asked whether the viewer sees it, and how.
+        let mut policed = (*view).clone();
+        policed.apply(&Request::single(
+            Timestamp(1_700_000_000_000),
+            Command::SetPolicy {
+                policy: MEMBERS_REACH_MEMBERS.into(),
+            },
+        ));
+        let policed = Arc::new(policed);
+        let ctx = MapContext {
+            view: &policed,
+            presence: &presence,
+            settings: &settings,
+        };
+        ctx.keep_access();
+        let state = HubState::encode_all(&ctx, policed.clone());
+        group.bench_with_input(
+            BenchmarkId::new("full_map_zstd_policy", size),
+            &size,
+            |b, _| b.iter(|| full::full_message(&ctx, &state, &me, true)),
+        );
     }
     group.finish();
 }
+
+const MEMBERS_REACH_MEMBERS: &str = r#"{"acls": [
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"]}
+]}"#;
 
 criterion_group!(benches, bench);
 criterion_main!(benches);

@@ -61,6 +61,20 @@ impl Access {
         }
     }
 
+    /// `viewer` looked up once, to ask how it sees many peers (a full netmap asks for each
+    /// peer of the tailnet).
+    pub fn viewer<'a>(&'a self, viewer: &'a Node) -> Viewer<'a> {
+        let index = self
+            .0
+            .as_ref()
+            .and_then(|map| map.index.get(&viewer.id).copied());
+        Viewer {
+            access: self,
+            node: viewer,
+            index,
+        }
+    }
+
     /// The packet filter for `node`, whole, as `PacketFilters` (named filters, capver ≥
     /// 81): `"*": null` drops whatever the client held, then come the filter's chunks
     /// (see `policy::filter_chunks`); with them, what the client then holds. Nothing but
@@ -217,6 +231,48 @@ impl Access {
     fn position(&self, node: &Node) -> Option<(&PolicyMap, usize)> {
         let map = self.0.as_ref()?;
         Some((map, *map.index.get(&node.id)?))
+    }
+}
+
+/// How a viewer sees one peer in its netmap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    Hidden,
+    /// As the JSON every viewer shares shows it.
+    Shared,
+    /// With routes of its own for this viewer (`Access::peer_routes`).
+    Routed,
+}
+
+/// One viewer, looked up once (see `Access::viewer`).
+pub struct Viewer<'a> {
+    access: &'a Access,
+    node: &'a Node,
+    index: Option<usize>,
+}
+
+impl Viewer<'_> {
+    /// `Access::can_see`, and whether the peer's shared JSON is right for this viewer.
+    pub fn sees(&self, peer: &Node) -> Seen {
+        let viewer = self.node;
+        if viewer.id == peer.id || !viewer.approved || !peer.approved {
+            return Seen::Hidden;
+        }
+        let Some(map) = &self.access.0 else {
+            return Seen::Shared;
+        };
+        let (Some(i), Some(&j)) = (self.index, map.index.get(&peer.id)) else {
+            return Seen::Hidden;
+        };
+        if !map.compiled.can_see(i, j) {
+            return Seen::Hidden;
+        }
+        let r = map.compiled.routes(j);
+        if r.primary.is_empty() && r.exits.is_empty() {
+            Seen::Shared
+        } else {
+            Seen::Routed
+        }
     }
 }
 
