@@ -49,16 +49,7 @@ impl Access {
     /// Whether `viewer` gets `peer` in its netmap. Nodes waiting for approval see no one
     /// and are seen by no one.
     pub fn can_see(&self, viewer: &Node, peer: &Node) -> bool {
-        if viewer.id == peer.id || !viewer.approved || !peer.approved {
-            return false;
-        }
-        match &self.0 {
-            None => true,
-            Some(map) => match (map.index.get(&viewer.id), map.index.get(&peer.id)) {
-                (Some(&i), Some(&j)) => map.compiled.can_see(i, j),
-                _ => false,
-            },
-        }
+        self.viewer(viewer).sees(peer) != Seen::Hidden
     }
 
     /// `viewer` looked up once, to ask how it sees many peers (a full netmap asks for each
@@ -252,7 +243,8 @@ pub struct Viewer<'a> {
 }
 
 impl Viewer<'_> {
-    /// `Access::can_see`, and whether the peer's shared JSON is right for this viewer.
+    /// Whether the viewer sees `peer` (`Access::can_see`), and whether the peer's shared
+    /// JSON is right for it.
     pub fn sees(&self, peer: &Node) -> Seen {
         let viewer = self.node;
         if viewer.id == peer.id || !viewer.approved || !peer.approved {

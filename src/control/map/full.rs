@@ -37,9 +37,8 @@ pub fn full_message(ctx: &MapContext<'_>, state: &HubState, me: &Node, compress:
     let sight = |block: usize, i: usize| seen.get(block).map_or(Seen::Shared, |s| s[i]);
     let mut owners = BTreeSet::new();
     for (k, block) in state.blocks.values().enumerate() {
-        let visible = block.entries.iter().enumerate();
         owners.extend(
-            visible
+            (block.entries.iter().enumerate())
                 .filter(|(i, _)| sight(k, *i) != Seen::Hidden)
                 .map(|(_, e)| e.node.user),
         );
