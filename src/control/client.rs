@@ -136,8 +136,14 @@ impl ControlClient {
         }
         let (_, body) = noise::read_frame(&mut stream).await?;
         let keys = noise::finish_initiation(hs, &body)?;
-        let (sender, conn) =
-            h2::client::handshake(super::noise_stream::NoiseStream::new(stream, &keys)).await?;
+        // Flow-control windows as Tailscale's client opens them (Go's HTTP/2 transport:
+        // 4 MiB per stream, 1 GiB per connection), so a large netmap is not paced by
+        // window updates every 64 KiB as h2's defaults would.
+        let (sender, conn) = h2::client::Builder::new()
+            .initial_window_size(4 << 20)
+            .initial_connection_window_size(1 << 30)
+            .handshake(super::noise_stream::NoiseStream::new(stream, &keys))
+            .await?;
         let conn = tokio::spawn(async move {
             let _ = conn.await;
         });
