@@ -450,7 +450,7 @@ impl HubState {
             full: changes.full,
             ..Default::default()
         };
-        let mut owners = changes.users.clone();
+        let mut owners = owning_users(&view, &changes.users);
         // Each node once, even when both its record and its presence changed this tick.
         for id in changes.nodes.union(&changes.presence) {
             match view.node(*id) {
@@ -495,6 +495,19 @@ impl HubState {
         delta.seq = self.seq;
         delta
     }
+}
+
+/// Of `changed` (users created, renamed or removed this tick), those that own a node: a
+/// profile appears in a netmap only beside a node of its user, so a user with none needs
+/// no delta — an admin creating users would otherwise send every client a message each.
+fn owning_users(view: &Registry, changed: &BTreeSet<UserId>) -> BTreeSet<UserId> {
+    if changed.is_empty() {
+        return BTreeSet::new();
+    }
+    view.nodes()
+        .map(|n| n.user)
+        .filter(|u| changed.contains(u))
+        .collect()
 }
 
 /// The hub task and its handle.

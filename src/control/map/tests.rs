@@ -250,6 +250,40 @@ async fn a_burst_of_changes_goes_out_as_one_delta() {
     h.stop.cancel();
 }
 
+/// A user who owns no node is in nobody's netmap: creating or renaming one sends no one
+/// anything, while renaming the owner of a node a client sees sends its new profile.
+#[tokio::test(start_paused = true)]
+async fn users_without_nodes_cost_clients_nothing() {
+    let mut feed = Feed::new();
+    let me = feed.register(1, "watcher");
+    let h = Harness::start(&feed);
+    let mut rx = h.session(me);
+    next(&mut rx).await;
+
+    let t0 = tokio::time::Instant::now();
+    for n in 0..20 {
+        feed.apply(Command::create_user(format!("nobody{n}")));
+    }
+    feed.apply(Command::RenameUser {
+        old: "nobody0".into(),
+        new: "still-nobody".into(),
+    });
+    let first = next(&mut rx).await;
+    assert_eq!(first["KeepAlive"], true, "a delta went out: {first}");
+    assert!(t0.elapsed() >= KEEPALIVE_INTERVAL);
+
+    feed.apply(Command::RenameUser {
+        old: "u".into(),
+        new: "renamed".into(),
+    });
+    let delta = next(&mut rx).await;
+    let names: Vec<&str> = (delta["UserProfiles"].as_array())
+        .map(|p| p.iter().filter_map(|u| u["LoginName"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["renamed"], "{delta}");
+    h.stop.cancel();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_change_after_a_quiet_spell_goes_out_soon_and_a_stream_of_changes_once_per_window() {
     use super::hub::{COALESCE_WINDOW, GATHER_WINDOW};
