@@ -46,7 +46,7 @@ impl Topology {
         if others.is_empty() {
             return None;
         }
-        let order = std::iter::once(own).chain(dial_order(others, seed));
+        let order = std::iter::once(own).chain(dial_order(own, others, seed));
         let count = self.dial_ips.len();
         let candidates: Vec<serde_json::Value> = order
             .enumerate()
@@ -63,15 +63,32 @@ impl Topology {
     }
 }
 
-/// The other members in the order a client tries them after its own: rotated by its
-/// machine's `dial_seed`. (The load generator redials in this order too.)
-pub fn dial_order<T>(others: &[T], seed: u64) -> impl Iterator<Item = &T> {
+/// The other members in the order a client on member `own` (its address) tries them:
+/// rotated by a mix of its machine's `dial_seed` and `own`. The seed alone spreads one
+/// member's clients evenly, but the clients that came to a member from another then all
+/// leave it for the same next one: when two members die in turn (a rolling restart), one
+/// survivor took two thirds of the second one's clients. (The load generator redials in
+/// this order too.)
+pub fn dial_order<'a, T>(own: &str, others: &'a [T], seed: u64) -> impl Iterator<Item = &'a T> {
     let shift = if others.is_empty() {
         0
     } else {
-        (seed % others.len() as u64) as usize
+        (mix(seed, own) % others.len() as u64) as usize
     };
     others[shift..].iter().chain(&others[..shift])
+}
+
+/// `seed` and `own` mixed so that every bit of the result depends on both: FNV-1a of the
+/// address, then splitmix64's finalizer (FNV alone leaves the low bits, which pick among
+/// a few members, tied to the seed's). Stable across processes and versions.
+fn mix(seed: u64, own: &str) -> u64 {
+    let fnv = own.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mut z = (seed ^ fnv).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// A machine's place in the dial order, from its public machine key (stable across node
@@ -325,10 +342,42 @@ cluster:
                 .map(|c| c["IP"].as_str().unwrap().to_string())
                 .collect()
         };
-        // Every member, this one first; the others' order alternates between nodes, so a
-        // dead member's clients split over the survivors.
-        assert_eq!(ips(2), ["10.0.0.1", "10.0.0.2", "10.1.0.3"]);
-        assert_eq!(ips(3), ["10.0.0.1", "10.1.0.3", "10.0.0.2"]);
+        // Every member, this one first, then the others in an order that differs between
+        // nodes, so a dead member's clients split over the survivors.
+        let orders: std::collections::BTreeSet<Vec<String>> = (0..64).map(ips).collect();
+        assert_eq!(
+            orders.into_iter().collect::<Vec<_>>(),
+            [
+                ["10.0.0.1", "10.0.0.2", "10.1.0.3"],
+                ["10.0.0.1", "10.1.0.3", "10.0.0.2"]
+            ]
+        );
+    }
+
+    /// Clients fail over evenly twice in a row: those a dead member sent to a survivor do
+    /// not all leave that survivor for the same member when it dies in turn.
+    #[test]
+    fn failing_over_twice_spreads_evenly_both_times() {
+        let (a, b, c) = ("10.0.0.1", "10.0.0.2", "10.0.0.3");
+        let next = |own: &str, others: &[&'static str], seed: u64| -> &'static str {
+            dial_order(own, others, seed).next().copied().unwrap()
+        };
+        let seeds: Vec<u64> = (0..20_000u64)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i << 7))
+            .collect();
+        // A dies: its clients go to B or C, about half each.
+        let to_c: Vec<u64> = (seeds.iter().copied())
+            .filter(|s| next(a, &[b, c], *s) == c)
+            .collect();
+        let share = to_c.len() as f64 / seeds.len() as f64;
+        assert!(
+            (0.45..0.55).contains(&share),
+            "{share} of A's clients went to C"
+        );
+        // A is back and C dies: the clients that came from A split over A and B as well.
+        let back_to_a = (to_c.iter()).filter(|s| next(c, &[a, b], **s) == a).count();
+        let share = back_to_a as f64 / to_c.len() as f64;
+        assert!((0.45..0.55).contains(&share), "{share} of them went to A");
     }
 
     #[test]
