@@ -431,11 +431,8 @@ async fn redial(
     // The order the server's dial plan gives this machine: its member's others, rotated.
     let home = client.home.load(Ordering::SeqCst);
     let others: Vec<usize> = (0..cluster.members.len()).filter(|i| *i != home).collect();
-    let own = cluster.members[home]
-        .control_addr
-        .rsplit_once(':')
-        .map_or("", |(ip, _)| ip);
-    let order: Vec<usize> = hsd::derp::region::dial_order(own, &others, client.dial_seed)
+    let own = hsd::derp::region::url_host(&cluster.members[home].control_addr);
+    let order: Vec<usize> = hsd::derp::region::dial_order(&own, &others, client.dial_seed)
         .copied()
         .collect();
     // The broken stream is the first failure.

@@ -271,7 +271,8 @@ fn dial_ips(config: &Config, member_id: u64, server_url: &str) -> Vec<String> {
         .collect()
 }
 
-fn url_host(url: &str) -> String {
+/// The host of a URL or `host:port` (an IPv6 literal without its brackets).
+pub fn url_host(url: &str) -> String {
     let rest = url.split("://").nth(1).unwrap_or(url);
     let authority = rest.split('/').next().unwrap_or(rest);
     if let Some(v6) = authority.strip_prefix('[') {
