@@ -116,19 +116,19 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let mut next = state.clone();
                 let delta = next.advance(&ctx, view.clone(), &changes);
-                delta.shared_frame(true, |_| true)
+                delta.shared_frame(true, me.id, |_| true)
             })
         });
         let mut next = state.clone();
         let delta = next.advance(&ctx, view.clone(), &changes);
-        delta.shared_frame(true, |_| true);
+        delta.shared_frame(true, me.id, |_| true);
         group.bench_with_input(
             BenchmarkId::new("delta_per_receiver", size),
             &size,
             |b, _| {
                 b.iter(|| {
                     let access = ctx.access();
-                    delta.shared_frame(true, |peer| access.can_see(&me, peer))
+                    delta.shared_frame(true, me.id, |peer| access.can_see(&me, peer))
                 })
             },
         );

@@ -168,16 +168,19 @@ impl MapContext<'_> {
     pub fn user_profiles(&self, users: impl IntoIterator<Item = UserId>) -> Vec<RawJson> {
         let ids: BTreeSet<UserId> = users.into_iter().collect();
         ids.into_iter()
-            .filter_map(|id| self.view.user(id))
-            .map(|u| {
-                raw(&UserProfile {
-                    id: u.id.0,
-                    login_name: u.name.clone(),
-                    display_name: u.name.clone(),
-                    ..Default::default()
-                })
-            })
+            .filter_map(|id| self.user_profile(id))
             .collect()
+    }
+
+    /// A user's `UserProfile` (`None` for no user: tagged nodes have none).
+    pub fn user_profile(&self, id: UserId) -> Option<RawJson> {
+        let u = self.view.user(id)?;
+        Some(raw(&UserProfile {
+            id: u.id.0,
+            login_name: u.name.clone(),
+            display_name: u.name.clone(),
+            ..Default::default()
+        }))
     }
 
     pub fn dns_config(&self) -> Value {

@@ -9,7 +9,7 @@
 //! broadcasts one `Delta`. Sessions filter it by what their node may see; sessions that see
 //! the same of it share one encoded frame (`Delta::shared_frame`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -146,12 +146,10 @@ pub struct Delta {
     /// Peers created or changed (including this session's own node).
     pub upserted: Vec<Arc<PeerEntry>>,
     pub removed: Vec<NodeId>,
-    /// Peers whose online state changed, with the new state.
-    pub online: Vec<(NodeId, bool)>,
-    /// Peers whose endpoints or home DERP changed.
-    pub patched: Vec<(NodeId, RawJson)>,
-    /// User profiles every receiver may need (new owners, renamed users).
-    pub profiles: Vec<RawJson>,
+    /// Peers whose presence (online state, endpoints, home DERP) changed.
+    pub presence: Vec<PresenceNews>,
+    /// Profiles of new owners and renamed users.
+    pub profiles: Vec<ProfileNews>,
     /// Something no delta expresses (DNS, policy, topology, lost track): send full maps.
     pub full: bool,
     /// The frames sessions share, one per way of seeing the upserted peers (see
@@ -161,8 +159,33 @@ pub struct Delta {
     taken: AtomicUsize,
 }
 
-/// Which of a delta's upserted peers a receiver sees (bit i: `upserted[i]`), and whether it
-/// takes zstd: receivers alike in both get the same bytes.
+/// A peer's new presence, sent only to receivers that see the peer: under a policy, a node
+/// must not learn the endpoints of one it may not reach.
+pub struct PresenceNews {
+    pub node: Arc<Node>,
+    pub online: bool,
+    /// Its endpoints and home DERP (`PeersChangedPatch`).
+    pub patch: RawJson,
+}
+
+/// A user's profile, sent only to receivers that see one of `nodes` (or are one of them):
+/// a netmap names a user only beside a node of theirs.
+pub struct ProfileNews {
+    pub json: RawJson,
+    /// The user's nodes that make a receiver need the profile: the ones upserted in this
+    /// delta, or all of them when the user changed.
+    pub nodes: Vec<Arc<Node>>,
+}
+
+impl ProfileNews {
+    fn wanted_by(&self, me: NodeId, visible: &impl Fn(&Node) -> bool) -> bool {
+        self.nodes.iter().any(|n| n.id == me || visible(n))
+    }
+}
+
+/// Which of a delta's entries a receiver gets (one bit each: the upserted peers, then the
+/// presence news, then the profiles), and whether it takes zstd: receivers alike in both
+/// get the same bytes.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Sight {
     compress: bool,
@@ -208,18 +231,23 @@ impl Delta {
         };
     }
 
-    /// The delta as one frame for a receiver that is not among the upserted peers and sees
-    /// those `visible` says; `None` if that receiver needs nothing of it. The first receiver
+    /// The delta as one frame for receiver `me`, which is not among the upserted peers and
+    /// sees the peers `visible` says; `None` if it needs nothing of it. The first receiver
     /// with a given sight encodes it, the others that see the same share it: under a policy,
     /// receivers fall into a few such classes (a user's own devices, a group's).
-    pub fn shared_frame(&self, compress: bool, visible: impl Fn(&Node) -> bool) -> Option<Bytes> {
+    pub fn shared_frame(
+        &self,
+        compress: bool,
+        me: NodeId,
+        visible: impl Fn(&Node) -> bool,
+    ) -> Option<Bytes> {
         let encode = || {
-            let response = self.response(None, None, &visible);
+            let response = self.response(me, None, &visible);
             (!response.is_empty_delta()).then(|| build::encode_frame(&response, compress))
         };
         let sight = Sight {
             compress,
-            seen: self.seen(&visible),
+            seen: self.seen(me, &visible),
         };
         let slot = {
             let mut shared = self.shared.lock().expect("shared frames");
@@ -244,13 +272,13 @@ impl Delta {
 
     /// What `shared_frame` holds, as the head of a message that goes on with a packet
     /// filter (`build::head_before_filters`), shared the same way.
-    pub fn shared_head(&self, visible: impl Fn(&Node) -> bool) -> Arc<SharedText> {
-        let seen = self.seen(&visible);
+    pub fn shared_head(&self, me: NodeId, visible: impl Fn(&Node) -> bool) -> Arc<SharedText> {
+        let seen = self.seen(me, &visible);
         let mut shared = self.shared.lock().expect("shared frames");
         if let Some(head) = shared.heads.get(&seen) {
             return head.clone();
         }
-        let text = build::head_before_filters(&self.response(None, None, &visible));
+        let text = build::head_before_filters(&self.response(me, None, &visible));
         let head = Arc::new(SharedText::new(text));
         if shared.has_room() {
             shared.bytes += head.plain().len();
@@ -259,23 +287,26 @@ impl Delta {
         head
     }
 
-    /// Which upserted peers `visible` admits, one bit each.
-    fn seen(&self, visible: &impl Fn(&Node) -> bool) -> Box<[u64]> {
-        let mut seen = vec![0u64; self.upserted.len().div_ceil(64)].into_boxed_slice();
-        for (i, peer) in self.upserted.iter().enumerate() {
-            if visible(&peer.node) {
-                seen[i / 64] |= 1 << (i % 64);
-            }
+    /// Which of the delta's entries receiver `me` gets (see `Sight`), one bit each.
+    fn seen(&self, me: NodeId, visible: &impl Fn(&Node) -> bool) -> Box<[u64]> {
+        let gets = (self.upserted.iter().map(|p| visible(&p.node)))
+            .chain(self.presence.iter().map(|p| visible(&p.node)))
+            .chain(self.profiles.iter().map(|p| p.wanted_by(me, visible)));
+        let len = self.upserted.len() + self.presence.len() + self.profiles.len();
+        let mut seen = vec![0u64; len.div_ceil(64)].into_boxed_slice();
+        for (i, _) in gets.enumerate().filter(|(_, got)| *got) {
+            seen[i / 64] |= 1 << (i % 64);
         }
         seen
     }
 
-    /// The delta for one receiver: `me` is its own node (never sent as a peer), `me_json`
-    /// its new JSON if the client must get it; `visible` says which upserted peers it may
-    /// see (the others are removed from its map, in case it had them).
+    /// The delta for receiver `me`: `me_json` is its new JSON if the client must get it
+    /// (it is never sent as a peer); `visible` says which peers it may see — an upserted
+    /// peer it may not is removed from its map, in case it had it, and it gets the presence
+    /// of the peers it sees and the profiles of their owners.
     pub fn response(
         &self,
-        me_id: Option<NodeId>,
+        me: NodeId,
         me_json: Option<RawJson>,
         visible: impl Fn(&Node) -> bool,
     ) -> MapResponse {
@@ -285,7 +316,7 @@ impl Delta {
         };
         let mut rebuilt = BTreeSet::new();
         for peer in &self.upserted {
-            if Some(peer.node.id) == me_id {
+            if peer.node.id == me {
                 continue;
             }
             if visible(&peer.node) {
@@ -300,17 +331,17 @@ impl Delta {
             .extend(self.removed.iter().map(|id| id.0));
         // A peer sent whole needs no patch; patches for peers a client does not have are
         // ignored by it (tailscale's mapSession skips unknown node ids).
-        for (id, online) in &self.online {
-            if !rebuilt.contains(id) {
-                response.online_change.insert(id.0.to_string(), *online);
+        for news in &self.presence {
+            let id = news.node.id;
+            if !rebuilt.contains(&id) && visible(&news.node) {
+                response.online_change.insert(id.0.to_string(), news.online);
+                response.peers_changed_patch.push(news.patch.clone());
             }
         }
-        for (id, patch) in &self.patched {
-            if !rebuilt.contains(id) {
-                response.peers_changed_patch.push(patch.clone());
-            }
-        }
-        response.user_profiles = self.profiles.clone();
+        response.user_profiles = (self.profiles.iter())
+            .filter(|p| p.wanted_by(me, &visible))
+            .map(|p| p.json.clone())
+            .collect();
         response
     }
 
@@ -318,8 +349,7 @@ impl Delta {
     pub fn is_empty(&self) -> bool {
         self.upserted.is_empty()
             && self.removed.is_empty()
-            && self.online.is_empty()
-            && self.patched.is_empty()
+            && self.presence.is_empty()
             && self.profiles.is_empty()
     }
 
@@ -329,8 +359,7 @@ impl Delta {
         self.upserted.is_empty()
             && self.removed.is_empty()
             && self.profiles.is_empty()
-            && self.online.iter().all(|(n, _)| *n == id)
-            && self.patched.iter().all(|(n, _)| *n == id)
+            && self.presence.iter().all(|p| p.node.id == id)
     }
 
     /// Whether the delta changes this node itself.
@@ -450,7 +479,9 @@ impl HubState {
             full: changes.full,
             ..Default::default()
         };
-        let mut owners = owning_users(&view, &changes.users);
+        // The profiles to send, with the nodes that make a receiver need each.
+        let mut owners = owned_nodes(&view, &changes.users);
+        let changed_users = owners.keys().copied().collect::<BTreeSet<_>>();
         // Each node once, even when both its record and its presence changed this tick.
         for id in changes.nodes.union(&changes.presence) {
             match view.node(*id) {
@@ -458,7 +489,9 @@ impl HubState {
                     let entry = Arc::new(encode(ctx, node));
                     self.peers.insert(*id, entry.clone());
                     if changes.nodes.contains(id) {
-                        owners.insert(node.user);
+                        if !changed_users.contains(&node.user) {
+                            owners.entry(node.user).or_default().push(node.clone());
+                        }
                         delta.upserted.push(entry);
                     }
                 }
@@ -472,12 +505,22 @@ impl HubState {
         delta.removed.sort_unstable();
         delta.removed.dedup();
         for id in changes.presence.difference(&changes.nodes) {
-            if view.node(*id).is_some() {
-                delta.online.push((*id, ctx.presence.is_online(*id)));
-                delta.patched.push((*id, ctx.peer_patch(*id)));
+            if let Some(node) = view.node(*id) {
+                delta.presence.push(PresenceNews {
+                    node: node.clone(),
+                    online: ctx.presence.is_online(*id),
+                    patch: ctx.peer_patch(*id),
+                });
             }
         }
-        delta.profiles = ctx.user_profiles(owners);
+        delta.profiles = (owners.into_iter())
+            .filter_map(|(user, nodes)| {
+                Some(ProfileNews {
+                    json: ctx.user_profile(user)?,
+                    nodes,
+                })
+            })
+            .collect();
         self.seq += 1;
         self.view = view;
         let touched = if changes.full {
@@ -497,17 +540,19 @@ impl HubState {
     }
 }
 
-/// Of `changed` (users created, renamed or removed this tick), those that own a node: a
-/// profile appears in a netmap only beside a node of its user, so a user with none needs
-/// no delta — an admin creating users would otherwise send every client a message each.
-fn owning_users(view: &Registry, changed: &BTreeSet<UserId>) -> BTreeSet<UserId> {
+/// Of `changed` (users created, renamed or removed this tick), those that own a node, with
+/// their nodes: a profile appears in a netmap only beside a node of its user, so a user
+/// with none needs no delta — an admin creating users would otherwise send every client a
+/// message each.
+fn owned_nodes(view: &Registry, changed: &BTreeSet<UserId>) -> BTreeMap<UserId, Vec<Arc<Node>>> {
+    let mut owned = BTreeMap::<UserId, Vec<Arc<Node>>>::new();
     if changed.is_empty() {
-        return BTreeSet::new();
+        return owned;
     }
-    view.nodes()
-        .map(|n| n.user)
-        .filter(|u| changed.contains(u))
-        .collect()
+    for node in view.nodes().filter(|n| changed.contains(&n.user)) {
+        owned.entry(node.user).or_default().push(node.clone());
+    }
+    owned
 }
 
 /// The hub task and its handle.

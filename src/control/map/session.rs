@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use super::build::{self, MapContext, Message};
 use super::full;
 use super::hub::{Delta, HubHandle, HubState};
-use crate::control::policy::FilterSent;
+use crate::control::policy::{FilterSent, Seen};
 use crate::control::tailcfg::{MapResponse, RawJson};
 use crate::control::{ControlDeps, ControlSettings};
 use crate::policy::Piece;
@@ -375,7 +375,8 @@ impl Session {
             self.policy_sent = now;
         }
         self.seq = delta.seq;
-        let sees = |peer: &crate::registry::Node| access.can_see(me, peer);
+        let viewer = access.viewer(me);
+        let sees = |peer: &crate::registry::Node| viewer.sees(peer) != Seen::Hidden;
         let touched = delta.touches(self.node);
         // The node's own JSON, only when it differs from what its client last got.
         let me_json = if touched {
@@ -393,21 +394,23 @@ impl Session {
             if delta.is_empty() || delta.only_presence_of(self.node) {
                 return Ok(None);
             }
-            return Ok(delta.shared_frame(self.compress, sees).map(Message::framed));
+            return Ok(delta
+                .shared_frame(self.compress, self.node, sees)
+                .map(Message::framed));
         }
         if let Some(filters) = &new_filter
             && !touched
             && new_ssh.is_none()
         {
             // The rest of the message is what every receiver that sees the same gets.
-            let head = delta.shared_head(sees);
+            let head = delta.shared_head(self.node, sees);
             return Ok(Some(Message::framed(build::encode_with_filters(
                 Piece::Shared(&head),
                 filters,
                 self.compress,
             ))));
         }
-        let mut response = delta.response(Some(self.node), me_json, sees);
+        let mut response = delta.response(self.node, me_json, sees);
         response.ssh_policy = new_ssh;
         if let Some(filters) = &new_filter {
             let head = Piece::Own(build::head_before_filters(&response));

@@ -109,6 +109,27 @@ impl Feed {
         self.register_with(n, host, format!("{{\"Hostname\":\"{host}\"}}"))
     }
 
+    /// Registers machine `n` as a node of `user`, creating the user if needed.
+    fn register_as(&mut self, user: &str, n: u32, host: &str) -> NodeId {
+        if self.registry.user_by_name(user).is_none() {
+            self.apply(Command::create_user(user));
+        }
+        let secret = secrets::generate(SecretKind::PreAuth);
+        self.apply(Command::CreatePreAuthKey {
+            user: user.into(),
+            prefix: secret.prefix,
+            hash: secret.hash,
+            reusable: false,
+            ephemeral: false,
+            expiration: None,
+            tags: vec![],
+        });
+        let key = std::mem::replace(&mut self.key, secret.full);
+        let id = self.register(n, host);
+        self.key = key;
+        id
+    }
+
     fn register_with(&mut self, n: u32, host: &str, hostinfo: String) -> NodeId {
         let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &self.key).unwrap();
         let key = |kind: u8| {
@@ -652,7 +673,7 @@ async fn a_superseded_delta_keeps_no_shared_frames() {
     let shared = |delta: &super::hub::Delta| {
         let frame = |_| {
             delta
-                .shared_frame(false, |_| true)
+                .shared_frame(false, NodeId(0), |_| true)
                 .expect("a rename is news")
         };
         let (x, y): (Bytes, Bytes) = (frame(()), frame(()));
@@ -760,6 +781,96 @@ async fn a_node_changed_and_online_in_one_tick_is_sent_once() {
     let delta = next(&mut rx).await;
     assert_eq!(peer_keys(&delta, "PeersChanged").len(), 1, "{delta}");
     h.stop.cancel();
+}
+
+/// Under a policy, a node learns nothing of a node it may not reach: not its online state,
+/// not its endpoints, not its owner's name.
+#[tokio::test(start_paused = true)]
+async fn presence_and_profiles_reach_only_receivers_that_see_the_node() {
+    let mut feed = Feed::new();
+    feed.apply(Command::SetPolicy {
+        policy: r#"{
+            "tagOwners": {"tag:iso": ["u@"]},
+            "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"]}],
+        }"#
+        .into(),
+    });
+    let a = feed.register(1, "a");
+    let b = feed.register_as("v", 2, "b");
+    let b_user = feed.registry.node(b).unwrap().user.0;
+    let iso = feed.register_tagged(3, "iso", "tag:iso");
+    let e = feed.register_as("w", 4, "e");
+    let h = Harness::start(&feed);
+    let mut rx_a = h.session(a);
+    let mut rx_iso = h.session(iso);
+    let mut rx_e = h.session(e);
+    assert_eq!(peer_keys(&next(&mut rx_a).await, "Peers").len(), 2);
+    assert_eq!(next(&mut rx_iso).await["Peers"], serde_json::json!([]));
+    next(&mut rx_e).await;
+    // The isolated node's next message must be its own rename, not news of b.
+    let iso_next_is_its_own_rename =
+        async |rx: &mut BoxStream<'static, Message>, feed: &mut Feed, name: &str| {
+            feed.apply(Command::RenameNode {
+                id: iso,
+                name: name.into(),
+            });
+            let delta = next(rx).await;
+            assert_eq!(
+                delta["Node"]["Name"].as_str().unwrap().split('.').next(),
+                Some(name),
+                "news of b first: {delta}"
+            );
+            let profiles = delta["UserProfiles"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            assert!(
+                profiles.iter().all(|p| p["ID"] != b_user),
+                "v's profile: {delta}"
+            );
+        };
+
+    // b comes online: a sees it, the isolated node must not hear of it.
+    h.deps.presence.session_started(b);
+    let delta = until(&mut rx_a, |d| d.get("OnlineChange").is_some()).await;
+    assert_eq!(delta["OnlineChange"][b.0.to_string()], true, "{delta}");
+    assert_eq!(delta["PeersChangedPatch"][0]["NodeID"], b.0, "{delta}");
+    iso_next_is_its_own_rename(&mut rx_iso, &mut feed, "iso1").await;
+
+    // b's user is renamed: a gets the new profile, the isolated node does not.
+    feed.apply(Command::RenameUser {
+        old: "v".into(),
+        new: "v2".into(),
+    });
+    let delta = until(&mut rx_a, |d| d.get("UserProfiles").is_some()).await;
+    assert_eq!(delta["UserProfiles"][0]["LoginName"], "v2", "{delta}");
+    iso_next_is_its_own_rename(&mut rx_iso, &mut feed, "iso2").await;
+
+    // e's own user is renamed: e, which sees no other node of its user, gets the profile.
+    feed.apply(Command::RenameUser {
+        old: "w".into(),
+        new: "w2".into(),
+    });
+    let delta = until(&mut rx_e, |d| d["UserProfiles"][0]["LoginName"] == "w2").await;
+    assert_eq!(
+        delta["UserProfiles"].as_array().unwrap().len(),
+        1,
+        "{delta}"
+    );
+    h.stop.cancel();
+}
+
+/// The first of the next few messages that `wanted` picks.
+async fn until(rx: &mut BoxStream<'static, Message>, wanted: impl Fn(&Value) -> bool) -> Value {
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        let message = next(rx).await;
+        if wanted(&message) {
+            return message;
+        }
+        seen.push(message);
+    }
+    panic!("not among the next 8 messages: {seen:?}");
 }
 
 /// A packet filter as a client holds it: named chunks, merged from each response's
