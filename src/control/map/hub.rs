@@ -145,6 +145,9 @@ pub struct Delta {
     pub seq: u64,
     /// Peers created or changed (including this session's own node).
     pub upserted: Vec<Arc<PeerEntry>>,
+    /// Of those, the ones the hub did not hold before (they just joined): no client can
+    /// hold them yet, so one that may not see them is not told to drop them either.
+    pub created: BTreeSet<NodeId>,
     pub removed: Vec<NodeId>,
     /// Peers whose presence (online state, endpoints, home DERP) changed.
     pub presence: Vec<PresenceNews>,
@@ -302,7 +305,8 @@ impl Delta {
 
     /// The delta for receiver `me`: `me_json` is its new JSON if the client must get it
     /// (it is never sent as a peer); `visible` says which peers it may see — an upserted
-    /// peer it may not is removed from its map, in case it had it, and it gets the presence
+    /// peer it may not is removed from its map, in case it had it (unless the peer just
+    /// joined), and it gets the presence
     /// of the peers it sees and the profiles of their owners.
     pub fn response(
         &self,
@@ -322,7 +326,7 @@ impl Delta {
             if visible(&peer.node) {
                 response.peers_changed.push(peer.json.clone());
                 rebuilt.insert(peer.node.id);
-            } else {
+            } else if !self.created.contains(&peer.node.id) {
                 response.peers_removed.push(peer.node.id.0);
             }
         }
@@ -487,7 +491,9 @@ impl HubState {
             match view.node(*id) {
                 Some(node) => {
                     let entry = Arc::new(encode(ctx, node));
-                    self.peers.insert(*id, entry.clone());
+                    if self.peers.insert(*id, entry.clone()).is_none() {
+                        delta.created.insert(*id);
+                    }
                     if changes.nodes.contains(id) {
                         if !changed_users.contains(&node.user) {
                             owners.entry(node.user).or_default().push(node.clone());

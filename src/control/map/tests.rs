@@ -828,6 +828,7 @@ async fn presence_and_profiles_reach_only_receivers_that_see_the_node() {
                 profiles.iter().all(|p| p["ID"] != b_user),
                 "v's profile: {delta}"
             );
+            assert!(delta.get("PeersRemoved").is_none(), "{delta}");
         };
 
     // b comes online: a sees it, the isolated node must not hear of it.
@@ -845,6 +846,15 @@ async fn presence_and_profiles_reach_only_receivers_that_see_the_node() {
     let delta = until(&mut rx_a, |d| d.get("UserProfiles").is_some()).await;
     assert_eq!(delta["UserProfiles"][0]["LoginName"], "v2", "{delta}");
     iso_next_is_its_own_rename(&mut rx_iso, &mut feed, "iso2").await;
+
+    // A node joins that the isolated node may not see: it hears nothing, not even its id.
+    let b2 = feed.register_as("v2", 5, "b2");
+    let b2_key = feed.registry.node(b2).unwrap().node_key.to_text();
+    until(&mut rx_a, |d| {
+        peer_keys(d, "PeersChanged") == [b2_key.clone()]
+    })
+    .await;
+    iso_next_is_its_own_rename(&mut rx_iso, &mut feed, "iso3").await;
 
     // e's own user is renamed: e, which sees no other node of its user, gets the profile.
     feed.apply(Command::RenameUser {
