@@ -510,6 +510,17 @@ impl HubState {
         }
         delta.removed.sort_unstable();
         delta.removed.dedup();
+        if view.parsed_policy().is_some() {
+            // A policy names users (by name or email): who sees a changed user's nodes may
+            // have changed, so every receiver looks at them again.
+            let owned = owners
+                .values()
+                .flatten()
+                .filter(|n| !changes.nodes.contains(&n.id));
+            delta
+                .upserted
+                .extend(owned.filter_map(|n| self.peers.get(&n.id).cloned()));
+        }
         for id in changes.presence.difference(&changes.nodes) {
             if let Some(node) = view.node(*id) {
                 delta.presence.push(PresenceNews {

@@ -431,8 +431,8 @@ impl Session {
 }
 
 /// What a client holds of the policy, to tell which deltas change it: its packet filter,
-/// its SSH rules, and (`rest`) its own routes and capabilities and the routes of every
-/// router it sees.
+/// its SSH rules, and (`rest`) whom it sees, its own routes and capabilities and the routes
+/// of every router it sees.
 #[derive(PartialEq)]
 struct PolicyView {
     filter: u64,
@@ -455,6 +455,12 @@ impl PolicyView {
         };
         let (filter, ssh) = access.fingerprint(me).unwrap_or_default();
         let rest = hash(&|h| {
+            // What the policy's aliases name the node by, besides its addresses (and routes,
+            // below): a change in it may change whom the node sees, so its peers.
+            me.tags.hash(h);
+            if let Some(user) = ctx.view.user(me.user) {
+                (&user.name, &user.email).hash(h);
+            }
             access.self_routes(me).hash(h);
             access.node_attrs(me).hash(h);
             for router in access.routers() {

@@ -807,14 +807,19 @@ async fn presence_and_profiles_reach_only_receivers_that_see_the_node() {
     assert_eq!(peer_keys(&next(&mut rx_a).await, "Peers").len(), 2);
     assert_eq!(next(&mut rx_iso).await["Peers"], serde_json::json!([]));
     next(&mut rx_e).await;
-    // The isolated node's next message must be its own rename, not news of b.
-    let iso_next_is_its_own_rename =
-        async |rx: &mut BoxStream<'static, Message>, feed: &mut Feed, name: &str| {
+    // What the isolated node gets up to its own rename: no news of b. (`dropped`: a message
+    // that only tells it to drop b, as when a user of the policy's changes.)
+    let iso_hears_nothing_of_b =
+        async |rx: &mut BoxStream<'static, Message>, feed: &mut Feed, name: &str, dropped: bool| {
             feed.apply(Command::RenameNode {
                 id: iso,
                 name: name.into(),
             });
-            let delta = next(rx).await;
+            let mut delta = next(rx).await;
+            if dropped {
+                assert_eq!(delta, serde_json::json!({"PeersRemoved": [b.0]}));
+                delta = next(rx).await;
+            }
             assert_eq!(
                 delta["Node"]["Name"].as_str().unwrap().split('.').next(),
                 Some(name),
@@ -836,7 +841,7 @@ async fn presence_and_profiles_reach_only_receivers_that_see_the_node() {
     let delta = until(&mut rx_a, |d| d.get("OnlineChange").is_some()).await;
     assert_eq!(delta["OnlineChange"][b.0.to_string()], true, "{delta}");
     assert_eq!(delta["PeersChangedPatch"][0]["NodeID"], b.0, "{delta}");
-    iso_next_is_its_own_rename(&mut rx_iso, &mut feed, "iso1").await;
+    iso_hears_nothing_of_b(&mut rx_iso, &mut feed, "iso1", false).await;
 
     // b's user is renamed: a gets the new profile, the isolated node does not.
     feed.apply(Command::RenameUser {
@@ -845,7 +850,7 @@ async fn presence_and_profiles_reach_only_receivers_that_see_the_node() {
     });
     let delta = until(&mut rx_a, |d| d.get("UserProfiles").is_some()).await;
     assert_eq!(delta["UserProfiles"][0]["LoginName"], "v2", "{delta}");
-    iso_next_is_its_own_rename(&mut rx_iso, &mut feed, "iso2").await;
+    iso_hears_nothing_of_b(&mut rx_iso, &mut feed, "iso2", true).await;
 
     // A node joins that the isolated node may not see: it hears nothing, not even its id.
     let b2 = feed.register_as("v2", 5, "b2");
@@ -854,19 +859,103 @@ async fn presence_and_profiles_reach_only_receivers_that_see_the_node() {
         peer_keys(d, "PeersChanged") == [b2_key.clone()]
     })
     .await;
-    iso_next_is_its_own_rename(&mut rx_iso, &mut feed, "iso3").await;
+    iso_hears_nothing_of_b(&mut rx_iso, &mut feed, "iso3", false).await;
 
     // e's own user is renamed: e, which sees no other node of its user, gets the profile.
     feed.apply(Command::RenameUser {
         old: "w".into(),
         new: "w2".into(),
     });
-    let delta = until(&mut rx_e, |d| d["UserProfiles"][0]["LoginName"] == "w2").await;
-    assert_eq!(
-        delta["UserProfiles"].as_array().unwrap().len(),
-        1,
-        "{delta}"
-    );
+    let renamed = |d: &Value| {
+        (d["UserProfiles"].as_array().into_iter().flatten()).any(|p| p["LoginName"] == "w2")
+    };
+    until(&mut rx_e, renamed).await;
+    h.stop.cancel();
+}
+
+/// A renamed user's profile reaches the user's own node, even where no other node of the
+/// user is in its netmap.
+#[tokio::test(start_paused = true)]
+async fn a_renamed_users_profile_reaches_its_only_node() {
+    let mut feed = Feed::new();
+    let a = feed.register(1, "a");
+    feed.register_as("v", 2, "b");
+    let h = Harness::start(&feed);
+    let mut rx = h.session(a);
+    next(&mut rx).await;
+    feed.apply(Command::RenameUser {
+        old: "u".into(),
+        new: "u2".into(),
+    });
+    let delta = next(&mut rx).await;
+    assert_eq!(delta["UserProfiles"][0]["LoginName"], "u2", "{delta}");
+    assert_eq!(delta["UserProfiles"].as_array().unwrap().len(), 1);
+    h.stop.cancel();
+}
+
+/// Whether a client that got `message` must no longer hold `peer`: a full netmap
+/// without it, or a delta that drops it.
+fn drops(message: &Value, peer: NodeId) -> bool {
+    match message.get("Peers") {
+        Some(peers) => peers.as_array().unwrap().iter().all(|p| p["ID"] != peer.0),
+        None => message["PeersRemoved"]
+            .as_array()
+            .is_some_and(|r| r.contains(&peer.0.into())),
+    }
+}
+
+/// A change that takes a node out of another's sight reaches both: the one that may no
+/// longer see drops the other, whichever of the two changed — a node tagged out of the
+/// rules that let it see, or a user renamed out of the rules that name it.
+#[tokio::test(start_paused = true)]
+async fn a_node_or_user_changed_out_of_sight_is_dropped_on_both_sides() {
+    let mut feed = Feed::new();
+    feed.apply(Command::SetPolicy {
+        policy: r#"{
+            "tagOwners": {"tag:iso": ["u@"]},
+            "acls": [{"action": "accept", "src": ["u@"], "dst": ["v@:*"]}],
+        }"#
+        .into(),
+    });
+    let a = feed.register(1, "a");
+    let a2 = feed.register(2, "a2");
+    let b = feed.register_as("v", 3, "b");
+    let h = Harness::start(&feed);
+    let mut rx_a = h.session(a);
+    let mut rx_b = h.session(b);
+    assert_eq!(peer_keys(&next(&mut rx_a).await, "Peers").len(), 1);
+    assert_eq!(peer_keys(&next(&mut rx_b).await, "Peers").len(), 2);
+
+    // a is tagged: it is no longer u's, so neither a nor b may see the other.
+    feed.apply(Command::TagNode {
+        id: a,
+        tags: vec!["tag:iso".into()],
+    });
+    let for_a = until(&mut rx_a, |d| d.get("Node").is_some()).await;
+    assert!(drops(&for_a, b), "a still holds b: {for_a}");
+    let for_b = until(&mut rx_b, |d| {
+        d.get("PeersRemoved").is_some() || d.get("Peers").is_some()
+    })
+    .await;
+    assert!(drops(&for_b, a), "b still holds a: {for_b}");
+
+    // b's user is renamed: the policy's `v@` names no one, so a2 and b part too.
+    let mut rx_a2 = h.session(a2);
+    assert_eq!(peer_keys(&next(&mut rx_a2).await, "Peers").len(), 1);
+    feed.apply(Command::RenameUser {
+        old: "v".into(),
+        new: "v2".into(),
+    });
+    let for_a2 = until(&mut rx_a2, |d| {
+        d.get("PeersRemoved").is_some() || d.get("Peers").is_some()
+    })
+    .await;
+    assert!(drops(&for_a2, b), "a2 still holds b: {for_a2}");
+    let for_b = until(&mut rx_b, |d| {
+        d.get("PeersRemoved").is_some() || d.get("Peers").is_some()
+    })
+    .await;
+    assert!(drops(&for_b, a2), "b still holds a2: {for_b}");
     h.stop.cancel();
 }
 
