@@ -196,7 +196,8 @@ struct Sight {
 }
 
 /// A delta's shared frames and heads, bounded: under a policy that gives every user its own
-/// view, the ring of recent deltas must not keep one frame per user per delta.
+/// view, a delta must not keep one frame per user. They are dropped once a newer delta is
+/// out, so only the current delta holds any.
 #[derive(Default)]
 struct SharedFrames {
     frames: HashMap<Sight, Arc<OnceLock<Option<Bytes>>>>,
@@ -215,8 +216,11 @@ impl SharedFrames {
 }
 
 /// Frames and heads one delta shares; beyond either bound, receivers encode their own.
-const SHARED_FRAMES_PER_DELTA: usize = 32;
-const SHARED_BYTES_PER_DELTA: usize = 256 * 1024;
+/// Presence news counts in a receiver's sight, so after a member's death (a third of the
+/// tailnet going offline, then online again, in a few ticks) every class of receivers —
+/// about one per user under a per-user policy — needs its own large frame.
+const SHARED_FRAMES_PER_DELTA: usize = 256;
+const SHARED_BYTES_PER_DELTA: usize = 4 << 20;
 
 impl Delta {
     /// A session is done with this delta.
