@@ -36,24 +36,13 @@ impl Feed {
         let mut registry = Registry::new(ClusterSettings::default());
         let at = Timestamp(1_700_000_000_000);
         registry.apply(&Request::single(at, Command::create_user("u")));
-        let secret = secrets::generate(SecretKind::PreAuth);
-        registry.apply(&Request::single(
-            at,
-            Command::CreatePreAuthKey {
-                user: "u".into(),
-                prefix: secret.prefix,
-                hash: secret.hash,
-                reusable: true,
-                ephemeral: false,
-                expiration: None,
-                tags: vec![],
-            },
-        ));
+        let (create_key, key) = new_preauth_key("u", true);
+        registry.apply(&Request::single(at, create_key));
         let (view, _) = watch::channel(Arc::new(registry.clone()));
         let (batches, _) = broadcast::channel(64);
         Feed {
             registry,
-            key: secret.full,
+            key,
             view,
             batches,
             clock: at.0,
@@ -114,17 +103,9 @@ impl Feed {
         if self.registry.user_by_name(user).is_none() {
             self.apply(Command::create_user(user));
         }
-        let secret = secrets::generate(SecretKind::PreAuth);
-        self.apply(Command::CreatePreAuthKey {
-            user: user.into(),
-            prefix: secret.prefix,
-            hash: secret.hash,
-            reusable: false,
-            ephemeral: false,
-            expiration: None,
-            tags: vec![],
-        });
-        let key = std::mem::replace(&mut self.key, secret.full);
+        let (create_key, key) = new_preauth_key(user, false);
+        self.apply(create_key);
+        let key = std::mem::replace(&mut self.key, key);
         let id = self.register(n, host);
         self.key = key;
         id
@@ -155,6 +136,21 @@ impl Feed {
             other => panic!("{other:?}"),
         }
     }
+}
+
+/// The command that creates a pre-auth key for `user`, and the key.
+fn new_preauth_key(user: &str, reusable: bool) -> (Command, String) {
+    let secret = secrets::generate(SecretKind::PreAuth);
+    let command = Command::CreatePreAuthKey {
+        user: user.into(),
+        prefix: secret.prefix,
+        hash: secret.hash,
+        reusable,
+        ephemeral: false,
+        expiration: None,
+        tags: vec![],
+    };
+    (command, secret.full)
 }
 
 fn settings() -> Arc<ControlSettings> {
