@@ -2,7 +2,9 @@
 //! of one node assembled from the hub's shared peer JSON and framed with zstd (what a
 //! joining or reconnecting client costs its member; target ≤ 3 µs per peer at 1,000), and
 //! one change as a delta (re-encoding the changed peer once and framing the shared delta:
-//! paid once per change, whatever the number of receivers), plus what each receiver adds.
+//! paid once per change, whatever the number of receivers), plus what each receiver adds
+//! (for a delta of one changed peer, and under a policy for one where a third of the
+//! tailnet changes presence).
 //!
 //! Run: `cargo bench --bench map_build`
 
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use hsd::control::map::build::MapContext;
 use hsd::control::map::full;
 use hsd::control::map::hub::{ChangeSet, HubState};
+use hsd::control::policy::Seen;
 use hsd::presence::Presence;
 use hsd::registry::secrets::{self, SecretKind};
 use hsd::registry::*;
@@ -153,6 +156,25 @@ fn bench(c: &mut Criterion) {
             BenchmarkId::new("full_map_zstd_policy", size),
             &size,
             |b, _| b.iter(|| full::full_message(&ctx, &state, &me, true)),
+        );
+        // What each receiver adds to a delta under a policy when a third of the tailnet
+        // changes presence (a member died): which of the news it may see, then the frame
+        // the first receiver of its sight encoded.
+        let changes = ChangeSet {
+            presence: policed.nodes().step_by(3).map(|n| n.id).collect(),
+            ..Default::default()
+        };
+        let delta = state.clone().advance(&ctx, policed.clone(), &changes);
+        let access = ctx.access();
+        group.bench_with_input(
+            BenchmarkId::new("presence_third_per_receiver_policy", size),
+            &size,
+            |b, _| {
+                b.iter(|| {
+                    let viewer = access.viewer(&me);
+                    delta.shared_frame(true, me.id, |peer| viewer.sees(peer) != Seen::Hidden)
+                })
+            },
         );
     }
     group.finish();
