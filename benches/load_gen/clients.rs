@@ -120,12 +120,17 @@ pub struct Failover {
     pub counted: Mutex<std::collections::HashSet<usize>>,
 }
 
+/// How often a client retries a registration answered 503 (backoff n² × 100 ms).
+const REGISTER_ATTEMPTS: u64 = 5;
+
 /// Shared between the fleet and every client task.
 #[derive(Default)]
 pub struct Events {
     pub frames: AtomicU64,
     /// Map requests refused as "not registered" right after a successful registration.
     pub map_retries: AtomicU64,
+    /// Registrations answered 503 (a member could not get the write committed in time).
+    pub register_retries: AtomicU64,
     pub streaming: AtomicUsize,
     probe: Mutex<Option<Arc<Probe>>>,
     probing: AtomicBool,
@@ -311,13 +316,20 @@ impl Fleet {
     pub async fn join_all(&self, concurrency: usize) -> anyhow::Result<f64> {
         for_each(&self.clients, concurrency, |c| async move {
             let mut conn = c.conn.lock().await.take().context("not connected")?;
-            let (status, resp) = conn
-                .register(
-                    &c.node_key,
-                    &self.auth_keys[c.idx % self.auth_keys.len()],
-                    &c.hostname(),
-                )
-                .await?;
+            // A member that could not get the write committed in time (its leader busy or
+            // being elected) answers 503; a real client retries after a backoff, and so
+            // does this one (and it is counted).
+            let mut attempt = 0;
+            let (status, resp) = loop {
+                let auth_key = &self.auth_keys[c.idx % self.auth_keys.len()];
+                let (status, resp) = conn.register(&c.node_key, auth_key, &c.hostname()).await?;
+                if status != 503 || attempt == REGISTER_ATTEMPTS {
+                    break (status, resp);
+                }
+                attempt += 1;
+                self.events.register_retries.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100 * attempt * attempt)).await;
+            };
             anyhow::ensure!(
                 status == 200 && resp["Error"].as_str().unwrap_or("").is_empty(),
                 "register answered {status}: {resp}"

@@ -101,6 +101,10 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
         .events
         .map_retries
         .load(std::sync::atomic::Ordering::SeqCst);
+    report.register_retries = fleet
+        .events
+        .register_retries
+        .load(std::sync::atomic::Ordering::SeqCst);
     eprintln!(
         "load: {} joined and streaming ({:.0} registrations with first netmap /s)",
         report.joined, report.registrations_per_s

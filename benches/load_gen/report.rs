@@ -104,6 +104,8 @@ pub struct Report {
     pub joined: usize,
     /// Map requests answered 404 right after the registration succeeded.
     pub map_retries: u64,
+    /// Registrations answered 503 and retried.
+    pub register_retries: u64,
     pub handshakes_per_s: f64,
     pub registrations_per_s: f64,
     pub propagation: Propagation,
@@ -126,6 +128,7 @@ impl Report {
             members,
             joined: 0,
             map_retries: 0,
+            register_retries: 0,
             handshakes_per_s: 0.0,
             registrations_per_s: 0.0,
             propagation: Propagation::default(),
@@ -144,6 +147,7 @@ impl Report {
             "members": self.members,
             "joined": self.joined,
             "map_not_registered_retries": self.map_retries,
+            "register_unavailable_retries": self.register_retries,
             "registrations_per_s": round1(self.registrations_per_s),
             "handshakes_per_s": round1(self.handshakes_per_s),
             "propagation_ms": self.propagation.json(),
