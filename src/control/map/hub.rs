@@ -515,15 +515,8 @@ impl HubState {
         delta.removed.sort_unstable();
         delta.removed.dedup();
         if view.parsed_policy().is_some() {
-            // A policy names users (by name or email): who sees a changed user's nodes may
-            // have changed, so every receiver looks at them again.
-            let owned = owners
-                .values()
-                .flatten()
-                .filter(|n| !changes.nodes.contains(&n.id));
-            delta
-                .upserted
-                .extend(owned.filter_map(|n| self.peers.get(&n.id).cloned()));
+            let renamed = self.nodes_of_renamed_users(&view, &owners, changes);
+            delta.upserted.extend(renamed);
         }
         for id in changes.presence.difference(&changes.nodes) {
             if let Some(node) = view.node(*id) {
@@ -558,6 +551,28 @@ impl HubState {
         self.rebuild_blocks(touched);
         delta.seq = self.seq;
         delta
+    }
+}
+
+impl HubState {
+    /// The nodes of users whose name or email changed this tick, as this state holds them
+    /// (`view` is the next one). A policy names users by name or email, so who sees those
+    /// nodes may have changed: every receiver looks at them again.
+    fn nodes_of_renamed_users(
+        &self,
+        view: &Registry,
+        owners: &BTreeMap<UserId, Vec<Arc<Node>>>,
+        changes: &ChangeSet,
+    ) -> Vec<Arc<PeerEntry>> {
+        let names =
+            |v: &Registry, user: UserId| v.user(user).map(|u| (u.name.clone(), u.email.clone()));
+        (owners.iter())
+            .filter(|(user, _)| changes.users.contains(user))
+            .filter(|(user, _)| names(&self.view, **user) != names(view, **user))
+            .flat_map(|(_, nodes)| nodes)
+            .filter(|n| !changes.nodes.contains(&n.id))
+            .filter_map(|n| self.peers.get(&n.id).cloned())
+            .collect()
     }
 }
 
