@@ -113,20 +113,8 @@ impl Feed {
 
     fn register_with(&mut self, n: u32, host: &str, hostinfo: String) -> NodeId {
         let (prefix, hash) = secrets::parse(SecretKind::PreAuth, &self.key).unwrap();
-        let key = |kind: u8| {
-            let mut key = [kind; 32];
-            key[..4].copy_from_slice(&n.to_le_bytes());
-            key
-        };
         let out = self.apply(Command::RegisterNode {
-            request: NodeRequest {
-                machine_key: MachineKey(key(1)),
-                node_key: NodeKey(key(2)),
-                hostname: host.into(),
-                hostinfo,
-                request_tags: vec![],
-                ephemeral: false,
-            },
+            request: node_request(n, host, hostinfo),
             auth: NodeAuth::PreAuthKey { prefix, hash },
             auto_approve: true,
             expiry: None,
@@ -135,6 +123,51 @@ impl Feed {
             Outcome::Node(node) => node.id,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Registers machine `n` interactively, logged in at an OpenID provider as one person
+    /// (whose user is made on the first login) with `display_name` and `email`.
+    fn register_oidc(&mut self, n: u32, host: &str, display_name: &str, email: &str) -> NodeId {
+        let auth_id = format!("oidc-{n}");
+        self.apply(Command::BeginInteractive {
+            auth_id: auth_id.clone(),
+            request: node_request(n, host, format!("{{\"Hostname\":\"{host}\"}}")),
+            ttl_ms: 60_000,
+            max_pending: 1000,
+        });
+        let out = self.apply(Command::OidcLogin {
+            auth_id,
+            identity: OidcIdentity {
+                issuer: "https://idp/".into(),
+                subject: "s-1".into(),
+                name: "olga".into(),
+                display_name: display_name.into(),
+                email: email.into(),
+            },
+            auto_approve: true,
+            expiry: None,
+        });
+        match out {
+            Outcome::Node(node) => node.id,
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// What machine `n` asks to register as (its keys derive from `n`).
+fn node_request(n: u32, host: &str, hostinfo: String) -> NodeRequest {
+    let key = |kind: u8| {
+        let mut key = [kind; 32];
+        key[..4].copy_from_slice(&n.to_le_bytes());
+        key
+    };
+    NodeRequest {
+        machine_key: MachineKey(key(1)),
+        node_key: NodeKey(key(2)),
+        hostname: host.into(),
+        hostinfo,
+        request_tags: vec![],
+        ephemeral: false,
     }
 }
 
@@ -866,6 +899,49 @@ async fn presence_and_profiles_reach_only_receivers_that_see_the_node() {
         (d["UserProfiles"].as_array().into_iter().flatten()).any(|p| p["LoginName"] == "w2")
     };
     until(&mut rx_e, renamed).await;
+    h.stop.cancel();
+}
+
+/// A user whose display name changes keeps the policy's answers (a policy names users by
+/// name or email), so nobody is sent their nodes again; a new email may change them.
+#[tokio::test(start_paused = true)]
+async fn only_a_users_name_or_email_sends_their_nodes_again() {
+    let mut feed = Feed::new();
+    feed.apply(Command::SetPolicy {
+        policy: r#"{
+            "tagOwners": {"tag:iso": ["u@"]},
+            "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"]}],
+        }"#
+        .into(),
+    });
+    let iso = feed.register_tagged(1, "iso", "tag:iso");
+    let b = feed.register_oidc(2, "b", "Olga", "olga@example.com");
+    let h = Harness::start(&feed);
+    let mut rx = h.session(iso);
+    next(&mut rx).await;
+    // A second login refreshes the display name (and adds a node the isolated one cannot
+    // see, which it is not told of).
+    feed.register_oidc(3, "c", "Olga L.", "olga@example.com");
+    feed.apply(Command::RenameNode {
+        id: iso,
+        name: "iso1".into(),
+    });
+    let delta = next(&mut rx).await;
+    assert!(
+        delta.get("PeersRemoved").is_none(),
+        "b went out again: {delta}"
+    );
+    assert!(delta.get("Node").is_some(), "{delta}");
+    // A new email does send b again: the isolated node is told to drop it.
+    feed.register_oidc(4, "d", "Olga L.", "olga@example.org");
+    let delta = next(&mut rx).await;
+    assert!(
+        delta["PeersRemoved"]
+            .as_array()
+            .unwrap()
+            .contains(&b.0.into()),
+        "{delta}"
+    );
     h.stop.cancel();
 }
 
