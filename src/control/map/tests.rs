@@ -93,6 +93,19 @@ impl Feed {
         self
     }
 
+    /// Sets a policy under which every user's node reaches every other, and a node tagged
+    /// `tag:iso` reaches and is reached by none.
+    fn with_members_policy(mut self) -> Feed {
+        self.apply(Command::SetPolicy {
+            policy: r#"{
+                "tagOwners": {"tag:iso": ["u@"]},
+                "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"]}],
+            }"#
+            .into(),
+        });
+        self
+    }
+
     /// Registers machine `n` (its keys derive from `n`).
     fn register(&mut self, n: u32, host: &str) -> NodeId {
         self.register_with(n, host, format!("{{\"Hostname\":\"{host}\"}}"))
@@ -816,14 +829,7 @@ async fn a_node_changed_and_online_in_one_tick_is_sent_once() {
 /// not its endpoints, not its owner's name.
 #[tokio::test(start_paused = true)]
 async fn presence_and_profiles_reach_only_receivers_that_see_the_node() {
-    let mut feed = Feed::new();
-    feed.apply(Command::SetPolicy {
-        policy: r#"{
-            "tagOwners": {"tag:iso": ["u@"]},
-            "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"]}],
-        }"#
-        .into(),
-    });
+    let mut feed = Feed::new().with_members_policy();
     let a = feed.register(1, "a");
     let b = feed.register_as("v", 2, "b");
     let b_user = feed.registry.node(b).unwrap().user.0;
@@ -906,14 +912,7 @@ async fn presence_and_profiles_reach_only_receivers_that_see_the_node() {
 /// name or email), so nobody is sent their nodes again; a new email may change them.
 #[tokio::test(start_paused = true)]
 async fn only_a_users_name_or_email_sends_their_nodes_again() {
-    let mut feed = Feed::new();
-    feed.apply(Command::SetPolicy {
-        policy: r#"{
-            "tagOwners": {"tag:iso": ["u@"]},
-            "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"]}],
-        }"#
-        .into(),
-    });
+    let mut feed = Feed::new().with_members_policy();
     let iso = feed.register_tagged(1, "iso", "tag:iso");
     let b = feed.register_oidc(2, "b", "Olga", "olga@example.com");
     let h = Harness::start(&feed);
