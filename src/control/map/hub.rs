@@ -155,7 +155,7 @@ pub struct Delta {
     pub profiles: Vec<ProfileNews>,
     /// Something no delta expresses (DNS, policy, topology, lost track): send full maps.
     pub full: bool,
-    /// The frames sessions share, one per way of seeing the upserted peers (see
+    /// The frames sessions share, one per way of seeing the delta (see
     /// `shared_frame`).
     shared: Mutex<SharedFrames>,
     /// Sessions that took it (see `PACE_SHARE_TENTHS`).
@@ -310,8 +310,7 @@ impl Delta {
     /// The delta for receiver `me`: `me_json` is its new JSON if the client must get it
     /// (it is never sent as a peer); `visible` says which peers it may see — an upserted
     /// peer it may not is removed from its map, in case it had it (unless the peer just
-    /// joined), and it gets the presence
-    /// of the peers it sees and the profiles of their owners.
+    /// joined), and it gets the presence of the peers it sees and their owners' profiles.
     pub fn response(
         &self,
         me: NodeId,
@@ -489,7 +488,6 @@ impl HubState {
         };
         // The profiles to send, with the nodes that make a receiver need each.
         let mut owners = owned_nodes(&view, &changes.users);
-        let changed_users = owners.keys().copied().collect::<BTreeSet<_>>();
         // Each node once, even when both its record and its presence changed this tick.
         for id in changes.nodes.union(&changes.presence) {
             match view.node(*id) {
@@ -499,7 +497,8 @@ impl HubState {
                         delta.created.insert(*id);
                     }
                     if changes.nodes.contains(id) {
-                        if !changed_users.contains(&node.user) {
+                        // A changed user's nodes are all there already.
+                        if !changes.users.contains(&node.user) {
                             owners.entry(node.user).or_default().push(node.clone());
                         }
                         delta.upserted.push(entry);
@@ -552,9 +551,7 @@ impl HubState {
         delta.seq = self.seq;
         delta
     }
-}
 
-impl HubState {
     /// The nodes of users whose name or email changed this tick, as this state holds them
     /// (`view` is the next one). A policy names users by name or email, so who sees those
     /// nodes may have changed: every receiver looks at them again.
